@@ -1,0 +1,163 @@
+"""The layout: the contract between stage 1 (the planner) and stage 2 (the controller).
+
+METHOD.md §0. Boxes are stored as normalised corners ``[x0, y0, x1, y1]`` in 0..1 with
+the origin at the top left. LLMs speak ``[x, y, width, height]`` on a 512x512 grid; the
+conversions below are the only place that grid appears.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GRID = 512
+DEFAULT_BACKGROUND = "a realistic scene"
+MAX_OBJECTS = 30
+MAX_PHRASE_CHARS = 200
+
+Box = Annotated[
+    tuple[float, float, float, float],
+    Field(description="normalised [x0, y0, x1, y1] in 0..1, origin top-left"),
+]
+
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+def xywh_to_xyxy(box: tuple[float, float, float, float] | list[float], grid: int = GRID) -> tuple[float, float, float, float]:
+    """``[x, y, w, h]`` on a ``grid`` x ``grid`` canvas -> normalised ``[x0, y0, x1, y1]`` (not clipped)."""
+    x, y, w, h = (float(v) for v in box)
+    return (x / grid, y / grid, (x + w) / grid, (y + h) / grid)
+
+
+def xyxy_to_xywh(box: tuple[float, float, float, float] | list[float], grid: int = GRID) -> tuple[int, int, int, int]:
+    """Normalised ``[x0, y0, x1, y1]`` -> integer ``[x, y, w, h]`` on a ``grid`` canvas."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    x, y = round(x0 * grid), round(y0 * grid)
+    return (x, y, round(x1 * grid) - x, round(y1 * grid) - y)
+
+
+class LayoutObject(BaseModel):
+    """One instance of one object: a phrase and its box."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(description="short stable identifier; survives multi-turn edits")
+    phrase: str = Field(min_length=1, max_length=MAX_PHRASE_CHARS, description="English noun phrase for ONE instance")
+    box: Box
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not _ID_PATTERN.match(value):
+            raise ValueError(f"object id {value!r} must be 1-32 characters of letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("phrase")
+    @classmethod
+    def _check_phrase(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("phrase is empty")
+        return value
+
+    @field_validator("box")
+    @classmethod
+    def _check_box(cls, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = box
+        if not all(0.0 <= v <= 1.0 for v in box):
+            raise ValueError(f"box {list(box)} leaves the canvas: every corner must lie in 0..1")
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"box {list(box)} has zero area: need x0 < x1 and y0 < y1")
+        return box
+
+    @property
+    def area(self) -> float:
+        x0, y0, x1, y1 = self.box
+        return (x1 - x0) * (y1 - y0)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2, (y0 + y1) / 2)
+
+    def box_xywh(self, grid: int = GRID) -> tuple[int, int, int, int]:
+        return xyxy_to_xywh(self.box, grid)
+
+    def box_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """Integer pixel corners on a ``width`` x ``height`` image, at least one pixel wide."""
+        x0, y0, x1, y1 = self.box
+        px0, py0 = int(x0 * width), int(y0 * height)
+        px1 = max(px0 + 1, min(width, round(x1 * width)))
+        py1 = max(py0 + 1, min(height, round(y1 * height)))
+        return (px0, py0, px1, py1)
+
+
+class Layout(BaseModel):
+    """A scene plan: boxed objects, a background caption, a negative prompt, repair warnings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    objects: list[LayoutObject] = Field(default_factory=list, max_length=MAX_OBJECTS)
+    background: str = Field(default=DEFAULT_BACKGROUND, max_length=1000)
+    negative: str = Field(default="", max_length=1000)
+    warnings: list[str] = Field(default_factory=list, description="what repair changed, one line each")
+
+    @field_validator("background")
+    @classmethod
+    def _default_background(cls, value: str) -> str:
+        return value.strip() or DEFAULT_BACKGROUND
+
+    @field_validator("negative")
+    @classmethod
+    def _strip_negative(cls, value: str) -> str:
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> "Layout":
+        seen: set[str] = set()
+        for obj in self.objects:
+            if obj.id in seen:
+                raise ValueError(f"object id {obj.id!r} appears twice; ids must be unique")
+            seen.add(obj.id)
+        return self
+
+    def object(self, object_id: str) -> LayoutObject:
+        for obj in self.objects:
+            if obj.id == object_id:
+                return obj
+        raise KeyError(object_id)
+
+    def phrases(self) -> list[str]:
+        return [obj.phrase for obj in self.objects]
+
+    def to_reference_text(self) -> str:
+        """The layout in the reference LMD text format (xywh on the 512 grid)."""
+        items = ", ".join(f"({obj.phrase!r}, {list(obj.box_xywh())})" for obj in self.objects)
+        return f"[{items}]\nBackground prompt: {self.background}\nNegative prompt: {self.negative}"
+
+    def to_llm_json(self) -> str:
+        """The layout as the planner's JSON answer format (xywh on the 512 grid, with ids)."""
+        return json.dumps(
+            {
+                "objects": [{"id": o.id, "phrase": o.phrase, "box": list(o.box_xywh())} for o in self.objects],
+                "background": self.background,
+                "negative": self.negative,
+            }
+        )
+
+
+def next_object_id(layout: Layout | None, phrase: str, taken: set[str] | None = None) -> str:
+    """A new id from the phrase's head word, unique within ``layout`` and ``taken``: ``cat``, ``cat_2``..."""
+    used = set(taken or ())
+    if layout is not None:
+        used |= {o.id for o in layout.objects}
+    words = re.findall(r"[a-z0-9]+", phrase.lower())
+    stem = (words[-1] if words else "obj")[:24]
+    candidate, n = stem, 1
+    while candidate in used:
+        n += 1
+        candidate = f"{stem}_{n}"
+    return candidate

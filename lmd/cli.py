@@ -1,0 +1,41 @@
+"""Entry point of the ``lmd`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module holds related subcommands and a ``register(subparsers)`` function.
+COMMAND_MODULES = (
+    "lmd.commands.plan",
+)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmd", description="LLM-grounded diffusion: plan layouts, render them, serve them.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except CLIError as exc:
+        print(f"lmd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

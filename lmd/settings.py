@@ -1,0 +1,84 @@
+"""The one settings object: every knob of the CLI, the API and the workers.
+
+Environment variables carry the prefix ``LMD_`` (``LMD_REDIS_URL``...); an ``.env`` file in
+the working directory is read too. ``OPENAI_API_KEY`` is honoured when ``LMD_LLM_API_KEY``
+is unset. The stages never read this object: callers turn it into the stages' own typed
+configs (``layout_planner.LLMConfig``, ``grounded_sd`` options), so the libraries stay usable
+without environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LMD_", env_file=".env", extra="ignore")
+
+    # --- stage 1: the LLM layout planner -------------------------------------------------
+    llm_base_url: str = Field("https://api.openai.com/v1", description="any OpenAI-compatible endpoint")
+    llm_model: str = Field("gpt-4o-mini", description="model name sent to the endpoint")
+    llm_api_key: SecretStr | None = Field(None, description="API key; falls back to OPENAI_API_KEY")
+    llm_mode: Literal["chat", "completions"] = Field("chat", description="completions for base models")
+    llm_structured_output: Literal["auto", "json_schema", "off"] = Field(
+        "auto", description="ask for a JSON-schema response format (auto: try, fall back to text)"
+    )
+    llm_temperature: float = Field(0.25, ge=0.0, le=2.0)
+    llm_max_tokens: int = Field(900, ge=16, le=32768)
+    llm_timeout_s: float = Field(60.0, gt=0, description="per request")
+    llm_max_attempts: int = Field(4, ge=1, le=10, description="transport attempts (errors, 429, 5xx) per call")
+    llm_max_reasks: int = Field(3, ge=1, le=10, description="asks per layout when the answer does not parse")
+    llm_backoff_s: float = Field(1.0, ge=0, description="first backoff; doubles each retry, with jitter")
+
+    # --- stage 2: the grounded diffusion controller ----------------------------------------
+    sd_model: str = Field("runwayml/stable-diffusion-v1-5", description="hub id or local diffusers directory")
+    scheduler: str = Field("DDIMScheduler", description="any diffusers scheduler class name")
+    sam_checkpoint: Path | None = Field(None, description="segment-anything checkpoint; unset: attention masks")
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
+
+    # --- service -------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="broker, results, records, LLM cache")
+    data_dir: Path = Field(Path("./data"), description="images, masks and reports of jobs")
+    retention_s: int = Field(7 * 24 * 3600, ge=60, description="how long job/session records and images are kept")
+    api_keys: list[str] = Field(default_factory=list, description="JSON list; empty: no authentication")
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    # --- limits (enforced at the API edge with 422) -----------------------------------------
+    max_prompt_chars: int = 2000
+    max_instruction_chars: int = 1000
+    max_objects: int = 30
+    max_steps: int = 150
+    min_size: int = 64
+    max_size: int = 1024
+    max_seed: int = 2**32 - 1
+
+    # --- workers -------------------------------------------------------------------------
+    task_soft_time_limit_s: int = 600
+    task_time_limit_s: int = 660
+    max_redeliveries: int = 2
+
+    @model_validator(mode="after")
+    def _fallback_openai_key(self) -> "Settings":
+        if self.llm_api_key is None and os.environ.get("OPENAI_API_KEY"):
+            self.llm_api_key = SecretStr(os.environ["OPENAI_API_KEY"])
+        if self.task_time_limit_s <= self.task_soft_time_limit_s:
+            raise ValueError("LMD_TASK_TIME_LIMIT_S must be above LMD_TASK_SOFT_TIME_LIMIT_S")
+        if self.min_size > self.max_size:
+            raise ValueError("LMD_MIN_SIZE must not exceed LMD_MAX_SIZE")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings read once per process (the API's dependency and the workers' startup use this)."""
+    return Settings()
