@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: int = 600
     task_time_limit_s: int = 660
     max_redeliveries: int = 2
+    heartbeat_s: float = Field(5.0, gt=0, description="how often a running job's worker refreshes its heartbeat")
+    worker_lost_after_s: float = Field(60.0, gt=0, description="a running job with an older heartbeat is re-enqueued")
+    reaper_interval_s: float = Field(15.0, gt=0, description="how often each worker sweeps lost jobs and old images")
+    redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout of the service's Redis calls")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 when Redis is unreachable")
+    events_poll_s: float = Field(0.5, gt=0, description="how often GET /jobs/{id}/events re-reads the job")
 
     @model_validator(mode="after")
     def _fallback_openai_key(self) -> "Settings":
