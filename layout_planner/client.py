@@ -1,0 +1,214 @@
+"""A client for any OpenAI-compatible endpoint, with bounded, counted retries (METHOD.md §1.2, §1.5).
+
+The ``openai`` package does the HTTP (its own retries are off: ``max_retries=0``); tenacity
+retries connection errors, timeouts, 429 (honouring ``Retry-After``, capped) and 5xx with
+exponential backoff and jitter, at most ``max_attempts`` times. Every request carries
+``timeout_s``, so one call lasts at most about ``max_attempts x (timeout_s + backoff)``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import openai
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from layout_planner.errors import LLMUnavailable
+from layout_planner.template import COMPLETION_STOP, LAYOUT_JSON_SCHEMA, completion_prompt
+
+
+class LLMConfig(BaseModel):
+    """Where and how to ask the LLM. ``max_reasks`` counts asks per layout (the first included)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key: str | None = Field(None, repr=False)
+    mode: Literal["chat", "completions"] = "chat"
+    structured_output: Literal["auto", "json_schema", "off"] = "auto"
+    temperature: float = Field(0.25, ge=0.0, le=2.0)
+    max_tokens: int = Field(900, ge=16)
+    timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(4, ge=1, le=10)
+    max_reasks: int = Field(3, ge=1, le=10)
+    backoff_s: float = Field(1.0, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0, description="cap of one exponential backoff wait")
+    max_retry_after_s: float = Field(60.0, ge=0, description="cap on a server's Retry-After")
+    max_prompt_chars: int = Field(2000, ge=1)
+
+
+@dataclass
+class CallRecord:
+    """What one ``complete`` call did: transport attempts and the waits between them (seconds)."""
+
+    attempts: int = 0
+    waits: list[float] = field(default_factory=list)
+    structured: bool = False
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    record: CallRecord
+
+
+class _MalformedResponse(Exception):
+    """The endpoint answered 200 with a body that is not a completion."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIConnectionError | _MalformedResponse | openai.APIResponseValidationError):
+        return True  # APITimeoutError is an APIConnectionError
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return False
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """Seconds a 429/503 response asks us to wait (``retry-after-ms``, ``Retry-After`` seconds or date)."""
+    response = getattr(exc, "response", None)
+    if response is None:
+        return None
+    headers = response.headers
+    if headers.get("retry-after-ms"):
+        try:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class LLMClient:
+    """Sends one conversation and returns the answer's text; remembers whether json_schema works."""
+
+    def __init__(self, config: LLMConfig):
+        self.config = config
+        self._openai = openai.OpenAI(
+            base_url=config.base_url,
+            api_key=config.api_key or "unused",  # local servers need no key; the client insists on one
+            timeout=config.timeout_s,
+            max_retries=0,
+        )
+        self._structured_ok: bool | None = None if config.structured_output == "auto" else config.structured_output == "json_schema"
+        self._backoff = wait_exponential_jitter(
+            initial=config.backoff_s, max=config.max_backoff_s, exp_base=2, jitter=config.backoff_s
+        )
+
+    def wait_s(self, retry_state: RetryCallState) -> float:
+        """The wait before the next attempt: the server's Retry-After (capped) if it sent one, else backoff."""
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        asked = retry_after_s(exc) if exc is not None else None
+        if asked is not None:
+            return min(asked, self.config.max_retry_after_s)
+        return self._backoff(retry_state)
+
+    def complete(self, messages: list[dict[str, str]]) -> Completion:
+        """Ask once (with transport retries); raise ``LLMUnavailable`` naming the last cause."""
+        record = CallRecord()
+
+        def note_wait(state: RetryCallState) -> None:
+            record.waits.append(state.next_action.sleep if state.next_action else 0.0)
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.config.max_attempts),
+            wait=self.wait_s,
+            retry=retry_if_exception(_is_transient),
+            before_sleep=note_wait,
+            reraise=True,
+        )
+
+        def attempt() -> Completion:
+            record.attempts += 1
+            return self._request(messages, record)
+
+        try:
+            return retrying(attempt)
+        except (openai.APIError, _MalformedResponse) as exc:
+            raise LLMUnavailable(self._describe(exc, record.attempts), attempts=record.attempts) from exc
+
+    def _describe(self, exc: BaseException, attempts: int) -> str:
+        where = f"{self.config.base_url} (model {self.config.model})"
+        tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+        if isinstance(exc, openai.APITimeoutError):
+            return f"LLM endpoint {where} timed out ({self.config.timeout_s:g} s per request) {tries}"
+        if isinstance(exc, openai.APIConnectionError):
+            return f"cannot reach LLM endpoint {where} {tries}: {exc.__cause__ or exc}"
+        if isinstance(exc, openai.APIStatusError):
+            body = exc.body.get("message") if isinstance(exc.body, dict) else None
+            detail = " ".join(str(body or exc.message).split())[:200]
+            if exc.status_code == 429:
+                return f"LLM endpoint {where} is rate limiting (429) {tries}: {detail}"
+            if exc.status_code >= 500:
+                return f"LLM endpoint {where} failed with HTTP {exc.status_code} {tries}: {detail}"
+            return f"LLM endpoint {where} refused the request with HTTP {exc.status_code}: {detail}"
+        return f"LLM endpoint {where} sent a malformed response {tries}: {exc}"
+
+    def _request(self, messages: list[dict[str, str]], record: CallRecord) -> Completion:
+        try:
+            return self._send(messages, record)
+        except json.JSONDecodeError as exc:  # a 200 whose body is not JSON
+            raise _MalformedResponse(f"the body is not JSON ({exc.msg})") from exc
+
+    def _send(self, messages: list[dict[str, str]], record: CallRecord) -> Completion:
+        cfg = self.config
+        if cfg.mode == "completions":
+            response = self._openai.completions.create(
+                model=cfg.model,
+                prompt=completion_prompt(messages),
+                temperature=cfg.temperature,
+                max_tokens=cfg.max_tokens,
+                stop=COMPLETION_STOP,
+            )
+            choice = self._first_choice(response)
+            return Completion(text=getattr(choice, "text", None) or "", finish_reason=choice.finish_reason, record=record)
+        kwargs = {}
+        if self._structured_ok is not False:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "layout", "schema": LAYOUT_JSON_SCHEMA, "strict": True},
+            }
+        try:
+            response = self._openai.chat.completions.create(
+                model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens, **kwargs
+            )
+        except openai.BadRequestError:
+            if not kwargs or cfg.structured_output != "auto":
+                raise
+            self._structured_ok = False  # the endpoint rejects response_format: plain text from now on
+            response = self._openai.chat.completions.create(
+                model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens
+            )
+        else:
+            if kwargs and cfg.structured_output == "auto":
+                self._structured_ok = True
+        record.structured = bool(kwargs) and self._structured_ok is not False
+        choice = self._first_choice(response)
+        message = getattr(choice, "message", None)
+        text = getattr(message, "content", None) or ""
+        return Completion(text=text, finish_reason=choice.finish_reason, record=record)
+
+    @staticmethod
+    def _first_choice(response: object):
+        choices = getattr(response, "choices", None)
+        if not choices:
+            raise _MalformedResponse(f"no choices in the response body {str(response)[:120]!r}")
+        return choices[0]
+
+    def close(self) -> None:
+        self._openai.close()

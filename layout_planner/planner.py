@@ -1,0 +1,168 @@
+"""The planner: prompt -> layout, and multi-turn revision (METHOD.md §1).
+
+``Planner.plan`` validates the prompt, looks in the cache, asks the LLM (transport retries in
+``LLMClient``), parses and repairs the answer, and re-asks with the parse error appended
+when the answer is not a layout, at most ``max_reasks`` asks in all (§1.5).
+``Planner.revise`` sends the conversation so far plus an instruction and keeps the ids of
+the objects that stayed (§1.7).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from layout_planner.cache import LayoutCache, cache_key
+from layout_planner.client import LLMClient, LLMConfig
+from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput
+from layout_planner.layout import MAX_OBJECTS, Layout
+from layout_planner.parse import build_layout, parse_answer
+from layout_planner.template import CAPTION_PREFIX, INSTRUCTION_PREFIX, TEMPLATE_VERSION, chat_messages, load_template
+
+_ALLOWED_CONTROLS = {"\n", "\t"}
+
+
+class Turn(BaseModel):
+    """One step of a conversation: the caption (first turn) or an instruction, and the layout it produced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    layout: Layout
+
+
+@dataclass
+class PlanReport:
+    """What one plan/revise call did: asks sent, transport attempts, waits (s), cache hit."""
+
+    asks: int = 0
+    attempts: int = 0
+    waits: list[float] = field(default_factory=list)
+    cached: bool = False
+    structured: bool = False
+    parse_errors: list[str] = field(default_factory=list)
+
+
+def validate_text(text: str, what: str, max_chars: int) -> str:
+    """Strip ``text``; raise ``InvalidPrompt`` if it is empty, too long, or holds control characters."""
+    if not isinstance(text, str):
+        raise InvalidPrompt(f"the {what} must be a string, got {type(text).__name__}")
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidPrompt(f"the {what} is empty")
+    if len(stripped) > max_chars:
+        raise InvalidPrompt(f"the {what} has {len(stripped)} characters; the limit is {max_chars}")
+    for index, char in enumerate(stripped):
+        if unicodedata.category(char) == "Cc" and char not in _ALLOWED_CONTROLS:
+            raise InvalidPrompt(
+                f"the {what} contains the control character U+{ord(char):04X} at position {index}; "
+                "only tabs and newlines are allowed"
+            )
+    return stripped
+
+
+class Planner:
+    """Turns prompts into layouts with an LLM. Holds a client, a cache, the template; nothing else."""
+
+    def __init__(
+        self,
+        config: LLMConfig,
+        cache: LayoutCache | None = None,
+        template_version: str = TEMPLATE_VERSION,
+        max_objects: int = MAX_OBJECTS,
+    ):
+        self.config = config
+        self.cache = cache
+        self.template = load_template(template_version)
+        self.max_objects = max_objects
+        self.client = LLMClient(config)
+
+    # --- public ----------------------------------------------------------------------------
+
+    def plan(self, prompt: str, sample_index: int = 0) -> Layout:
+        """The layout for ``prompt``. ``sample_index`` tells repeated samples apart in the cache."""
+        return self.plan_with_report(prompt, sample_index)[0]
+
+    def revise(self, turns: list[Turn], instruction: str) -> Layout:
+        """The layout after ``instruction``; ``turns[0]`` is the first caption and its layout."""
+        return self.revise_with_report(turns, instruction)[0]
+
+    def plan_with_report(self, prompt: str, sample_index: int = 0) -> tuple[Layout, PlanReport]:
+        prompt = validate_text(prompt, "prompt", self.config.max_prompt_chars)
+        if sample_index < 0:
+            raise InvalidPrompt(f"sample_index must be >= 0, got {sample_index}")
+        messages = chat_messages(self.template, [], CAPTION_PREFIX + prompt)
+        return self._ask(messages, self._key(prompt, sample_index), previous=None)
+
+    def revise_with_report(self, turns: list[Turn], instruction: str) -> tuple[Layout, PlanReport]:
+        if not turns:
+            raise InvalidPrompt("a revision needs the conversation so far: at least the first prompt and its layout")
+        instruction = validate_text(instruction, "instruction", self.config.max_prompt_chars)
+        first = validate_text(turns[0].text, "prompt", self.config.max_prompt_chars)
+        exchanges = [(CAPTION_PREFIX + first, turns[0].layout.to_llm_json())]
+        for turn in turns[1:]:
+            text = validate_text(turn.text, "instruction", self.config.max_prompt_chars)
+            exchanges.append((INSTRUCTION_PREFIX + text, turn.layout.to_llm_json()))
+        messages = chat_messages(self.template, exchanges, INSTRUCTION_PREFIX + instruction)
+        return self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout)
+
+    def close(self) -> None:
+        self.client.close()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _key(self, conversation: list[dict[str, str]] | str, sample_index: int) -> str:
+        cfg = self.config
+        return cache_key(
+            self.template.sha256, cfg.model, cfg.temperature, cfg.max_tokens, conversation, sample_index, cfg.mode
+        )
+
+    def _build(self, text: str, previous: Layout | None) -> Layout:
+        try:
+            return build_layout(parse_answer(text), previous=previous, max_objects=self.max_objects)
+        except ValidationError as exc:
+            raise LayoutParseError(f"the layout is invalid: {exc.errors()[0]['msg']}") from None
+
+    def _ask(self, messages: list[dict[str, str]], key: str, previous: Layout | None) -> tuple[Layout, PlanReport]:
+        report = PlanReport()
+        if self.cache is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                try:
+                    layout = self._build(cached, previous)
+                except LayoutParseError:
+                    pass  # a stale or foreign entry: ask again and overwrite it
+                else:
+                    report.cached = True
+                    return layout, report
+        conversation = list(messages)
+        text = ""
+        for _ in range(self.config.max_reasks):
+            report.asks += 1
+            completion = self.client.complete(conversation)
+            report.attempts += completion.record.attempts
+            report.waits.extend(completion.record.waits)
+            report.structured = completion.record.structured
+            text = completion.text
+            try:
+                layout = self._build(text, previous)
+            except LayoutParseError as exc:
+                error = str(exc)
+                if completion.finish_reason == "length":
+                    error += f" (the answer was cut at max_tokens={self.config.max_tokens})"
+                report.parse_errors.append(error)
+                conversation = conversation + [
+                    {"role": "assistant", "content": text},
+                    {"role": "user", "content": f"That answer could not be used: {error}. Reply again with only the layout JSON."},
+                ]
+                continue
+            if self.cache is not None:
+                self.cache.set(key, text)
+            return layout, report
+        raise LLMBadOutput(
+            f"the LLM gave no usable layout in {report.asks} asks; last problem: {report.parse_errors[-1]}",
+            asks=report.asks,
+            last_text=text,
+        )

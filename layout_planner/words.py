@@ -1,0 +1,89 @@
+"""Small English word helpers: singular nouns and the head noun of a phrase.
+
+Used by the repair step (``"two chairs"`` -> ``"a chair"``, METHOD.md §1.4) and by the
+benchmark rules to decide which object a box names. Rules, not a dictionary: they are
+right for ordinary count nouns and a short list of irregular plurals.
+"""
+
+from __future__ import annotations
+
+import re
+
+_IRREGULAR = {
+    "people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
+    "geese": "goose", "feet": "foot", "teeth": "tooth", "knives": "knife", "wolves": "wolf",
+    "leaves": "leaf", "shelves": "shelf", "loaves": "loaf", "oxen": "ox", "sheep": "sheep",
+    "fish": "fish", "deer": "deer", "scissors": "scissors", "series": "series",
+}  # fmt: skip
+_UNCHANGED_ENDINGS = ("ss", "us", "is")
+
+# Words after which a noun phrase's modifiers begin ("a dog with a red collar" -> head "dog").
+_PHRASE_BREAKS = {
+    "with", "on", "in", "of", "at", "near", "next", "beside", "behind", "under", "over", "above", "below",
+    "holding", "wearing", "carrying", "sitting", "standing", "lying", "and", "or", "to", "from", "by", "that",
+    "which", "who", "for", "against", "inside", "outside", "between",
+}  # fmt: skip
+
+COLOURS = (
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey",
+)  # fmt: skip
+
+
+def singular(word: str) -> str:
+    """The singular of an English count noun (``cups`` -> ``cup``, ``boxes`` -> ``box``, ``mice`` -> ``mouse``)."""
+    lower = word.lower()
+    if lower in _IRREGULAR:
+        return _IRREGULAR[lower]
+    if len(lower) <= 3 or lower.endswith(_UNCHANGED_ENDINGS) or not lower.endswith("s"):
+        return lower
+    if lower.endswith("ies") and len(lower) > 4:
+        return lower[:-3] + "y"
+    if lower.endswith(("ches", "shes", "sses", "xes", "zes", "oes")):
+        return lower[:-2]
+    return lower[:-1]
+
+
+def words_of(phrase: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", phrase.lower())
+
+
+def head_noun(phrase: str) -> str:
+    """The noun a phrase names, singular: the last word before any trailing modifier clause.
+
+    ``"a red backpack"`` -> ``backpack``; ``"a dog with a red collar"`` -> ``dog``;
+    ``"a photo of a cat"`` would give ``photo`` (the phrase names a photo), which is why
+    detector queries should be plain noun phrases.
+    """
+    words = words_of(phrase)
+    for index, word in enumerate(words):
+        if index > 0 and word in _PHRASE_BREAKS:
+            words = words[:index]
+            break
+    return singular(words[-1]) if words else ""
+
+
+def modifiers(phrase: str) -> list[str]:
+    """The words before the head noun (articles, numbers, adjectives)."""
+    words = words_of(phrase)
+    for index, word in enumerate(words):
+        if index > 0 and word in _PHRASE_BREAKS:
+            words = words[:index]
+            break
+    return words[:-1]
+
+
+def singular_phrase(noun_phrase: str) -> str:
+    """``"red chairs"`` -> ``"a red chair"``, ``"cups of tea"`` -> ``"a cup of tea"``: one instance, with an article."""
+    tokens = noun_phrase.split()
+    head = len(tokens) - 1
+    for index, token in enumerate(tokens):
+        if index > 0 and token.lower() in _PHRASE_BREAKS:
+            head = index - 1
+            break
+    if tokens:
+        word = tokens[head]
+        stripped = word.rstrip(",.;:")
+        tokens[head] = singular(stripped) + word[len(stripped) :]
+    rest = " ".join(tokens)
+    article = "an" if rest[:1].lower() in "aeiou" else "a"
+    return f"{article} {rest}"
