@@ -9,6 +9,7 @@ import sys
 # Each module holds related subcommands and a ``register(subparsers)`` function.
 COMMAND_MODULES = (
     "lmd.commands.plan",
+    "lmd.commands.service",
 )
 
 

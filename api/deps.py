@@ -1,0 +1,74 @@
+"""Injected dependencies: the settings, the record store, the Celery app, the caller's key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, HTTPException, Request
+
+from api.store import JobRecord, SessionRecord, Store
+from lmd.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_celery(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+def owner_of(key: str) -> str:
+    """Records keep a digest of the key that created them, never the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
+    """The caller's identity: None when API keys are off; 401 when they are on and the key is wrong.
+
+    The key comes in ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+    """
+    if not settings.api_keys:
+        return None
+    key = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if key is None and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if not key:
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", challenge)
+    if not any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
+        raise HTTPException(401, "invalid API key", challenge)
+    return owner_of(key)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+OwnerDep = Annotated[str | None, Depends(get_owner)]
+
+
+def owned_job(job_id: str, store: StoreDep, owner: OwnerDep) -> JobRecord:
+    """The job, or 404 when it does not exist, expired, or belongs to another key."""
+    job = store.get_job(job_id) if len(job_id) <= 64 else None
+    if job is None or job.owner != owner:
+        raise HTTPException(404, f"job {job_id!r} not found (unknown, expired, or not yours)")
+    return job
+
+
+def owned_session(session_id: str, store: StoreDep, owner: OwnerDep) -> SessionRecord:
+    session = store.get_session(session_id) if len(session_id) <= 64 else None
+    if session is None or session.owner != owner:
+        raise HTTPException(404, f"session {session_id!r} not found (unknown, expired, or not yours)")
+    return session
+
+
+JobDep = Annotated[JobRecord, Depends(owned_job)]
+SessionDep = Annotated[SessionRecord, Depends(owned_session)]

@@ -1,0 +1,86 @@
+"""Jobs: state and progress, the image and its overlay, cancel, and a stream of events."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from api.deps import JobDep, SettingsDep, StoreDep
+from api.schemas import JobView
+from api.store import job_dir
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+@router.get("/{job_id}", response_model=JobView)
+def get_job(job: JobDep) -> JobView:
+    """State, stage and progress, the layout once planned, the seed, and the error of a failed job."""
+    return JobView.of(job)
+
+
+def _result_file(job, settings, name: str) -> FileResponse:
+    if job.state != "succeeded":
+        raise HTTPException(409, f"job {job.job_id} is {job.state}; its {name} exists once it has succeeded")
+    path = job_dir(settings.data_dir, job.job_id) / f"{name}.png"
+    if not path.is_file():
+        raise HTTPException(404, f"the {name} of job {job.job_id} is gone (retention LMD_RETENTION_S passed)")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.get("/{job_id}/image", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+def get_image(job: JobDep, settings: SettingsDep) -> FileResponse:
+    """The generated image (PNG of the requested size)."""
+    return _result_file(job, settings, "image")
+
+
+@router.get("/{job_id}/overlay", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+def get_overlay(job: JobDep, settings: SettingsDep) -> FileResponse:
+    """The image with the layout's boxes and phrases drawn on it."""
+    return _result_file(job, settings, "overlay")
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobView)
+def cancel(job: JobDep, store: StoreDep) -> JobView:
+    """A queued job ends ``canceled`` now; a running one within one denoising step (its worker checks a flag).
+
+    A finished job is a 409.
+    """
+    if job.terminal:
+        raise HTTPException(409, f"job {job.job_id} already {job.state}; nothing to cancel")
+    updated = store.request_cancel(job.job_id)
+    if updated is None:
+        raise HTTPException(404, f"job {job.job_id!r} not found (expired)")
+    return JobView.of(updated)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse)
+async def events(job: JobDep, request: Request, store: StoreDep, settings: SettingsDep) -> EventSourceResponse:
+    """Server-sent events: ``state`` (the job view) whenever state or progress changes; ends when the job ends."""
+
+    async def stream():
+        last = None
+        job_id = job.job_id
+        while not await request.is_disconnected():
+            try:
+                current = await run_in_threadpool(store.get_job, job_id)
+            except redis.RedisError:
+                yield ServerSentEvent(data='{"detail": "Redis is unreachable; reconnect later"}', event="unavailable",
+                                      retry=settings.retry_after_s * 1000)
+                return
+            if current is None:
+                yield ServerSentEvent(data='{"detail": "the job expired"}', event="gone")
+                return
+            seen = (current.state, current.progress, current.cancel_requested)
+            if seen != last:
+                last = seen
+                yield ServerSentEvent(data=JobView.of(current).model_dump_json(), event="state")
+            if current.terminal:
+                return
+            await asyncio.sleep(settings.events_poll_s)
+
+    return EventSourceResponse(stream(), ping=15)

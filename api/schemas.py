@@ -1,0 +1,177 @@
+"""Request and response models of the HTTP API (SERVICE.md "HTTP contract").
+
+Static rules (types, unknown fields) live on the models; the limits that are settings
+(``LMD_MAX_STEPS``...) are checked by :func:`limit_errors`, which names the field and the
+setting in each message so a 422 says what to change.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.store import JobError, JobRecord, JobState, Progress, SessionRecord
+from layout_planner.layout import Layout
+from lmd.settings import Settings
+
+Variant = Literal["lmd", "lmd_plus", "sd"]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, description="the scene in words; optional when layout is given")
+    seed: int | None = Field(None, description="0..LMD_MAX_SEED; unset: the session's seed (a new session draws one)")
+    steps: int | None = Field(None, description="denoising steps; unset: the reference 50")
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="classifier-free guidance; unset: 7.5")
+    width: int = Field(512, description="pixels, a multiple of 8 in LMD_MIN_SIZE..LMD_MAX_SIZE")
+    height: int = Field(512, description="pixels, a multiple of 8 in LMD_MIN_SIZE..LMD_MAX_SIZE")
+    negative_prompt: str | None = Field(None, max_length=1000, description="added to the layout's negative prompt")
+    layout: Layout | None = Field(None, description="skip stage 1 and render this layout")
+    session_id: str | None = Field(None, description="add this generate to an existing session")
+    variant: Variant = Field("lmd", description="lmd (default), lmd_plus (GLIGEN model needed), sd (plain baseline)")
+
+
+class InstructRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str = Field(description="what to change in the session's latest layout")
+    seed: int | None = Field(None, description="unset: the session's seed, so unchanged objects stay put")
+
+
+class Accepted(BaseModel):
+    """The answer to POST /generate and POST /sessions/{id}/instruct (status 202)."""
+
+    job_id: str
+    session_id: str
+    turn: int
+    status_url: str
+
+
+class JobResult(BaseModel):
+    image_url: str
+    overlay_url: str
+
+
+class JobView(BaseModel):
+    job_id: str
+    session_id: str
+    turn: int
+    kind: Literal["generate", "instruct"]
+    state: JobState
+    progress: Progress
+    prompt: str
+    layout: Layout | None
+    seed: int
+    steps: int | None
+    guidance_scale: float | None
+    width: int
+    height: int
+    negative_prompt: str | None
+    variant: str
+    error: JobError | None
+    cancel_requested: bool
+    deliveries: int
+    result: JobResult | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, job: JobRecord) -> "JobView":
+        result = None
+        if job.state == "succeeded":
+            result = JobResult(image_url=f"/jobs/{job.job_id}/image", overlay_url=f"/jobs/{job.job_id}/overlay")
+        return cls(result=result, **job.model_dump(exclude={"owner", "layout_given", "worker", "heartbeat_at"}))
+
+
+class TurnView(BaseModel):
+    turn: int
+    kind: Literal["generate", "instruct"]
+    text: str
+    layout: Layout | None = Field(description="the turn's planned layout; null until planned")
+    job_id: str
+    state: JobState | None = Field(description="the turn's job state; null once the job record expired")
+
+
+class SessionView(BaseModel):
+    session_id: str
+    seed: int
+    turns: list[TurnView]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, session: SessionRecord, jobs: dict[str, JobRecord]) -> "SessionView":
+        turns = []
+        for t in session.turns:
+            job = jobs.get(t.job_id)
+            turns.append(
+                TurnView(
+                    turn=t.turn,
+                    kind=t.kind,
+                    text=t.text,
+                    job_id=t.job_id,
+                    layout=job.layout if job else None,
+                    state=job.state if job else None,
+                )
+            )
+        return cls(session_id=session.session_id, seed=session.seed, turns=turns,
+                   created_at=session.created_at, updated_at=session.updated_at)
+
+
+class WorkerView(BaseModel):
+    name: str
+    queues: list[str]
+    pid: int
+    seen_at: float
+
+
+class Readiness(BaseModel):
+    redis: Literal["ok"]
+    workers: list[WorkerView]
+    queues_without_workers: list[str]
+
+
+def _error(field: str, message: str, value: object) -> dict:
+    return {"loc": ("body", field), "msg": message, "type": "value_error", "input": value}
+
+
+def limit_errors(body: GenerateRequest | InstructRequest, settings: Settings) -> list[dict]:
+    """Every limit of ``settings`` that ``body`` breaks, in FastAPI's 422 error format."""
+    errors: list[dict] = []
+    seed = body.seed
+    if seed is not None and not 0 <= seed <= settings.max_seed:
+        errors.append(_error("seed", f"seed must be in 0..{settings.max_seed} (LMD_MAX_SEED)", seed))
+    if isinstance(body, InstructRequest):
+        text = body.instruction.strip()
+        if not text:
+            errors.append(_error("instruction", "instruction is empty", body.instruction))
+        elif len(text) > settings.max_instruction_chars:
+            errors.append(_error("instruction", f"instruction has {len(text)} characters; at most "
+                                 f"{settings.max_instruction_chars} (LMD_MAX_INSTRUCTION_CHARS)", len(text)))
+        return errors
+
+    if body.prompt is None or not body.prompt.strip():
+        if body.layout is None:
+            errors.append(_error("prompt", "prompt is required (and not blank) unless a layout is given", body.prompt))
+    elif len(body.prompt.strip()) > settings.max_prompt_chars:
+        errors.append(_error("prompt", f"prompt has {len(body.prompt.strip())} characters; at most "
+                             f"{settings.max_prompt_chars} (LMD_MAX_PROMPT_CHARS)", len(body.prompt)))
+    if body.steps is not None and not 1 <= body.steps <= settings.max_steps:
+        errors.append(_error("steps", f"steps must be in 1..{settings.max_steps} (LMD_MAX_STEPS)", body.steps))
+    for field in ("width", "height"):
+        value = getattr(body, field)
+        if not settings.min_size <= value <= settings.max_size:
+            errors.append(_error(field, f"{field} must be in {settings.min_size}..{settings.max_size} "
+                                 "(LMD_MIN_SIZE, LMD_MAX_SIZE)", value))
+        elif value % 8:
+            errors.append(_error(field, f"{field} must be a multiple of 8 (the latent is 1/8 of the image)", value))
+    if body.layout is not None:
+        if not body.layout.objects:
+            errors.append(_error("layout", "layout.objects is empty: give at least one object, or a prompt instead", None))
+        elif len(body.layout.objects) > settings.max_objects:
+            errors.append(_error("layout", f"layout has {len(body.layout.objects)} objects; at most "
+                                 f"{settings.max_objects} (LMD_MAX_OBJECTS)", len(body.layout.objects)))
+    return errors

@@ -1,0 +1,472 @@
+"""Job and session records in Redis: the service's source of truth (SERVICE.md "Job lifecycle").
+
+Celery carries messages; these records carry state. Every record expires after the retention
+setting, refreshed on each write. A change is a read-modify-write under WATCH, so concurrent
+writers (the API cancelling, a worker reporting progress, a reaper) never lose each other's
+updates and a finished job never moves again.
+
+This module imports neither FastAPI nor torch: the API and the workers both use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Callable, Literal
+
+import redis
+from pydantic import BaseModel, Field
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from layout_planner.layout import Layout
+
+JobState = Literal["queued", "planning", "rendering", "succeeded", "failed", "canceled"]
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+Stage = Literal["plan", "render"]
+
+ErrorCode = Literal[
+    "invalid_prompt",
+    "llm_unavailable",
+    "llm_bad_output",
+    "invalid_layout",
+    "variant_unavailable",
+    "no_layout",
+    "out_of_memory",
+    "timeout",
+    "worker_lost",
+    "canceled",
+    "enqueue_failed",
+    "internal",
+]
+
+_CONFLICT_ATTEMPTS = 50
+
+
+class StoreConflict(RuntimeError):
+    """A record kept changing under us for too many attempts (bounded optimistic locking)."""
+
+
+class Progress(BaseModel):
+    """Where a job is: a stage name and a step count within it."""
+
+    stage: str = "queued"
+    step: int = 0
+    total: int = 0
+
+
+class JobError(BaseModel):
+    """Why a job failed: a code a client can branch on, a message a person can act on."""
+
+    code: ErrorCode
+    message: str
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    session_id: str
+    owner: str | None = None
+    kind: Literal["generate", "instruct"] = "generate"
+    turn: int = 1
+    prompt: str
+    layout: Layout | None = None
+    layout_given: bool = False
+    seed: int
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int = 512
+    height: int = 512
+    negative_prompt: str | None = None
+    variant: str = "lmd"
+    state: JobState = "queued"
+    progress: Progress = Field(default_factory=Progress)
+    error: JobError | None = None
+    cancel_requested: bool = False
+    deliveries: int = Field(0, description="how many times a worker started the current stage")
+    worker: str | None = Field(None, description="'hostname:pid' of the process running the current stage")
+    heartbeat_at: float | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class SessionTurn(BaseModel):
+    turn: int
+    kind: Literal["generate", "instruct"]
+    text: str
+    job_id: str
+
+
+class SessionRecord(BaseModel):
+    session_id: str
+    owner: str | None = None
+    seed: int
+    turns: list[SessionTurn] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+
+
+class IdempotencyRecord(BaseModel):
+    """What an Idempotency-Key was first used for: the body's hash and the answer given."""
+
+    body_hash: str
+    job_id: str
+    session_id: str
+    turn: int
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def body_hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def this_worker() -> str:
+    """The identity a worker process writes into the jobs it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_is_dead(worker: str) -> bool:
+    """True when ``worker`` ran on this host and its process is gone (a killed render child)."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def connect(url: str, timeout_s: float) -> redis.Redis:
+    """A client that fails fast when Redis is down and reconnects by itself when it is back.
+
+    Short socket timeouts bound every call; the connection pool drops broken connections and
+    opens new ones on the next command, so no restart is needed after an outage.
+    """
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
+        health_check_interval=10,
+        decode_responses=True,
+    )
+
+
+class Store:
+    """Typed access to the service's records in one Redis database."""
+
+    def __init__(self, client: redis.Redis, retention_s: int, prefix: str = "lmd"):
+        self.redis = client
+        self.retention_s = retention_s
+        self.prefix = prefix
+
+    # --- keys ----------------------------------------------------------------------------------
+    def job_key(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def session_key(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{session_id}"
+
+    def cancel_key(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def idempotency_key(self, owner: str | None, route: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f"{self.prefix}:idem:{owner or '-'}:{route}:{digest}"
+
+    @property
+    def active_key(self) -> str:
+        """A set of the ids of jobs not yet finished: what the reaper scans."""
+        return f"{self.prefix}:active"
+
+    def worker_key(self, name: str) -> str:
+        return f"{self.prefix}:worker:{name}"
+
+    # --- reads ---------------------------------------------------------------------------------
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.get(self.job_key(job_id))
+        return JobRecord.model_validate_json(raw) if raw else None
+
+    def get_jobs(self, job_ids: list[str]) -> dict[str, JobRecord]:
+        if not job_ids:
+            return {}
+        raws = self.redis.mget([self.job_key(j) for j in job_ids])
+        return {j: JobRecord.model_validate_json(r) for j, r in zip(job_ids, raws) if r}
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        raw = self.redis.get(self.session_key(session_id))
+        return SessionRecord.model_validate_json(raw) if raw else None
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.cancel_key(job_id)))
+
+    # --- creation ------------------------------------------------------------------------------
+    def create_job(
+        self,
+        job: JobRecord,
+        session: SessionRecord,
+        idempotency: tuple[str, IdempotencyRecord] | None = None,
+    ) -> tuple[JobRecord | None, IdempotencyRecord | None]:
+        """Store a new job and append its turn to ``session``, atomically with the idempotency claim.
+
+        ``session`` is the session as the caller read it (or a new one). The turn number is
+        assigned here. Returns ``(job, None)`` on success, or ``(None, earlier)`` when the
+        Idempotency-Key was already used: nothing is written then.
+        """
+        skey = self.session_key(session.session_id)
+        watches = [skey] + ([idempotency[0]] if idempotency else [])
+
+        def attempt(pipe: redis.client.Pipeline) -> tuple[JobRecord | None, IdempotencyRecord | None]:
+            if idempotency:
+                raw = pipe.get(idempotency[0])
+                if raw:
+                    return None, IdempotencyRecord.model_validate_json(raw)
+            raw_session = pipe.get(skey)
+            current = SessionRecord.model_validate_json(raw_session) if raw_session else session
+            turn = len(current.turns) + 1
+            created = job.model_copy(update={"turn": turn})
+            updated = current.model_copy(
+                update={
+                    "turns": [*current.turns, SessionTurn(turn=turn, kind=job.kind, text=job.prompt, job_id=job.job_id)],
+                    "updated_at": utcnow(),
+                }
+            )
+            pipe.multi()
+            pipe.set(self.job_key(job.job_id), created.model_dump_json(), ex=self.retention_s)
+            pipe.set(skey, updated.model_dump_json(), ex=self.retention_s)
+            for earlier in current.turns:  # a session's turns expire together
+                pipe.expire(self.job_key(earlier.job_id), self.retention_s)
+            pipe.sadd(self.active_key, job.job_id)
+            if idempotency:
+                claim = idempotency[1].model_copy(update={"turn": turn})
+                pipe.set(idempotency[0], claim.model_dump_json(), ex=self.retention_s)
+            return created, None
+
+        return self._transaction(attempt, *watches)
+
+    def forget_idempotency(self, key: str) -> None:
+        self.redis.delete(key)
+
+    # --- changes ---------------------------------------------------------------------------------
+    def update_job(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
+        """Apply ``change`` to the stored job under WATCH; ``change`` returns None to leave it as is.
+
+        Returns the record as stored afterwards (None when the job does not exist).
+        """
+        key = self.job_key(job_id)
+
+        def attempt(pipe: redis.client.Pipeline) -> JobRecord | None:
+            raw = pipe.get(key)
+            if raw is None:
+                return None
+            job = JobRecord.model_validate_json(raw)
+            new = change(job)
+            if new is None:
+                return job
+            new = new.model_copy(update={"updated_at": utcnow()})
+            pipe.multi()
+            pipe.set(key, new.model_dump_json(), ex=self.retention_s)
+            if new.terminal:
+                pipe.srem(self.active_key, job_id)
+                pipe.delete(self.cancel_key(job_id))
+            return new
+
+        return self._transaction(attempt, key)
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel now if no worker holds the job; otherwise raise the flag its worker checks every step."""
+
+        def change(job: JobRecord) -> JobRecord | None:
+            if job.terminal:
+                return None
+            if job.worker is None:
+                return job.model_copy(update=_ending("canceled", "canceled", "canceled before a worker started it"))
+            return job.model_copy(update={"cancel_requested": True})
+
+        job = self.update_job(job_id, change)
+        if job is not None and not job.terminal:
+            self.redis.set(self.cancel_key(job_id), "1", ex=self.retention_s)
+        return job
+
+    def claim(self, job_id: str, stage: Stage, worker: str, max_deliveries: int, lost_after_s: float) -> JobRecord | None:
+        """Take the job's ``stage`` for ``worker``; None when there is nothing to do.
+
+        Nothing to do: the job is gone or finished, is not at this stage, or a live worker holds
+        it (a duplicate delivery). A job already started ``max_deliveries`` times ends
+        ``failed`` with ``worker_lost``: a job that kills its worker must not loop.
+        """
+        result: dict[str, JobRecord | None] = {"claimed": None}
+
+        def change(job: JobRecord) -> JobRecord | None:
+            result["claimed"] = None
+            if job.terminal:
+                return None
+            if job.cancel_requested:
+                return job.model_copy(update=_ending("canceled", "canceled", "canceled before a worker started it"))
+            if stage == "plan":
+                ready = job.state in ("queued", "planning") and not job.layout_given
+            else:
+                ready = job.state == "rendering" or (job.state == "queued" and job.layout_given)
+            if not ready:
+                return None
+            if job.worker is not None and not _is_stale(job, lost_after_s):
+                return None
+            if job.deliveries >= max_deliveries:
+                return job.model_copy(update=_worker_lost(job))
+            claimed = job.model_copy(
+                update={
+                    "state": "planning" if stage == "plan" else "rendering",
+                    "progress": Progress(stage="planning" if stage == "plan" else "loading"),
+                    "worker": worker,
+                    "heartbeat_at": time.time(),
+                    "deliveries": job.deliveries + 1,
+                }
+            )
+            result["claimed"] = claimed
+            return claimed
+
+        self.update_job(job_id, change)
+        return result["claimed"]
+
+    def held_update(self, job_id: str, worker: str, update: dict) -> JobRecord | None:
+        """Change a running job only while ``worker`` still holds it; None when it no longer does.
+
+        A worker whose job was reaped, canceled or finished by someone else thus writes nothing.
+        """
+        applied: list[JobRecord] = []
+
+        def change(job: JobRecord) -> JobRecord | None:
+            applied.clear()
+            if job.terminal or job.worker != worker:
+                return None
+            new = job.model_copy(update=update)
+            applied.append(new)
+            return new
+
+        self.update_job(job_id, change)
+        return applied[0] if applied else None
+
+    def finish(self, job_id: str, worker: str, state: JobState, code: ErrorCode | None = None, message: str = "") -> JobRecord | None:
+        """End a held job: ``succeeded``, or ``failed``/``canceled`` with an error code and message."""
+
+        def change(job: JobRecord) -> JobRecord | None:
+            if job.terminal or job.worker != worker:
+                return None
+            if code is not None:
+                return job.model_copy(update=_ending(state, code, message))
+            done = job.progress.model_copy(update={"step": job.progress.total})
+            return job.model_copy(update={"state": state, "worker": None, "progress": done})
+
+        return self.update_job(job_id, change)
+
+    # --- sessions --------------------------------------------------------------------------------
+    def conversation(self, session_id: str, before_turn: int) -> list[tuple[str, Layout]]:
+        """(text, layout) of the session's succeeded turns before ``before_turn``: what a revision sees."""
+        session = self.get_session(session_id)
+        if session is None:
+            return []
+        earlier = [t for t in session.turns if t.turn < before_turn]
+        jobs = self.get_jobs([t.job_id for t in earlier])
+        turns = []
+        for t in earlier:
+            job = jobs.get(t.job_id)
+            if job is not None and job.state == "succeeded" and job.layout is not None:
+                turns.append((t.text, job.layout))
+        return turns
+
+    # --- workers and the reaper -----------------------------------------------------------------
+    def register_worker(self, name: str, queues: list[str], ttl_s: float) -> None:
+        payload = json.dumps({"name": name, "queues": queues, "pid": os.getpid(), "seen_at": time.time()})
+        self.redis.set(self.worker_key(name), payload, px=max(1000, int(ttl_s * 1000)))
+
+    def workers(self) -> list[dict]:
+        keys = list(self.redis.scan_iter(match=self.worker_key("*"), count=100))
+        raws = self.redis.mget(keys) if keys else []
+        return sorted((json.loads(r) for r in raws if r), key=lambda w: w["name"])
+
+    def reap_lost(self, lost_after_s: float, max_deliveries: int) -> list[tuple[str, Stage]]:
+        """Release running jobs whose worker stopped beating; return (job_id, stage) to re-enqueue.
+
+        A job already started ``max_deliveries`` times ends ``failed`` with ``worker_lost``
+        instead. See docs/service.md "Lost workers".
+        """
+        requeue: list[tuple[str, Stage]] = []
+        for job_id in self.redis.smembers(self.active_key):
+            released: dict[str, Stage] = {}
+
+            def change(job: JobRecord) -> JobRecord | None:
+                released.clear()
+                if job.terminal or job.worker is None or not _is_stale(job, lost_after_s):
+                    return None
+                if job.deliveries >= max_deliveries:
+                    return job.model_copy(update=_worker_lost(job))
+                released["stage"] = "plan" if job.state == "planning" else "render"
+                return job.model_copy(
+                    update={"worker": None, "heartbeat_at": None, "progress": Progress(stage="requeued")}
+                )
+
+            if self.update_job(job_id, change) is None:
+                self.redis.srem(self.active_key, job_id)  # the record expired
+            if released:
+                requeue.append((job_id, released["stage"]))
+        return requeue
+
+    # --- plumbing --------------------------------------------------------------------------------
+    def _transaction(self, attempt: Callable, *keys: str):
+        for _ in range(_CONFLICT_ATTEMPTS):
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(*keys)
+                    outcome = attempt(pipe)
+                    if pipe.explicit_transaction:
+                        pipe.execute()
+                    return outcome
+                except redis.WatchError:
+                    continue
+        raise StoreConflict(f"records {list(keys)} changed {_CONFLICT_ATTEMPTS} times while being updated")
+
+
+def _is_stale(job: JobRecord, lost_after_s: float) -> bool:
+    if job.worker is not None and _pid_is_dead(job.worker):
+        return True
+    return job.heartbeat_at is None or time.time() - job.heartbeat_at > lost_after_s
+
+
+def _ending(state: JobState, code: ErrorCode, message: str) -> dict:
+    return {"state": state, "error": JobError(code=code, message=message), "worker": None}
+
+
+def _worker_lost(job: JobRecord) -> dict:
+    return _ending(
+        "failed",
+        "worker_lost",
+        f"the worker running this job died {job.deliveries} time(s) (killed, out of host memory, or crashed); "
+        "the job was not retried again. Try fewer objects, a smaller size, or check the worker's logs.",
+    )
+
+
+def job_dir(data_dir: Path, job_id: str) -> Path:
+    """Where a job's image, overlay, masks and report are written (a volume shared by API and workers)."""
+    return Path(data_dir) / "jobs" / job_id

@@ -1,0 +1,70 @@
+"""Submitting a job: the idempotency claim, the records, then the Celery message.
+
+Shared by POST /generate and POST /sessions/{id}/instruct. The job, its session turn and
+the Idempotency-Key claim are written in one Redis transaction, so a retried request finds
+either everything or nothing. The message is sent after the records exist, so a worker
+never receives a job it cannot read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from fastapi import HTTPException
+from kombu.exceptions import OperationalError
+
+from api.schemas import Accepted
+from api.store import IdempotencyRecord, JobError, JobRecord, SessionRecord, Store, body_hash
+from worker.celery_app import enqueue
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+
+
+class IdempotencyConflict(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(409, "Idempotency-Key was already used with a different request body; use a new key")
+
+
+def submit(
+    store: Store,
+    celery: Celery,
+    job: JobRecord,
+    session: SessionRecord,
+    route: str,
+    payload: dict,
+    idempotency_key: str | None,
+    retry_after_s: int,
+) -> Accepted:
+    """Store ``job`` as the next turn of ``session`` and enqueue it; replay an earlier answer for a reused key."""
+    claim = None
+    if idempotency_key is not None:
+        if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+            raise HTTPException(422, f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        record = IdempotencyRecord(body_hash=body_hash({"route": route, **payload}), job_id=job.job_id,
+                                   session_id=session.session_id, turn=0)
+        claim = (store.idempotency_key(job.owner, route, idempotency_key), record)
+
+    created, earlier = store.create_job(job, session, claim)
+    if earlier is not None:
+        if earlier.body_hash != claim[1].body_hash:
+            raise IdempotencyConflict()
+        return Accepted(job_id=earlier.job_id, session_id=earlier.session_id, turn=earlier.turn,
+                        status_url=f"/jobs/{earlier.job_id}")
+
+    try:
+        enqueue(celery, created.job_id, "render" if created.layout_given else "plan")
+    except OperationalError as exc:
+        log.warning("could not enqueue job %s: %s", created.job_id, exc)
+        store.update_job(created.job_id, lambda j: j.model_copy(update={
+            "state": "failed",
+            "error": JobError(code="enqueue_failed",
+                              message="the job could not be queued (broker unreachable); submit it again"),
+        }))
+        if claim is not None:
+            store.forget_idempotency(claim[0])
+        raise HTTPException(503, "the job queue is unreachable; retry shortly", {"Retry-After": str(retry_after_s)}) from exc
+    return Accepted(job_id=created.job_id, session_id=created.session_id, turn=created.turn,
+                    status_url=f"/jobs/{created.job_id}")

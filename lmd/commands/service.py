@@ -1,0 +1,90 @@
+"""``lmd serve`` (the HTTP API under uvicorn) and ``lmd worker`` (a Celery worker for one queue).
+
+Both read the one settings object (``LMD_*``); neither needs docker: a Redis server is enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+QUEUES = ("plan", "render")
+DEFAULT_CONCURRENCY = {"plan": 2, "render": 1}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the HTTP API (uvicorn) against the Redis of LMD_REDIS_URL")
+    serve.add_argument("--host", help="default: LMD_API_HOST (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default: LMD_API_PORT (8000)")
+    serve.add_argument("--workers", type=int, default=1, help="uvicorn processes (the API is stateless); default 1")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=_serve)
+
+    worker = subparsers.add_parser("worker", help="run a Celery worker: stage 1 (plan) or stage 2 (render)")
+    worker.add_argument("--queues", required=True,
+                        help="plan (LLM calls, CPU), render (one process per GPU), or plan,render")
+    worker.add_argument("--concurrency", type=int,
+                        help="processes of the pool; default 2 for plan, 1 for render (1 is the only choice for render)")
+    worker.add_argument("--name", help="Celery node name; default <queues>-<pid>@<host>")
+    worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(handler=_worker)
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from lmd.cli import CLIError
+    from lmd.settings import get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CLIError(f"invalid setting {'.'.join(map(str, first['loc'])) or ''}: {first['msg']}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        workers=args.workers,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from lmd.cli import CLIError
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUES]
+    if not queues or unknown:
+        raise CLIError(f"--queues must name plan, render or both (comma-separated); got {args.queues!r}")
+    concurrency = args.concurrency or min(DEFAULT_CONCURRENCY[q] for q in queues)
+    if concurrency < 1:
+        raise CLIError("--concurrency must be at least 1")
+    if "render" in queues and concurrency != 1:
+        raise CLIError("a render worker runs one process per GPU: start one `lmd worker --queues render` "
+                       "per GPU (LMD_DEVICE=cuda:N) instead of --concurrency > 1")
+    settings = _settings()
+
+    from worker.celery_app import create_celery
+
+    app = create_celery(settings)
+    name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"
+    app.worker_main([
+        "worker",
+        "--queues", ",".join(queues),
+        "--concurrency", str(concurrency),
+        "--pool", "prefork",
+        "--hostname", name,
+        "--loglevel", args.log_level.upper(),
+        "--without-gossip",
+        "--without-mingle",
+    ])
+    return 0

@@ -1,0 +1,57 @@
+"""The Celery app: broker, queues, and the reliability settings (SERVICE.md "Processes").
+
+Two queues: ``plan`` (stage 1, LLM calls, CPU) and ``render`` (stage 2, one process per
+GPU). A generate is the chain plan -> render (render alone when a layout is given). The API
+builds the same app to send tasks by name; it never imports the tasks or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from celery import Celery, chain
+
+from lmd.settings import Settings
+
+PLAN_QUEUE = "plan"
+RENDER_QUEUE = "render"
+PLAN_TASK = "lmd.plan"
+RENDER_TASK = "lmd.render"
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("lmd", broker=settings.redis_url, include=["worker.tasks"])
+    transport = {
+        # Above the hard time limit: a message a live worker holds is never handed to a second one.
+        "visibility_timeout": settings.task_time_limit_s + 300,
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
+    app.conf.update(
+        task_routes={PLAN_TASK: {"queue": PLAN_QUEUE}, RENDER_TASK: {"queue": RENDER_QUEUE}},
+        task_default_queue=PLAN_QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.task_time_limit_s,
+        task_ignore_result=True,  # state lives in the job records (api.store), not in a result backend
+        broker_transport_options=transport,
+        broker_connection_timeout=settings.redis_timeout_s,
+        broker_connection_retry_on_startup=True,
+        # Publishing while Redis is down fails fast (the API answers 503) instead of hanging.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5, "interval_max": 0.5},
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, job_id: str, start: Literal["plan", "render"]) -> None:
+    """Send a job's work: plan then render, or render only (a given layout, a revised one re-queued)."""
+    render = app.signature(RENDER_TASK, args=(job_id,), queue=RENDER_QUEUE, immutable=True)
+    if start == "render":
+        render.apply_async()
+        return
+    plan = app.signature(PLAN_TASK, args=(job_id,), queue=PLAN_QUEUE, immutable=True)
+    chain(plan, render).apply_async()

@@ -1,0 +1,333 @@
+"""What a worker process does with a job, and what it keeps between jobs.
+
+Knows nothing of Celery's messages: ``worker.tasks`` calls :meth:`WorkerRuntime.run_plan`
+and :meth:`WorkerRuntime.run_render` with a job id. One :class:`WorkerRuntime` per process
+(:func:`current`), created in the process that runs the tasks, so the pipeline is loaded
+once per render process, after the fork, and no CUDA state ever crosses a fork.
+
+A running job carries its worker's ``hostname:pid`` and a heartbeat refreshed by a thread;
+:class:`Maintenance` (in every worker's main process) releases jobs whose heartbeat went
+stale and re-enqueues them, up to ``LMD_MAX_REDELIVERIES``, then fails them ``worker_lost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from celery.exceptions import SoftTimeLimitExceeded
+
+from api.store import ErrorCode, JobRecord, Progress, Store, connect, job_dir, this_worker
+from lmd.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class RedisLayoutCache:
+    """Stage 1's LLM answer cache (``layout_planner.LayoutCache``) in Redis, kept for the retention period."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int, prefix: str = "lmd:llm:"):
+        self.client = client
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+
+    def get(self, key: str) -> str | None:
+        try:
+            return self.client.get(self.prefix + key)
+        except redis.RedisError as exc:  # a cache miss, not a failed job
+            log.warning("LLM cache read failed: %s", exc)
+            return None
+
+    def set(self, key: str, value: str) -> None:
+        try:
+            self.client.set(self.prefix + key, value, ex=self.ttl_s)
+        except redis.RedisError as exc:
+            log.warning("LLM cache write failed: %s", exc)
+
+
+class Heartbeat:
+    """Refreshes the job's heartbeat while the work runs; notices when the job is no longer ours."""
+
+    def __init__(self, store: Store, job_id: str, worker: str, interval_s: float):
+        self.store, self.job_id, self.worker, self.interval_s = store, job_id, worker, interval_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval_s + 5)
+
+    def beat(self) -> None:
+        try:
+            if self.store.held_update(self.job_id, self.worker, {"heartbeat_at": time.time()}) is None:
+                self.lost = True
+        except redis.RedisError as exc:
+            log.warning("heartbeat of job %s failed: %s", self.job_id, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+
+class WorkerRuntime:
+    """A worker process's settings, store, planner and pipeline (the last two built on first use)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+        self.worker = this_worker()
+        self._planner = None
+        self._pipeline = None
+
+    @property
+    def max_deliveries(self) -> int:
+        return 1 + self.settings.max_redeliveries
+
+    # --- the parts, loaded once per process --------------------------------------------------
+    def planner(self):
+        if self._planner is None:
+            from layout_planner import Planner
+            from lmd.commands.plan import llm_config_from_settings
+
+            cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
+            self._planner = Planner(llm_config_from_settings(self.settings), cache,
+                                    max_objects=min(self.settings.max_objects, 30))
+        return self._planner
+
+    def pipeline(self):
+        if self._pipeline is None:
+            import torch
+
+            from grounded_sd import LMDPipeline
+
+            if self.settings.torch_threads or not torch.cuda.is_available():
+                torch.set_num_threads(self.settings.torch_threads or 1)
+            s = self.settings
+            log.info("loading %s on device=%s dtype=%s (pid %d)", s.sd_model, s.device, s.dtype, os.getpid())
+            self._pipeline = LMDPipeline.from_pretrained(
+                s.sd_model,
+                device=s.device,
+                dtype=s.dtype,
+                scheduler=s.scheduler,
+                sam_checkpoint=str(s.sam_checkpoint) if s.sam_checkpoint else None,
+                sam_model_type=s.sam_model_type,
+            )
+        return self._pipeline
+
+    # --- stage 1 -----------------------------------------------------------------------------------
+    def run_plan(self, job_id: str) -> str:
+        """Plan (or revise) the job's layout; hand the job to the render queue. Returns what happened."""
+        job = self.store.claim(job_id, "plan", self.worker, self.max_deliveries, self.settings.worker_lost_after_s)
+        if job is None:
+            return "skipped"
+        with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
+            try:
+                layout = self._plan(job)
+            except Exception as exc:  # every failure ends the job with a code; nothing escapes to Celery
+                return self._fail(job_id, exc, stage="plan")
+            if layout is None:
+                return self._end(job_id, "failed", "no_layout", "the session has no succeeded turn to revise; "
+                                 "generate first, then instruct")
+            if heartbeat.lost:
+                return "lost"
+            if self._cancel_requested(job_id):
+                return self._end(job_id, "canceled", "canceled", "canceled after planning, before rendering")
+            handed = self.store.held_update(job_id, self.worker, {
+                "state": "rendering", "layout": layout, "worker": None, "heartbeat_at": None,
+                "deliveries": 0, "progress": Progress(stage="waiting"),
+            })
+        return "planned" if handed else "lost"
+
+    def _plan(self, job: JobRecord):
+        from layout_planner import Turn
+
+        planner = self.planner()
+        if job.kind == "generate":
+            return planner.plan(job.prompt)
+        history = [Turn(text=text, layout=layout) for text, layout in self.store.conversation(job.session_id, job.turn)]
+        if not history:
+            return None
+        return planner.revise(history, job.prompt)
+
+    # --- stage 2 -----------------------------------------------------------------------------------
+    def run_render(self, job_id: str) -> str:
+        """Render the job's layout, write image, overlay, masks and report, end the job. Returns what happened."""
+        job = self.store.claim(job_id, "render", self.worker, self.max_deliveries, self.settings.worker_lost_after_s)
+        if job is None:
+            return "skipped"
+        with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
+            try:
+                result = self._render(job, heartbeat)
+                out = job_dir(self.settings.data_dir, job_id)
+                if out.exists():
+                    shutil.rmtree(out)  # what an earlier, killed delivery left
+                result.save(out)
+            except Exception as exc:
+                if heartbeat.lost:
+                    return "lost"
+                return self._fail(job_id, exc, stage="render")
+            ended = self.store.finish(job_id, self.worker, "succeeded")
+        return "succeeded" if ended is not None and ended.state == "succeeded" else "lost"
+
+    def _render(self, job: JobRecord, heartbeat: Heartbeat):
+        from grounded_sd import LMDOptions
+
+        pipe = self.pipeline()
+        options = LMDOptions.reference()
+        update = {k: v for k, v in (("steps", job.steps), ("guidance_scale", job.guidance_scale)) if v is not None}
+        if update:
+            options = options.model_copy(update=update)
+
+        def progress(stage: str, step: int, total: int) -> None:
+            try:
+                self.store.held_update(job.job_id, self.worker, {
+                    "progress": Progress(stage=stage, step=step, total=total), "heartbeat_at": time.time(),
+                })
+            except redis.RedisError as exc:
+                log.warning("progress of job %s not recorded: %s", job.job_id, exc)
+
+        def should_cancel() -> bool:
+            return heartbeat.lost or self._cancel_requested(job.job_id)
+
+        return pipe(
+            job.layout,
+            seed=job.seed,
+            options=options,
+            variant=job.variant,
+            width=job.width,
+            height=job.height,
+            negative_prompt=job.negative_prompt,
+            progress=progress,
+            should_cancel=should_cancel,
+        )
+
+    # --- endings -----------------------------------------------------------------------------------
+    def _cancel_requested(self, job_id: str) -> bool:
+        try:
+            return self.store.cancel_requested(job_id)
+        except redis.RedisError:
+            return False
+
+    def _end(self, job_id: str, state: str, code: ErrorCode, message: str) -> str:
+        ended = self.store.finish(job_id, self.worker, state, code, message)
+        return state if ended is not None and ended.state == state else "lost"
+
+    def _fail(self, job_id: str, exc: Exception, stage: str) -> str:
+        code, message = describe_failure(exc, stage)
+        if code == "canceled":
+            return self._end(job_id, "canceled", code, message)
+        if code == "internal":
+            log.exception("job %s failed in %s", job_id, stage, exc_info=exc)
+        else:
+            log.info("job %s failed in %s: %s: %s", job_id, stage, code, message)
+        return self._end(job_id, "failed", code, message)
+
+
+def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
+    """A typed failure's code and a message a person can act on (SERVICE.md "Job lifecycle")."""
+    from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
+
+    if isinstance(exc, InvalidPrompt):
+        return "invalid_prompt", str(exc)
+    if isinstance(exc, LLMUnavailable):
+        return "llm_unavailable", f"the layout LLM could not be reached: {exc}. Check LMD_LLM_BASE_URL and the key, or retry later."
+    if isinstance(exc, LLMBadOutput | PlannerError):
+        return "llm_bad_output", f"the layout LLM never answered with a usable layout: {exc}. Rephrase the prompt or use a stronger model."
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "timeout", f"the {stage} stage ran past LMD_TASK_SOFT_TIME_LIMIT_S; use fewer steps or a smaller size"
+    if stage == "render":
+        from grounded_sd import GenerationCanceled, InvalidLayoutError, VariantUnavailable
+
+        if isinstance(exc, GenerationCanceled):
+            return "canceled", "canceled while rendering"
+        if isinstance(exc, InvalidLayoutError):
+            return "invalid_layout", str(exc)
+        if isinstance(exc, VariantUnavailable):
+            return "variant_unavailable", str(exc)
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+            return "out_of_memory", ("the GPU ran out of memory; try a smaller width/height or fewer objects "
+                                     "(or set LMD_DTYPE=float16)")
+    return "internal", f"unexpected {type(exc).__name__} in the {stage} stage: {exc}. See the worker's log."
+
+
+_runtimes: dict[int, WorkerRuntime] = {}
+
+
+def current() -> WorkerRuntime:
+    """This process's runtime, created on first use in this process (never inherited across a fork)."""
+    pid = os.getpid()
+    if pid not in _runtimes:
+        _runtimes.clear()
+        _runtimes[pid] = WorkerRuntime(get_settings())
+    return _runtimes[pid]
+
+
+class Maintenance:
+    """A thread in each worker's main process: registers the worker, re-enqueues lost jobs, drops old images.
+
+    ``requeue(job_id, stage)`` sends the job's task again (the Celery app's ``enqueue``).
+    """
+
+    def __init__(self, settings: Settings, name: str, queues: list[str], requeue: Callable[[str, str], None]):
+        self.settings, self.name, self.queues, self.requeue = settings, name, queues, requeue
+        self.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lmd-maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def sweep(self) -> list[tuple[str, str]]:
+        """One pass of the reaper; returns the jobs it re-enqueued."""
+        lost = self.store.reap_lost(self.settings.worker_lost_after_s, 1 + self.settings.max_redeliveries)
+        for job_id, stage in lost:
+            log.warning("job %s lost its worker during %s; re-enqueued", job_id, stage)
+            self.requeue(job_id, stage)
+        return lost
+
+    def drop_old_results(self) -> int:
+        root = Path(self.settings.data_dir) / "jobs"
+        if not root.is_dir():
+            return 0
+        cutoff = time.time() - self.settings.retention_s
+        dropped = 0
+        for path in root.iterdir():
+            try:
+                if path.is_dir() and path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path)
+                    dropped += 1
+            except OSError as exc:
+                log.warning("could not drop %s: %s", path, exc)
+        return dropped
+
+    def _run(self) -> None:
+        next_sweep = 0.0
+        while True:
+            try:
+                self.store.register_worker(self.name, self.queues, ttl_s=3 * self.settings.heartbeat_s)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self.settings.reaper_interval_s
+                    self.sweep()
+                    self.drop_old_results()
+            except Exception as exc:  # Redis down, broker down: try again next beat
+                log.warning("maintenance pass failed: %s", exc)
+            if self._stop.wait(self.settings.heartbeat_s):
+                return
