@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     llm_max_attempts: int = Field(4, ge=1, le=10, description="transport attempts (errors, 429, 5xx) per call")
     llm_max_reasks: int = Field(3, ge=1, le=10, description="asks per layout when the answer does not parse")
     llm_backoff_s: float = Field(1.0, ge=0, description="first backoff; doubles each retry, with jitter")
+    llm_max_retry_after_s: float = Field(60.0, ge=0, description="cap on an endpoint's Retry-After before a retry")
 
     # --- stage 2: the grounded diffusion controller ----------------------------------------
     sd_model: str = Field("runwayml/stable-diffusion-v1-5", description="hub id or local diffusers directory")
