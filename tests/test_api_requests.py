@@ -1,0 +1,206 @@
+"""The HTTP contract without workers: validation, 404s, idempotency, cancel of a queued job, auth.
+
+The API runs in-process against a private Redis; jobs stay queued (no worker consumes them),
+which is exactly the state these rules are about.
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from tests.support.service import service_settings
+
+LAYOUT = {
+    "objects": [{"id": "cat", "phrase": "a cat", "box": [0.1, 0.2, 0.5, 0.8]}],
+    "background": "a living room",
+}
+
+
+@pytest.fixture(scope="module")
+def client(private_redis, tmp_path_factory):
+    settings = service_settings(private_redis.url, tmp_path_factory.mktemp("data"), max_objects=2)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _fields(response) -> list[str]:
+    assert response.status_code == 422, response.text
+    return [".".join(str(p) for p in e["loc"][1:]) for e in response.json()["detail"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ({"prompt": "a cat", "steps": 0}, "steps", "1..400"),
+        ({"prompt": "a cat", "steps": 401}, "steps", "LMD_MAX_STEPS"),
+        ({"prompt": "a cat", "width": 100}, "width", "multiple of 8"),
+        ({"prompt": "a cat", "height": 16}, "height", "32..128"),
+        ({"prompt": "a cat", "seed": -1}, "seed", "LMD_MAX_SEED"),
+        ({"prompt": "   "}, "prompt", "required"),
+        ({}, "prompt", "required"),
+        ({"prompt": "x" * 2001}, "prompt", "LMD_MAX_PROMPT_CHARS"),
+        ({"prompt": "a cat", "sizee": 64}, "sizee", "Extra inputs"),
+        ({"prompt": "a cat", "guidance_scale": -1}, "guidance_scale", "greater than or equal"),
+        ({"prompt": "a cat", "variant": "dalle"}, "variant", "lmd"),
+        ({"layout": {**LAYOUT, "objects": []}}, "layout", "empty"),
+        ({"layout": {"objects": [{"id": "a", "phrase": "a cat", "box": [0.5, 0.5, 0.2, 0.9]}]}}, "layout.objects.0.box", "zero area"),
+    ],
+)
+def test_invalid_generate_bodies_are_422_naming_the_field(client, body, field, words):
+    response = client.post("/generate", json={"width": 64, "height": 64, **body})
+    assert field in _fields(response)
+    assert words in response.text
+
+
+def test_too_many_layout_objects_names_the_limit(client):
+    objects = [{"id": f"o{i}", "phrase": "a ball", "box": [0.1 * i, 0.1, 0.1 * i + 0.05, 0.2]} for i in range(3)]
+    response = client.post("/generate", json={"layout": {"objects": objects}, "width": 64, "height": 64})
+    assert _fields(response) == ["layout"]
+    assert "LMD_MAX_OBJECTS" in response.text
+
+
+def test_generate_creates_a_queued_job_in_a_new_session(client):
+    response = client.post("/generate", json={"prompt": "a cat on a mat", "width": 64, "height": 64, "steps": 3, "seed": 7})
+    assert response.status_code == 202
+    accepted = response.json()
+    job = client.get(accepted["status_url"]).json()
+    assert job["state"] == "queued" and job["progress"]["stage"] == "queued"
+    assert (job["seed"], job["steps"], job["width"], job["prompt"]) == (7, 3, 64, "a cat on a mat")
+    assert job["layout"] is None and job["result"] is None and job["error"] is None
+    session = client.get(f"/sessions/{accepted['session_id']}").json()
+    assert session["seed"] == 7
+    assert [(t["turn"], t["kind"], t["job_id"], t["state"]) for t in session["turns"]] == [
+        (1, "generate", accepted["job_id"], "queued")
+    ]
+
+
+def test_a_given_layout_is_stored_and_a_second_generate_joins_the_session(client):
+    first = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()
+    second = client.post("/generate", json={"layout": LAYOUT, "session_id": first["session_id"], "width": 64, "height": 64})
+    assert second.status_code == 202 and second.json()["turn"] == 2
+    job = client.get(second.json()["status_url"]).json()
+    assert job["layout"]["objects"][0]["phrase"] == "a cat"
+    assert job["seed"] == client.get(f"/sessions/{first['session_id']}").json()["seed"]
+
+
+def test_unknown_ids_are_404(client):
+    for path in ("/jobs/nope", "/jobs/nope/image", "/jobs/nope/overlay", "/jobs/nope/events", "/sessions/nope"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert "not found" in response.json()["detail"]
+    assert client.post("/jobs/nope/cancel").status_code == 404
+    assert client.post("/sessions/nope/instruct", json={"instruction": "add a dog"}).status_code == 404
+    assert client.post("/generate", json={"prompt": "a cat", "session_id": "nope", "width": 64, "height": 64}).status_code == 404
+
+
+def test_idempotent_retry_returns_the_same_job_and_another_body_is_409(client):
+    body = {"prompt": "two apples on a table", "width": 64, "height": 64}
+    key = {"Idempotency-Key": "retry-me-1"}
+    first = client.post("/generate", json=body, headers=key)
+    again = client.post("/generate", json=body, headers=key)
+    assert first.status_code == again.status_code == 202
+    assert again.json() == first.json()
+    session = client.get(f"/sessions/{first.json()['session_id']}").json()
+    assert len(session["turns"]) == 1  # the retry created nothing
+    other = client.post("/generate", json={**body, "prompt": "three apples"}, headers=key)
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+    fresh = client.post("/generate", json=body, headers={"Idempotency-Key": "retry-me-2"})
+    assert fresh.json()["job_id"] != first.json()["job_id"]
+
+
+def test_cancel_of_a_queued_job_ends_it_canceled_and_a_second_cancel_is_409(client):
+    job_id = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()["job_id"]
+    response = client.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["state"] == "canceled"
+    assert response.json()["error"]["code"] == "canceled"
+    assert client.get(f"/jobs/{job_id}").json()["state"] == "canceled"
+    assert client.post(f"/jobs/{job_id}/cancel").status_code == 409
+    image = client.get(f"/jobs/{job_id}/image")
+    assert image.status_code == 409 and "canceled" in image.json()["detail"]
+
+
+def test_events_of_a_finished_job_send_its_state_and_end(client):
+    job_id = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()["job_id"]
+    client.post(f"/jobs/{job_id}/cancel")
+    with client.stream("GET", f"/jobs/{job_id}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        text = "".join(stream.iter_text())
+    assert "event: state" in text and '"state":"canceled"' in text
+
+
+def test_instruct_needs_a_finished_succeeded_turn(client):
+    accepted = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()
+    busy = client.post(f"/sessions/{accepted['session_id']}/instruct", json={"instruction": "add a dog"})
+    assert busy.status_code == 409 and "still queued" in busy.json()["detail"]
+    client.post(f"/jobs/{accepted['job_id']}/cancel")
+    nothing = client.post(f"/sessions/{accepted['session_id']}/instruct", json={"instruction": "add a dog"})
+    assert nothing.status_code == 409 and "no succeeded turn" in nothing.json()["detail"]
+    empty = client.post(f"/sessions/{accepted['session_id']}/instruct", json={"instruction": " "})
+    assert _fields(empty) == ["instruction"]
+
+
+def test_health_readiness_and_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["redis"] == "ok" and ready["queues_without_workers"] == ["plan", "render"]
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/generate", "/jobs/{job_id}", "/jobs/{job_id}/image", "/jobs/{job_id}/overlay",
+                 "/jobs/{job_id}/cancel", "/jobs/{job_id}/events", "/sessions/{session_id}",
+                 "/sessions/{session_id}/instruct", "/healthz", "/readyz"):
+        assert path in paths
+    assert client.get("/docs").status_code == 200
+
+
+def test_records_expire_after_the_retention(client, private_redis):
+    accepted = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()
+    raw = redis.Redis(port=private_redis.port)
+    retention = client.app.state.settings.retention_s
+    for key in (f"lmd:job:{accepted['job_id']}", f"lmd:session:{accepted['session_id']}"):
+        assert 0 < raw.ttl(key) <= retention
+
+
+def test_generate_enqueues_plan_then_render_and_a_layout_render_only(client, private_redis):
+    raw = redis.Redis(port=private_redis.port)
+    before = raw.llen("plan"), raw.llen("render")
+    client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64})
+    client.post("/generate", json={"layout": LAYOUT, "width": 64, "height": 64})
+    assert (raw.llen("plan"), raw.llen("render")) == (before[0] + 1, before[1] + 1)
+
+
+@pytest.fixture(scope="module")
+def keyed_client(private_redis, tmp_path_factory):
+    settings = service_settings(private_redis.url, tmp_path_factory.mktemp("data"), api_keys=["key-a", "key-b"])
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def test_api_keys_401_without_a_valid_key(keyed_client):
+    body = {"prompt": "a cat", "width": 64, "height": 64}
+    missing = keyed_client.post("/generate", json=body)
+    assert missing.status_code == 401 and "missing API key" in missing.json()["detail"]
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = keyed_client.post("/generate", json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["detail"] == "invalid API key"
+    assert keyed_client.get("/healthz").status_code == 200
+
+
+def test_a_key_sees_only_its_own_jobs_and_sessions(keyed_client):
+    a = {"Authorization": "Bearer key-a"}
+    b = {"X-API-Key": "key-b"}
+    accepted = keyed_client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}, headers=a).json()
+    assert keyed_client.get(f"/jobs/{accepted['job_id']}", headers=a).status_code == 200
+    assert keyed_client.get(f"/jobs/{accepted['job_id']}", headers=b).status_code == 404
+    assert keyed_client.get(f"/sessions/{accepted['session_id']}", headers=b).status_code == 404
+    assert keyed_client.post(f"/jobs/{accepted['job_id']}/cancel", headers=b).status_code == 404
+    joined = keyed_client.post("/generate", json={"prompt": "a dog", "session_id": accepted["session_id"],
+                                                  "width": 64, "height": 64}, headers=b)
+    assert joined.status_code == 404
+    # The same Idempotency-Key under two keys are two jobs.
+    body = {"prompt": "a bird", "width": 64, "height": 64}
+    one = keyed_client.post("/generate", json=body, headers={**a, "Idempotency-Key": "k"}).json()
+    two = keyed_client.post("/generate", json=body, headers={**b, "Idempotency-Key": "k"}).json()
+    assert one["job_id"] != two["job_id"]
