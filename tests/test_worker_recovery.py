@@ -1,0 +1,150 @@
+"""Claims, heartbeats and the reaper on a real Redis: how a job survives (or reports) a dead worker.
+
+The worker processes themselves are exercised in test_service_*.py; here the same store and
+maintenance code run in-process so each rule is checked on its own.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from api.store import JobRecord, SessionRecord, Store, connect, new_id, utcnow
+from worker.celery_app import create_celery, enqueue
+from worker.runtime import Heartbeat, Maintenance
+from tests.support.service import service_settings
+
+LAYOUT = {"objects": [{"id": "cat", "phrase": "a cat", "box": [0.1, 0.1, 0.6, 0.6]}], "background": "a room"}
+
+
+@pytest.fixture(scope="module")
+def settings(private_redis, tmp_path_factory):
+    return service_settings(private_redis.url, tmp_path_factory.mktemp("data"), max_redeliveries=1,
+                            worker_lost_after_s=2.0, heartbeat_s=0.2)
+
+
+@pytest.fixture(scope="module")
+def store(settings):
+    return Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+
+
+@pytest.fixture
+def maintenance(settings):
+    app = create_celery(settings)
+    return Maintenance(settings, "test-maintenance", ["plan"], requeue=lambda job_id, stage: enqueue(app, job_id, stage))
+
+
+def _new_job(store: Store, layout: dict | None = LAYOUT) -> str:
+    now = utcnow()
+    session = SessionRecord(session_id=new_id(), seed=1, created_at=now, updated_at=now)
+    job = JobRecord(job_id=new_id(), session_id=session.session_id, prompt="a cat", seed=1,
+                    layout=layout, layout_given=layout is not None, created_at=now, updated_at=now)
+    store.create_job(job, session)
+    return job.job_id
+
+
+def _age_heartbeat(store: Store, job_id: str, seconds: float) -> None:
+    store.update_job(job_id, lambda j: j.model_copy(update={"heartbeat_at": time.time() - seconds}))
+
+
+def test_a_live_worker_keeps_its_job_and_a_duplicate_delivery_is_skipped(store, settings):
+    job_id = _new_job(store)
+    first = store.claim(job_id, "render", "host-a:1", 2, settings.worker_lost_after_s)
+    assert first is not None and first.state == "rendering" and first.deliveries == 1
+    assert store.claim(job_id, "render", "host-b:2", 2, settings.worker_lost_after_s) is None
+    assert store.claim(job_id, "plan", "host-b:2", 2, settings.worker_lost_after_s) is None  # wrong stage
+
+
+def test_the_reaper_requeues_a_job_whose_heartbeat_stopped(store, settings, maintenance, private_redis):
+    job_id = _new_job(store)
+    store.claim(job_id, "render", "host-a:1", 2, settings.worker_lost_after_s)
+    assert maintenance.sweep() == []  # still fresh
+    _age_heartbeat(store, job_id, 10)
+    queued = redis.Redis(port=private_redis.port).llen("render")
+    assert (job_id, "render") in maintenance.sweep()
+    assert redis.Redis(port=private_redis.port).llen("render") == queued + 1
+    released = store.get_job(job_id)
+    assert released.state == "rendering" and released.worker is None and released.progress.stage == "requeued"
+    again = store.claim(job_id, "render", "host-b:2", 2, settings.worker_lost_after_s)
+    assert again is not None and again.deliveries == 2
+
+
+def test_a_job_that_keeps_losing_its_worker_ends_worker_lost(store, settings, maintenance):
+    job_id = _new_job(store)
+    for worker in ("host-a:1", "host-b:2"):  # max_redeliveries=1: two deliveries in all
+        assert store.claim(job_id, "render", worker, 2, settings.worker_lost_after_s) is not None
+        _age_heartbeat(store, job_id, 10)
+        maintenance.sweep()
+    job = store.get_job(job_id)
+    assert job.state == "failed" and job.error.code == "worker_lost"
+    assert "died 2 time(s)" in job.error.message
+    assert store.claim(job_id, "render", "host-c:3", 2, settings.worker_lost_after_s) is None
+    assert job_id not in store.redis.smembers(store.active_key)
+
+
+def test_a_redelivery_over_the_bound_fails_at_claim(store, settings):
+    job_id = _new_job(store)
+    store.claim(job_id, "render", "host-a:1", 1, settings.worker_lost_after_s)
+    _age_heartbeat(store, job_id, 10)
+    assert store.claim(job_id, "render", "host-b:2", 1, settings.worker_lost_after_s) is None
+    assert store.get_job(job_id).error.code == "worker_lost"
+
+
+def test_a_dead_process_on_this_host_is_stale_at_once(store, settings):
+    """A killed pool child: the next child on the same host takes the job without waiting for the heartbeat."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    job_id = _new_job(store)
+    store.claim(job_id, "render", f"{socket.gethostname()}:{child.pid}", 3, settings.worker_lost_after_s)
+    taken = store.claim(job_id, "render", "host-b:2", 3, settings.worker_lost_after_s)
+    assert taken is not None and taken.deliveries == 2
+
+
+def test_heartbeat_refreshes_and_notices_a_lost_job(store, settings):
+    job_id = _new_job(store)
+    store.claim(job_id, "render", "host-a:1", 3, settings.worker_lost_after_s)
+    _age_heartbeat(store, job_id, 1)
+    old = store.get_job(job_id).heartbeat_at
+    with Heartbeat(store, job_id, "host-a:1", interval_s=0.05) as beat:
+        deadline = time.monotonic() + 10
+        while store.get_job(job_id).heartbeat_at == old and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.get_job(job_id).heartbeat_at > old and not beat.lost
+        store.update_job(job_id, lambda j: j.model_copy(update={"worker": "host-b:2"}))  # reaped and retaken
+        while not beat.lost and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert beat.lost
+    assert store.get_job(job_id).worker == "host-b:2"  # the old owner wrote nothing more
+
+
+def test_cancel_of_a_running_job_raises_the_flag_and_only_its_worker_ends_it(store, settings):
+    job_id = _new_job(store)
+    store.claim(job_id, "render", "host-a:1", 3, settings.worker_lost_after_s)
+    job = store.request_cancel(job_id)
+    assert job.state == "rendering" and job.cancel_requested and store.cancel_requested(job_id)
+    assert store.finish(job_id, "host-b:2", "canceled", "canceled", "x").state == "rendering"
+    ended = store.finish(job_id, "host-a:1", "canceled", "canceled", "canceled while rendering")
+    assert ended.state == "canceled" and not store.cancel_requested(job_id)
+
+
+def test_a_queued_job_canceled_before_it_starts_is_never_claimed(store, settings):
+    job_id = _new_job(store, layout=None)
+    assert store.request_cancel(job_id).state == "canceled"
+    assert store.claim(job_id, "plan", "host-a:1", 3, settings.worker_lost_after_s) is None
+    assert store.get_job(job_id).state == "canceled"
+
+
+def test_maintenance_registers_the_worker(settings, store, maintenance):
+    maintenance.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not store.workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [w["name"] for w in store.workers()] == ["test-maintenance"]
+    finally:
+        maintenance.stop()
