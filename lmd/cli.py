@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "lmd.commands.plan",
     "lmd.commands.service",
+    "lmd.commands.evaluate",
 )
 
 
