@@ -20,8 +20,8 @@ _UNCHANGED_ENDINGS = ("ss", "us", "is")
 # Words after which a noun phrase's modifiers begin ("a dog with a red collar" -> head "dog").
 _PHRASE_BREAKS = {
     "with", "on", "in", "of", "at", "near", "next", "beside", "behind", "under", "over", "above", "below",
-    "holding", "wearing", "carrying", "sitting", "standing", "lying", "and", "or", "to", "from", "by", "that",
-    "which", "who", "for", "against", "inside", "outside", "between",
+    "holding", "wearing", "carrying", "sitting", "standing", "lying", "parked", "placed", "made", "filled",
+    "covered", "to", "from", "by", "that", "which", "who", "for", "against", "inside", "outside", "between",
 }  # fmt: skip
 
 COLOURS = (
