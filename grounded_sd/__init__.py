@@ -1,0 +1,36 @@
+"""Stage 2: the layout-grounded controller over a frozen Stable Diffusion (METHOD.md §2).
+
+Heavy imports (torch, diffusers) happen on first use of a name, so ``import grounded_sd``
+stays cheap for callers that only need, say, the options.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "LMDPipeline": "grounded_sd.pipeline",
+    "ModelLoadError": "grounded_sd.pipeline",
+    "LMDOptions": "grounded_sd.options",
+    "GenerationResult": "grounded_sd.report",
+    "GenerationReport": "grounded_sd.report",
+    "GenerationCanceled": "grounded_sd.errors",
+    "InvalidLayoutError": "grounded_sd.errors",
+    "VariantUnavailable": "grounded_sd.errors",
+    "GroundedSDError": "grounded_sd.errors",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, VariantUnavailable
+    from grounded_sd.options import LMDOptions
+    from grounded_sd.pipeline import LMDPipeline, ModelLoadError
+    from grounded_sd.report import GenerationReport, GenerationResult
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'grounded_sd' has no attribute {name!r}")

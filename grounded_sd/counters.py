@@ -1,0 +1,66 @@
+"""The one place UNet work is counted: every forward and every backward, with batch sizes.
+
+The report and the benchmark read the same numbers. "samples" is the sum of batch sizes,
+the honest unit of UNet work when batches differ.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from pydantic import BaseModel, Field
+
+
+class UNetCalls(BaseModel):
+    forward: int = 0
+    backward: int = 0
+    forward_samples: int = Field(0, description="sum of the batch sizes of the forwards")
+    backward_samples: int = Field(0, description="sum of the batch sizes of the backwards")
+    forward_batch_sizes: dict[int, int] = Field(default_factory=dict, description="batch size -> number of forwards")
+    backward_batch_sizes: dict[int, int] = Field(default_factory=dict, description="batch size -> number of backwards")
+
+    def __add__(self, other: "UNetCalls") -> "UNetCalls":
+        return UNetCalls(
+            forward=self.forward + other.forward,
+            backward=self.backward + other.backward,
+            forward_samples=self.forward_samples + other.forward_samples,
+            backward_samples=self.backward_samples + other.backward_samples,
+            forward_batch_sizes=dict(Counter(self.forward_batch_sizes) + Counter(other.forward_batch_sizes)),
+            backward_batch_sizes=dict(Counter(self.backward_batch_sizes) + Counter(other.backward_batch_sizes)),
+        )
+
+
+class UNetCounter:
+    """Wraps UNet calls and latent gradients; counts them under the current stage name."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+        self.stage = "setup"
+        self.by_stage: dict[str, UNetCalls] = {}
+
+    def _calls(self) -> UNetCalls:
+        return self.by_stage.setdefault(self.stage, UNetCalls())
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+        calls = self._calls()
+        batch = sample.shape[0]
+        calls.forward += 1
+        calls.forward_samples += batch
+        calls.forward_batch_sizes[batch] = calls.forward_batch_sizes.get(batch, 0) + 1
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
+        )[0]
+
+    def grad(self, loss: torch.Tensor, latents: torch.Tensor, *, batch: int) -> torch.Tensor:
+        calls = self._calls()
+        calls.backward += 1
+        calls.backward_samples += batch
+        calls.backward_batch_sizes[batch] = calls.backward_batch_sizes.get(batch, 0) + 1
+        return torch.autograd.grad(loss, [latents])[0]
+
+    def total(self) -> UNetCalls:
+        total = UNetCalls()
+        for calls in self.by_stage.values():
+            total = total + calls
+        return total

@@ -1,0 +1,17 @@
+"""Typed errors of the controller: callers map them to exit codes and HTTP statuses."""
+
+
+class GroundedSDError(Exception):
+    """Base class of the controller's errors."""
+
+
+class InvalidLayoutError(GroundedSDError, ValueError):
+    """The layout or the requested size cannot be rendered; the message names the problem."""
+
+
+class VariantUnavailable(GroundedSDError):
+    """The requested variant needs something the loaded model lacks (lmd_plus needs a GLIGEN UNet)."""
+
+
+class GenerationCanceled(GroundedSDError):
+    """``should_cancel()`` returned True; raised within one denoising step or guidance iteration."""

@@ -1,0 +1,153 @@
+"""The cross-attention energy (METHOD.md §2.1), attention transfer (§2.6) and backward
+guidance (§2.2): move the latent down the energy's gradient before a denoising step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from grounded_sd.attention import box_mask, map_shape
+from grounded_sd.counters import UNetCounter
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class EnergyTarget:
+    """One object's term of the energy: its phrase's token positions, its own box, and the boxes
+    its attention should stay inside (its own united with those of objects of the same phrase)."""
+
+    object_id: str
+    token_indices: tuple[int, ...]
+    box: Box
+    boxes: tuple[Box, ...]
+
+
+def union_mask(boxes: tuple[Box, ...], h: int, w: int, device) -> torch.Tensor:
+    mask = torch.zeros(h, w, device=device)
+    for box in boxes:
+        mask = torch.maximum(mask, box_mask(box, h, w, device))
+    return mask
+
+
+def _topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the ``k`` largest values along the last axis."""
+    return values.topk(k, dim=-1).values.mean(dim=-1)
+
+
+def object_energy(probs: torch.Tensor, target: EnergyTarget, latent_hw: tuple[int, int], topk_fraction: float, background_weight: float) -> torch.Tensor:
+    """§2.1 for one object at one layer. ``probs``: ``(heads, h*w, tokens)`` of one sample.
+
+    Per head and token: ``(1 - mean(topk(A*b))) + w * mean(topk(A*(1-b)))`` with
+    ``k = topk_fraction * |b|`` (resp. ``|1-b|``); mean over the phrase's tokens, sum over heads.
+    """
+    if not target.token_indices:
+        return probs.new_zeros(())
+    h, w = map_shape(probs.shape[-2], latent_hw)
+    inside = union_mask(target.boxes, h, w, probs.device).flatten()
+    outside = 1.0 - inside
+    attn = probs[:, :, list(target.token_indices)].transpose(1, 2)  # heads, tokens, h*w
+    k_in = max(1, round(topk_fraction * float(inside.sum())))
+    energy = 1.0 - _topk_mean(attn * inside, k_in)
+    n_out = float(outside.sum())
+    if n_out >= 1:
+        k_out = max(1, round(topk_fraction * n_out))
+        energy = energy + background_weight * _topk_mean(attn * outside, k_out)
+    return energy.mean(dim=1).sum(dim=0)
+
+
+def _normalised_in_box(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    masked = maps * mask
+    return masked / masked.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def transfer_loss(probs: torch.Tensor, target: EnergyTarget, reference: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """§2.6 attention transfer for one object at one layer: L1 between this pass's and the per-box
+    pass's attention of the object's tokens, both masked to the object's box and normalised to
+    sum 1 per head; summed over heads like the energy. ``reference``: ``(heads, h*w)``."""
+    if not target.token_indices:
+        return probs.new_zeros(())
+    h, w = map_shape(probs.shape[-2], latent_hw)
+    mask = box_mask(target.box, h, w, probs.device).flatten()
+    current = probs[:, :, list(target.token_indices)].mean(dim=-1)  # heads, h*w
+    diff = _normalised_in_box(current, mask) - _normalised_in_box(reference.to(current), mask)
+    return diff.abs().sum(dim=-1).sum(dim=0)
+
+
+@dataclass
+class GuidanceTrace:
+    """Energies of one pass, per object: at the first guided step before and after its updates
+    (same latent, same timestep: the direct effect of guidance), and after the last guided step."""
+
+    first: dict[str, float] = field(default_factory=dict)
+    after_first_step: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    iterations: int = 0
+
+    def record(self, per_object: dict[str, float]) -> None:
+        for key, value in per_object.items():
+            self.first.setdefault(key, value)
+
+
+LossFn = Callable[[dict[str, torch.Tensor], list[int]], tuple[torch.Tensor, list[dict[str, float]]]]
+"""(maps of the rows, row indices) -> (loss per row, per-object energies per row)."""
+
+
+def guidance_step_size(scheduler, timestep: torch.Tensor, step_index: int) -> float:
+    """The latent's step per unit gradient (§2.2): ``sqrt(1 - alpha_bar_t)`` for DDIM-like
+    schedulers, ``sigma_t^2`` for sigma-parameterised ones (Euler, LMS, Heun...)."""
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 and getattr(scheduler, "sigmas", None) is not None:
+        return float(scheduler.sigmas[step_index]) ** 2
+    alpha_bar = scheduler.alphas_cumprod[int(timestep)]
+    return float((1.0 - alpha_bar) ** 0.5)
+
+
+def guide_latents(
+    latents: torch.Tensor,
+    *,
+    iterations: int,
+    step_size: float,
+    scale: float,
+    threshold: float,
+    forward: Callable[[torch.Tensor, list[int]], dict[str, torch.Tensor]],
+    loss_fn: LossFn,
+    counter: UNetCounter,
+    max_batch: int | None,
+    trace: GuidanceTrace | None = None,
+    check_cancel: Callable[[], None] = lambda: None,
+) -> torch.Tensor:
+    """Up to ``iterations`` rounds of ``z -= scale * step_size * dE/dz`` per row (§2.2).
+
+    A row leaves once its energy is below ``threshold``; the remaining rows run as one batch
+    (chunked by ``max_batch``). Gradients are taken w.r.t. the latent only.
+    """
+    latents = latents.detach().clone()
+    active = list(range(latents.shape[0]))
+    for _ in range(iterations):
+        check_cancel()
+        if not active:
+            break
+        still_active: list[int] = []
+        chunk = max_batch or len(active)
+        for start in range(0, len(active), chunk):
+            rows = active[start : start + chunk]
+            z = latents[rows].requires_grad_(True)
+            with torch.enable_grad():
+                maps = forward(z, rows)
+                loss, per_object = loss_fn(maps, rows)
+                above = [i for i, value in enumerate(loss.detach().tolist()) if value >= threshold]
+                objective = loss[above].sum() * scale
+            if trace is not None:
+                for energies in per_object:
+                    trace.record(energies)
+            if not above:
+                continue
+            grad = counter.grad(objective, z, batch=len(rows))
+            latents[rows] = (z - step_size * grad).detach()
+            still_active += [rows[i] for i in above]
+        if trace is not None:
+            trace.iterations += 1
+        active = still_active
+    return latents

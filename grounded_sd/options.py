@@ -1,0 +1,137 @@
+"""Every knob of the layout-grounded controller, with the reference defaults (METHOD.md §2).
+
+Step counts that the reference states "of 50" (guidance steps, the iteration schedule, the
+first step of mask aggregation) are kept on that 50-step scale here and scaled to the actual
+step count by :meth:`LMDOptions.scaled`, so that ``steps=20`` keeps the same shape of schedule.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from grounded_sd.masks import MaskOptions
+
+REFERENCE_STEPS = 50
+"""The step count the reference's step-indexed defaults are written for."""
+
+DEFAULT_NEGATIVE = "low quality, blurry, deformed, disfigured, bad anatomy, watermark, text"
+SINGLE_OBJECT_NEGATIVE_WORDS = "duplicate, two, many, group, occlusion, occluded, side, border, collate"
+
+
+class LMDOptions(BaseModel):
+    """Options of one generation; ``LMDOptions.reference()`` equals the defaults below."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- denoising (§2) ------------------------------------------------------------------
+    steps: int = Field(50, ge=1, le=1000, description="denoising steps of every pass")
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
+    default_negative: str = Field(DEFAULT_NEGATIVE, description="appended to every negative prompt (§2.6)")
+
+    # --- backward guidance (§2.1, §2.2), on the 50-step scale ------------------------------
+    guidance_steps: int = Field(30, ge=0, le=REFERENCE_STEPS, description="guided steps, of 50 (ref 30)")
+    iteration_schedule: list[tuple[int, int]] = Field(
+        default_factory=lambda: [(5, 4), (10, 3), (20, 2), (30, 1)],
+        description="(until step, of 50; iterations per step) in order: ref 4 for 0-4, 3 for 5-9, 2 for 10-19, 1 for 20-29",
+    )
+    loss_scale: float = Field(5.0, ge=0.0, description="z -= scale * sqrt(1 - alpha_bar_t) * dE/dz (ref 5)")
+    loss_threshold: float = Field(5.0, ge=0.0, description="stop a step's iterations once E < threshold (ref 5.0)")
+    topk_fraction: float = Field(0.2, gt=0.0, le=1.0, description="k = fraction of the mask's pixels (ref 0.2)")
+    background_weight: float = Field(4.0, ge=0.0, description="w: weight of attention outside the box (ref 4)")
+    transfer_weight: float = Field(2.0, ge=0.0, description="attention transfer from the per-box pass (§2.6, ref 2.0)")
+    attention_layers: list[str] | None = Field(
+        None,
+        description=(
+            "cross-attention modules read by guidance and masks (diffusers module names, e.g. "
+            "'mid_block.attentions.0.transformer_blocks.0.attn2'); None: the mid block's and the first "
+            "up block-with-attention's cross-attentions, which is the reference's choice on SD 1.x/2.x"
+        ),
+    )
+
+    # --- per-box pass (§2.3) ----------------------------------------------------------------
+    box_noise_ratio: float = Field(0.1, ge=0.0, le=1.0, description="r: inside the box sqrt(1-r)*bg + sqrt(r)*fg (LMD ref 0.01)")
+    single_object_negative: str = Field(SINGLE_OBJECT_NEGATIVE_WORDS, description="added to the per-box negative prompt")
+    per_box_full_pass: bool = Field(
+        True,
+        description=(
+            "run the per-box pass to the last step and segment the final per-box image (reference); False: "
+            "stop once composition, masks and attention transfer have what they use, and segment the "
+            "decoded x0-prediction of that step"
+        ),
+    )
+    max_batch: int | None = Field(None, ge=1, description="most samples per UNet call; None: all objects x CFG in one call")
+
+    # --- masks (§2.4) ------------------------------------------------------------------------
+    mask_from_step: int = Field(10, ge=0, le=REFERENCE_STEPS, description="aggregate attention from this step on, of 50 (ref 10)")
+    masks: MaskOptions = Field(default_factory=MaskOptions, description="SAM refinement and fallbacks (grounded_sd.masks)")
+
+    # --- composition and the final pass (§2.5, §2.6) ----------------------------------------
+    frozen_ratio: float = Field(0.5, ge=0.0, le=1.0, description="fraction of steps whose foreground is the composed latent (ref 0.5)")
+
+    # --- LMD+ (§2.8) ------------------------------------------------------------------------
+    gligen_ratio: float = Field(0.4, ge=0.0, le=1.0, description="fraction of steps with GLIGEN adapters on (lmd_plus)")
+
+    # --- limits ------------------------------------------------------------------------------
+    max_objects: int = Field(30, ge=1, le=30, description="more objects than this is an InvalidLayoutError")
+
+    @field_validator("iteration_schedule")
+    @classmethod
+    def _check_schedule(cls, schedule: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        ends = [end for end, _ in schedule]
+        if ends != sorted(ends) or any(n < 0 for _, n in schedule):
+            raise ValueError("iteration_schedule must be (until_step, iterations) pairs with increasing steps")
+        return schedule
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> "LMDOptions":
+        if self.attention_layers is not None and not self.attention_layers:
+            raise ValueError("attention_layers must name at least one layer, or be None for the default")
+        return self
+
+    # --- presets -------------------------------------------------------------------------------
+    @classmethod
+    def reference(cls, **overrides) -> "LMDOptions":
+        """METHOD.md's reference defaults (the published implementation's numbers)."""
+        return cls(**overrides)
+
+    @classmethod
+    def fast(cls, **overrides) -> "LMDOptions":
+        """Same method, about half the UNet work: see docs/controller.md for the trade-off.
+
+        The per-box pass stops at the frozen point (later per-box latents are never composed) and
+        masks come from the decoded x0-prediction there; guidance covers the first 15 of 50 steps
+        with at most 2 iterations per step (ref: 30 steps, 65 iterations).
+        """
+        values = dict(
+            guidance_steps=15,
+            iteration_schedule=[(5, 2), (15, 1)],
+            per_box_full_pass=False,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    # --- the schedule at the actual step count -----------------------------------------------
+    def scaled(self, reference_step: int) -> int:
+        """A step index given on the 50-step scale, at ``self.steps`` steps."""
+        return round(reference_step * self.steps / REFERENCE_STEPS)
+
+    def guided_steps(self) -> int:
+        return min(self.steps, self.scaled(self.guidance_steps))
+
+    def iterations_at(self, step: int) -> int:
+        """Guidance iterations at denoising step ``step`` (0 when the step is not guided)."""
+        if step >= self.guided_steps():
+            return 0
+        for until, iterations in self.iteration_schedule:
+            if step < self.scaled(until):
+                return iterations
+        return 0
+
+    def frozen_steps(self) -> int:
+        return min(self.steps, round(self.frozen_ratio * self.steps))
+
+    def gligen_steps(self) -> int:
+        return min(self.steps, round(self.gligen_ratio * self.steps))
+
+    def mask_first_step(self) -> int:
+        return min(self.steps - 1, self.scaled(self.mask_from_step))

@@ -1,0 +1,109 @@
+"""What a generation returns: the images, the masks, and a typed report of what happened."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from grounded_sd.counters import UNetCalls
+from layout_planner.layout import Layout
+
+
+class PassEnergy(BaseModel):
+    """Energy (§2.1) of one object in one pass (None where the pass had no guidance).
+
+    ``start`` and ``after_first_step`` are measured on the same timestep, before and after the
+    first guided step's updates: the direct effect of guidance. ``end`` is after the last guided
+    step (a later timestep)."""
+
+    start: float | None = None
+    after_first_step: float | None = None
+    end: float | None = None
+    iterations: int = Field(0, description="guidance iterations run in this pass (all objects together)")
+
+
+class ObjectReport(BaseModel):
+    id: str
+    phrase: str
+    box: tuple[float, float, float, float]
+    token_count: int = Field(0, description="tokens of the phrase that guidance reads (0: truncated away)")
+    mask_source: str | None = Field(None, description="sam | attention | box; None without a per-box pass")
+    mask_detail: str = ""
+    mask_area: float | None = Field(None, description="fraction of the image covered by the mask")
+    mask_box_iou: float | None = Field(None, description="IoU of the mask and the object's box")
+    per_box_energy: PassEnergy = Field(default_factory=PassEnergy)
+    final_energy: PassEnergy = Field(default_factory=PassEnergy)
+
+
+class StageReport(BaseModel):
+    name: str
+    wall_s: float
+    steps: int
+    unet: UNetCalls
+
+
+class GenerationReport(BaseModel):
+    variant: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    per_box_steps: int = Field(0, description="steps run by the per-box pass (fewer than steps with per_box_full_pass off)")
+    prompt: str
+    negative_prompt: str
+    per_box_prompts: dict[str, str] = Field(default_factory=dict)
+    attention_layers: list[str] = Field(default_factory=list)
+    objects: list[ObjectReport] = Field(default_factory=list)
+    stages: list[StageReport] = Field(default_factory=list)
+    unet_total: UNetCalls = Field(default_factory=UNetCalls)
+    wall_s: float = 0.0
+    device: str = ""
+    dtype: str = ""
+    notes: list[str] = Field(default_factory=list)
+    options: dict = Field(default_factory=dict)
+
+
+@dataclass
+class Intermediates:
+    """Tensors kept for inspection and tests (CPU, float32).
+
+    ``per_box_latents`` (per_box_steps+1, N, C, h, w) in ``object_ids`` order;
+    ``composed`` (frozen_steps+1, 1, C, h, w) and ``owner`` (h, w) from composition;
+    ``final_latents`` (steps+1, 1, C, h, w); ``attention`` object id -> aggregated (h, w) map.
+    """
+
+    object_ids: list[str] = field(default_factory=list)
+    per_box_latents: torch.Tensor | None = None
+    per_box_images: dict[str, Image.Image] = field(default_factory=dict)
+    attention: dict[str, torch.Tensor] = field(default_factory=dict)
+    latent_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    composed: torch.Tensor | None = None
+    owner: torch.Tensor | None = None
+    final_latents: torch.Tensor | None = None
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    overlay: Image.Image
+    masks: dict[str, Image.Image]
+    layout: Layout
+    report: GenerationReport
+    intermediates: Intermediates = field(default_factory=Intermediates)
+
+    def save(self, out_dir: Path | str) -> Path:
+        """Write image.png, overlay.png, masks/<id>.png, layout.json and report.json."""
+        out = Path(out_dir)
+        (out / "masks").mkdir(parents=True, exist_ok=True)
+        self.image.save(out / "image.png")
+        self.overlay.save(out / "overlay.png")
+        for object_id, mask in self.masks.items():
+            mask.save(out / "masks" / f"{object_id}.png")
+        (out / "layout.json").write_text(self.layout.model_dump_json(indent=2))
+        (out / "report.json").write_text(json.dumps(self.report.model_dump(mode="json"), indent=2))
+        return out
