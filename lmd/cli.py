@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "lmd.commands.plan",
     "lmd.commands.service",
     "lmd.commands.evaluate",
+    "lmd.commands.generate",
 )
 
 

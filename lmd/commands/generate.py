@@ -1,0 +1,191 @@
+"""``lmd generate``: prompt -> layout (stage 1) -> image (stage 2) in one process, no Redis.
+
+``lmd generate "PROMPT" --out DIR`` plans with the configured LLM, then renders;
+``lmd generate --layout layout.json --out DIR`` renders a given layout. DIR receives
+image.png, overlay.png, masks/<id>.png, layout.json and report.json. Defaults come from
+``lmd.settings.Settings`` (LMD_SD_MODEL, LMD_SAM_CHECKPOINT, LMD_DEVICE...). torch is imported
+only when this command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from lmd.cli import CLIError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="render a prompt or a layout with layout-grounded diffusion",
+        description=(
+            "Plan a layout for PROMPT with the LLM (or read one with --layout), render it with the "
+            "layout-grounded controller, and write image.png, overlay.png, masks/, layout.json and "
+            "report.json to --out."
+        ),
+    )
+    parser.add_argument("prompt", nargs="?", help="the image prompt (omit with --layout)")
+    parser.add_argument("--layout", type=Path, metavar="JSON", help="render this layout (skips the LLM)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created)")
+    parser.add_argument("--seed", type=int, help="job seed (default: random, printed and kept in report.json)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's, 50)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--variant", choices=("lmd", "sd", "lmd_plus"), default="lmd", help="lmd (default), sd (baseline), lmd_plus (GLIGEN UNets)")
+    parser.add_argument("--preset", choices=("reference", "fast"), default="reference", help="option preset (default reference)")
+    parser.add_argument("--negative", metavar="TEXT", help="extra negative prompt, added to the layout's")
+    parser.add_argument("--model", help="hub id or local diffusers directory (default LMD_SD_MODEL)")
+    parser.add_argument("--scheduler", help="diffusers scheduler class (default LMD_SCHEDULER, DDIMScheduler)")
+    parser.add_argument("--sam-checkpoint", type=Path, help="segment-anything checkpoint (default LMD_SAM_CHECKPOINT; unset: attention masks)")
+    parser.add_argument("--sam-model-type", choices=("vit_h", "vit_l", "vit_b"), help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_h)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE, auto)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), help="default LMD_DTYPE, auto: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")
+    parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default 512)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=run_generate)
+
+
+def _settings():
+    from lmd.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CLIError(f"invalid settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _read_layout(path: Path):
+    from layout_planner.layout import Layout
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    try:
+        return Layout.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "layout"
+        raise CLIError(f"{path}: {where}: {first['msg']}") from None
+
+
+def _plan(prompt: str, settings):
+    from layout_planner import Planner, PlannerError
+    from lmd.commands.plan import llm_config_from_settings
+
+    planner = Planner(llm_config_from_settings(settings))
+    try:
+        return planner.plan(prompt)
+    except PlannerError as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        planner.close()
+
+
+class _StageBars:
+    """One tqdm bar per stage, fed by the pipeline's progress callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.stage, self.bar = enabled, None, None
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=True)
+        self.bar.n = step
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if bool(args.prompt) == bool(args.layout):
+        raise CLIError("give either a PROMPT or --layout JSON (not both)")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value <= 0 or value % 8:
+            raise CLIError(f"--{name} must be a positive multiple of 8, got {value}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    settings = _settings()
+    model = args.model or settings.sd_model
+    sam_checkpoint = args.sam_checkpoint or settings.sam_checkpoint
+    if sam_checkpoint is not None and not Path(sam_checkpoint).is_file():
+        raise CLIError(f"SAM checkpoint not found: {sam_checkpoint}")
+    if (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()) and not Path(model).expanduser().is_dir():
+        raise CLIError(f"model directory not found: {model}")
+
+    layout = _read_layout(args.layout) if args.layout else _plan(args.prompt, settings)
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+
+    import torch
+
+    from grounded_sd import GenerationCanceled, GroundedSDError, LMDOptions, LMDPipeline
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
+    try:
+        options = getattr(LMDOptions, args.preset)(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CLIError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    try:
+        pipe = LMDPipeline.from_pretrained(
+            model,
+            device=args.device or settings.device,
+            dtype=args.dtype or settings.dtype,
+            scheduler=args.scheduler or settings.scheduler,
+            sam_checkpoint=sam_checkpoint,
+            sam_model_type=args.sam_model_type or settings.sam_model_type,
+        )
+    except (GroundedSDError, RuntimeError) as exc:
+        raise CLIError(str(exc).splitlines()[0]) from None
+
+    bars = _StageBars(enabled=not args.quiet)
+    try:
+        result = pipe(
+            layout, seed=seed, options=options, variant=args.variant, width=args.width, height=args.height,
+            negative_prompt=args.negative, progress=bars,
+        )
+    except GenerationCanceled:
+        raise CLIError("canceled") from None
+    except GroundedSDError as exc:
+        raise CLIError(str(exc)) from None
+    finally:
+        bars.close()
+    try:
+        out = result.save(args.out)
+    except OSError as exc:
+        raise CLIError(f"cannot write to {args.out}: {exc}") from None
+
+    report = result.report
+    print(f"wrote {out}/image.png, overlay.png, masks/ ({len(result.masks)}), layout.json, report.json")
+    print(f"seed {seed}, variant {report.variant}, {report.steps} steps, {report.wall_s:.1f} s on {report.device} ({report.dtype})")
+    for obj in report.objects:
+        energy = obj.per_box_energy
+        line = f"  {obj.id}: {obj.phrase!r} mask {obj.mask_source or '-'}"
+        if energy.start is not None and energy.after_first_step is not None:
+            line += f", per-box energy {energy.start:.2f} -> {energy.after_first_step:.2f} (first guided step)"
+        print(line)
+    for note in report.notes:
+        print(f"  note: {note}")
+    return 0
