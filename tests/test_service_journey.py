@@ -1,0 +1,203 @@
+"""The whole service as a client sees it: real Celery worker processes, the tiny local model, the fake LLM.
+
+One stack per module (a private Redis, a plan worker, a render worker, the API in-process):
+generate -> poll -> image and overlay -> instruct -> session with two turns; progress seen
+to advance and a running job canceled; a planner failure with its code; and last, a render
+worker SIGKILLed mid-job whose job is re-enqueued by the reaper and finished by a new worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api.main import create_app
+from tests.support.fake_llm import FakeLLM
+from tests.support.service import WorkerProcess, service_settings, settings_env, wait_for_job
+from tests.support.tiny_sd import tiny_sd_path  # noqa: F401  (the session fixture)
+
+pytestmark = pytest.mark.slow
+
+FIRST = {
+    "objects": [
+        {"id": "cat", "phrase": "a cat", "box": [40, 200, 200, 200]},
+        {"id": "dog", "phrase": "a dog", "box": [300, 180, 180, 240]},
+    ],
+    "background": "a realistic living room",
+    "negative": "",
+}
+REVISED = {
+    "objects": [
+        {"id": "cat", "phrase": "a cat", "box": [40, 200, 200, 200]},
+        {"id": "dog", "phrase": "a dog", "box": [300, 20, 180, 200]},
+    ],
+    "background": "a realistic living room",
+    "negative": "",
+}
+GIVEN_LAYOUT = {"objects": [{"id": "ball", "phrase": "a red ball", "box": [0.2, 0.2, 0.7, 0.7]}], "background": "a park"}
+
+
+class Stack:
+    def __init__(self, settings, env, client, redis_client, llm, tmp):
+        self.settings, self.env, self.client, self.redis, self.llm, self.tmp = settings, env, client, redis_client, llm, tmp
+        self.workers: dict[str, WorkerProcess] = {}
+
+    def start_worker(self, queue: str) -> WorkerProcess:
+        worker = WorkerProcess(queue, self.env, self.tmp / f"{queue}-{len(self.workers)}.log")
+        self.workers[f"{queue}-{len(self.workers)}"] = worker
+        return worker.wait_ready(self.redis)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{w.log()}" for name, w in self.workers.items())
+
+
+@pytest.fixture(scope="module")
+def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("service")
+    llm = FakeLLM()
+    settings = service_settings(
+        private_redis.url,
+        tmp / "data",
+        sd_model=str(tiny_sd_path),
+        device="cpu",
+        dtype="float32",
+        torch_threads=1,
+        heartbeat_s=0.3,
+        worker_lost_after_s=3.0,
+        reaper_interval_s=0.5,
+        max_redeliveries=2,
+    )
+    env = {**settings_env(settings), **llm.env()}
+    client = TestClient(create_app(settings))
+    s = Stack(settings, env, client, redis.Redis(port=private_redis.port), llm, tmp)
+    try:
+        s.start_worker("plan")
+        s.start_worker("render")
+        yield s
+    finally:
+        for worker in s.workers.values():
+            worker.stop()
+        client.close()
+        llm.close()
+
+
+@pytest.fixture
+def api(stack):
+    yield stack.client
+    stack.llm.replies.clear()
+
+
+def _png(response, size):
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "PNG" and image.size == size
+    return image.convert("RGB")
+
+
+def test_readyz_reports_both_workers(api):
+    ready = api.get("/readyz").json()
+    assert ready["queues_without_workers"] == []
+    assert sorted(q for w in ready["workers"] for q in w["queues"]) == ["plan", "render"]
+
+
+def test_generate_then_instruct_journey(api, stack):
+    stack.llm.enqueue(FIRST)
+    accepted = api.post("/generate", json={"prompt": "a cat and a dog in a living room", "width": 64, "height": 48,
+                                           "steps": 4, "seed": 11})
+    assert accepted.status_code == 202, accepted.text
+    job_id, session_id = accepted.json()["job_id"], accepted.json()["session_id"]
+
+    states = []
+    with api.stream("GET", f"/jobs/{job_id}/events") as stream:  # server-sent events until the job ends
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                states.append(json.loads(line[5:]))
+    seen = [s["state"] for s in states]
+    assert seen[-1] == "succeeded", stack.logs()
+    assert "rendering" in seen and seen.index("rendering") < len(seen) - 1
+    order = ["queued", "planning", "rendering", "succeeded"]
+    assert [order.index(s) for s in seen] == sorted(order.index(s) for s in seen)
+
+    job = api.get(f"/jobs/{job_id}").json()
+    assert [o["id"] for o in job["layout"]["objects"]] == ["cat", "dog"]
+    assert job["seed"] == 11 and job["error"] is None and job["deliveries"] == 1
+    assert job["progress"]["step"] == job["progress"]["total"] > 0
+    image = _png(api.get(job["result"]["image_url"]), (64, 48))
+    overlay = _png(api.get(job["result"]["overlay_url"]), (64, 48))
+    assert image.tobytes() != overlay.tobytes()
+
+    stack.llm.enqueue(REVISED)
+    turn2 = api.post(f"/sessions/{session_id}/instruct", json={"instruction": "move the dog up"})
+    assert turn2.status_code == 202 and turn2.json()["turn"] == 2
+    second = wait_for_job(api, turn2.json()["job_id"], {"succeeded", "failed", "canceled"})
+    assert second["state"] == "succeeded", (second, stack.logs())
+    assert second["seed"] == 11 and (second["width"], second["height"], second["steps"]) == (64, 48, 4)
+    _png(api.get(second["result"]["image_url"]), (64, 48))
+
+    revision_request = stack.llm.requests[-1]
+    contents = " ".join(m["content"] for m in revision_request.messages)
+    assert "a cat and a dog in a living room" in contents and "move the dog up" in contents
+
+    session = api.get(f"/sessions/{session_id}").json()
+    assert [(t["turn"], t["kind"], t["state"]) for t in session["turns"]] == [
+        (1, "generate", "succeeded"), (2, "instruct", "succeeded")]
+    boxes = [{o["id"]: o["box"] for o in t["layout"]["objects"]} for t in session["turns"]]
+    assert boxes[0]["cat"] == boxes[1]["cat"] and boxes[0]["dog"] != boxes[1]["dog"]
+
+
+def test_progress_advances_and_cancel_ends_a_running_job(api, stack):
+    accepted = api.post("/generate", json={"layout": GIVEN_LAYOUT, "width": 64, "height": 64, "steps": 200, "seed": 1})
+    job_id = accepted.json()["job_id"]
+    steps_seen = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = api.get(f"/jobs/{job_id}").json()
+        if job["state"] == "rendering" and job["progress"]["total"]:
+            steps_seen.append((job["progress"]["stage"], job["progress"]["step"]))
+            if len({s for _, s in steps_seen}) >= 2:
+                break
+        assert job["state"] in ("queued", "rendering"), (job, stack.logs())
+        time.sleep(0.05)
+    assert len({s for _, s in steps_seen}) >= 2, steps_seen  # progress advanced while we watched
+
+    canceled = api.post(f"/jobs/{job_id}/cancel")
+    assert canceled.status_code == 202 and canceled.json()["cancel_requested"]
+    job = wait_for_job(api, job_id, {"succeeded", "failed", "canceled"})
+    assert job["state"] == "canceled", (job, stack.logs())
+    assert job["error"]["code"] == "canceled"
+    assert job["progress"]["step"] < job["progress"]["total"] == 200
+    assert api.get(f"/jobs/{job_id}/image").status_code == 409
+
+
+def test_an_unreachable_llm_fails_the_job_with_its_code(api, stack):
+    for _ in range(stack.settings.llm_max_attempts):
+        stack.llm.enqueue_status(503, "overloaded")
+    accepted = api.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64, "steps": 2})
+    job = wait_for_job(api, accepted.json()["job_id"], {"succeeded", "failed", "canceled"})
+    assert job["state"] == "failed" and job["error"]["code"] == "llm_unavailable", job
+    assert "LMD_LLM_BASE_URL" in job["error"]["message"]
+
+
+def test_a_render_worker_killed_mid_job_is_replaced_and_the_job_completes(api, stack):
+    accepted = api.post("/generate", json={"layout": GIVEN_LAYOUT, "width": 64, "height": 64, "steps": 12, "seed": 5})
+    job_id = accepted.json()["job_id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = api.get(f"/jobs/{job_id}").json()
+        if job["state"] == "rendering" and job["progress"]["step"] >= 1:
+            break
+        time.sleep(0.05)
+    render = next(w for name, w in stack.workers.items() if name.startswith("render") and w.process.poll() is None)
+    render.kill()  # main process and pool child: nobody acks, nobody beats
+
+    stack.start_worker("render")  # the plan worker's reaper (or this one's) re-enqueues the stale job
+    job = wait_for_job(api, job_id, {"succeeded", "failed", "canceled"})
+    assert job["state"] == "succeeded", (job, stack.logs())
+    assert job["deliveries"] == 2
+    _png(api.get(f"/jobs/{job_id}/image"), (64, 64))
