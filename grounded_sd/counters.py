@@ -6,6 +6,7 @@ the honest unit of UNet work when batches differ.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import torch
@@ -19,6 +20,8 @@ class UNetCalls(BaseModel):
     backward_samples: int = Field(0, description="sum of the batch sizes of the backwards")
     forward_batch_sizes: dict[int, int] = Field(default_factory=dict, description="batch size -> number of forwards")
     backward_batch_sizes: dict[int, int] = Field(default_factory=dict, description="batch size -> number of backwards")
+    forward_s: float = Field(0.0, description="wall time inside UNet forwards")
+    backward_s: float = Field(0.0, description="wall time inside backwards to the latent")
 
     def __add__(self, other: "UNetCalls") -> "UNetCalls":
         return UNetCalls(
@@ -28,6 +31,8 @@ class UNetCalls(BaseModel):
             backward_samples=self.backward_samples + other.backward_samples,
             forward_batch_sizes=dict(Counter(self.forward_batch_sizes) + Counter(other.forward_batch_sizes)),
             backward_batch_sizes=dict(Counter(self.backward_batch_sizes) + Counter(other.backward_batch_sizes)),
+            forward_s=self.forward_s + other.forward_s,
+            backward_s=self.backward_s + other.backward_s,
         )
 
 
@@ -48,16 +53,24 @@ class UNetCounter:
         calls.forward += 1
         calls.forward_samples += batch
         calls.forward_batch_sizes[batch] = calls.forward_batch_sizes.get(batch, 0) + 1
-        return self.unet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
-        )[0]
+        started = time.perf_counter()
+        try:
+            return self.unet(
+                sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
+            )[0]
+        finally:
+            calls.forward_s += time.perf_counter() - started
 
     def grad(self, loss: torch.Tensor, latents: torch.Tensor, *, batch: int) -> torch.Tensor:
         calls = self._calls()
         calls.backward += 1
         calls.backward_samples += batch
         calls.backward_batch_sizes[batch] = calls.backward_batch_sizes.get(batch, 0) + 1
-        return torch.autograd.grad(loss, [latents])[0]
+        started = time.perf_counter()
+        try:
+            return torch.autograd.grad(loss, [latents])[0]
+        finally:
+            calls.backward_s += time.perf_counter() - started
 
     def total(self) -> UNetCalls:
         total = UNetCalls()
