@@ -152,3 +152,12 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gligen_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_gligen_sd"), gligen=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_sd_path: Path):
+    """The tiny model loaded once through ``LMDPipeline.from_pretrained`` (CPU, fp32)."""
+    from grounded_sd import LMDPipeline
+
+    torch.set_num_threads(1)
+    return LMDPipeline.from_pretrained(tiny_sd_path, device="cpu")
