@@ -63,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from layout_planner.errors import LLMUnavailable
     from lmd.evaluation.detection import DetectorConfig
     from lmd.evaluation.prompts import BenchmarkDataError, load_prompts, load_responses, select_prompts
-    from lmd.evaluation.runner import EvalConflict, RunSettings, run_benchmark
+    from lmd.evaluation.runner import EvalConflict, RunSettings, prepare_output, run_benchmark
     from lmd.settings import Settings
 
     if args.baseline and args.variant != "lmd":
@@ -107,7 +107,14 @@ def run_eval(args: argparse.Namespace) -> int:
         height=args.size,
     )
 
+    try:
+        prepare_output(args.out, run_settings)  # refuse a directory of other settings before loading anything
+    except EvalConflict as exc:
+        raise CLIError(str(exc)) from None
+
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     from grounded_sd import LMDOptions, LMDPipeline
     from grounded_sd.errors import GroundedSDError
@@ -115,6 +122,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from grounded_sd.pipeline import resolve_device
     from lmd.evaluation.detection import DetectorLoadError, OwlViTDetector
 
+    transformers_logging.disable_progress_bar()  # our bar shows progress; per-file loading bars would break it
+    diffusers_logging.disable_progress_bar()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = args.device or settings.device
@@ -146,7 +155,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         def generate(layout, seed):
             def progress(stage: str, step: int, total: int) -> None:
-                bar.set_postfix_str(f"{stage} {step}/{total}", refresh=True)
+                bar.set_postfix_str(f"{_counts_text(counts)}; {stage} {step}/{total}", refresh=True)
 
             return pipe(layout, seed=seed, options=options, variant=variant, width=args.size, height=args.size, progress=progress).image
 
@@ -154,7 +163,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     def on_prompt(prompt, what: str) -> None:
         counts[what] += 1
-        bar.set_postfix_str(", ".join(f"{k} {v}" for k, v in counts.items()), refresh=False)
+        bar.set_postfix_str(_counts_text(counts), refresh=False)
         bar.update(1)
 
     try:
@@ -183,6 +192,10 @@ def run_eval(args: argparse.Namespace) -> int:
         f"{results.errors} without a layout; results in {args.out / 'results.json'}"
     )
     return 0
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 def _layout_source(args, settings, all_prompts, responses):

@@ -84,7 +84,10 @@ class OwlViTDetector:
             outputs=outputs, threshold=self.config.score_threshold, target_sizes=[(1, 1)]
         )[0]
         boxes = found["boxes"].float().clamp(0.0, 1.0)
-        keep = batched_nms(boxes, found["scores"].float(), found["labels"], self.config.nms_iou)
+        # a box under one pixel wide or high inside the image detects nothing (and makes NMS's IoU undefined)
+        width, height = image.size
+        visible = (((boxes[:, 2] - boxes[:, 0]) * width >= 1) & ((boxes[:, 3] - boxes[:, 1]) * height >= 1)).nonzero().flatten()
+        keep = visible[batched_nms(boxes[visible], found["scores"][visible].float(), found["labels"][visible], self.config.nms_iou)]
         return [
             Detection(
                 name=names[int(found["labels"][i])],

@@ -107,19 +107,29 @@ def detector_queries(spec: BenchmarkSpec) -> list[str]:
 
 
 def prepare_output(out: Path, settings: RunSettings) -> None:
-    """Create the run directory, or check that an existing one holds a run of the same settings."""
+    """Create the run directory, or check that what it holds was made with the same settings.
+
+    Images on disk pin every setting; layouts alone pin only the layout source (a run that
+    failed before its first image may be rerun with, say, a corrected --model).
+    """
     manifest = out / "run.json"
     if manifest.is_file():
         try:
             existing = RunSettings.model_validate_json(manifest.read_text(encoding="utf-8"))
         except ValidationError as exc:
             raise EvalConflict(f"{manifest} is not a run manifest ({exc.errors()[0]['msg']}); use another --out") from exc
-        if existing != settings:
-            changed = [
-                f"{name} {getattr(existing, name)!r} -> {getattr(settings, name)!r}"
-                for name in RunSettings.model_fields
-                if getattr(existing, name) != getattr(settings, name)
-            ]
+        if any((out / "images").glob("*.png")):
+            pinned = list(RunSettings.model_fields)
+        elif any((out / "layouts").glob("*.json")):
+            pinned = ["layouts"]
+        else:
+            pinned = []
+        changed = [
+            f"{name} {getattr(existing, name)!r} -> {getattr(settings, name)!r}"
+            for name in pinned
+            if getattr(existing, name) != getattr(settings, name)
+        ]
+        if changed:
             raise EvalConflict(f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "layouts").mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tiny_sd import tiny_vocab_and_merges  # the tiny SD's CLIP vocabulary, reused
-
 TINY_OWLVIT_IMAGE_SIZE = 32
 MAX_QUERY_TOKENS = 32  # unknown words split into characters: "a photo of a purple backpack" fits
 
@@ -19,6 +17,8 @@ MAX_QUERY_TOKENS = 32  # unknown words split into characters: "a photo of a purp
 def save_tiny_owlvit(directory: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+
+    from tests.support.tiny_sd import tiny_vocab_and_merges  # the tiny SD's CLIP vocabulary, reused
 
     vocab, merges = tiny_vocab_and_merges()
     pairs = [tuple(m.split(" ")) for m in merges]

@@ -1,0 +1,183 @@
+"""`lmd eval` end to end on tiny random models: the real LMDPipeline on a tiny SD, the real OWL-ViT
+classes on a tiny random detector, recorded responses or the planner against a fake LLM server.
+
+The tiny detector detects garbage: these tests check the harness (files, resumability, the
+results schema, the table, errors), not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from layout_planner import Layout, parse_layout_text
+from lmd.cli import main
+from lmd.evaluation.detection import DetectorConfig, DetectorLoadError, OwlViTDetector
+from lmd.evaluation.prompts import DEFAULT_PROMPTS, load_prompts, select_prompts
+from lmd.evaluation.runner import RESULTS_SCHEMA, load_results
+
+torch.set_num_threads(1)
+
+RESPONSES = Path(__file__).parent / "data" / "llm_responses_gpt-3.5-turbo.json"
+
+
+def _eval(out: Path, sd: Path, detector: Path, *extra: str) -> int:
+    return main([
+        "eval", "--out", str(out), "--model", str(sd), "--detector", str(detector), "--device", "cpu",
+        "--dtype", "float32", "--size", "64", "--steps", "2", "--preset", "fast", *extra,
+    ])  # fmt: skip
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(directory.iterdir())}
+
+
+def test_detector_returns_named_boxes_best_first_after_class_aware_nms(tiny_owlvit_path: Path):
+    detector = OwlViTDetector.from_pretrained(DetectorConfig(model=str(tiny_owlvit_path), score_threshold=0.0, nms_iou=0.15))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    names = ["red car", "dog"]
+    found = detector.detect(image, names)
+    assert found, "threshold 0 keeps every box that survives NMS"
+    assert [d.score for d in found] == sorted((d.score for d in found), reverse=True)
+    assert {d.name for d in found} <= set(names)
+    for d in found:
+        x0, y0, x1, y1 = d.box
+        assert 0.0 <= x0 <= x1 <= 1.0 and 0.0 <= y0 <= y1 <= 1.0
+    from torchvision.ops import box_iou
+
+    for name in names:
+        boxes = torch.tensor([d.box for d in found if d.name == name])
+        if len(boxes) > 1:
+            ious = box_iou(boxes, boxes).fill_diagonal_(0)
+            assert float(ious.max()) <= 0.15 + 1e-6, "same-name boxes overlap above the NMS threshold"
+    strict = OwlViTDetector(detector.processor, detector.model, DetectorConfig(model=str(tiny_owlvit_path), score_threshold=1.0))
+    assert strict.detect(image, names) == []
+    assert detector.detect(image, []) == []
+
+
+def test_detector_that_cannot_load(tmp_path: Path, capsys):
+    with pytest.raises(DetectorLoadError, match="cannot load the OWL-ViT detector"):
+        OwlViTDetector.from_pretrained(DetectorConfig(model=str(tmp_path / "no-such-detector")))
+
+
+def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, capsys):
+    out = tmp_path / "run"
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 0
+    printed = capsys.readouterr().out
+    assert "| method | negation | numeracy | attribution | spatial | overall | prompts |" in printed
+    assert "4 generated" in printed
+
+    chosen = select_prompts(load_prompts(DEFAULT_PROMPTS), 4)
+    indices = [p.index for p in chosen]
+    images = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in images] == [f"{i:03d}.png" for i in indices]
+    assert all(Image.open(p).size == (64, 64) for p in images)
+    book = json.loads(RESPONSES.read_text())
+    for prompt in chosen:  # the first occurrence of each prompt gets the first recorded answer
+        layout = Layout.model_validate_json((out / "layouts" / f"{prompt.index:03d}.json").read_text())
+        assert layout.phrases() == parse_layout_text(book[prompt.prompt][0]).phrases()
+
+    raw = json.loads((out / "results.json").read_text())
+    assert raw["schema"] == RESULTS_SCHEMA
+    results = load_results(out / "results.json")
+    assert results.generated == 4 and results.errors == 0
+    assert [o.index for o in results.prompts] == indices
+    assert set(results.scores) == {"negation", "numeracy", "attribution", "spatial", "overall"}
+    assert results.scores["overall"].total == 4
+    assert results.scores["overall"].passed == sum(o.passed for o in results.prompts)
+    for task in ("negation", "numeracy", "attribution", "spatial"):
+        score = results.scores[task]
+        assert score.total == 1 and score.ci95 is not None and score.ci95[0] <= score.accuracy <= score.ci95[1]
+    assert results.settings.variant == "lmd" and results.settings.layouts.startswith("responses llm_responses_gpt-3.5-turbo.json")
+    assert results.detector.score_threshold == 0.15 and results.detector.nms_iou == 0.15
+    attribution = next(o for o in results.prompts if o.task == "attribution")
+    assert len(attribution.queries) == 2 and all(" " in q for q in attribution.queries)
+    assert (out / "results.md").read_text().startswith("| method |")
+
+    # a second run generates nothing and rewrites the same scores
+    before = _mtimes(out / "images")
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 0
+    assert "0 generated, 4 on disk" in capsys.readouterr().out
+    assert _mtimes(out / "images") == before
+    again = load_results(out / "results.json")
+    assert again.generated == 0
+    assert [o.passed for o in again.prompts] == [o.passed for o in results.prompts]
+
+    # an interrupted run (an image missing) is completed, nothing else regenerated
+    (out / "images" / f"{indices[1]:03d}.png").unlink()
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 0
+    assert load_results(out / "results.json").generated == 1
+    after = _mtimes(out / "images")
+    assert {k: v for k, v in after.items() if k != f"{indices[1]:03d}.png"} == {
+        k: v for k, v in before.items() if k != f"{indices[1]:03d}.png"
+    }
+    assert not list((out / "images").glob(".*partial"))
+
+    # other settings on the same directory are refused before anything loads, and nothing is lost
+    capsys.readouterr()
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4", "--seed", "7") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("lmd eval: error:") and error.count("\n") == 1
+    assert "holds a run with other settings (seed 0 -> 7); use another --out" in error
+    assert len(list((out / "images").glob("*.png"))) == 4
+
+
+def test_eval_plain_sd_baseline_renders_the_prompt_itself(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path):
+    out = tmp_path / "baseline"
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--baseline", "sd", "--limit", "2") == 0
+    results = load_results(out / "results.json")
+    assert results.settings.method == "SD (prompt only)" and results.settings.variant == "sd"
+    for outcome in results.prompts:
+        layout = Layout.model_validate_json((out / "layouts" / f"{outcome.index:03d}.json").read_text())
+        assert layout.objects == [] and layout.background == outcome.prompt
+
+
+def test_eval_asks_the_planner_once_per_prompt(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, fake_llm, monkeypatch):
+    for key, value in fake_llm.env().items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "planned"
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--limit", "2") == 0
+    assert len(fake_llm.requests) == 2
+    results = load_results(out / "results.json")
+    assert results.settings.layouts.startswith("planner fake-model at ")
+    assert all(o.objects == 1 for o in results.prompts)  # the fake server's default layout: one cat
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--limit", "2") == 0
+    assert len(fake_llm.requests) == 2, "a resumed run reuses the layouts on disk"
+
+
+def test_eval_rejects_bad_options_in_one_line(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, capsys):
+    assert _eval(tmp_path / "a", tiny_sd_path, tiny_owlvit_path, "--baseline", "sd", "--variant", "lmd_plus") == 2
+    assert "does not combine with --variant" in capsys.readouterr().err
+    assert _eval(tmp_path / "b", tiny_sd_path, tmp_path / "no-detector", "--responses", str(RESPONSES), "--limit", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmd eval: error: cannot load the OWL-ViT detector") and err.count("\n") == 1
+    assert _eval(tmp_path / "c", tiny_sd_path, tiny_owlvit_path, "--responses", str(tmp_path / "missing.json")) == 2
+    assert "responses file not found" in capsys.readouterr().err
+    assert _eval(tmp_path / "d", tmp_path / "no-model", tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "1") == 2
+    assert "lmd eval: error:" in capsys.readouterr().err
+    assert not list((tmp_path / "d" / "images").glob("*.png"))
+    # the failed run made nothing, so the corrected command may reuse its directory
+    assert _eval(tmp_path / "d", tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "1") == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(
+    not (os.environ.get("LMD_TEST_SD_MODEL") and os.environ.get("LMD_TEST_OWLVIT")),
+    reason="needs real weights: LMD_TEST_SD_MODEL (SD 1.5 directory) and LMD_TEST_OWLVIT (owlvit-base-patch32 directory)",
+)
+def test_eval_real_weights_quick_run(tmp_path: Path):
+    out = tmp_path / "real"
+    rc = main([
+        "eval", "--out", str(out), "--model", os.environ["LMD_TEST_SD_MODEL"], "--detector", os.environ["LMD_TEST_OWLVIT"],
+        "--device", "cuda", "--responses", str(RESPONSES), "--limit", "4", "--preset", "fast",
+    ])  # fmt: skip
+    assert rc == 0
+    results = load_results(out / "results.json")
+    assert results.generated == 4 and results.scores["overall"].total == 4
