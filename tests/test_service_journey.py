@@ -1,6 +1,7 @@
 """The whole service as a client sees it: real Celery worker processes, the tiny local model, the fake LLM.
 
-One stack per module (a private Redis, a plan worker, a render worker, the API in-process):
+One stack per module, as deployed without docker: a private Redis, ``lmd serve``, and two
+``lmd worker`` processes (plan, render), all real subprocesses; the test is an HTTP client.
 generate -> poll -> image and overlay -> instruct -> session with two turns; progress seen
 to advance and a running job canceled; a planner failure with its code; and last, a render
 worker SIGKILLed mid-job whose job is re-enqueued by the reaper and finished by a new worker.
@@ -14,12 +15,10 @@ import time
 
 import pytest
 import redis
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from api.main import create_app
 from tests.support.fake_llm import FakeLLM
-from tests.support.service import WorkerProcess, service_settings, settings_env, wait_for_job
+from tests.support.service import APIProcess, WorkerProcess, service_settings, settings_env, wait_for_job
 from tests.support.tiny_sd import tiny_sd_path  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
@@ -54,7 +53,8 @@ class Stack:
         return worker.wait_ready(self.redis)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {name}\n{w.log()}" for name, w in self.workers.items())
+        logs = [f"--- {name}\n{w.log()}" for name, w in self.workers.items()]
+        return "\n".join(logs + [f"--- api\n{self.api.log_path.read_text(errors='replace')[-3000:]}"])
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,12 @@ def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
         max_redeliveries=2,
     )
     env = {**settings_env(settings), **llm.env()}
-    client = TestClient(create_app(settings))
+    api = APIProcess(env, tmp / "api.log")
+    client = api.client()
     s = Stack(settings, env, client, redis.Redis(port=private_redis.port), llm, tmp)
+    s.api = api
     try:
+        api.wait_ready()
         s.start_worker("plan")
         s.start_worker("render")
         yield s
@@ -84,6 +87,7 @@ def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
         for worker in s.workers.values():
             worker.stop()
         client.close()
+        api.stop()
         llm.close()
 
 
