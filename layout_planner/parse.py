@@ -9,7 +9,7 @@ Two steps, kept apart so that the benchmark can score answers exactly as the LLM
 2. ``build_layout(answer, previous=None) -> Layout``: drops, clips and splits boxes, caps the
    object count, assigns ids (keeping ``previous``'s ids for objects that stayed, §1.7), and
    records every change as one warning line that starts with a stable tag (``dropped:``,
-   ``clipped:``, ``split:``, ``count:``, ``capped:``, ``phrase:``, ``id:``).
+   ``clipped:``, ``split:``, ``count:``, ``capped:``, ``phrase:``, ``text:``, ``id:``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ NUMBER_WORDS = {
 }  # fmt: skip
 # A count phrase is split only while every part keeps at least this many grid pixels along the split.
 MIN_SPLIT_PX = 24
+MAX_TEXT_CHARS = 1000  # Layout's limit on background and negative
 
 
 class AnswerObject(BaseModel):
@@ -277,8 +278,18 @@ def build_layout(
     if len(pending) > max_objects:
         warnings.append(f"capped: kept the first {max_objects} of {len(pending)} objects")
         pending = pending[:max_objects]
+    texts = {}
+    for name in ("background", "negative"):
+        value = getattr(answer, name)
+        if len(value) > MAX_TEXT_CHARS:
+            warnings.append(f"text: cut the {name} to {MAX_TEXT_CHARS} characters")
+            value = value[:MAX_TEXT_CHARS].rstrip()
+        texts[name] = value
     objects = _assign_ids(pending, previous, answer.has_ids, warnings)
-    return Layout(objects=objects, background=answer.background, negative=answer.negative, warnings=warnings)
+    try:
+        return Layout(objects=objects, warnings=warnings, **texts)
+    except ValidationError as exc:  # a defect repair does not cover: report it like any unusable answer
+        raise LayoutParseError(f"the layout is invalid: {exc.errors()[0]['msg']}") from None
 
 
 def _assign_ids(

@@ -129,6 +129,8 @@ class Planner:
         report = PlanReport()
         if self.cache is not None:
             cached = self.cache.get(key)
+            if isinstance(cached, bytes):  # a Redis client without decode_responses
+                cached = cached.decode("utf-8", errors="replace")
             if cached is not None:
                 try:
                     layout = self._build(cached, previous)

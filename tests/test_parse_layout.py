@@ -138,3 +138,12 @@ def test_all_400_real_gpt35_answers_parse():
     assert any(w.startswith("split: 'two chairs'") for w in warnings)
     assert any(w.startswith("clipped:") for w in warnings)
     assert any("whole canvas" in w for w in warnings)
+
+
+def test_overlong_texts_and_phrases_are_cut_with_a_warning():
+    text = json.dumps(
+        {"objects": [{"id": "a", "phrase": "a " + "very " * 60 + "big cat", "box": [1, 2, 30, 40]}], "background": "x" * 1500}
+    )
+    layout = parse_layout_text(text)
+    assert len(layout.background) == 1000 and len(layout.objects[0].phrase) <= 200
+    assert [w.split(":")[0] for w in layout.warnings] == ["phrase", "text"]
