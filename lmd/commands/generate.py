@@ -116,6 +116,15 @@ class _StageBars:
             self.bar = None
 
 
+def _quiet_library_bars() -> None:
+    """Our bars show the stages; the libraries' weight-loading bars are noise in a CLI."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def run_generate(args: argparse.Namespace) -> int:
     if bool(args.prompt) == bool(args.layout):
         raise CLIError("give either a PROMPT or --layout JSON (not both)")
@@ -142,6 +151,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    _quiet_library_bars()
     overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
     try:
         options = getattr(LMDOptions, args.preset)(**overrides)

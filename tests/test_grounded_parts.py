@@ -1,0 +1,245 @@
+"""The controller's parts: options schedule, prompts and token positions, seeds, noise,
+composition, attention capture, the energy and backward guidance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from grounded_sd import LMDOptions
+from grounded_sd.attention import AttentionRecorder, RecordingAttnProcessor, default_attention_layers, recording_attention
+from grounded_sd.compose import box_noise, compose_latents, mask_to_latent, object_seed
+from grounded_sd.counters import UNetCounter
+from grounded_sd.guidance import EnergyTarget, GuidanceTrace, guide_latents, object_energy
+from grounded_sd.pipeline import _Run
+from grounded_sd.prompts import group_phrases, object_token_indices, scene_prompt, scene_token_indices
+from layout_planner.layout import Layout
+
+torch.set_num_threads(1)
+
+
+# --- options ---------------------------------------------------------------------------------
+def test_reference_schedule_is_65_iterations_over_30_of_50_steps():
+    options = LMDOptions.reference()
+    iterations = [options.iterations_at(i) for i in range(options.steps)]
+    assert sum(iterations) == 65
+    assert iterations[:5] == [4] * 5 and iterations[29] == 1 and iterations[30:] == [0] * 20
+    assert options.frozen_steps() == 25 and options.mask_first_step() == 10 and options.gligen_steps() == 20
+
+
+def test_schedule_scales_with_the_step_count():
+    options = LMDOptions.reference(steps=20)
+    iterations = [options.iterations_at(i) for i in range(20)]
+    assert iterations == [4, 4, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1] + [0] * 8
+    fast = LMDOptions.fast(steps=20)
+    assert sum(fast.iterations_at(i) for i in range(20)) < sum(iterations)
+    assert max(fast.iterations_at(i) for i in range(20)) == 2
+    assert not fast.per_box_full_pass
+
+
+def test_options_reject_nonsense():
+    with pytest.raises(ValueError):
+        LMDOptions(steps=0)
+    with pytest.raises(ValueError):
+        LMDOptions(iteration_schedule=[(10, 2), (5, 1)])
+    with pytest.raises(ValueError):
+        LMDOptions(frozen_ratio=1.5)
+    with pytest.raises(ValueError):
+        LMDOptions(attention_layers=[])
+
+
+# --- prompts -----------------------------------------------------------------------------------
+def test_phrase_tokens_sit_where_the_prompt_puts_them(tiny_pipeline):
+    tokenizer = tiny_pipeline.tokenizer
+    layout = Layout.model_validate(
+        {
+            "objects": [
+                {"id": "c", "phrase": "a red cat", "box": [0, 0, 0.5, 0.5]},
+                {"id": "a1", "phrase": "an apple", "box": [0.5, 0, 1, 0.5]},
+                {"id": "a2", "phrase": "An apple", "box": [0.5, 0.5, 1, 1]},
+                {"id": "d", "phrase": "a zebra-striped dog", "box": [0, 0.5, 0.5, 1]},
+            ],
+            "background": "an oil painting of a park",
+        }
+    )
+    groups = group_phrases(layout)
+    prompt = scene_prompt(layout.background, groups)
+    assert prompt == "an oil painting of a park with a red cat, two apples and a zebra-striped dog"
+    ids = tokenizer(prompt).input_ids
+    positions = scene_token_indices(tokenizer, layout.background, groups)
+    for group in groups:
+        expected = tokenizer(group.text, add_special_tokens=False).input_ids
+        assert [ids[i] for i in positions[group.phrase]] == expected, group.text
+    per_box = object_token_indices(tokenizer, layout.background, "a red cat")
+    box_ids = tokenizer("an oil painting of a park with a red cat").input_ids
+    assert [box_ids[i] for i in per_box] == tokenizer("a red cat", add_special_tokens=False).input_ids
+
+
+def test_tokens_past_the_length_limit_are_dropped(tiny_pipeline):
+    tokenizer = tiny_pipeline.tokenizer
+    background = " ".join(["realistic"] * 40)
+    indices = object_token_indices(tokenizer, background, "a red cat")
+    assert all(i < tokenizer.model_max_length - 1 for i in indices)
+    assert len(indices) < len(tokenizer("a red cat", add_special_tokens=False).input_ids)
+
+
+# --- seeds, noise, composition -------------------------------------------------------------------
+def test_object_seed_is_stable_across_processes_and_distinct_per_id():
+    code = "from grounded_sd.compose import object_seed; print(object_seed(42, 'cat'))"
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": salt}
+        ).stdout.strip()
+        for salt in ("1", "2")
+    }
+    assert outputs == {str(object_seed(42, "cat"))}
+    assert len({object_seed(42, "cat"), object_seed(42, "dog"), object_seed(43, "cat")}) == 3
+
+
+def test_box_noise_mixes_only_inside_the_box():
+    background, foreground = torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[0, :, :4, :4] = 1
+    masks[1, :, 4:, 4:] = 1
+    mixed = box_noise(background, foreground, masks, ratio=0.1)
+    outside = ~masks[0, 0].bool()
+    assert torch.equal(mixed[0][:, outside], background[0][:, outside])
+    expected = 0.9**0.5 * background[0, :, :4, :4] + 0.1**0.5 * foreground[0, :, :4, :4]
+    assert torch.allclose(mixed[0, :, :4, :4], expected)
+    assert torch.equal(mixed[1, :, :4, :4], background[0, :, :4, :4])
+
+
+def test_small_mask_inside_a_large_one_ends_on_top():
+    steps, h, w = 3, 8, 8
+    per_box = torch.stack([torch.full((steps + 1, 4, h, w), 1.0), torch.full((steps + 1, 4, h, w), 2.0)], dim=1)
+    small = torch.zeros(h, w, dtype=torch.bool)
+    small[3:5, 3:5] = True
+    large = torch.zeros(h, w, dtype=torch.bool)
+    large[1:7, 1:7] = True
+    background = torch.full((1, 4, h, w), -1.0)
+    for order in ([small, large], [large, small]):  # whatever the layout order
+        composed, owner = compose_latents(per_box, torch.stack(order), background)
+        small_index = 0 if order[0] is small else 1
+        assert (owner[small] == small_index + 1).all()
+        assert (composed[:, 0][..., small] == small_index + 1.0).all()
+        ring = large & ~small
+        assert (composed[:, 0][..., ring] == (1 - small_index) + 1.0).all()
+        assert (composed[0, 0][..., ~large] == -1.0).all()
+        assert (owner[~large] == 0).all()
+
+
+def test_tiny_mask_keeps_a_latent_cell():
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[10:12, 10:12] = True
+    cells = mask_to_latent(mask, 8, 8)
+    assert cells.sum() == 1 and cells[1, 1]
+    assert mask_to_latent(torch.ones(64, 64, dtype=torch.bool), 8, 8).all()
+
+
+# --- attention capture ----------------------------------------------------------------------------
+def test_default_layers_on_an_sd15_unet_are_the_references():
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+    assert default_attention_layers(unet) == [
+        "mid_block.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+        "up_blocks.1.attentions.2.transformer_blocks.0.attn2",
+    ]
+
+
+def test_explicit_attention_matches_sdpa_and_records_softmax():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=8, heads=2, dim_head=8)
+    hidden, context = torch.randn(2, 12, 16), torch.randn(2, 5, 8)
+    recorder = AttentionRecorder()
+    processor = RecordingAttnProcessor("x", recorder)
+    expected = AttnProcessor2_0()(attn, hidden, context)
+    with recorder.capture(["x"]):
+        got = processor(attn, hidden, context)
+        probs = recorder.maps()["x"]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert probs.shape == (2, 2, 12, 5)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 12))
+    with recorder.capture([]):
+        processor(attn, hidden, context)
+        assert recorder.maps() == {}
+
+
+def test_recording_processors_are_swapped_back(tiny_pipeline):
+    unet = tiny_pipeline.unet
+    before = {name: type(p) for name, p in unet.attn_processors.items()}
+    layers = default_attention_layers(unet)
+    with recording_attention(unet, layers):
+        during = unet.attn_processors
+        assert sum(isinstance(p, RecordingAttnProcessor) for p in during.values()) == len(layers)
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == before
+
+
+# --- energy and guidance -----------------------------------------------------------------------------
+def test_energy_is_low_inside_the_box_and_high_outside():
+    h = w = 8
+    box = (0.0, 0.0, 0.5, 0.5)
+    target = EnergyTarget("o", (1,), box, (box,))
+    inside = torch.zeros(2, h * w, 3)
+    inside[:, :, 0] = 1.0
+    inside.view(2, h, w, 3)[:, :4, :4, 1], inside.view(2, h, w, 3)[:, :4, :4, 0] = 1.0, 0.0
+    outside = torch.zeros(2, h * w, 3)
+    outside[:, :, 0] = 1.0
+    outside.view(2, h, w, 3)[:, 4:, 4:, 1], outside.view(2, h, w, 3)[:, 4:, 4:, 0] = 1.0, 0.0
+    e_in = object_energy(inside, target, (h, w), 0.2, 4.0)
+    e_out = object_energy(outside, target, (h, w), 0.2, 4.0)
+    assert e_in.item() == pytest.approx(0.0)  # 2 heads x ((1 - 1) + 4 * 0)
+    assert e_out.item() == pytest.approx(2 * (1 + 4))
+
+
+def _guidance_setup(pipe):
+    options = LMDOptions.reference(steps=10)
+    layers = default_attention_layers(pipe.unet)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(options.steps)
+    box = (0.05, 0.1, 0.45, 0.6)
+    target = EnergyTarget("cat", object_token_indices(pipe.tokenizer, "a realistic park", "a red cat"), box, (box,))
+    cond = pipe._encode(["a realistic park with a red cat"])
+    return options, layers, scheduler, target, cond
+
+
+def test_backward_guidance_lowers_the_energy_on_the_same_latent(tiny_pipeline):
+    pipe = tiny_pipeline
+    options, layers, scheduler, target, cond = _guidance_setup(pipe)
+    t = scheduler.timesteps[0]
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with recording_attention(pipe.unet, layers) as recorder, torch.no_grad():
+        run = _Run(options, (32, 32), layers, recorder, UNetCounter(pipe.unet), lambda *a: None, lambda: False)
+        forward = pipe._attention_forward(run, t, scheduler, cond, None)
+        loss_fn = pipe._loss_fn(run, [target], None, final=True)
+        unguided = loss_fn(forward(latents, [0]), [0])[0].item()
+        trace = GuidanceTrace()
+        guided_latents = guide_latents(
+            latents, iterations=4, step_size=1.0, scale=options.loss_scale, threshold=0.0, forward=forward,
+            loss_fn=loss_fn, counter=run.counter, max_batch=None, trace=trace,
+        )
+        guided = loss_fn(forward(guided_latents, [0]), [0])[0].item()
+        assert guided < unguided
+        assert trace.iterations == 4 and run.counter.total().backward == 4
+        assert not pipe.unet.conv_in.weight.requires_grad  # gradients w.r.t. the latent only
+
+        # a row below the threshold is left alone and costs no backward
+        run.counter = UNetCounter(pipe.unet)
+        untouched = guide_latents(
+            latents, iterations=4, step_size=1.0, scale=options.loss_scale, threshold=1e9, forward=forward,
+            loss_fn=loss_fn, counter=run.counter, max_batch=None,
+        )
+        assert torch.equal(untouched, latents) and run.counter.total().backward == 0
