@@ -62,7 +62,6 @@ def test_retry_after_is_honoured_up_to_the_cap(fake_llm):
     _, report = Planner(fake_llm.config(max_retry_after_s=0.05)).plan_with_report("a cat")
     assert report.attempts == 3
     assert report.waits == [0.02, 0.05]  # the server's wait, then the cap instead of 120 s
-    assert fake_llm.requests[1].time - fake_llm.requests[0].time >= 0.015
 
 
 def test_backoff_grows_exponentially_with_bounded_jitter(fake_llm):
