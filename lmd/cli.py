@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "lmd.commands.service",
     "lmd.commands.evaluate",
     "lmd.commands.generate",
+    "lmd.commands.bench",
 )
 
 

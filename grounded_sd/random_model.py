@@ -1,0 +1,149 @@
+"""Random-weight Stable Diffusion models, written like real ones (diffusers layout on disk).
+
+No weights can be downloaded on a test or benchmark machine, so the tests and ``lmd bench``
+build models from configs and load them through the real ``LMDPipeline.from_pretrained``:
+
+- ``tiny``: the smallest UNet that still has cross-attention at two resolutions (tests).
+- ``sd``: SD 1.x's *shape* (four UNet levels, two layers per level, cross-attention on the
+  first three, the mid block and the first up block with attention at 1/32 and 1/16 of the
+  image, a VAE that downsamples by 8) at a fraction of its width: the benchmark's default,
+  so that the relative cost of LMD's stages resembles the real model's. Its images are noise.
+
+The tokenizer is written here too: whole words from ``WORDS`` plus every byte-level
+character, so any text tokenizes (into characters when the word is unknown).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+WORDS = (
+    "a an the one two three four and with of on in at near under above next to left right top bottom "
+    "cat cats dog dogs red blue green yellow white black apple apples ball balls car tree lamp sofa "
+    "table chair bird kitchen park street room realistic scene photo oil painting "
+    "low quality blurry deformed disfigured bad anatomy watermark text duplicate many group "
+    "occlusion occluded side border collate"
+).split()
+
+Shape = Literal["tiny", "sd"]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's byte -> printable character table (GPT-2 style)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def tiny_vocab_and_merges(words: list[str] | tuple[str, ...] = tuple(WORDS)) -> tuple[dict[str, int], list[str]]:
+    """A CLIP BPE vocabulary and merges that know ``words`` whole and everything else by character."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[str] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            if merge not in merges:
+                merges.append(merge)
+            current += piece
+            vocab.setdefault(current, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def write_clip_tokenizer(directory: Path | str, words: list[str] | tuple[str, ...] = tuple(WORDS)):
+    """Write vocab.json, merges.txt and a config to ``directory``; return the loaded CLIPTokenizer."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tiny_vocab_and_merges(words)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True})
+    )
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+def _unet_and_vae(shape: Shape, gligen: bool):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    attention_type = "gated" if gligen else "default"
+    if shape == "tiny":
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=32, attention_type=attention_type,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+        return unet, vae, 32
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32, attention_type=attention_type,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        norm_num_groups=32, sample_size=256,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    return unet, vae, 64
+
+
+def build_random_sd(path: Path | str, *, shape: Shape = "tiny", gligen: bool = False, seed: int = 0) -> Path:
+    """Write a random-weight SD 1.x-style model of ``shape`` to ``path`` (a GLIGEN UNet when ``gligen``)."""
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet, vae, hidden = _unet_and_vae(shape, gligen)
+    tokenizer = write_clip_tokenizer(path / "tokenizer")
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5,
+            num_hidden_layers=2 if shape == "tiny" else 4, num_attention_heads=4, max_position_embeddings=77,
+            projection_dim=hidden, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+    )
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    text_encoder.save_pretrained(path / "text_encoder")
+    tokenizer.save_pretrained(path / "tokenizer")
+    scheduler.save_pretrained(path / "scheduler")
+    components = {
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    pipeline_class = "StableDiffusionGLIGENPipeline" if gligen else "StableDiffusionPipeline"
+    (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, **components}, indent=2))
+    return path

@@ -1,0 +1,7 @@
+"""``python -m lmd`` runs the ``lmd`` command line."""
+
+import sys
+
+from lmd.cli import main
+
+sys.exit(main())

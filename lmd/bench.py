@@ -1,0 +1,262 @@
+"""``lmd bench``: what LMD costs over plain Stable Diffusion, measured the same way for every run.
+
+For one model, step count, size and seed: plain SD, then LMD with 1..4 objects for each
+variant and preset. Each run reports wall time, its ratio to plain SD on the same model,
+peak memory (RSS on CPU, allocated on CUDA), the UNet forward and backward passes weighted
+by batch size per stage (read from the pipeline's own counters, the numbers its report
+shows), and the share of time spent outside UNet passes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from layout_planner.layout import Layout, LayoutObject
+
+Preset = Literal["reference", "fast"]
+BenchVariant = Literal["lmd", "lmd_plus"]
+
+# Four objects in distinct regions; a run with N objects takes the first N.
+BENCH_OBJECTS = (
+    LayoutObject(id="cat", phrase="a cat", box=(0.04, 0.40, 0.46, 0.96)),
+    LayoutObject(id="dog", phrase="a dog", box=(0.54, 0.40, 0.96, 0.96)),
+    LayoutObject(id="lamp", phrase="a red lamp", box=(0.06, 0.04, 0.36, 0.36)),
+    LayoutObject(id="apple", phrase="a green apple", box=(0.62, 0.08, 0.90, 0.34)),
+)
+RANDOM_MODEL_LABEL = "random-weight SD 1.x-shaped model (built in-process; timings only, images are noise)"
+
+
+class BenchConfig(BaseModel):
+    model: str | None = Field(None, description="hub id or local directory; None: a random SD-shaped model")
+    steps: int = Field(20, ge=1, le=1000)
+    width: int = Field(256, ge=32, le=2048, multiple_of=8)
+    height: int = Field(256, ge=32, le=2048, multiple_of=8)
+    seed: int = Field(0, ge=0)
+    objects: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
+    variants: list[BenchVariant] = Field(default_factory=lambda: ["lmd", "lmd_plus"])
+    presets: list[Preset] = Field(default_factory=lambda: ["reference", "fast"])
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
+
+
+class MachineInfo(BaseModel):
+    cpu: str
+    gpu: str | None
+    torch: str
+    threads: int
+    python: str
+    platform: str
+
+
+class StageCost(BaseModel):
+    wall_s: float
+    forward: int
+    forward_samples: int
+    backward: int
+    backward_samples: int
+    unet_s: float
+
+
+class BenchRun(BaseModel):
+    variant: str
+    preset: str | None
+    objects: int
+    wall_s: float
+    ratio_to_sd: float | None
+    peak_memory_mib: float
+    stages: dict[str, StageCost]
+    forward_samples: int
+    backward_samples: int
+    outside_unet_fraction: float = Field(description="share of wall time outside UNet forwards and backwards")
+
+
+class BenchResult(BaseModel):
+    machine: MachineInfo
+    model: str
+    model_label: str
+    memory_kind: Literal["rss", "cuda_allocated"]
+    config: BenchConfig
+    runs: list[BenchRun]
+    notes: list[str] = Field(default_factory=list)
+
+
+def bench_layout(n_objects: int) -> Layout:
+    if not 0 <= n_objects <= len(BENCH_OBJECTS):
+        raise ValueError(f"objects must be between 0 and {len(BENCH_OBJECTS)}, got {n_objects}")
+    return Layout(objects=list(BENCH_OBJECTS[:n_objects]), background="a realistic living room")
+
+
+def machine_info(device: str) -> MachineInfo:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cpu = f"{cpu} ({os.cpu_count()} cores)"
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return MachineInfo(
+        cpu=cpu, gpu=gpu, torch=torch.__version__, threads=torch.get_num_threads(),
+        python=platform.python_version(), platform=platform.platform(),
+    )
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA allocator peak, or process RSS sampled every 5 ms."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self.peak_bytes = process.memory_info().rss
+
+            def sample() -> None:
+                while not self._stop.wait(0.005):
+                    self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+
+
+def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, config: BenchConfig, device: str) -> BenchRun:
+    from grounded_sd import LMDOptions
+
+    options = getattr(LMDOptions, preset or "reference")(steps=config.steps)
+    with PeakMemory(device) as memory:
+        started = time.perf_counter()
+        result = pipe(layout, seed=config.seed, options=options, variant=variant, width=config.width, height=config.height)
+        wall = time.perf_counter() - started
+    stages = {
+        s.name: StageCost(
+            wall_s=s.wall_s, forward=s.unet.forward, forward_samples=s.unet.forward_samples, backward=s.unet.backward,
+            backward_samples=s.unet.backward_samples, unet_s=s.unet.forward_s + s.unet.backward_s,
+        )
+        for s in result.report.stages
+    }
+    total = result.report.unet_total
+    unet_s = total.forward_s + total.backward_s
+    return BenchRun(
+        variant=variant, preset=preset, objects=len(layout.objects), wall_s=wall, ratio_to_sd=None,
+        peak_memory_mib=memory.peak_bytes / 2**20, stages=stages, forward_samples=total.forward_samples,
+        backward_samples=total.backward_samples, outside_unet_fraction=max(0.0, 1.0 - unet_s / wall),
+    )
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Run every configured measurement; ``progress`` is told the name of each run as it starts."""
+    import torch
+
+    from grounded_sd import LMDPipeline
+    from grounded_sd.pipeline import resolve_device
+    from grounded_sd.random_model import build_random_sd
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = str(resolve_device(config.device))
+    progress = progress or (lambda name: None)
+    notes: list[str] = []
+    runs: list[BenchRun] = []
+
+    with tempfile.TemporaryDirectory(prefix="lmd-bench-") as scratch:
+        if config.model is None:
+            model_label = RANDOM_MODEL_LABEL
+            plain = build_random_sd(Path(scratch) / "sd", shape="sd", seed=config.seed)
+            models = {"lmd": plain, "lmd_plus": build_random_sd(Path(scratch) / "gligen", shape="sd", gligen=True, seed=config.seed)}
+        else:
+            model_label = f"{config.model} (as given)"
+            models = {"lmd": config.model, "lmd_plus": config.model}
+
+        for variant in config.variants:
+            pipe = LMDPipeline.from_pretrained(models[variant], device=config.device, dtype=config.dtype)
+            if variant == "lmd_plus" and not pipe.supports_gligen:
+                notes.append(f"lmd_plus skipped: {config.model} has no GLIGEN gated attention")
+                continue
+            label = "sd" if variant == "lmd" else "sd (GLIGEN model)"
+            # Warm-up: first calls pay for allocator growth and lazy initialisation.
+            pipe(bench_layout(1), seed=config.seed, options=_warmup_options(), variant=variant, width=config.width, height=config.height)
+            progress(label)
+            baseline = _measure(pipe, bench_layout(3), variant="sd", preset=None, config=config, device=device)
+            baseline.variant = label
+            baseline.ratio_to_sd = 1.0
+            runs.append(baseline)
+            for preset in config.presets:
+                for n_objects in config.objects:
+                    progress(f"{variant} {preset} {n_objects} object(s)")
+                    run = _measure(pipe, bench_layout(n_objects), variant=variant, preset=preset, config=config, device=device)
+                    run.ratio_to_sd = run.wall_s / baseline.wall_s
+                    runs.append(run)
+            del pipe
+
+    return BenchResult(
+        machine=machine_info(device), model=config.model or "random:sd", model_label=model_label,
+        memory_kind="cuda_allocated" if device.startswith("cuda") else "rss", config=config, runs=runs, notes=notes,
+    )
+
+
+def _warmup_options():
+    from grounded_sd import LMDOptions
+
+    return LMDOptions.fast(steps=2)
+
+
+def format_table(result: BenchResult) -> str:
+    """A markdown table (it reads fine on a terminal too), preceded by the machine and model."""
+    m = result.machine
+    memory = "peak RSS MiB" if result.memory_kind == "rss" else "peak CUDA MiB"
+    lines = [
+        f"model: {result.model_label}",
+        f"machine: CPU {m.cpu}; GPU {m.gpu or 'none'}; torch {m.torch}; {m.threads} thread(s); Python {m.python}",
+        f"steps {result.config.steps}, {result.config.width}x{result.config.height}, seed {result.config.seed}",
+        "",
+        f"| run | objects | wall s | x SD | {memory} | UNet fwd samples (per_box/final) | UNet bwd samples (per_box/final) | outside UNet |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in result.runs:
+        name = run.variant if run.preset is None else f"{run.variant} {run.preset}"
+        per_box, final = run.stages.get("per_box"), run.stages.get("final")
+        fwd = f"{run.forward_samples}" + (f" ({per_box.forward_samples}/{final.forward_samples})" if per_box and final else "")
+        bwd = f"{run.backward_samples}" + (f" ({per_box.backward_samples}/{final.backward_samples})" if per_box and final else "")
+        lines.append(
+            f"| {name} | {run.objects if run.preset else '-'} | {run.wall_s:.2f} | {run.ratio_to_sd:.2f} | "
+            f"{run.peak_memory_mib:.0f} | {fwd} | {bwd} | {run.outside_unet_fraction:.1%} |"
+        )
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""``lmd bench``: wall time, memory and UNet work of LMD against plain SD (see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from lmd.cli import CLIError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure what LMD costs over plain SD (time, memory, UNet passes)",
+        description=(
+            "Plain SD, then LMD with 1-4 objects for each variant and preset, same steps, size and seed. "
+            "Without --model, a random-weight model of SD 1.x's shape is built in-process (timings only)."
+        ),
+    )
+    parser.add_argument("--model", help="hub id or local diffusers directory (default: random SD-shaped model)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--width", type=int, default=256, help="image width, multiple of 8 (default 256)")
+    parser.add_argument("--height", type=int, default=256, help="image height, multiple of 8 (default 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    parser.add_argument("--objects", type=int, nargs="+", default=[1, 2, 3, 4], help="object counts (default 1 2 3 4)")
+    parser.add_argument("--variants", nargs="+", choices=("lmd", "lmd_plus"), default=["lmd", "lmd_plus"], help="default: both")
+    parser.add_argument("--presets", nargs="+", choices=("reference", "fast"), default=["reference", "fast"], help="default: both")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    parser.set_defaults(handler=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from lmd.bench import BenchConfig, format_table, run_bench
+
+    try:
+        config = BenchConfig(
+            model=args.model, steps=args.steps, width=args.width, height=args.height, seed=args.seed, objects=args.objects,
+            variants=args.variants, presets=args.presets, device=args.device, dtype=args.dtype, threads=args.threads,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CLIError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    if any(n < 1 or n > 4 for n in config.objects):
+        raise CLIError("--objects: each count must be between 1 and 4")
+
+    from tqdm import tqdm
+
+    from grounded_sd import GroundedSDError
+
+    runs = len(config.variants) * (1 + len(config.presets) * len(config.objects))
+    with tqdm(total=runs, desc="bench", unit="run", file=sys.stderr) as bar:
+        started = [0]
+
+        def progress(name: str) -> None:  # told when a run starts: the previous one is done
+            bar.update(min(started[0], 1))
+            started[0] += 1
+            bar.set_postfix_str(name)
+
+        try:
+            result = run_bench(config, progress=progress)
+        except GroundedSDError as exc:
+            raise CLIError(str(exc)) from None
+        bar.update(1)
+    text = result.model_dump_json(indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(text if args.json else format_table(result))
+    return 0

@@ -1,0 +1,37 @@
+"""`lmd bench` on the tiny local model: the table's structure and the counted UNet work."""
+
+import json
+
+import pytest
+
+from lmd.cli import main
+
+
+def test_bench_counts_unet_work_per_run(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--model", str(tiny_sd_path), "--steps", "2", "--width", "32", "--height", "32",
+        "--objects", "1", "2", "--presets", "fast", "--variants", "lmd", "lmd_plus", "--threads", "1", "--out", str(out),
+    ])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| sd | - |" in table and "| lmd fast | 2 |" in table
+    assert "lmd_plus skipped" in table  # the tiny model has no GLIGEN layers
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [(r["variant"], r["objects"]) for r in runs] == [("sd", 3), ("lmd", 1), ("lmd", 2)]
+    baseline, one, two = runs
+    assert baseline["ratio_to_sd"] == 1.0
+    assert baseline["forward_samples"] == 2 * 2  # steps x (cond + uncond)
+    assert baseline["backward_samples"] == 0
+    # the per-box pass batches all objects x CFG: twice the objects, twice its forward samples
+    assert two["stages"]["per_box"]["forward_samples"] == 2 * one["stages"]["per_box"]["forward_samples"]
+    assert one["backward_samples"] > 0 and one["ratio_to_sd"] > 0
+    assert result["machine"]["torch"] and result["memory_kind"] == "rss"
+    assert 0.0 <= one["outside_unet_fraction"] < 1.0
+
+
+@pytest.mark.parametrize("args, message", [(["--objects", "5"], "--objects"), (["--width", "100"], "width")])
+def test_bench_rejects_bad_arguments(args, message, capsys):
+    assert main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err
