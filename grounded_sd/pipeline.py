@@ -9,8 +9,9 @@ and backward guidance (guidance.py), noise and composition (compose.py), prompts
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -152,7 +153,8 @@ class LMDPipeline:
         if local.exists():
             missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (local / part).is_dir()]
             if missing:
-                raise ModelLoadError(f"{local} is not a diffusers Stable Diffusion directory: missing {', '.join(missing)}/")
+                listed = ", ".join(f"{part}/" for part in missing)
+                raise ModelLoadError(f"{local} is not a diffusers Stable Diffusion directory: missing {listed}")
             source = str(local)
         try:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype)
@@ -547,23 +549,14 @@ class LMDPipeline:
         arrays = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a, mode="RGB") for a in arrays]
 
-    class _StageTimer:
-        def __init__(self, run: _Run, name: str, steps: int) -> None:
-            self.run, self.name, self.steps = run, name, steps
-
-        def __enter__(self):
-            self.run.counter.stage = self.name
-            self.started = time.perf_counter()
-            return self
-
-        def __exit__(self, *exc_info) -> None:
-            calls = self.run.counter.by_stage.get(self.name)
-            self.run.stages.append(
-                StageReport(name=self.name, wall_s=time.perf_counter() - self.started, steps=self.steps, unet=calls or UNetCalls())
-            )
-
-    def _stage(self, run: _Run, name: str, steps: int) -> "_StageTimer":
-        return self._StageTimer(run, name, steps)
+    @contextlib.contextmanager
+    def _stage(self, run: _Run, name: str, steps: int) -> Iterator[None]:
+        """Count UNet calls under ``name`` and record the stage's wall time."""
+        run.counter.stage = name
+        started = time.perf_counter()
+        yield
+        calls = run.counter.by_stage.get(name, UNetCalls())
+        run.stages.append(StageReport(name=name, wall_s=time.perf_counter() - started, steps=steps, unet=calls))
 
 
 def _box_iou(mask: np.ndarray, box: tuple[float, float, float, float]) -> float:

@@ -288,3 +288,21 @@ def test_lmd_plus_generates_differently_from_lmd(tiny_gligen_sd_path):
     plus = pipe(LAYOUT, seed=3, variant="lmd_plus", width=SIZE, height=SIZE, options=opts(steps=4))
     plain = pipe(LAYOUT, seed=3, variant="lmd", width=SIZE, height=SIZE, options=opts(steps=4))
     assert not np.array_equal(pixels(plus.image), pixels(plain.image))
+
+
+def test_a_sigma_scheduler_by_class_name(tiny_sd_path):
+    pipe = LMDPipeline.from_pretrained(tiny_sd_path, device="cpu", scheduler="EulerDiscreteScheduler")
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    result = generate(pipe, options=opts(loss_threshold=0.0))
+    assert np.isfinite(np.asarray(result.image, dtype=np.float32)).all()
+    assert all(o.per_box_energy.after_first_step < o.per_box_energy.start for o in result.report.objects)
+
+
+def test_unknown_scheduler_and_missing_model_are_load_errors(tiny_sd_path, tmp_path):
+    from grounded_sd import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="unknown scheduler 'NoSuchScheduler'"):
+        LMDPipeline.from_pretrained(tiny_sd_path, device="cpu", scheduler="NoSuchScheduler")
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ModelLoadError, match="missing vae/, text_encoder/, tokenizer/, scheduler/"):
+        LMDPipeline.from_pretrained(tmp_path, device="cpu")
