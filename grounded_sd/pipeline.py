@@ -289,9 +289,10 @@ class LMDPipeline:
             )
         per_box = torch.stack(out.trajectory)
         intermediates.per_box_latents = per_box.float().cpu()
-        for obj, energy in zip(report.objects, _pass_energies(per_box_trace, box_targets)):
-            obj.per_box_energy = energy
-            obj.token_count = len(box_targets[[t.object_id for t in box_targets].index(obj.id)].token_indices)
+        for obj, target, energy in zip(report.objects, box_targets, _pass_energies(per_box_trace, box_targets)):
+            obj.per_box_energy, obj.token_count = energy, len(target.token_indices)
+            if not target.token_indices:
+                run.notes.append(f"{obj.id}: the phrase falls past the tokenizer's limit; no guidance, box-like mask")
 
         # 5. Masks: aggregated attention refined by SAM, with fallbacks (§2.4)
         masks: dict[str, Image.Image] = {}
