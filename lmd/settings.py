@@ -29,8 +29,8 @@ class Settings(BaseSettings):
     llm_structured_output: Literal["auto", "json_schema", "off"] = Field(
         "auto", description="ask for a JSON-schema response format (auto: try, fall back to text)"
     )
-    llm_temperature: float = Field(0.25, ge=0.0, le=2.0)
-    llm_max_tokens: int = Field(900, ge=16, le=32768)
+    llm_temperature: float = Field(0.25, ge=0.0, le=2.0, description="sampling temperature (ref 0.25)")
+    llm_max_tokens: int = Field(900, ge=16, le=32768, description="answer length cap (ref 900)")
     llm_timeout_s: float = Field(60.0, gt=0, description="per request")
     llm_max_attempts: int = Field(4, ge=1, le=10, description="transport attempts (errors, 429, 5xx) per call")
     llm_max_reasks: int = Field(3, ge=1, le=10, description="asks per layout when the answer does not parse")
@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     sd_model: str = Field("runwayml/stable-diffusion-v1-5", description="hub id or local diffusers directory")
     scheduler: str = Field("DDIMScheduler", description="any diffusers scheduler class name")
     sam_checkpoint: Path | None = Field(None, description="segment-anything checkpoint; unset: attention masks")
-    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_h"
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="architecture of the SAM checkpoint")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
@@ -51,22 +51,22 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./data"), description="images, masks and reports of jobs")
     retention_s: int = Field(7 * 24 * 3600, ge=60, description="how long job/session records and images are kept")
     api_keys: list[str] = Field(default_factory=list, description="JSON list; empty: no authentication")
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
+    api_host: str = Field("127.0.0.1", description="address `lmd serve` binds")
+    api_port: int = Field(8000, description="port `lmd serve` binds")
 
     # --- limits (enforced at the API edge with 422) -----------------------------------------
-    max_prompt_chars: int = 2000
-    max_instruction_chars: int = 1000
-    max_objects: int = 30
-    max_steps: int = 150
-    min_size: int = 64
-    max_size: int = 1024
-    max_seed: int = 2**32 - 1
+    max_prompt_chars: int = Field(2000, description="longest prompt (422 above)")
+    max_instruction_chars: int = Field(1000, description="longest multi-turn instruction (422 above)")
+    max_objects: int = Field(30, description="most objects in a layout (422 above)")
+    max_steps: int = Field(150, description="most denoising steps a request may ask for")
+    min_size: int = Field(64, description="smallest width/height in pixels (multiples of 8)")
+    max_size: int = Field(1024, description="largest width/height in pixels (multiples of 8)")
+    max_seed: int = Field(2**32 - 1, description="largest seed accepted")
 
     # --- workers -------------------------------------------------------------------------
-    task_soft_time_limit_s: int = 600
-    task_time_limit_s: int = 660
-    max_redeliveries: int = 2
+    task_soft_time_limit_s: int = Field(600, description="a task past this ends failed (Celery soft limit)")
+    task_time_limit_s: int = Field(660, description="hard limit: the worker process is killed and replaced")
+    max_redeliveries: int = Field(2, description="re-runs of a job whose worker died; then failed with worker_lost")
     heartbeat_s: float = Field(5.0, gt=0, description="how often a running job's worker refreshes its heartbeat")
     worker_lost_after_s: float = Field(60.0, gt=0, description="a running job with an older heartbeat is re-enqueued")
     reaper_interval_s: float = Field(15.0, gt=0, description="how often each worker sweeps lost jobs and old images")
