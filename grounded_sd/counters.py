@@ -1,11 +1,13 @@
 """The one place UNet work is counted: every forward and every backward, with batch sizes.
 
 The report and the benchmark read the same numbers. "samples" is the sum of batch sizes,
-the honest unit of UNet work when batches differ.
+the honest unit of UNet work when batches differ; ``forward_s`` and ``backward_s`` are the
+seconds spent inside those calls (CUDA is synchronised around each, so the time is the GPU's).
 """
 
 from __future__ import annotations
 
+import time
 import time
 from collections import Counter
 
@@ -20,6 +22,8 @@ class UNetCalls(BaseModel):
     backward_samples: int = Field(0, description="sum of the batch sizes of the backwards")
     forward_batch_sizes: dict[int, int] = Field(default_factory=dict, description="batch size -> number of forwards")
     backward_batch_sizes: dict[int, int] = Field(default_factory=dict, description="batch size -> number of backwards")
+    forward_s: float = Field(0.0, description="seconds inside UNet forwards")
+    backward_s: float = Field(0.0, description="seconds inside latent gradients (UNet backwards)")
     forward_s: float = Field(0.0, description="wall time inside UNet forwards")
     backward_s: float = Field(0.0, description="wall time inside backwards to the latent")
 
@@ -53,24 +57,28 @@ class UNetCounter:
         calls.forward += 1
         calls.forward_samples += batch
         calls.forward_batch_sizes[batch] = calls.forward_batch_sizes.get(batch, 0) + 1
-        started = time.perf_counter()
-        try:
-            return self.unet(
-                sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
-            )[0]
-        finally:
-            calls.forward_s += time.perf_counter() - started
+        started = self._clock(sample)
+        noise = self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
+        )[0]
+        calls.forward_s += self._clock(sample) - started
+        return noise
 
     def grad(self, loss: torch.Tensor, latents: torch.Tensor, *, batch: int) -> torch.Tensor:
         calls = self._calls()
         calls.backward += 1
         calls.backward_samples += batch
         calls.backward_batch_sizes[batch] = calls.backward_batch_sizes.get(batch, 0) + 1
-        started = time.perf_counter()
-        try:
-            return torch.autograd.grad(loss, [latents])[0]
-        finally:
-            calls.backward_s += time.perf_counter() - started
+        started = self._clock(latents)
+        grad = torch.autograd.grad(loss, [latents])[0]
+        calls.backward_s += self._clock(latents) - started
+        return grad
+
+    @staticmethod
+    def _clock(tensor: torch.Tensor) -> float:
+        if tensor.device.type == "cuda":
+            torch.cuda.synchronize(tensor.device)
+        return time.perf_counter()
 
     def total(self) -> UNetCalls:
         total = UNetCalls()

@@ -239,6 +239,7 @@ def test_layout_object_and_save_write_every_output(tiny_pipeline, tmp_path):
     assert {s.name for s in report.stages} == {"per_box", "masks", "final"}
     assert report.unet_total.forward == sum(s.unet.forward for s in report.stages)
     assert report.unet_total.forward_samples == sum(size * n for size, n in report.unet_total.forward_batch_sizes.items())
+    assert 0 < report.unet_total.forward_s < report.wall_s and report.unet_total.backward_s > 0
     for obj in report.objects:
         assert obj.mask_source in {"sam", "attention", "box"}
         assert 0 < obj.mask_area <= 1 and 0 <= obj.mask_box_iou <= 1
