@@ -307,3 +307,21 @@ def test_unknown_scheduler_and_missing_model_are_load_errors(tiny_sd_path, tmp_p
     (tmp_path / "unet").mkdir()
     with pytest.raises(ModelLoadError, match="missing vae/, text_encoder/, tokenizer/, scheduler/"):
         LMDPipeline.from_pretrained(tmp_path, device="cpu")
+
+
+def test_non_square_image_with_repeated_phrases(tiny_pipeline):
+    layout = {
+        "objects": [
+            {"id": "a1", "phrase": "an apple", "box": [0.05, 0.1, 0.3, 0.9]},
+            {"id": "a2", "phrase": "an apple", "box": [0.35, 0.1, 0.6, 0.9]},
+            {"id": "cat", "phrase": "a cat", "box": [0.65, 0.2, 0.95, 0.95]},
+        ],
+        "background": "a kitchen",
+    }
+    result = tiny_pipeline(layout, seed=2, width=96, height=32, options=opts(loss_threshold=0.0))
+    assert result.image.size == (96, 32)
+    assert all(m.size == (96, 32) for m in result.masks.values())
+    assert result.report.prompt == "a kitchen with two apples and a cat"
+    assert result.intermediates.per_box_latents.shape[-2:] == (16, 48)
+    for obj in result.report.objects:
+        assert obj.final_energy.start is not None and obj.final_energy.iterations > 0
