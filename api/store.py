@@ -37,6 +37,7 @@ ErrorCode = Literal[
     "llm_bad_output",
     "invalid_layout",
     "variant_unavailable",
+    "model_unavailable",
     "no_layout",
     "out_of_memory",
     "timeout",

@@ -247,7 +247,7 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     if isinstance(exc, SoftTimeLimitExceeded):
         return "timeout", f"the {stage} stage ran past LMD_TASK_SOFT_TIME_LIMIT_S; use fewer steps or a smaller size"
     if stage == "render":
-        from grounded_sd import GenerationCanceled, InvalidLayoutError, VariantUnavailable
+        from grounded_sd import GenerationCanceled, InvalidLayoutError, ModelLoadError, VariantUnavailable
 
         if isinstance(exc, GenerationCanceled):
             return "canceled", "canceled while rendering"
@@ -255,6 +255,8 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
             return "invalid_layout", str(exc)
         if isinstance(exc, VariantUnavailable):
             return "variant_unavailable", str(exc)
+        if isinstance(exc, ModelLoadError):
+            return "model_unavailable", f"the render worker cannot load its model: {exc}. Check LMD_SD_MODEL."
         import torch
 
         if isinstance(exc, torch.cuda.OutOfMemoryError):

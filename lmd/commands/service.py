@@ -65,7 +65,7 @@ def _worker(args: argparse.Namespace) -> int:
     unknown = [q for q in queues if q not in QUEUES]
     if not queues or unknown:
         raise CLIError(f"--queues must name plan, render or both (comma-separated); got {args.queues!r}")
-    concurrency = args.concurrency or min(DEFAULT_CONCURRENCY[q] for q in queues)
+    concurrency = args.concurrency if args.concurrency is not None else min(DEFAULT_CONCURRENCY[q] for q in queues)
     if concurrency < 1:
         raise CLIError("--concurrency must be at least 1")
     if "render" in queues and concurrency != 1:
