@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     min_size: int = Field(64, description="smallest width/height in pixels (multiples of 8)")
     max_size: int = Field(1024, description="largest width/height in pixels (multiples of 8)")
     max_seed: int = Field(2**32 - 1, description="largest seed accepted")
+    max_active_jobs: int = Field(1000, ge=1, description="unfinished jobs of all keys together; more -> 429")
 
     # --- workers -------------------------------------------------------------------------
     task_soft_time_limit_s: int = Field(600, description="a task past this ends failed (Celery soft limit)")
