@@ -382,6 +382,14 @@ class Store:
 
         return self.update_job(job_id, change)
 
+    def fail(self, job_id: str, code: ErrorCode, message: str) -> JobRecord | None:
+        """End an unfinished job ``failed`` whoever holds it (a hard time limit killed its worker)."""
+        return self.update_job(job_id, lambda job: None if job.terminal else job.model_copy(
+            update=_ending("failed", code, message)))
+
+    def active_count(self) -> int:
+        return int(self.redis.scard(self.active_key))
+
     # --- sessions --------------------------------------------------------------------------------
     def conversation(self, session_id: str, before_turn: int) -> list[tuple[str, Layout]]:
         """(text, layout) of the session's succeeded turns before ``before_turn``: what a revision sees."""

@@ -16,6 +16,7 @@ from kombu.exceptions import OperationalError
 
 from api.schemas import Accepted
 from api.store import IdempotencyRecord, JobError, JobRecord, SessionRecord, Store, body_hash
+from lmd.settings import Settings
 from worker.celery_app import enqueue
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def submit(
     route: str,
     payload: dict,
     idempotency_key: str | None,
-    retry_after_s: int,
+    settings: Settings,
 ) -> Accepted:
     """Store ``job`` as the next turn of ``session`` and enqueue it; replay an earlier answer for a reused key."""
     claim = None
@@ -47,6 +48,9 @@ def submit(
                                    session_id=session.session_id, turn=0)
         claim = (store.idempotency_key(job.owner, route, idempotency_key), record)
 
+    if store.active_count() >= settings.max_active_jobs and not (claim and store.redis.exists(claim[0])):
+        raise HTTPException(429, f"{settings.max_active_jobs} jobs are already queued or running "
+                                 "(LMD_MAX_ACTIVE_JOBS); retry later", {"Retry-After": str(settings.retry_after_s)})
     created, earlier = store.create_job(job, session, claim)
     if earlier is not None:
         if earlier.body_hash != claim[1].body_hash:
@@ -65,6 +69,6 @@ def submit(
         }))
         if claim is not None:
             store.forget_idempotency(claim[0])
-        raise HTTPException(503, "the job queue is unreachable; retry shortly", {"Retry-After": str(retry_after_s)}) from exc
+        raise HTTPException(503, "the job queue is unreachable; retry shortly", {"Retry-After": str(settings.retry_after_s)}) from exc
     return Accepted(job_id=created.job_id, session_id=created.session_id, turn=created.turn,
                     status_url=f"/jobs/{created.job_id}")

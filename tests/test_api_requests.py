@@ -11,7 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from tests.support.service import service_settings
+from tests.support.service import RedisServer, service_settings
 
 LAYOUT = {
     "objects": [{"id": "cat", "phrase": "a cat", "box": [0.1, 0.2, 0.5, 0.8]}],
@@ -204,3 +204,22 @@ def test_a_key_sees_only_its_own_jobs_and_sessions(keyed_client):
     one = keyed_client.post("/generate", json=body, headers={**a, "Idempotency-Key": "k"}).json()
     two = keyed_client.post("/generate", json=body, headers={**b, "Idempotency-Key": "k"}).json()
     assert one["job_id"] != two["job_id"]
+
+
+def test_a_full_queue_is_429_with_retry_after_and_frees_up_when_a_job_ends(tmp_path):
+    server = RedisServer().start()
+    try:
+        settings = service_settings(server.url, tmp_path, max_active_jobs=2, retry_after_s=4)
+        with TestClient(create_app(settings)) as c:
+            body = {"prompt": "a cat", "width": 64, "height": 64}
+            first = c.post("/generate", json=body, headers={"Idempotency-Key": "one"})
+            assert c.post("/generate", json=body).status_code == 202
+            full = c.post("/generate", json=body)
+            assert full.status_code == 429 and full.headers["retry-after"] == "4"
+            assert "LMD_MAX_ACTIVE_JOBS" in full.json()["detail"]
+            replay = c.post("/generate", json=body, headers={"Idempotency-Key": "one"})  # a retry is not new work
+            assert replay.status_code == 202 and replay.json()["job_id"] == first.json()["job_id"]
+            c.post(f"/jobs/{first.json()['job_id']}/cancel")
+            assert c.post("/generate", json=body).status_code == 202
+    finally:
+        server.stop()

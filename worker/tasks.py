@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task, signals
+from celery.exceptions import TimeLimitExceeded
 
 from lmd.settings import get_settings
 from worker import runtime
@@ -23,6 +24,14 @@ def plan(job_id: str) -> str:
 def render(job_id: str) -> str:
     """Stage 2 for one job (queue ``render``)."""
     return runtime.current().run_render(job_id)
+
+
+@signals.task_failure.connect
+def _end_on_hard_time_limit(sender=None, exception=None, args=None, **_: object) -> None:
+    """A hard time limit kills the pool child mid-task; its main process ends the job ``timeout``."""
+    if isinstance(exception, TimeLimitExceeded) and args:
+        runtime.current().store.fail(args[0], "timeout", "the job ran past LMD_TASK_TIME_LIMIT_S and its process "
+                                     "was stopped; use fewer steps or a smaller size")
 
 
 _maintenance: dict[str, runtime.Maintenance] = {}

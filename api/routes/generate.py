@@ -58,5 +58,4 @@ def generate(
         created_at=now,
         updated_at=now,
     )
-    return submit(store, celery, job, session, "generate", body.model_dump(mode="json"), idempotency_key,
-                  settings.retry_after_s)
+    return submit(store, celery, job, session, "generate", body.model_dump(mode="json"), idempotency_key, settings)

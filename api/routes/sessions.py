@@ -62,7 +62,7 @@ def instruct(
         updated_at=now,
     )
     payload = {"session_id": session.session_id, **body.model_dump(mode="json")}
-    return submit(store, celery, job, session, "instruct", payload, idempotency_key, settings.retry_after_s)
+    return submit(store, celery, job, session, "instruct", payload, idempotency_key, settings)
 
 
 def _render_settings_of_latest(session, jobs: dict[str, JobRecord]) -> dict:
