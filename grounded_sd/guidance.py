@@ -24,6 +24,12 @@ class EnergyTarget:
     box: Box
     boxes: tuple[Box, ...]
 
+    @property
+    def object_token(self) -> int | None:
+        """The phrase's last token (the head noun in English noun phrases): the token whose
+        attention masks (§2.4) and attention transfer (§2.6) read, as in the reference."""
+        return self.token_indices[-1] if self.token_indices else None
+
 
 def union_mask(boxes: tuple[Box, ...], h: int, w: int, device) -> torch.Tensor:
     mask = torch.zeros(h, w, device=device)
@@ -49,11 +55,11 @@ def object_energy(probs: torch.Tensor, target: EnergyTarget, latent_hw: tuple[in
     inside = union_mask(target.boxes, h, w, probs.device).flatten()
     outside = 1.0 - inside
     attn = probs[:, :, list(target.token_indices)].transpose(1, 2)  # heads, tokens, h*w
-    k_in = max(1, round(topk_fraction * float(inside.sum())))
+    k_in = max(1, int(topk_fraction * float(inside.sum())))
     energy = 1.0 - _topk_mean(attn * inside, k_in)
     n_out = float(outside.sum())
     if n_out >= 1:
-        k_out = max(1, round(topk_fraction * n_out))
+        k_out = max(1, int(topk_fraction * n_out))
         energy = energy + background_weight * _topk_mean(attn * outside, k_out)
     return energy.mean(dim=1).sum(dim=0)
 
@@ -65,15 +71,15 @@ def _normalised_in_box(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def transfer_loss(probs: torch.Tensor, target: EnergyTarget, reference: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """§2.6 attention transfer for one object at one layer: L1 between this pass's and the per-box
-    pass's attention of the object's tokens, both masked to the object's box and normalised to
-    sum 1 per head; summed over heads like the energy. ``reference``: ``(heads, h*w)``."""
-    if not target.token_indices:
+    pass's attention of the object's token, both masked to the object's box and normalised to
+    sum 1 per head, averaged over heads. ``reference``: ``(heads, h*w)``."""
+    if target.object_token is None:
         return probs.new_zeros(())
     h, w = map_shape(probs.shape[-2], latent_hw)
     mask = box_mask(target.box, h, w, probs.device).flatten()
-    current = probs[:, :, list(target.token_indices)].mean(dim=-1)  # heads, h*w
+    current = probs[:, :, target.object_token]  # heads, h*w
     diff = _normalised_in_box(current, mask) - _normalised_in_box(reference.to(current), mask)
-    return diff.abs().sum(dim=-1).sum(dim=0)
+    return diff.abs().sum(dim=-1).mean(dim=0)
 
 
 @dataclass

@@ -270,7 +270,7 @@ class LMDPipeline:
             nonlocal mask_sum, mask_count
             cond_maps = {layer: probs[n:] for layer, probs in maps.items()}  # rows: uncond..., cond...
             per_object = {
-                layer: torch.stack([token_maps(probs[i], list(t.token_indices) or [0]) for i, t in enumerate(box_targets)])
+                layer: torch.stack([token_maps(probs[i], [t.object_token if t.object_token is not None else 0]) for i, t in enumerate(box_targets)])
                 for layer, probs in cond_maps.items()
             }
             if transfer and step < final_guided:
