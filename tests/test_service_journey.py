@@ -155,6 +155,18 @@ def test_generate_then_instruct_journey(api, stack):
     assert boxes[0]["cat"] == boxes[1]["cat"] and boxes[0]["dog"] != boxes[1]["dog"]
 
 
+def test_a_repeated_prompt_is_planned_from_the_llm_cache_in_redis(api, stack):
+    asked = len(stack.llm.requests)
+    accepted = api.post("/generate", json={"prompt": "a cat and a dog in a living room", "width": 64, "height": 48,
+                                           "steps": 2, "seed": 11})
+    job = wait_for_job(api, accepted.json()["job_id"], {"succeeded", "failed", "canceled"})
+    assert job["state"] == "succeeded", (job, stack.logs())
+    assert len(stack.llm.requests) == asked  # no new LLM call
+    assert [o["id"] for o in job["layout"]["objects"]] == ["cat", "dog"]
+    assert list(stack.redis.scan_iter(match="lmd:llm:*"))
+    assert all(0 < stack.redis.ttl(k) <= stack.settings.retention_s for k in stack.redis.scan_iter(match="lmd:llm:*"))
+
+
 def test_progress_advances_and_cancel_ends_a_running_job(api, stack):
     accepted = api.post("/generate", json={"layout": GIVEN_LAYOUT, "width": 64, "height": 64, "steps": 200, "seed": 1})
     job_id = accepted.json()["job_id"]
