@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 
+class ForwardStopped(Exception):
+    """Raised by the last wanted layer of a capture opened with ``stop_when_captured``: the
+    rest of the UNet cannot change the captured maps, so guidance skips computing it."""
+
+
 class AttentionRecorder:
     """Holds which layers capture in the current forward, and what they captured.
 
@@ -28,21 +33,28 @@ class AttentionRecorder:
     def __init__(self) -> None:
         self._layers: frozenset[str] = frozenset()
         self._captured: dict[str, list[torch.Tensor]] = {}
+        self._stop_when_captured = False
 
     @contextlib.contextmanager
-    def capture(self, layers: Iterable[str]) -> Iterator["AttentionRecorder"]:
+    def capture(self, layers: Iterable[str], *, stop_when_captured: bool = False) -> Iterator["AttentionRecorder"]:
+        """Capture ``layers`` in the forwards run inside the block. With ``stop_when_captured``
+        the forward ends with :class:`ForwardStopped` once every layer has been captured."""
         self._layers = frozenset(layers)
         self._captured = {}
+        self._stop_when_captured = stop_when_captured
         try:
             yield self
         finally:
             self._layers = frozenset()
+            self._stop_when_captured = False
 
     def wants(self, layer: str) -> bool:
         return layer in self._layers
 
     def store(self, layer: str, probs: torch.Tensor) -> None:
         self._captured.setdefault(layer, []).append(probs)
+        if self._stop_when_captured and self._layers.issubset(self._captured):
+            raise ForwardStopped(layer)
 
     def maps(self) -> dict[str, torch.Tensor]:
         """Layer name -> softmax probabilities ``(batch, heads, h*w, tokens)``."""

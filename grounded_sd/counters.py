@@ -58,11 +58,12 @@ class UNetCounter:
         calls.forward_samples += batch
         calls.forward_batch_sizes[batch] = calls.forward_batch_sizes.get(batch, 0) + 1
         started = self._clock(sample)
-        noise = self.unet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
-        )[0]
-        calls.forward_s += self._clock(sample) - started
-        return noise
+        try:
+            return self.unet(
+                sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
+            )[0]
+        finally:
+            calls.forward_s += self._clock(sample) - started
 
     def grad(self, loss: torch.Tensor, latents: torch.Tensor, *, batch: int) -> torch.Tensor:
         calls = self._calls()

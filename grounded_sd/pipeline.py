@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from grounded_sd.attention import AttentionRecorder, box_mask, map_shape, recording_attention, resolve_attention_layers, token_maps
+from grounded_sd.attention import AttentionRecorder, ForwardStopped, box_mask, map_shape, recording_attention, resolve_attention_layers, token_maps
 from grounded_sd.compose import box_noise, compose_latents, mask_to_latent, object_seed, seeded_noise
 from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, VariantUnavailable
@@ -469,13 +469,17 @@ class LMDPipeline:
         return noise_uncond + run.options.guidance_scale * (noise_cond - noise_uncond)
 
     def _attention_forward(self, run: _Run, t, scheduler, cond, gligen) -> Callable[[torch.Tensor, list[int]], dict[str, torch.Tensor]]:
-        """The conditional forward of guidance: explicit softmax on the guided layers only."""
+        """The conditional forward of guidance: explicit softmax on the guided layers only, and
+        the UNet stops after the last of them (what follows cannot change the energy)."""
 
         def forward(latents: torch.Tensor, rows: list[int]) -> dict[str, torch.Tensor]:
             kwargs = {"gligen": {k: v[rows] for k, v in gligen.items()}} if gligen is not None else None
             embeddings = cond[rows] if cond.shape[0] > 1 else cond.expand(len(rows), -1, -1)
-            with run.recorder.capture(run.layers):
-                run.counter.forward(scheduler.scale_model_input(latents, t), t, embeddings, kwargs)
+            with run.recorder.capture(run.layers, stop_when_captured=True):
+                try:
+                    run.counter.forward(scheduler.scale_model_input(latents, t), t, embeddings, kwargs)
+                except ForwardStopped:
+                    pass
                 maps = run.recorder.maps()
             run.recorder.clear()
             return maps

@@ -13,7 +13,13 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from grounded_sd import LMDOptions
-from grounded_sd.attention import AttentionRecorder, RecordingAttnProcessor, default_attention_layers, recording_attention
+from grounded_sd.attention import (
+    AttentionRecorder,
+    ForwardStopped,
+    RecordingAttnProcessor,
+    default_attention_layers,
+    recording_attention,
+)
 from grounded_sd.compose import box_noise, compose_latents, mask_to_latent, object_seed
 from grounded_sd.counters import UNetCounter
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, guide_latents, object_energy
@@ -243,3 +249,27 @@ def test_backward_guidance_lowers_the_energy_on_the_same_latent(tiny_pipeline):
             loss_fn=loss_fn, counter=run.counter, max_batch=None,
         )
         assert torch.equal(untouched, latents) and run.counter.total().backward == 0
+
+
+def test_guidance_forward_stops_after_the_last_guided_layer_with_the_same_maps(tiny_pipeline):
+    pipe = tiny_pipeline
+    _, layers, scheduler, _, cond = _guidance_setup(pipe)
+    latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = scheduler.timesteps[3]
+    reached: list[str] = []
+    handle = pipe.unet.conv_out.register_forward_pre_hook(lambda m, a: reached.append("conv_out"))
+    try:
+        with recording_attention(pipe.unet, layers) as recorder, torch.no_grad():
+            with recorder.capture(layers):
+                pipe.unet(latents, t, encoder_hidden_states=cond.expand(2, -1, -1))
+                full = recorder.maps()
+            assert reached == ["conv_out"]
+            with recorder.capture(layers, stop_when_captured=True):
+                with pytest.raises(ForwardStopped):
+                    pipe.unet(latents, t, encoder_hidden_states=cond.expand(2, -1, -1))
+                stopped = recorder.maps()
+    finally:
+        handle.remove()
+    assert reached == ["conv_out"]  # the stopped forward never got to the output layer
+    assert stopped.keys() == full.keys() == set(layers)
+    assert all(torch.equal(stopped[name], full[name]) for name in layers)
