@@ -69,7 +69,7 @@ def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
         dtype="float32",
         torch_threads=1,
         heartbeat_s=0.3,
-        worker_lost_after_s=3.0,
+        worker_lost_after_s=5.0,
         reaper_interval_s=0.5,
         max_redeliveries=2,
     )

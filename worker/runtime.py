@@ -324,7 +324,7 @@ class Maintenance:
         next_sweep = 0.0
         while True:
             try:
-                self.store.register_worker(self.name, self.queues, ttl_s=3 * self.settings.heartbeat_s)
+                self.store.register_worker(self.name, self.queues, ttl_s=max(3 * self.settings.heartbeat_s, 10.0))
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.settings.reaper_interval_s
                     self.sweep()
