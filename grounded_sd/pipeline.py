@@ -298,9 +298,11 @@ class LMDPipeline:
         masks: dict[str, Image.Image] = {}
         latent_masks = []
         with self._stage(run, "masks", n):
-            images_source = per_box[-1] if options.per_box_full_pass or out.last_pred_x0 is None else out.last_pred_x0
-            if not options.per_box_full_pass:
-                run.notes.append(f"per-box pass stopped at step {per_box_steps} of {options.steps}; masks from its x0-prediction")
+            shortened = per_box_steps < options.steps
+            images_source = out.last_pred_x0 if shortened and out.last_pred_x0 is not None else per_box[-1]
+            if shortened:
+                source = "its x0-prediction" if out.last_pred_x0 is not None else "its latent (the scheduler gives no x0-prediction)"
+                run.notes.append(f"per-box pass stopped at step {per_box_steps} of {options.steps}; masks segmented on {source}")
             per_box_images = self._decode(images_source, options.max_batch)
             attention = mask_sum / max(mask_count, 1)
             for index, (obj, image) in enumerate(zip(objects, per_box_images)):

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
+    max_batch: int | None = Field(None, ge=1, description="most samples per UNet call in stage 2; unset: all objects x CFG in one call")
 
     # --- service -------------------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="broker, results, records, LLM cache")

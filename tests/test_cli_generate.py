@@ -54,6 +54,7 @@ def test_generate_from_a_layout_writes_every_output(clean_env, tiny_sd_path, cap
 def test_generate_from_a_prompt_plans_then_renders(clean_env, tiny_sd_path, fake_llm, monkeypatch, capsys):
     for name, value in fake_llm.env().items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LMD_MAX_BATCH", "1")
     fake_llm.enqueue({"objects": [{"id": "dog", "phrase": "a dog", "box": [0, 256, 256, 256]}], "background": "a beach", "negative": "people"})
     out = clean_env / "out"
     code = main(["generate", "a dog on a beach, no people", "--out", str(out), "--model", str(tiny_sd_path), "--preset", "fast", *FAST])
@@ -64,6 +65,7 @@ def test_generate_from_a_prompt_plans_then_renders(clean_env, tiny_sd_path, fake
     report = json.loads((out / "report.json").read_text())
     assert report["prompt"] == "a beach with a dog" and report["negative_prompt"].startswith("people")
     assert (out / "masks" / "dog.png").is_file()
+    assert report["options"]["max_batch"] == 1 and set(report["unet_total"]["forward_batch_sizes"]) == {"1"}
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), help="default LMD_DTYPE, auto: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")
     parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default 512)")
+    parser.add_argument("--max-batch", type=int, help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_generate)
 
@@ -152,7 +153,11 @@ def run_generate(args: argparse.Namespace) -> int:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     _quiet_library_bars()
-    overrides = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale), ("max_batch", args.max_batch or settings.max_batch))
+        if v is not None
+    }
     try:
         options = getattr(LMDOptions, args.preset)(**overrides)
     except ValidationError as exc:
