@@ -217,3 +217,17 @@ def test_a_render_worker_killed_mid_job_is_replaced_and_the_job_completes(api, s
     assert job["state"] == "succeeded", (job, stack.logs())
     assert job["deliveries"] == 2
     _png(api.get(f"/jobs/{job_id}/image"), (64, 64))
+
+
+def test_a_render_past_the_soft_time_limit_fails_with_timeout(api, stack):
+    for name, worker in list(stack.workers.items()):
+        if name.startswith("render"):
+            worker.stop()
+    limited = WorkerProcess("render", {**stack.env, "LMD_TASK_SOFT_TIME_LIMIT_S": "2", "LMD_TASK_TIME_LIMIT_S": "30"},
+                            stack.tmp / "render-limited.log")
+    stack.workers["render-limited"] = limited
+    limited.wait_ready(stack.redis)
+    accepted = api.post("/generate", json={"layout": GIVEN_LAYOUT, "width": 64, "height": 64, "steps": 400})
+    job = wait_for_job(api, accepted.json()["job_id"], {"succeeded", "failed", "canceled"})
+    assert job["state"] == "failed" and job["error"]["code"] == "timeout", (job, stack.logs())
+    assert "LMD_TASK_SOFT_TIME_LIMIT_S" in job["error"]["message"]
