@@ -14,7 +14,6 @@ import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 
