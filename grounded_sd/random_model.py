@@ -31,6 +31,11 @@ WORDS = (
 
 Shape = Literal["tiny", "sd"]
 
+ATTENTION_SHARPNESS = 4.0
+"""Random init gives near-uniform cross-attention (every token ~1/77); the query and key
+weights of every cross-attention are scaled by this so that attention maps, and the energy's
+gradient, look more like a trained model's."""
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's byte -> printable character table (GPT-2 style)."""
@@ -119,6 +124,11 @@ def build_random_sd(path: Path | str, *, shape: Shape = "tiny", gligen: bool = F
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     unet, vae, hidden = _unet_and_vae(shape, gligen)
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(ATTENTION_SHARPNESS)
+                module.to_k.weight.mul_(ATTENTION_SHARPNESS)
     tokenizer = write_clip_tokenizer(path / "tokenizer")
     vocab = tokenizer.get_vocab()
     text_encoder = CLIPTextModel(
