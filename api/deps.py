@@ -55,18 +55,23 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 OwnerDep = Annotated[str | None, Depends(get_owner)]
 
 
+def _shown(record_id: str) -> str:
+    """An id as a 404 quotes it: printable and short, whatever the client sent."""
+    return ascii(record_id[:64]) + ("..." if len(record_id) > 64 else "")
+
+
 def owned_job(job_id: str, store: StoreDep, owner: OwnerDep) -> JobRecord:
     """The job, or 404 when it does not exist, expired, or belongs to another key."""
     job = store.get_job(job_id) if len(job_id) <= 64 else None
     if job is None or job.owner != owner:
-        raise HTTPException(404, f"job {job_id!r} not found (unknown, expired, or not yours)")
+        raise HTTPException(404, f"job {_shown(job_id)} not found (unknown, expired, or not yours)")
     return job
 
 
 def owned_session(session_id: str, store: StoreDep, owner: OwnerDep) -> SessionRecord:
     session = store.get_session(session_id) if len(session_id) <= 64 else None
     if session is None or session.owner != owner:
-        raise HTTPException(404, f"session {session_id!r} not found (unknown, expired, or not yours)")
+        raise HTTPException(404, f"session {_shown(session_id)} not found (unknown, expired, or not yours)")
     return session
 
 

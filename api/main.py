@@ -7,11 +7,13 @@ connection pool reconnects by itself once Redis is back.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
@@ -21,6 +23,38 @@ from lmd.settings import Settings, get_settings
 from worker.celery_app import create_celery
 
 log = logging.getLogger(__name__)
+
+
+MAX_ECHO_CHARS = 200
+
+
+def _echo(value: object) -> object:
+    """A request value as a 422 may show it: JSON-safe (NaN, Infinity, surrogates) and short."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError):
+        return ascii(value)[:MAX_ECHO_CHARS]
+    return value if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "..."
+
+
+def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 (``detail[].loc`` names the field), but never a 500 while echoing the input.
+
+    The default handler echoes each bad value verbatim: ``NaN`` or ``1e400`` (which JSON
+    bodies may carry) cannot be serialised and a 100 kB phrase comes back whole.
+    """
+    detail = []
+    for error in exc.errors():
+        error = {k: v for k, v in error.items() if k != "url"}
+        if "ctx" in error:
+            error["ctx"] = {k: str(v) if isinstance(v, Exception) else _echo(v) for k, v in error["ctx"].items()}
+        if "input" in error:
+            error["input"] = _echo(error["input"])
+        error["msg"] = str(error.get("msg", ""))[:1000].encode("utf-8", "backslashreplace").decode("utf-8")
+        error["loc"] = [p if isinstance(p, int) else str(p) for p in error.get("loc", ())]
+        detail.append(error)
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def conflict(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(redis.RedisError, unavailable)
     app.add_exception_handler(OperationalError, unavailable)
     app.add_exception_handler(StoreConflict, conflict)

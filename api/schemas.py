@@ -7,6 +7,7 @@ setting in each message so a 422 says what to change.
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Literal
 
@@ -134,13 +135,45 @@ class Readiness(BaseModel):
     queues_without_workers: list[str]
 
 
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+def _bad_character(text: str) -> tuple[int, str] | None:
+    """The first control character or lone surrogate in ``text`` (tab and newlines are fine)."""
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) in ("Cc", "Cs") and ch not in _ALLOWED_CONTROLS:
+            return i, ch
+    return None
+
+
+def text_errors(value: object, loc: tuple) -> list[dict]:
+    """422 errors for every string in ``value`` (nested) holding a control character or a lone surrogate.
+
+    Such text reaches the LLM, the tokenizer, logs and JSON records; a lone surrogate cannot
+    even be stored as UTF-8. It is refused at the edge with the field's path.
+    """
+    if isinstance(value, str):
+        found = _bad_character(value)
+        if found is None:
+            return []
+        i, ch = found
+        kind = "a lone surrogate" if unicodedata.category(ch) == "Cs" else "a control character"
+        return [{"loc": ("body", *loc), "msg": f"{loc[-1] if loc else 'body'} contains {kind} "
+                 f"(U+{ord(ch):04X}) at position {i}; remove it", "type": "value_error", "input": ascii(value)[:200]}]
+    if isinstance(value, dict):
+        return [e for k, v in value.items() for e in text_errors(v, (*loc, k))]
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in text_errors(v, (*loc, i))]
+    return []
+
+
 def _error(field: str, message: str, value: object) -> dict:
     return {"loc": ("body", field), "msg": message, "type": "value_error", "input": value}
 
 
 def limit_errors(body: GenerateRequest | InstructRequest, settings: Settings) -> list[dict]:
     """Every limit of ``settings`` that ``body`` breaks, in FastAPI's 422 error format."""
-    errors: list[dict] = []
+    errors: list[dict] = text_errors(body.model_dump(exclude_defaults=True), ())
     seed = body.seed
     if seed is not None and not 0 <= seed <= settings.max_seed:
         errors.append(_error("seed", f"seed must be in 0..{settings.max_seed} (LMD_MAX_SEED)", seed))

@@ -223,3 +223,40 @@ def test_a_full_queue_is_429_with_retry_after_and_frees_up_when_a_job_ends(tmp_p
             assert c.post("/generate", json=body).status_code == 202
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"prompt": "a cat", "guidance_scale": NaN}', "guidance_scale"),
+        (b'{"prompt": "a cat", "guidance_scale": Infinity}', "guidance_scale"),
+        (b'{"prompt": "a cat", "seed": 1e400}', "seed"),
+        (b'{"layout": {"objects": [{"id": "c", "phrase": "a cat", "box": [NaN, 0.1, 0.3, 0.4]}]}}', "layout.objects.0.box"),
+        (b'{"prompt": "a \\ud800 cat"}', "prompt"),
+        (b'{"prompt": "a cat\\u0000 on a mat"}', "prompt"),
+        (b'{"prompt": "a cat", "negative_prompt": "\\u001b[31mblurry"}', "negative_prompt"),
+        (b'{"layout": {"objects": [{"id": "c", "phrase": "a \\udfff cat", "box": [0.1, 0.1, 0.3, 0.4]}]}}', "layout.objects.0.phrase"),
+        (b'{"prompt": "a cat", "session_id": "a\\u0007b"}', "session_id"),
+    ],
+)
+def test_values_json_cannot_echo_or_store_are_422_not_500(client, raw, field):
+    """NaN/Infinity/1e400 and lone surrogates broke the 422 (or the record) with a 500; control characters passed."""
+    response = client.post("/generate", content=raw[:-1] + b', "width": 64, "height": 64}',
+                           headers={"content-type": "application/json"})
+    assert field in _fields(response)
+
+
+def test_a_422_echoes_a_huge_value_shortened_and_a_404_a_huge_id_shortened(client):
+    phrase = "x" * 100_000
+    response = client.post("/generate", json={"layout": {"objects": [{"id": "c", "phrase": phrase, "box": [0.1, 0.1, 0.3, 0.4]}]}})
+    assert _fields(response) == ["layout.objects.0.phrase"]
+    assert len(response.content) < 2000
+    missing = client.get("/jobs/" + "y" * 5000)
+    assert missing.status_code == 404 and len(missing.content) < 300
+
+
+def test_unicode_and_newlines_in_a_prompt_are_kept(client):
+    prompt = "un chat 🐈 sur un tapis,\nà côté d'un 猫"
+    accepted = client.post("/generate", json={"prompt": prompt, "width": 64, "height": 64})
+    assert accepted.status_code == 202
+    assert client.get(accepted.json()["status_url"]).json()["prompt"] == prompt
