@@ -6,6 +6,8 @@ which is exactly the state these rules are about.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -129,7 +131,10 @@ def test_events_of_a_finished_job_send_its_state_and_end(client):
     with client.stream("GET", f"/jobs/{job_id}/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         text = "".join(stream.iter_text())
-    assert "event: state" in text and '"state":"canceled"' in text
+    events = [block for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
+    assert [e.splitlines()[0] for e in events] == ["event: state", "event: end"]
+    assert '"state":"canceled"' in events[0]
+    assert json.loads(events[1].splitlines()[1].removeprefix("data: ")) == {"job_id": job_id, "state": "canceled"}
 
 
 def test_instruct_needs_a_finished_succeeded_turn(client):

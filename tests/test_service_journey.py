@@ -117,13 +117,19 @@ def test_generate_then_instruct_journey(api, stack):
     assert accepted.status_code == 202, accepted.text
     job_id, session_id = accepted.json()["job_id"], accepted.json()["session_id"]
 
-    states = []
+    events = []
     with api.stream("GET", f"/jobs/{job_id}/events") as stream:  # server-sent events until the job ends
         for line in stream.iter_lines():
-            if line.startswith("data:"):
-                states.append(json.loads(line[5:]))
+            if line.startswith("event:"):
+                events.append((line[6:].strip(), None))
+            elif line.startswith("data:"):
+                events[-1] = (events[-1][0], json.loads(line[5:]))
+    assert events[-1] == ("end", {"job_id": job_id, "state": "succeeded"}), stack.logs()
+    states = [data for name, data in events[:-1]]
+    assert {name for name, _ in events[:-1]} == {"state"}
     seen = [s["state"] for s in states]
     assert seen[-1] == "succeeded", stack.logs()
+    assert any(s["progress"]["total"] == 4 and 0 < s["progress"]["step"] for s in states if s["state"] == "rendering")
     assert "rendering" in seen and seen.index("rendering") < len(seen) - 1
     order = ["queued", "planning", "rendering", "succeeded"]
     assert [order.index(s) for s in seen] == sorted(order.index(s) for s in seen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import redis
 from fastapi import APIRouter, HTTPException, Request
@@ -60,7 +61,11 @@ def cancel(job: JobDep, store: StoreDep) -> JobView:
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse)
 async def events(job: JobDep, request: Request, store: StoreDep, settings: SettingsDep) -> EventSourceResponse:
-    """Server-sent events: ``state`` (the job view) whenever state or progress changes; ends when the job ends."""
+    """Server-sent events: ``state`` (the job view) whenever state or progress changes.
+
+    When the job has ended, the last ``state`` (the terminal one) is followed by ``end``
+    (``{job_id, state}``) and the stream closes; clients should stop listening on ``end``.
+    """
 
     async def stream():
         last = None
@@ -80,6 +85,8 @@ async def events(job: JobDep, request: Request, store: StoreDep, settings: Setti
                 last = seen
                 yield ServerSentEvent(data=JobView.of(current).model_dump_json(), event="state")
             if current.terminal:
+                # An explicit last event: a browser's EventSource reconnects when a stream just closes.
+                yield ServerSentEvent(data=json.dumps({"job_id": job_id, "state": current.state}), event="end")
                 return
             await asyncio.sleep(settings.events_poll_s)
 
