@@ -18,6 +18,7 @@ from layout_planner.layout import Layout
 from lmd.settings import Settings
 
 Variant = Literal["lmd", "lmd_plus", "sd"]
+Preset = Literal["reference", "fast"]
 
 
 class GenerateRequest(BaseModel):
@@ -32,7 +33,8 @@ class GenerateRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=1000, description="added to the layout's negative prompt")
     layout: Layout | None = Field(None, description="skip stage 1 and render this layout")
     session_id: str | None = Field(None, description="add this generate to an existing session")
-    variant: Variant = Field("lmd", description="lmd (default), lmd_plus (GLIGEN model needed), sd (plain baseline)")
+    variant: Variant | None = Field(None, description="lmd, lmd_plus (GLIGEN model needed), sd (plain baseline); unset: LMD_VARIANT")
+    preset: Preset | None = Field(None, description="stage 2 options: reference (METHOD.md) or fast; unset: LMD_PRESET")
 
 
 class InstructRequest(BaseModel):
@@ -72,6 +74,7 @@ class JobView(BaseModel):
     height: int
     negative_prompt: str | None
     variant: str
+    preset: str
     error: JobError | None
     cancel_requested: bool
     deliveries: int

@@ -85,6 +85,7 @@ class JobRecord(BaseModel):
     height: int = 512
     negative_prompt: str | None = None
     variant: str = "lmd"
+    preset: Literal["reference", "fast"] = "reference"
     state: JobState = "queued"
     progress: Progress = Field(default_factory=Progress)
     error: JobError | None = None

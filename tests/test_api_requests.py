@@ -47,6 +47,7 @@ def _fields(response) -> list[str]:
         ({"prompt": "a cat", "sizee": 64}, "sizee", "Extra inputs"),
         ({"prompt": "a cat", "guidance_scale": -1}, "guidance_scale", "greater than or equal"),
         ({"prompt": "a cat", "variant": "dalle"}, "variant", "lmd"),
+        ({"prompt": "a cat", "preset": "slow"}, "preset", "reference"),
         ({"layout": {**LAYOUT, "objects": []}}, "layout", "empty"),
         ({"layout": {"objects": [{"id": "a", "phrase": "a cat", "box": [0.5, 0.5, 0.2, 0.9]}]}}, "layout.objects.0.box", "zero area"),
     ],
@@ -265,3 +266,13 @@ def test_unicode_and_newlines_in_a_prompt_are_kept(client):
     accepted = client.post("/generate", json={"prompt": prompt, "width": 64, "height": 64})
     assert accepted.status_code == 202
     assert client.get(accepted.json()["status_url"]).json()["prompt"] == prompt
+
+
+def test_preset_and_variant_default_to_the_settings_and_a_request_overrides_them(private_redis, tmp_path):
+    settings = service_settings(private_redis.url, tmp_path, preset="fast", variant="sd")
+    with TestClient(create_app(settings)) as c:
+        unset = c.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()
+        given = c.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64,
+                                          "preset": "reference", "variant": "lmd_plus"}).json()
+        assert [(j["preset"], j["variant"]) for j in (c.get(unset["status_url"]).json(), c.get(given["status_url"]).json())] == [
+            ("fast", "sd"), ("reference", "lmd_plus")]

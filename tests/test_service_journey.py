@@ -72,6 +72,7 @@ def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
         worker_lost_after_s=5.0,
         reaper_interval_s=0.5,
         max_redeliveries=2,
+        max_batch=2,
     )
     env = {**settings_env(settings), **llm.env()}
     api = APIProcess(env, tmp / "api.log")
@@ -164,10 +165,14 @@ def test_generate_then_instruct_journey(api, stack):
 def test_a_repeated_prompt_is_planned_from_the_llm_cache_in_redis(api, stack):
     asked = len(stack.llm.requests)
     accepted = api.post("/generate", json={"prompt": "a cat and a dog in a living room", "width": 64, "height": 48,
-                                           "steps": 2, "seed": 11})
+                                           "steps": 2, "seed": 11, "preset": "fast"})
     job = wait_for_job(api, accepted.json()["job_id"], {"succeeded", "failed", "canceled"})
     assert job["state"] == "succeeded", (job, stack.logs())
     assert len(stack.llm.requests) == asked  # no new LLM call
+    # The request's preset and the worker's LMD_MAX_BATCH reached stage 2's options.
+    report = json.loads((stack.settings.data_dir / "jobs" / job["job_id"] / "report.json").read_text())
+    assert (job["preset"], job["variant"]) == ("fast", "lmd")
+    assert (report["options"]["per_box_full_pass"], report["options"]["max_batch"], report["options"]["steps"]) == (False, 2, 2)
     assert [o["id"] for o in job["layout"]["objects"]] == ["cat", "dog"]
     assert list(stack.redis.scan_iter(match="lmd:llm:*"))
     assert all(0 < stack.redis.ttl(k) <= stack.settings.retention_s for k in stack.redis.scan_iter(match="lmd:llm:*"))

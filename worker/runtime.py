@@ -181,13 +181,8 @@ class WorkerRuntime:
         return "succeeded" if ended is not None and ended.state == "succeeded" else "lost"
 
     def _render(self, job: JobRecord, heartbeat: Heartbeat):
-        from grounded_sd import LMDOptions
-
         pipe = self.pipeline()
-        options = LMDOptions.reference()
-        update = {k: v for k, v in (("steps", job.steps), ("guidance_scale", job.guidance_scale)) if v is not None}
-        if update:
-            options = options.model_copy(update=update)
+        options = render_options(job, self.settings)
 
         def progress(stage: str, step: int, total: int) -> None:
             try:
@@ -232,6 +227,15 @@ class WorkerRuntime:
         else:
             log.info("job %s failed in %s: %s: %s", job_id, stage, code, message)
         return self._end(job_id, "failed", code, message)
+
+
+def render_options(job: JobRecord, settings: Settings):
+    """Stage 2's options for a job: its preset, its steps and guidance, and the worker's LMD_MAX_BATCH."""
+    from grounded_sd import LMDOptions
+
+    overrides = {k: v for k, v in (("steps", job.steps), ("guidance_scale", job.guidance_scale),
+                                   ("max_batch", settings.max_batch)) if v is not None}
+    return getattr(LMDOptions, job.preset)(**overrides)
 
 
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:

@@ -54,7 +54,8 @@ def generate(
         width=body.width,
         height=body.height,
         negative_prompt=body.negative_prompt,
-        variant=body.variant,
+        variant=body.variant or settings.variant,
+        preset=body.preset or settings.preset,
         created_at=now,
         updated_at=now,
     )

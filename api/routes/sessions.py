@@ -66,9 +66,10 @@ def instruct(
 
 
 def _render_settings_of_latest(session, jobs: dict[str, JobRecord]) -> dict:
-    """An edit renders like the turn it edits: same size, steps, guidance, variant, negative prompt."""
+    """An edit renders like the turn it edits: same size, steps, guidance, variant, preset, negative prompt."""
     for t in reversed(session.turns):
         job = jobs.get(t.job_id)
         if job is not None and job.state == "succeeded":
-            return {k: getattr(job, k) for k in ("steps", "guidance_scale", "width", "height", "negative_prompt", "variant")}
+            return {k: getattr(job, k) for k in ("steps", "guidance_scale", "width", "height", "negative_prompt",
+                                                   "variant", "preset")}
     return {}
