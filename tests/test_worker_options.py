@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from api.store import JobRecord, utcnow
 from lmd.settings import Settings
-from worker.runtime import render_options
+from worker.runtime import describe_failure, render_options
 
 
 def _job(**fields) -> JobRecord:
@@ -20,3 +20,38 @@ def test_reference_preset_with_the_requests_steps_and_guidance():
 def test_fast_preset_and_the_workers_max_batch():
     options = render_options(_job(preset="fast"), Settings(_env_file=None, max_batch=2))
     assert (options.steps, options.max_batch, options.per_box_full_pass, options.guidance_steps) == (50, 2, False, 15)
+
+
+def _raised_by(action) -> Exception:
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - the test wants whatever torch raises
+        return exc
+    raise AssertionError("expected an exception")
+
+
+def test_a_failed_cpu_allocation_is_out_of_memory_not_internal():
+    import torch
+
+    exc = _raised_by(lambda: torch.empty(2**50, dtype=torch.uint8))  # a real allocator failure, 1 PiB
+    code, message = describe_failure(exc, "render")
+    assert code == "out_of_memory" and "host memory" in message
+
+
+def test_other_runtime_errors_stay_internal():
+    import torch
+
+    exc = _raised_by(lambda: torch.ones(2) @ torch.ones(3))
+    assert describe_failure(exc, "render")[0] == "internal"
+
+
+def test_a_cuda_out_of_memory_is_out_of_memory():
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (a real allocation past its memory)")
+    total = torch.cuda.get_device_properties(0).total_memory
+    exc = _raised_by(lambda: torch.empty(2 * total, dtype=torch.uint8, device="cuda"))
+    assert isinstance(exc, torch.OutOfMemoryError)
+    assert describe_failure(exc, "render")[0] == "out_of_memory"

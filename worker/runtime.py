@@ -238,6 +238,10 @@ def render_options(job: JobRecord, settings: Settings):
     return getattr(LMDOptions, job.preset)(**overrides)
 
 
+# What torch's CPU allocator raises (a plain RuntimeError, not torch.OutOfMemoryError) when malloc fails.
+CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
+
+
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     """A typed failure's code and a message a person can act on (SERVICE.md "Job lifecycle")."""
     from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
@@ -263,10 +267,14 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
             return "model_unavailable", f"the render worker cannot load its model: {exc}. Check LMD_SD_MODEL."
         import torch
 
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            torch.cuda.empty_cache()
+        if isinstance(exc, torch.OutOfMemoryError):  # the CUDA caching allocator's (torch.cuda.OutOfMemoryError)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             return "out_of_memory", ("the GPU ran out of memory; try a smaller width/height or fewer objects "
                                      "(or set LMD_DTYPE=float16)")
+        if isinstance(exc, RuntimeError) and CPU_ALLOCATION_FAILED in str(exc):
+            return "out_of_memory", ("the render worker ran out of host memory; try a smaller width/height, "
+                                     "fewer objects, or LMD_MAX_BATCH")
     return "internal", f"unexpected {type(exc).__name__} in the {stage} stage: {exc}. See the worker's log."
 
 
