@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
-from api.routes import generate, health, jobs, sessions
+from api.routes import generate, health, jobs, metrics, sessions
 from api.store import Store, StoreConflict, connect
 from lmd.settings import Settings, get_settings
 from worker.celery_app import create_celery
@@ -91,6 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(OperationalError, unavailable)
     app.add_exception_handler(StoreConflict, conflict)
 
-    for module in (generate, jobs, sessions, health):
+    for module in (generate, jobs, sessions, health, metrics):
         app.include_router(module.router)
     return app

@@ -48,6 +48,7 @@ ErrorCode = Literal[
 ]
 
 _CONFLICT_ATTEMPTS = 50
+RENDER_BUCKETS_S = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
 class StoreConflict(RuntimeError):
@@ -203,6 +204,11 @@ class Store:
     def worker_key(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
 
+    @property
+    def stats_key(self) -> str:
+        """A hash of counters for GET /metrics: finished jobs by state and error code, render durations."""
+        return f"{self.prefix}:stats"
+
     # --- reads ---------------------------------------------------------------------------------
     def ping(self) -> None:
         self.redis.ping()
@@ -293,6 +299,10 @@ class Store:
             if new.terminal:
                 pipe.srem(self.active_key, job_id)
                 pipe.delete(self.cancel_key(job_id))
+                if not job.terminal:
+                    pipe.hincrby(self.stats_key, f"finished:{new.state}", 1)
+                    if new.error is not None and new.state == "failed":
+                        pipe.hincrby(self.stats_key, f"failed:{new.error.code}", 1)
             return new
 
         return self._transaction(attempt, key)
@@ -390,6 +400,28 @@ class Store:
 
     def active_count(self) -> int:
         return int(self.redis.scard(self.active_key))
+
+    # --- metrics ---------------------------------------------------------------------------------
+    def record_render(self, seconds: float) -> None:
+        """Count a succeeded render's duration into the histogram buckets of ``RENDER_BUCKETS_S``."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self.stats_key, "render:count", 1)
+            pipe.hincrbyfloat(self.stats_key, "render:sum", seconds)
+            for bound in RENDER_BUCKETS_S:
+                if seconds <= bound:
+                    pipe.hincrby(self.stats_key, f"render:le:{bound:g}", 1)
+            pipe.execute()
+
+    def stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.redis.hgetall(self.stats_key).items()}
+
+    def active_states(self) -> dict[str, int]:
+        """Unfinished jobs by state (the records of the active set)."""
+        counts: dict[str, int] = {}
+        for job in self.get_jobs(sorted(self.redis.smembers(self.active_key))).values():
+            if not job.terminal:
+                counts[job.state] = counts.get(job.state, 0) + 1
+        return counts
 
     # --- sessions --------------------------------------------------------------------------------
     def conversation(self, session_id: str, before_turn: int) -> list[tuple[str, Layout]]:

@@ -25,6 +25,7 @@ def test_redis_outage_is_503_with_retry_after_and_the_api_recovers(tmp_path):
                 ("GET", f"/jobs/{job_id}", None),
                 ("POST", f"/jobs/{job_id}/cancel", None),
                 ("GET", "/readyz", None),
+                ("GET", "/metrics", None),
             ]:
                 response = client.request(method, path, json=body)
                 assert response.status_code == 503, (path, response.text)

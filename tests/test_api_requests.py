@@ -276,3 +276,24 @@ def test_preset_and_variant_default_to_the_settings_and_a_request_overrides_them
                                           "preset": "reference", "variant": "lmd_plus"}).json()
         assert [(j["preset"], j["variant"]) for j in (c.get(unset["status_url"]).json(), c.get(given["status_url"]).json())] == [
             ("fast", "sd"), ("reference", "lmd_plus")]
+
+
+def _metrics(client) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def test_metrics_count_unfinished_jobs_by_state_and_finished_ones(client):
+    queued, canceled = ("lmd_jobs", (("state", "queued"),)), ("lmd_jobs_finished_total", (("state", "canceled"),))
+    before = _metrics(client)
+    job_id = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()["job_id"]
+    middle = _metrics(client)
+    assert middle[queued] == before[queued] + 1
+    client.post(f"/jobs/{job_id}/cancel")
+    after = _metrics(client)
+    assert (after[queued], after[canceled]) == (before[queued], before[canceled] + 1)
+    assert after[("lmd_render_seconds_count", ())] == 0 and after[("lmd_workers", (("queue", "render"),))] == 0

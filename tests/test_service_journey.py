@@ -242,3 +242,18 @@ def test_a_render_past_the_soft_time_limit_fails_with_timeout(api, stack):
     job = wait_for_job(api, accepted.json()["job_id"], {"succeeded", "failed", "canceled"})
     assert job["state"] == "failed" and job["error"]["code"] == "timeout", (job, stack.logs())
     assert "LMD_TASK_SOFT_TIME_LIMIT_S" in job["error"]["message"]
+
+
+def test_metrics_show_the_journeys_renders_failures_and_workers(api, stack):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = api.get("/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    succeeded = samples[("lmd_jobs_finished_total", (("state", "succeeded"),))]
+    assert succeeded >= 4 and samples[("lmd_render_seconds_count", ())] == succeeded
+    assert samples[("lmd_render_seconds_sum", ())] > 0
+    assert samples[("lmd_render_seconds_bucket", (("le", "+Inf"),))] == succeeded
+    assert samples[("lmd_jobs_failed_total", (("code", "llm_unavailable"),))] == 1
+    assert samples[("lmd_jobs_failed_total", (("code", "timeout"),))] == 1
+    assert samples[("lmd_workers", (("queue", "render"),))] >= 1

@@ -167,6 +167,7 @@ class WorkerRuntime:
         if job is None:
             return "skipped"
         with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
+            started = time.monotonic()
             try:
                 result = self._render(job, heartbeat)
                 out = job_dir(self.settings.data_dir, job_id)
@@ -178,7 +179,13 @@ class WorkerRuntime:
                     return "lost"
                 return self._fail(job_id, exc, stage="render")
             ended = self.store.finish(job_id, self.worker, "succeeded")
-        return "succeeded" if ended is not None and ended.state == "succeeded" else "lost"
+        if ended is None or ended.state != "succeeded":
+            return "lost"
+        try:
+            self.store.record_render(time.monotonic() - started)
+        except redis.RedisError as exc:
+            log.warning("render time of job %s not recorded: %s", job_id, exc)
+        return "succeeded"
 
     def _render(self, job: JobRecord, heartbeat: Heartbeat):
         pipe = self.pipeline()
