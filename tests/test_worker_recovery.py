@@ -148,3 +148,13 @@ def test_maintenance_registers_the_worker(settings, store, maintenance):
         assert [w["name"] for w in store.workers()] == ["test-maintenance"]
     finally:
         maintenance.stop()
+
+
+def test_celery_reliability_settings(settings):
+    """docs/service.md "Reliability": what the lost-worker design relies on from Celery 5.7."""
+    conf = create_celery(settings).conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.task_acks_on_failure_or_timeout
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is False
+    assert conf.task_soft_time_limit < conf.task_time_limit < conf.broker_transport_options["visibility_timeout"]
+    assert conf.task_publish_retry_policy["max_retries"] <= 3

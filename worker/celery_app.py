@@ -33,6 +33,10 @@ def create_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # On a broker connection loss Celery 5.x by default lets acks-late tasks run on (their message
+        # is restored to the queue). That is right here: a second delivery finds the job held by a
+        # live worker and skips it (api.store.Store.claim), so a Redis blip never kills a render.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
         task_ignore_result=True,  # state lives in the job records (api.store), not in a result backend
