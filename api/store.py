@@ -443,6 +443,9 @@ class Store:
         payload = json.dumps({"name": name, "queues": queues, "pid": os.getpid(), "seen_at": time.time()})
         self.redis.set(self.worker_key(name), payload, px=max(1000, int(ttl_s * 1000)))
 
+    def unregister_worker(self, name: str) -> None:
+        self.redis.delete(self.worker_key(name))
+
     def workers(self) -> list[dict]:
         keys = list(self.redis.scan_iter(match=self.worker_key("*"), count=100))
         raws = self.redis.mget(keys) if keys else []

@@ -148,6 +148,7 @@ def test_maintenance_registers_the_worker(settings, store, maintenance):
         assert [w["name"] for w in store.workers()] == ["test-maintenance"]
     finally:
         maintenance.stop()
+    assert store.workers() == []  # a stopped worker leaves /readyz at once
 
 
 def test_celery_reliability_settings(settings):

@@ -313,8 +313,13 @@ class Maintenance:
         self._thread.start()
 
     def stop(self) -> None:
+        """On a warm shutdown: stop sweeping and leave /readyz at once (not when the entry expires)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        try:
+            self.store.unregister_worker(self.name)
+        except redis.RedisError as exc:
+            log.warning("could not unregister worker %s: %s", self.name, exc)
 
     def sweep(self) -> list[tuple[str, str]]:
         """One pass of the reaper; returns the jobs it re-enqueued."""
