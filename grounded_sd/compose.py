@@ -15,6 +15,13 @@ def object_seed(seed: int, object_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
+def step_noise_seed(seed: int, key: str) -> int:
+    """The seed of a stochastic scheduler's step noise for one row: an object id in the per-box
+    pass, "" for the scene (§2.7); distinct from the object's initial-noise seed."""
+    digest = hashlib.sha256(f"lmd-step-noise:{int(seed)}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
 def seeded_noise(shape: tuple[int, ...], seed: int, device, dtype) -> torch.Tensor:
     """Gaussian noise drawn on the CPU (identical on every device), then moved."""
     generator = torch.Generator("cpu").manual_seed(int(seed))

@@ -91,6 +91,8 @@ class GuidanceTrace:
     after_first_step: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
     iterations: int = 0
+    nonfinite_rows: int = 0
+    """Row updates skipped because the gradient was not finite (fp16 overflow): the latent is kept."""
 
     def record(self, per_object: dict[str, float]) -> None:
         for key, value in per_object.items():
@@ -126,8 +128,10 @@ def guide_latents(
 ) -> torch.Tensor:
     """Up to ``iterations`` rounds of ``z -= scale * step_size * dE/dz`` per row (§2.2).
 
-    A row leaves once its energy is below ``threshold``; the remaining rows run as one batch
-    (chunked by ``max_batch``). Gradients are taken w.r.t. the latent only.
+    A row leaves once its energy is no longer above ``threshold`` (the reference's
+    ``while E > threshold``); the remaining rows run as one batch (chunked by ``max_batch``).
+    Gradients are taken w.r.t. the latent only; the update is computed in fp32, and a row whose
+    gradient is not finite (fp16/bf16 overflow) keeps its latent instead of turning into NaN.
     """
     latents = latents.detach().clone()
     active = list(range(latents.shape[0]))
@@ -143,16 +147,20 @@ def guide_latents(
             with torch.enable_grad():
                 maps = forward(z, rows)
                 loss, per_object = loss_fn(maps, rows)
-                above = [i for i, value in enumerate(loss.detach().tolist()) if value >= threshold]
+                above = [i for i, value in enumerate(loss.detach().tolist()) if value > threshold]
                 objective = loss[above].sum() * scale
             if trace is not None:
                 for energies in per_object:
                     trace.record(energies)
-            if not above:
+            if not above or not objective.requires_grad:  # nothing to move (e.g. every phrase truncated away)
                 continue
-            grad = counter.grad(objective, z, batch=len(rows))
-            latents[rows] = (z - step_size * grad).detach()
-            still_active += [rows[i] for i in above]
+            grad = counter.grad(objective, z, batch=len(rows)).float()
+            finite = grad.flatten(1).isfinite().all(dim=1)
+            if trace is not None:
+                trace.nonfinite_rows += int((~finite).sum())
+            moved = z.detach().float() - step_size * torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            latents[rows] = torch.where(finite[:, None, None, None], moved, z.detach().float()).to(latents.dtype)
+            still_active += [rows[i] for i in above if bool(finite[i])]
         if trace is not None:
             trace.iterations += 1
         active = still_active

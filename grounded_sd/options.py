@@ -39,6 +39,13 @@ class LMDOptions(BaseModel):
     topk_fraction: float = Field(0.2, gt=0.0, le=1.0, description="k = fraction of the mask's pixels (ref 0.2)")
     background_weight: float = Field(4.0, ge=0.0, description="w: weight of attention outside the box (ref 4)")
     transfer_weight: float = Field(2.0, ge=0.0, description="attention transfer from the per-box pass (§2.6, ref 2.0)")
+    energy_checks: bool = Field(
+        True,
+        description=(
+            "measure each pass's energy again after its first and last guided steps (the report's after_first_step "
+            "and end): one extra guidance forward each, no effect on the image"
+        ),
+    )
     attention_layers: list[str] | None = Field(
         None,
         description=(

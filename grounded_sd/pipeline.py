@@ -10,6 +10,7 @@ and backward guidance (guidance.py), noise and composition (compose.py), prompts
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from grounded_sd.attention import AttentionRecorder, ForwardStopped, box_mask, map_shape, recording_attention, resolve_attention_layers, token_maps
-from grounded_sd.compose import box_noise, compose_latents, mask_to_latent, object_seed, seeded_noise
+from grounded_sd.compose import box_noise, compose_latents, mask_to_latent, object_seed, seeded_noise, step_noise_seed
 from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, VariantUnavailable
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, guidance_step_size, guide_latents, object_energy, transfer_loss
@@ -93,6 +94,8 @@ class _Run:
     should_cancel: Callable[[], bool]
     notes: list[str] = field(default_factory=list)
     stages: list[StageReport] = field(default_factory=list)
+    seed: int = 0
+    init_sigma: float = 1.0  # the scheduler's initial noise scale at ``options.steps`` steps
 
     def check_cancel(self) -> None:
         if self.should_cancel():
@@ -214,12 +217,13 @@ class LMDPipeline:
             run = _Run(
                 options=options, latent_hw=latent_hw, layers=layers, recorder=recorder, counter=UNetCounter(self.unet),
                 progress=progress or (lambda stage, step, total: None), should_cancel=should_cancel or (lambda: False),
+                seed=seed, init_sigma=float(self._scheduler(options.steps).init_noise_sigma),
             )
             intermediates = Intermediates(object_ids=[o.id for o in layout.objects])
             if variant == "sd" or not layout.objects:
                 # The baseline (§2.8): plain SD with the layout's prompt and negative prompt.
                 with self._stage(run, "sd", options.steps):
-                    out = self._denoise(run, "sd", background * self._init_sigma(), cond, uncond, options.steps)
+                    out = self._denoise(run, "sd", background * run.init_sigma, cond, uncond, options.steps, noise_keys=[""])
                 final_latents, masks = out.trajectory[-1], {}
                 intermediates.final_latents = torch.stack(out.trajectory).float().cpu()
             else:
@@ -257,7 +261,7 @@ class LMDPipeline:
         box_targets = [EnergyTarget(o.id, object_token_indices(self.tokenizer, layout.background, o.phrase), o.box, (o.box,)) for o in objects]
         foreground = torch.cat([seeded_noise((1, *background.shape[1:]), object_seed(seed, o.id), self.device, self.dtype) for o in objects])
         box_masks = torch.stack([box_mask(o.box, h, w, self.device) for o in objects])[:, None]
-        initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * self._init_sigma()
+        initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * run.init_sigma
 
         reference_maps: dict[int, dict[str, torch.Tensor]] = {}  # step -> layer -> (N, heads, h*w)
         mask_sum = torch.zeros(n, *run.latent_hw, device=self.device)
@@ -285,7 +289,7 @@ class LMDPipeline:
             out = self._denoise(
                 run, "per_box", initial, box_cond, box_uncond, per_box_steps,
                 guidance=None if plus else (box_targets, per_box_trace, None),
-                capture=capture_per_box, collect=collect_per_box, gligen=gligen_box,
+                capture=capture_per_box, collect=collect_per_box, gligen=gligen_box, noise_keys=[o.id for o in objects],
             )
         per_box = torch.stack(out.trajectory)
         intermediates.per_box_latents = per_box.float().cpu()
@@ -325,7 +329,7 @@ class LMDPipeline:
 
         # 6. Composition: largest mask first, so small objects end on top (§2.5)
         frozen_steps = options.frozen_steps()
-        composed, owner = compose_latents(per_box[: frozen_steps + 1], torch.stack(latent_masks), background * self._init_sigma())
+        composed, owner = compose_latents(per_box[: frozen_steps + 1], torch.stack(latent_masks), background * run.init_sigma)
         intermediates.composed, intermediates.owner = composed.float().cpu(), owner.cpu()
 
         # 7. Final pass: frozen foreground, guidance on all objects, attention transfer (§2.6)
@@ -342,11 +346,17 @@ class LMDPipeline:
             out = self._denoise(
                 run, "final", composed[0], cond, uncond, options.steps,
                 guidance=(final_targets, final_trace, reference_maps if transfer else None),
-                frozen=(composed, owner > 0, frozen_steps), gligen=gligen_final,
+                frozen=(composed, owner > 0, frozen_steps), gligen=gligen_final, noise_keys=[""],
             )
         intermediates.final_latents = torch.stack(out.trajectory).float().cpu()
         for obj, energy in zip(report.objects, _pass_energies(final_trace, final_targets)):
             obj.final_energy = energy
+        for name, trace in (("per-box", per_box_trace), ("final", final_trace)):
+            if trace.nonfinite_rows:
+                run.notes.append(
+                    f"{name} pass: {trace.nonfinite_rows} guidance update(s) skipped because the gradient was not finite "
+                    "(low-precision overflow); try dtype float32 or bfloat16"
+                )
         return out.trajectory[-1], masks
 
     # ------------------------------------------------------------------------------------------
@@ -403,13 +413,21 @@ class LMDPipeline:
         collect: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
         frozen: tuple[torch.Tensor, torch.Tensor, int] | None = None,
         gligen: dict[str, torch.Tensor] | None = None,
+        noise_keys: list[str] | None = None,
     ) -> _PassOutput:
         """Run ``n_steps`` of a fresh scheduler over a batch of latents (one row per object in the
         per-box pass, one row otherwise). Per step: backward guidance (§2.2), one CFG forward
-        over all rows (chunked by ``max_batch``), the scheduler step, the frozen foreground (§2.6)."""
+        over all rows (chunked by ``max_batch``), the scheduler step, the frozen foreground (§2.6).
+
+        Stochastic schedulers (Euler ancestral, DDPM, DDIM with eta > 0, SDE solvers) draw their
+        step noise from one CPU generator per row, seeded from (job seed, ``noise_keys[row]``):
+        an object's id in the per-box pass, so its noise does not depend on the other objects (§2.7)."""
         options = run.options
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)
-        scheduler.set_timesteps(options.steps, device=self.device)
+        scheduler = self._scheduler(options.steps)
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            keys = noise_keys or [""] * latents.shape[0]
+            step_kwargs["generator"] = [torch.Generator("cpu").manual_seed(step_noise_seed(run.seed, key)) for key in keys]
         gligen_steps = options.gligen_steps()
         last_guided = options.guided_steps() - 1
         trajectory, pred_x0 = [latents], None
@@ -428,9 +446,13 @@ class LMDPipeline:
                     threshold=self.energy_threshold(options, run.layers), forward=forward, loss_fn=loss_fn, counter=run.counter,
                     max_batch=options.max_batch, trace=trace, check_cancel=run.check_cancel,
                 )
-                if i in (0, last_guided):  # the energy after this step's updates, for the report
-                    rows = list(range(latents.shape[0]))
-                    measured = {k: v for energies in loss_fn(forward(latents, rows), rows)[1] for k, v in energies.items()}
+                if options.energy_checks and i in (0, last_guided):  # the energy after this step's updates, for the report
+                    measured: dict[str, float] = {}
+                    chunk = options.max_batch or latents.shape[0]
+                    for start in range(0, latents.shape[0], chunk):
+                        rows = list(range(start, min(start + chunk, latents.shape[0])))
+                        for energies in loss_fn(forward(latents[rows], rows), rows)[1]:
+                            measured.update(energies)
                     if i == 0:
                         trace.after_first_step.update(measured)
                     if i == last_guided:
@@ -444,9 +466,11 @@ class LMDPipeline:
             run.recorder.clear()
 
             # c. scheduler step, then the frozen foreground of the composition
-            step = scheduler.step(noise, t, latents)
-            latents = step.prev_sample.to(self.dtype)
+            step = scheduler.step(noise, t, latents, **step_kwargs)
             pred_x0 = getattr(step, "pred_original_sample", None)
+            if pred_x0 is None:
+                pred_x0 = _x0_prediction(scheduler, latents, noise, t)
+            latents = step.prev_sample.to(self.dtype)
             if frozen is not None and i < frozen[2]:
                 composed, foreground, _ = frozen
                 latents = torch.where(foreground, composed[i + 1], latents)
@@ -514,8 +538,12 @@ class LMDPipeline:
         return loss_fn
 
     # --- small parts -----------------------------------------------------------------------------
-    def _init_sigma(self) -> float:
-        return float(self.scheduler.init_noise_sigma)
+    def _scheduler(self, steps: int):
+        """A fresh copy of the loaded scheduler with its timesteps set: some values (Euler's
+        ``init_noise_sigma`` with "leading" spacing) are only right once the timesteps are known."""
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+        return scheduler
 
     def _mask_layer_mean(self, per_object: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
         """Mean over heads and over the highest-resolution guided layers, resized to the latent (§2.4)."""
@@ -564,6 +592,26 @@ class LMDPipeline:
         yield
         calls = run.counter.by_stage.get(name, UNetCalls())
         run.stages.append(StageReport(name=name, wall_s=time.perf_counter() - started, steps=steps, unet=calls))
+
+
+def _x0_prediction(scheduler, latents: torch.Tensor, model_output: torch.Tensor, t) -> torch.Tensor | None:
+    """The x0-prediction for schedulers whose step returns none (DPM-Solver multistep, UniPC):
+    from the VP parameterisation ``z = sqrt(a) x0 + sqrt(1-a) eps`` and the model's prediction type."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None or float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+        return None
+    alpha = alphas[int(t)].to(device=latents.device, dtype=torch.float32)
+    z, out = latents.float(), model_output.float()
+    kind = getattr(scheduler.config, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        x0 = (z - (1 - alpha).sqrt() * out) / alpha.sqrt()
+    elif kind == "v_prediction":
+        x0 = alpha.sqrt() * z - (1 - alpha).sqrt() * out
+    elif kind == "sample":
+        x0 = out
+    else:
+        return None
+    return x0.to(latents.dtype)
 
 
 def _box_iou(mask: np.ndarray, box: tuple[float, float, float, float]) -> float:
