@@ -169,6 +169,9 @@ def test_a_repeated_prompt_is_planned_from_the_llm_cache_in_redis(api, stack):
     job = wait_for_job(api, accepted.json()["job_id"], {"succeeded", "failed", "canceled"})
     assert job["state"] == "succeeded", (job, stack.logs())
     assert len(stack.llm.requests) == asked  # no new LLM call
+    # Third render of this render worker: the pipeline was loaded once, by its pool child.
+    render = next(w for name, w in stack.workers.items() if name.startswith("render"))
+    assert render.log_path.read_text().count(f"loading {stack.settings.sd_model}") == 1
     # The request's preset and the worker's LMD_MAX_BATCH reached stage 2's options.
     report = json.loads((stack.settings.data_dir / "jobs" / job["job_id"] / "report.json").read_text())
     assert (job["preset"], job["variant"]) == ("fast", "lmd")
