@@ -24,6 +24,15 @@ _PHRASE_BREAKS = {
     "covered", "to", "from", "by", "that", "which", "who", "for", "against", "inside", "outside", "between",
 }  # fmt: skip
 
+# Participles that start a trailing clause ("a dog sleeping on a rug" -> head "dog") when they
+# follow the noun: at word 3 or later, and followed by a break word or nothing. "a running dog"
+# and "a reading lamp" keep their head.
+_PARTICIPLES = {
+    "sleeping", "running", "playing", "eating", "drinking", "looking", "jumping", "walking", "flying",
+    "swimming", "resting", "leaning", "hanging", "perched", "floating", "driving", "reading", "waiting",
+    "parked", "lying", "sitting", "standing", "placed", "stacked", "hidden", "peeking", "curled",
+}  # fmt: skip
+
 COLOURS = (
     "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey",
 )  # fmt: skip
@@ -47,6 +56,17 @@ def words_of(phrase: str) -> list[str]:
     return re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", phrase.lower())
 
 
+def _noun_phrase(words: list[str]) -> list[str]:
+    """The words up to the head noun: cut at the first preposition or trailing participle clause."""
+    for index, word in enumerate(words):
+        if index > 0 and word in _PHRASE_BREAKS:
+            return words[:index]
+        follows = words[index + 1] if index + 1 < len(words) else None
+        if index > 1 and word in _PARTICIPLES and (follows is None or follows in _PHRASE_BREAKS):
+            return words[:index]
+    return words
+
+
 def head_noun(phrase: str) -> str:
     """The noun a phrase names, singular: the last word before any trailing modifier clause.
 
@@ -54,22 +74,13 @@ def head_noun(phrase: str) -> str:
     ``"a photo of a cat"`` would give ``photo`` (the phrase names a photo), which is why
     detector queries should be plain noun phrases.
     """
-    words = words_of(phrase)
-    for index, word in enumerate(words):
-        if index > 0 and word in _PHRASE_BREAKS:
-            words = words[:index]
-            break
+    words = _noun_phrase(words_of(phrase))
     return singular(words[-1]) if words else ""
 
 
 def modifiers(phrase: str) -> list[str]:
     """The words before the head noun (articles, numbers, adjectives)."""
-    words = words_of(phrase)
-    for index, word in enumerate(words):
-        if index > 0 and word in _PHRASE_BREAKS:
-            words = words[:index]
-            break
-    return words[:-1]
+    return _noun_phrase(words_of(phrase))[:-1]
 
 
 def singular_phrase(noun_phrase: str) -> str:

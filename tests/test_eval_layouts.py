@@ -91,6 +91,8 @@ def test_matching_handles_plurals_colours_and_word_boundaries():
     assert names_object("a red backpack", "backpack") and names_object("two backpacks", "backpack")
     assert names_object("a dog with a red collar", "dog") and not names_object("a dog with a red collar", "collar")
     assert not names_object("a carrot", "car") and not names_object("a scattered pile of leaves", "cat")
+    assert names_object("a dog sleeping on a rug", "dog") and names_object("a running dog", "dog")
+    assert names_object("a reading lamp", "lamp") and names_object("a tall building on a hill", "building")
     assert names_object("Puppies", "puppy") and names_object("boxes", "box") and names_object("glasses", "glass")
     assert attribution_rule([("a dark red backpack", (0, 0, 0.5, 0.5)), ("a blue cup", (0.5, 0.5, 1, 1))], [("red", "backpack"), ("blue", "cup")]).passed
     assert not attribution_rule([("a backpack with red straps", (0, 0, 0.5, 0.5))], [("red", "backpack")]).passed
