@@ -4,18 +4,20 @@ Two steps, kept apart so that the benchmark can score answers exactly as the LLM
 
 1. ``parse_answer(text) -> Answer``: the objects as written (phrase, [x, y, w, h] on the
    512 grid, the id if the format carries one), the background and the negative prompt.
-   Accepts a JSON object (bare or in a fenced block) or the reference text format. Never
-   ``eval``: ``json`` and ``ast.literal_eval`` only.
+   Accepts a JSON object or the reference text format, inside the wrapping real models add
+   (fences, chatter, ``<think>`` blocks, trailing commas, boxes under other keys or shapes,
+   an answer cut at ``max_tokens``: see ``layout_planner.lenient``). Where a reading is not
+   certain it is recorded in ``Answer.notes``, which become layout warnings. Never ``eval``.
 2. ``build_layout(answer, previous=None) -> Layout``: drops, clips and splits boxes, caps the
    object count, assigns ids (keeping ``previous``'s ids for objects that stayed, §1.7), and
    records every change as one warning line that starts with a stable tag (``dropped:``,
-   ``clipped:``, ``split:``, ``count:``, ``capped:``, ``phrase:``, ``text:``, ``id:``).
+   ``clipped:``, ``split:``, ``count:``, ``capped:``, ``phrase:``, ``text:``, ``id:``, and
+   from parsing ``truncated:``, ``scale:``, ``box:``, ``background:``, ``ambiguous:``).
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import re
 
 from pydantic import BaseModel, Field, ValidationError
@@ -32,12 +34,36 @@ from layout_planner.layout import (
     xywh_to_xyxy,
     xyxy_to_xywh,
 )
+from layout_planner.lenient import (
+    TUPLE,
+    bracket_spans,
+    complete_json_objects,
+    fenced_blocks,
+    json_string_field,
+    load_json_like,
+    read_tuples,
+    strip_reasoning,
+    without_fence_lines,
+)
 from layout_planner.words import singular_phrase
 
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
-_BACKGROUND_LABEL = "Background prompt:"
-_NEGATIVE_LABEL = "Negative prompt:"
+# "Background prompt:", "**Background prompt:**", "background:", "- Negative prompt: none"...
+_LABEL = r"^[ \t>*_#-]*{word}(?:[ \t]+prompt)?[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*(?P<value>[^\n]*)$"
+_BACKGROUND_LINE = re.compile(_LABEL.format(word="background"), re.IGNORECASE | re.MULTILINE)
+_NEGATIVE_LINE = re.compile(_LABEL.format(word="negative"), re.IGNORECASE | re.MULTILINE)
+_OBJECTS_LABEL = re.compile(r"objects?[ \t]*[*_]*[ \t]*:", re.IGNORECASE)
+_NOTHING = {"", "none", "n/a", "na", "null", "nil", "nothing", "no", "-", "--", "—", "[]", "empty", "not applicable"}
 _ID_OK = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+# JSON keys real models use for the same thing, in order of preference.
+_OBJECTS_KEYS = ("objects", "boxes", "items", "layout")
+_PHRASE_KEYS = ("phrase", "name", "label", "object", "description", "caption", "text", "class")
+_BOX_KEYS = ("box", "bbox", "bounding_box", "box_2d", "coordinates", "coords", "rect", "xyxy", "box_xyxy")
+_BACKGROUND_KEYS = ("background", "background_prompt", "background prompt", "bg_prompt", "scene")
+_NEGATIVE_KEYS = ("negative", "negative_prompt", "negative prompt")
+# Named box fields: [x, y, w, h], or two corners under any of these names.
+_SIZE_NAMES = (("x", "y", "w", "h"), ("x", "y", "width", "height"), ("left", "top", "width", "height"))
+_CORNER_NAMES = (("x1", "y1", "x2", "y2"), ("xmin", "ymin", "xmax", "ymax"), ("x0", "y0", "x1", "y1"), ("left", "top", "right", "bottom"))  # fmt: skip
 
 NUMBER_WORDS = {
     "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
@@ -50,20 +76,26 @@ MAX_TEXT_CHARS = 1000  # Layout's limit on background and negative
 
 
 class AnswerObject(BaseModel):
-    """One object as the LLM wrote it: box ``[x, y, w, h]`` on the 512 grid, unvalidated."""
+    """One object as the LLM wrote it: box ``[x, y, w, h]`` on the 512 grid, unvalidated.
+
+    ``bare_box``: the box came as a bare list of 4 numbers, so it could be corners given by
+    mistake (a revision checks that against the previous layout, §1.7).
+    """
 
     id: str | None = None
     phrase: str
     box: tuple[float, float, float, float]
+    bare_box: bool = False
 
 
 class Answer(BaseModel):
-    """An LLM answer, parsed but not repaired."""
+    """An LLM answer, parsed but not repaired. ``notes``: readings that were not certain (tagged lines)."""
 
     objects: list[AnswerObject] = Field(default_factory=list)
     background: str = DEFAULT_BACKGROUND
     negative: str = ""
     has_ids: bool = False
+    notes: list[str] = Field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,106 +104,333 @@ class Answer(BaseModel):
 
 
 def parse_answer(text: str | None) -> Answer:
-    """Parse JSON (bare or fenced) or the reference text format; raise ``LayoutParseError`` naming the problem."""
+    """Parse JSON or the reference text format out of an answer; raise ``LayoutParseError`` naming the problem."""
     if text is None or not text.strip():
         raise LayoutParseError("the answer is empty")
-    text = text.strip()
-    if _BACKGROUND_LABEL.lower() in text.lower() and not text.lstrip("`json \n").startswith("{"):
-        return _parse_reference_text(text)
-    fenced = _FENCE.search(text)
-    candidate = fenced.group(1).strip() if fenced else text
-    if "{" in candidate:
-        return _parse_json(candidate)
+    text = strip_reasoning(text)
+    if not text:
+        raise LayoutParseError("the answer holds reasoning only, no layout")
+    plain = without_fence_lines(text)
+    backgrounds = list(_BACKGROUND_LINE.finditer(plain))
+    head = plain[: backgrounds[0].start()] if backgrounds else ""
+    if backgrounds and ("{" not in head or TUPLE.search(head)):
+        answer = _parse_reference_text(plain, backgrounds)
+    else:
+        answer = _parse_json_answer(text)
+    return _read_fractions(answer)
+
+
+# --- JSON ---------------------------------------------------------------------------------
+
+
+def _parse_json_answer(text: str) -> Answer:
+    """The last JSON layout in the answer (fenced blocks first); a truncated one keeps its complete objects."""
+    values: list[object] = []
+    errors: list[str] = []
+    unclosed: str | None = None
+    for block in fenced_blocks(text) or [text]:
+        for start, end in bracket_spans(block):
+            if end < 0:
+                unclosed = block[start:]
+                continue
+            try:
+                values.append(load_json_like(block[start:end]))
+            except ValueError as exc:
+                errors.append(str(exc))
+    layouts = [v for v in values if _holds_objects(v)]
+    if layouts:
+        answer = _answer_from_json(layouts[-1])
+        if len({repr(v) for v in layouts}) > 1:
+            answer.notes.insert(0, f"ambiguous: the answer holds {len(layouts)} different layouts; used the last one")
+        return answer
+    if unclosed is not None:
+        return _salvage_truncated(unclosed)
+    dicts = [v for v in values if isinstance(v, dict)]
+    if dicts:
+        return _answer_from_json(dicts[-1])  # raises, naming what the object lacks
+    if errors:
+        raise LayoutParseError(errors[0])
     raise LayoutParseError(
         "the answer is neither a JSON object nor a list of ('phrase', [x, y, w, h]) followed by 'Background prompt:'"
     )
 
 
-def _parse_json(text: str) -> Answer:
-    start, end = text.find("{"), text.rfind("}")
-    if end <= start:
-        raise LayoutParseError("the JSON object is not closed (truncated answer?)")
-    try:
-        data = json.loads(text[start : end + 1])
-    except json.JSONDecodeError as exc:
-        raise LayoutParseError(f"invalid JSON: {exc.msg} at character {exc.pos}") from None
-    if not isinstance(data, dict):
+def _unwrap(value: object) -> object:
+    """``{"layout": {...}}`` -> ``{...}`` (one level of wrapping, as some models add)."""
+    if isinstance(value, dict) and not any(k in value for k in _OBJECTS_KEYS[:3]) and len(value) == 1:
+        inner = next(iter(value.values()))
+        if isinstance(inner, dict):
+            return inner
+    return value
+
+
+def _objects_of(data: dict) -> object:
+    return next((data[k] for k in _OBJECTS_KEYS if isinstance(data.get(k), list)), data.get("objects"))
+
+
+def _holds_objects(value: object) -> bool:
+    value = _unwrap(value)
+    if isinstance(value, dict):
+        return isinstance(_objects_of(value), list)
+    return isinstance(value, list) and all(
+        isinstance(item, dict) or (isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], str))
+        for item in value
+    )
+
+
+def _answer_from_json(value: object) -> Answer:
+    value = _unwrap(value)
+    notes: list[str] = []
+    if isinstance(value, list):
+        data: dict = {"objects": value}
+        notes.append(f"background: the answer gave no background; used {DEFAULT_BACKGROUND!r}")
+    elif isinstance(value, dict):
+        data = value
+    else:
         raise LayoutParseError("the JSON answer must be an object with 'objects', 'background', 'negative'")
-    objects = data.get("objects")
+    objects = _objects_of(data)
     if objects is None:
         raise LayoutParseError("the JSON answer has no 'objects' list")
     if not isinstance(objects, list):
         raise LayoutParseError("'objects' must be a list")
-    parsed = []
-    for index, item in enumerate(objects):
-        if not isinstance(item, dict):
-            raise LayoutParseError(f"objects[{index}] must be an object with 'phrase' and 'box'")
-        phrase = item.get("phrase", item.get("name"))
-        parsed.append(_answer_object(phrase, item.get("box"), item.get("id"), f"objects[{index}]"))
-    background = data.get("background", DEFAULT_BACKGROUND)
-    negative = data.get("negative", "")
-    if not isinstance(background, str) or not isinstance(negative, str | None):
-        raise LayoutParseError("'background' and 'negative' must be strings")
+    parsed = [_json_object(item, f"objects[{index}]", notes) for index, item in enumerate(objects)]
     return Answer(
         objects=parsed,
-        background=background.strip() or DEFAULT_BACKGROUND,
-        negative=_clean_negative(negative or ""),
+        background=_text_field(data, _BACKGROUND_KEYS, "background") or DEFAULT_BACKGROUND,
+        negative=_clean_negative(_text_field(data, _NEGATIVE_KEYS, "negative")),
         has_ids=any(o.id is not None for o in parsed),
+        notes=notes,
     )
 
 
-def _parse_reference_text(text: str) -> Answer:
+def _text_field(data: dict, keys: tuple[str, ...], name: str) -> str:
+    value = next((data[k] for k in keys if k in data), None)
+    if value is None:
+        return ""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ", ".join(v.strip() for v in value if v.strip())  # "negative": ["people", "cars"]
+    if not isinstance(value, str):
+        raise LayoutParseError(f"'{name}' must be a string")
+    return value.strip()
+
+
+def _json_object(item: object, where: str, notes: list[str]) -> AnswerObject:
+    if isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], str):
+        return _answer_object(item[0], item[1], None, where, notes)  # a reference tuple inside JSON
+    if not isinstance(item, dict):
+        raise LayoutParseError(f"{where} must be an object with 'phrase' and 'box'")
+    fields = {str(k).lower(): v for k, v in item.items()}
+    phrase = next((fields[k] for k in _PHRASE_KEYS if k in fields), None)
+    if phrase is None:
+        raise LayoutParseError(f"{where} has no 'phrase'")
+    key = next((k for k in _BOX_KEYS if k in fields), None)
+    box = fields[key] if key else {k: v for k, v in fields.items() if k not in _PHRASE_KEYS and k != "id"} or None
+    object_id = fields.get("id")
+    return _answer_object(phrase, box, object_id, where, notes, box_key=key or "box")
+
+
+# --- the reference text format ------------------------------------------------------------
+
+
+def _parse_reference_text(text: str, backgrounds: list[re.Match]) -> Answer:
     """``[('a cat', [x, y, w, h]), ...]`` then ``Background prompt: ...`` then optional ``Negative prompt: ...``."""
-    lower = text.lower()
-    if lower.count(_BACKGROUND_LABEL.lower()) > 1:
+    if len(backgrounds) > 1:
         raise LayoutParseError("the answer has more than one 'Background prompt:' line")
-    cut = lower.index(_BACKGROUND_LABEL.lower())
-    head, rest = text[:cut], text[cut + len(_BACKGROUND_LABEL) :]
-    neg_at = rest.lower().find(_NEGATIVE_LABEL.lower())
-    background, negative = (rest, "") if neg_at < 0 else (rest[:neg_at], rest[neg_at + len(_NEGATIVE_LABEL) :])
-    if "objects:" in head.lower():
-        head = head[head.lower().index("objects:") + len("objects:") :]
-    head = head.strip()
-    if not head or "no objects" in head.lower():
-        items = []
-    else:
-        start, end = head.find("["), head.rfind("]")
-        if start < 0 or end <= start:
-            raise LayoutParseError("expected a list of ('phrase', [x, y, w, h]) before 'Background prompt:'")
-        try:
-            items = ast.literal_eval(head[start : end + 1])
-        except (SyntaxError, ValueError) as exc:
-            raise LayoutParseError(f"the object list is not a valid literal: {exc}") from None
-        if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], str):
-            items = [items]
-        if not isinstance(items, list | tuple):
-            raise LayoutParseError("expected a list of ('phrase', [x, y, w, h]) before 'Background prompt:'")
-    parsed = []
-    for index, item in enumerate(items):
-        if not isinstance(item, list | tuple) or len(item) != 2:
-            raise LayoutParseError(f"item {index} must be ('phrase', [x, y, w, h]), got {item!r}"[:300])
-        parsed.append(_answer_object(item[0], item[1], None, f"item {index}"))
+    label = backgrounds[0]
+    head, tail = text[: label.start()], text[label.end() :]
+    background = _label_value(label.group("value"), tail)
+    negative = ""
+    negative_label = _NEGATIVE_LINE.search(tail)
+    if negative_label is not None:
+        negative = _label_value(negative_label.group("value"), tail[negative_label.end() :])
+    elif (negative_label := _NEGATIVE_LINE.search(head)) is not None:  # written before the background
+        negative = _label_value(negative_label.group("value"), head[negative_label.end() :])
+        head = head[: negative_label.start()]
+    labels = list(_OBJECTS_LABEL.finditer(head))
+    if labels:
+        head = head[labels[-1].end() :]
+    notes: list[str] = []
+    parsed = [_answer_object(p, b, None, f"item {i}", notes) for i, (p, b) in enumerate(_object_items(head))]
     return Answer(
         objects=parsed,
-        background=background.strip() or DEFAULT_BACKGROUND,
+        background=background or DEFAULT_BACKGROUND,
         negative=_clean_negative(negative),
         has_ids=False,
+        notes=notes,
     )
 
 
-def _answer_object(phrase: object, box: object, object_id: object, where: str) -> AnswerObject:
+def _label_value(value: str, following: str) -> str:
+    """A label's value: the rest of its line, else the next non-empty line (``Background prompt:\\nA park``)."""
+    value = _strip_markup(value)
+    if value:
+        return value
+    for line in following.splitlines():
+        if _NEGATIVE_LINE.match(line) or _BACKGROUND_LINE.match(line):
+            return ""
+        if line.strip():
+            return _strip_markup(line)
+    return ""
+
+
+def _strip_markup(value: str) -> str:
+    return value.strip().strip("*_`").strip().strip('"').strip()
+
+
+def _object_items(head: str) -> list[tuple[object, object]]:
+    """The ``('phrase', box)`` items before the background line: a Python literal, else tuple by tuple."""
+    if not re.search(r"[\[(]", head):
+        if not head.strip() or re.search(r"\b(no objects|none)\b", head, re.IGNORECASE):
+            return []
+        raise LayoutParseError("expected a list of ('phrase', [x, y, w, h]) before 'Background prompt:'")
+    problem = "expected a list of ('phrase', [x, y, w, h]) before 'Background prompt:'"
+    spans = [(start, end) for start, end in bracket_spans(head, "[(") if end > 0]
+    for start, end in spans:
+        if len(spans) > 1 and head[start] == "(":
+            continue  # one tuple per line ("1. ('a cat', [...])"): read below, tuple by tuple
+        try:
+            value = ast.literal_eval(head[start:end])
+        except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
+            problem = f"the object list is not a valid literal: {exc}"
+            continue
+        items = _as_items(value)
+        if items is not None:
+            return items
+    items = read_tuples(head)
+    if items is not None:
+        return items
+    raise LayoutParseError(problem[:300])
+
+
+def _as_items(value: object) -> list[tuple[object, object]] | None:
+    """A list of pairs from a literal: ``[(p, b), ...]``, one bare pair, or a list wrapped in a list."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        return [value]
+    while isinstance(value, list | tuple) and len(value) == 1 and isinstance(value[0], list) and not (
+        len(value[0]) == 2 and isinstance(value[0][0], str)
+    ):
+        value = value[0]
+    if not isinstance(value, list | tuple):
+        return None
+    items = []
+    for item in value:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise LayoutParseError(f"item {len(items)} must be ('phrase', [x, y, w, h]), got {item!r}"[:300])
+        items.append((item[0], item[1]))
+    return items
+
+
+# --- truncated answers ----------------------------------------------------------------------
+
+
+def _salvage_truncated(fragment: str) -> Answer:
+    """An answer cut mid-way: keep its complete objects, say so; nothing complete is an error."""
+    notes: list[str] = []
+    if fragment.startswith("{"):
+        items = next((found for k in _OBJECTS_KEYS if (found := complete_json_objects(fragment, k))), [])
+        if not items:
+            raise LayoutParseError("the JSON object is not closed (truncated answer?)")
+        objects = [_json_object(item, f"objects[{i}]", notes) for i, item in enumerate(items)]
+        background = json_string_field(fragment, "background") or ""
+        negative = json_string_field(fragment, "negative") or ""
+    else:
+        pairs = read_tuples(fragment, partial_tail=True) or [
+            (item.get("phrase"), item.get("box")) for item in complete_json_objects('"objects": ' + fragment)
+        ]
+        if not pairs:
+            raise LayoutParseError("the object list is not closed (truncated answer?)")
+        objects = [_answer_object(p, b, None, f"item {i}", notes) for i, (p, b) in enumerate(pairs)]
+        background, negative = "", ""
+    notes.insert(
+        0,
+        f"truncated: the answer stops mid-way (cut at max_tokens?); kept its {len(objects)} complete object(s)"
+        + ("" if background else f", background {DEFAULT_BACKGROUND!r}"),
+    )
+    return Answer(
+        objects=objects,
+        background=background or DEFAULT_BACKGROUND,
+        negative=_clean_negative(negative),
+        has_ids=any(o.id is not None for o in objects),
+        notes=notes,
+    )
+
+
+# --- objects and boxes ----------------------------------------------------------------------
+
+
+def _answer_object(
+    phrase: object, box: object, object_id: object, where: str, notes: list[str], box_key: str = "box"
+) -> AnswerObject:
     if not isinstance(phrase, str):
         raise LayoutParseError(f"{where}: the phrase must be a string")
-    if not isinstance(box, list | tuple) or len(box) != 4:
-        raise LayoutParseError(f"{where} ({phrase!r}): the box must be 4 numbers [x, y, width, height]")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box):
-        raise LayoutParseError(f"{where} ({phrase!r}): the box must hold numbers only")
-    if object_id is not None and not isinstance(object_id, str | int):
-        raise LayoutParseError(f"{where} ({phrase!r}): the id must be a string")
+    xywh, bare = _read_box(box, box_key, f"{where} ({phrase!r})", notes)
+    if isinstance(object_id, bool) or (object_id is not None and not isinstance(object_id, str | int)):
+        object_id = None  # an id we cannot use is replaced later; the object itself is fine
     try:
-        return AnswerObject(id=None if object_id is None else str(object_id), phrase=phrase, box=tuple(box))
+        return AnswerObject(
+            id=None if object_id in (None, "") else str(object_id), phrase=phrase, box=xywh, bare_box=bare
+        )
     except ValidationError as exc:  # non-finite numbers and the like
         raise LayoutParseError(f"{where} ({phrase!r}): {exc.errors()[0]['msg']}") from None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip().rstrip("px").strip())
+        except ValueError:
+            return None
+    return None
+
+
+def _read_box(box: object, key: str, where: str, notes: list[str]) -> tuple[tuple[float, ...], bool]:
+    """``[x, y, w, h]`` from a list, a string of numbers, or named fields; corners are converted."""
+    if isinstance(box, dict):
+        fields = {str(k).lower(): v for k, v in box.items()}
+        for names in _SIZE_NAMES + _CORNER_NAMES:
+            if all(n in fields for n in names):
+                values = [_number(fields[n]) for n in names]
+                if any(v is None for v in values):
+                    raise LayoutParseError(f"{where}: the box must hold numbers only")
+                if names in _CORNER_NAMES:
+                    return (values[0], values[1], values[2] - values[0], values[3] - values[1]), False
+                return tuple(values), False
+        raise LayoutParseError(
+            f"{where}: the box must be [x, y, width, height] (got the fields {sorted(fields)[:6]})"
+        )
+    if isinstance(box, str):
+        inner = box.strip().strip("[]()")
+        if re.search(r"[^\d\s.,+eE-]", inner):
+            raise LayoutParseError(f"{where}: the box must hold numbers only")
+        box = [v for v in re.split(r"[\s,]+", inner) if v]
+    while isinstance(box, list | tuple) and len(box) == 1 and isinstance(box[0], list | tuple):
+        box = box[0]  # [[x, y, w, h]]
+    if not isinstance(box, list | tuple) or len(box) != 4:
+        raise LayoutParseError(f"{where}: the box must be 4 numbers [x, y, width, height]")
+    values = [_number(v) for v in box]
+    if any(v is None for v in values):
+        raise LayoutParseError(f"{where}: the box must hold numbers only")
+    if key == "box_2d":  # Gemini's convention for this key: [ymin, xmin, ymax, xmax] on a 0..1000 grid
+        y0, x0, y1, x1 = (v * GRID / 1000 for v in values)
+        notes.append(f"box: read {where} 'box_2d' {box} as [ymin, xmin, ymax, xmax] on a 0..1000 grid")
+        return (x0, y0, x1 - x0, y1 - y0), False
+    if key in ("xyxy", "box_xyxy"):
+        return (values[0], values[1], values[2] - values[0], values[3] - values[1]), False
+    return tuple(values), True
+
+
+def _read_fractions(answer: Answer) -> Answer:
+    """Boxes whose numbers all lie in 0..1 (some fractional) are fractions of the canvas, not pixels."""
+    values = [v for o in answer.objects for v in o.box]
+    if not values or not all(0 <= v <= 1 for v in values) or all(float(v).is_integer() for v in values):
+        return answer
+    answer.objects = [o.model_copy(update={"box": tuple(v * GRID for v in o.box)}) for o in answer.objects]
+    answer.notes.append(f"scale: every box number lies in 0..1; read them as fractions of the {GRID} x {GRID} canvas")
+    return answer
 
 
 def _grid_box(box: tuple[float, float, float, float]) -> list[float | int]:
@@ -179,9 +438,10 @@ def _grid_box(box: tuple[float, float, float, float]) -> list[float | int]:
 
 
 def _clean_negative(value: str) -> str:
-    value = value.strip().strip('"').strip()
-    return "" if value.lower() in {"none", "none.", "n/a", "null"} else value
-
+    value = _strip_markup(value).rstrip(".").strip()
+    if value.lower() in _NOTHING or re.match(r"^(none|n/a|nothing)\b[\s(.,;:-]", value, re.IGNORECASE):
+        return ""
+    return value
 
 # ----------------------------------------------------------------------------------------
 # 2. Validation and repair
@@ -226,6 +486,31 @@ def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, 
     return inter / union if union > 0 else 0.0
 
 
+def _corners_to_xywh(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    return (box[0], box[1], box[2] - box[0], box[3] - box[1])
+
+
+def _fits_as_corners(box: tuple[float, float, float, float]) -> bool:
+    return 0 <= box[0] < box[2] <= GRID and 0 <= box[1] < box[3] <= GRID
+
+
+def _gave_corners(objects: list[AnswerObject], previous: Layout) -> bool:
+    """Whether a revision's bare boxes are corners given by mistake (§1.7).
+
+    Evidence, not a guess: read as corners, some boxes equal (within 2 grid px) boxes of the
+    previous layout, read as [x, y, w, h] none does, and every box is valid as corners.
+    """
+    bare = [o.box for o in objects if o.bare_box]
+    old = [o.box_xywh() for o in previous.objects]
+
+    def repeats(box: tuple[float, ...]) -> bool:
+        return any(all(abs(a - b) <= 2 for a, b in zip(box, p)) for p in old)
+
+    if not bare or not all(_fits_as_corners(b) for b in bare):
+        return False
+    return any(repeats(_corners_to_xywh(b)) for b in bare) and not any(repeats(b) for b in bare)
+
+
 def build_layout(
     answer: Answer,
     previous: Layout | None = None,
@@ -237,9 +522,16 @@ def build_layout(
     With ``previous`` (a revision, §1.7), objects that stayed keep their ids, and an object
     whose phrase and grid box did not change keeps ``previous``'s exact box.
     """
-    warnings: list[str] = []
+    warnings: list[str] = list(answer.notes)
     pending: list[tuple[str | None, str, tuple[float, float, float, float]]] = []
-    for item in answer.objects:
+    objects = answer.objects
+    if previous is not None and _gave_corners(objects, previous):
+        objects = [o.model_copy(update={"box": _corners_to_xywh(o.box)}) if o.bare_box else o for o in objects]
+        warnings.append(
+            "box: read the boxes as corners [x0, y0, x1, y1]: that way, unlike as [x, y, w, h], "
+            "they repeat boxes of the previous layout"
+        )
+    for item in objects:
         phrase = " ".join(item.phrase.split()).rstrip(".")
         if not phrase:
             warnings.append(f"dropped: an object with an empty phrase (box {_grid_box(item.box)})")
@@ -259,7 +551,8 @@ def build_layout(
             warnings.append(f"dropped: {phrase!r} box {_grid_box(item.box)} lies outside the canvas")
             continue
         if box != raw:
-            warnings.append(f"clipped: {phrase!r} box {_grid_box(item.box)} to the canvas as {list(xyxy_to_xywh(box))}")
+            hint = " (it would fit as corners [x0, y0, x1, y1])" if item.bare_box and _fits_as_corners(item.box) else ""
+            warnings.append(f"clipped: {phrase!r} box {_grid_box(item.box)} to the canvas as {list(xyxy_to_xywh(box))}{hint}")
         counted = _count_in_phrase(phrase)
         if counted and split_counts:
             count, rest = counted
@@ -348,7 +641,9 @@ def _assign_ids(
         if old is not None and old.phrase == phrase and xyxy_to_xywh(box) == old.box_xywh():
             box = old.box  # unchanged on the grid: keep the exact box, not its re-rounded copy
         objects.append(LayoutObject(id=object_id, phrase=phrase, box=box))
-    return objects
+    # Objects that stayed keep the previous order (a reordered answer changes nothing); new ones follow.
+    order = {object_id: index for index, object_id in enumerate(prev)}
+    return sorted(objects, key=lambda o: order.get(o.id, len(order)))
 
 
 def parse_layout_text(text: str, previous: Layout | None = None, max_objects: int = MAX_OBJECTS) -> Layout:
