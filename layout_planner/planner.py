@@ -19,9 +19,13 @@ from layout_planner.client import LLMClient, LLMConfig
 from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput
 from layout_planner.layout import MAX_OBJECTS, Layout
 from layout_planner.parse import build_layout, parse_answer
+from layout_planner.layout import LayoutObject
 from layout_planner.template import CAPTION_PREFIX, INSTRUCTION_PREFIX, TEMPLATE_VERSION, chat_messages, load_template
+from layout_planner.words import head_noun, singular, words_of
 
 _ALLOWED_CONTROLS = {"\n", "\t"}
+# An instruction with one of these words may touch objects it does not name ("remove everything but the cat").
+_WHOLE_SCENE_WORDS = {"all", "every", "everything", "only", "except", "anything", "nothing", "empty", "clear", "whole", "entire"}
 
 
 class Turn(BaseModel):
@@ -61,6 +65,21 @@ def validate_text(text: str, what: str, max_chars: int) -> str:
                 "only tabs and newlines are allowed"
             )
     return stripped
+
+
+def left_out(previous: Layout, layout: Layout, instruction: str) -> list[LayoutObject]:
+    """Objects of ``previous`` missing from a revision although ``instruction`` names neither them nor the whole scene.
+
+    A model that answers with only the changed objects (a partial answer) leaves the others
+    out; the template asks for the whole layout (§1.7). An object counts as named when its
+    head noun (or its id) is a word of the instruction: "remove the dog" may drop the dog.
+    """
+    words = set(words_of(instruction))
+    words |= {singular(word) for word in words}
+    if words & _WHOLE_SCENE_WORDS:
+        return []
+    kept = {o.id for o in layout.objects}
+    return [o for o in previous.objects if o.id not in kept and head_noun(o.phrase) not in words and o.id.lower() not in words]
 
 
 class Planner:
@@ -106,7 +125,7 @@ class Planner:
             text = validate_text(turn.text, "instruction", self.config.max_prompt_chars)
             exchanges.append((INSTRUCTION_PREFIX + text, turn.layout.to_llm_json()))
         messages = chat_messages(self.template, exchanges, INSTRUCTION_PREFIX + instruction)
-        return self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout)
+        return self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout, instruction=instruction)
 
     def close(self) -> None:
         self.client.close()
@@ -125,7 +144,16 @@ class Planner:
         except ValidationError as exc:
             raise LayoutParseError(f"the layout is invalid: {exc.errors()[0]['msg']}") from None
 
-    def _ask(self, messages: list[dict[str, str]], key: str, previous: Layout | None) -> tuple[Layout, PlanReport]:
+    def _ask(
+        self, messages: list[dict[str, str]], key: str, previous: Layout | None, instruction: str | None = None
+    ) -> tuple[Layout, PlanReport]:
+        """Ask until an answer is a whole layout, at most ``max_reasks`` times (§1.5).
+
+        Re-asked, with the reason shown to the model: an answer that does not parse, one cut at
+        ``max_tokens`` (its complete objects are not the whole layout), and once, a revision
+        that leaves out objects the instruction does not mention (a partial answer). A partial
+        answer that comes again keeps the left-out objects unchanged, with a ``kept:`` warning.
+        """
         report = PlanReport()
         if self.cache is not None:
             cached = self.cache.get(key)
@@ -133,14 +161,15 @@ class Planner:
                 cached = cached.decode("utf-8", errors="replace")
             if cached is not None:
                 try:
-                    layout = self._build(cached, previous)
+                    layout = self._whole_layout(cached, previous)
                 except LayoutParseError:
                     pass  # a stale or foreign entry: ask again and overwrite it
                 else:
                     report.cached = True
-                    return layout, report
+                    return self._keep_left_out(layout, previous, instruction), report
         conversation = list(messages)
         text = ""
+        partial_reasked = False
         for _ in range(self.config.max_reasks):
             report.asks += 1
             completion = self.client.complete(conversation)
@@ -149,7 +178,7 @@ class Planner:
             report.structured = completion.record.structured
             text = completion.text
             try:
-                layout = self._build(text, previous)
+                layout = self._whole_layout(text, previous)
             except LayoutParseError as exc:
                 error = str(exc)
                 if completion.finish_reason == "length":
@@ -160,11 +189,50 @@ class Planner:
                     {"role": "user", "content": f"That answer could not be used: {error}. Reply again with only the layout JSON."},
                 ]
                 continue
+            missing = left_out(previous, layout, instruction) if previous is not None and instruction else []
+            if missing and not partial_reasked and report.asks < self.config.max_reasks:
+                partial_reasked = True
+                names = ", ".join(f"{o.id!r} ({o.phrase})" for o in missing)
+                report.parse_errors.append(f"the answer left out {names}, which the instruction does not mention")
+                conversation = conversation + [
+                    {"role": "assistant", "content": text},
+                    {
+                        "role": "user",
+                        "content": f"Your answer left out {names}, which the instruction does not mention. Answer with "
+                        "the whole updated layout: every object of the previous layout stays, with its id, phrase "
+                        "and box, unless the instruction changes or removes it.",
+                    },
+                ]
+                continue
             if self.cache is not None:
                 self.cache.set(key, text)
-            return layout, report
+            return self._keep_left_out(layout, previous, instruction), report
         raise LLMBadOutput(
             f"the LLM gave no usable layout in {report.asks} asks; last problem: {report.parse_errors[-1]}",
             asks=report.asks,
             last_text=text,
         )
+
+    def _whole_layout(self, text: str, previous: Layout | None) -> Layout:
+        """The layout of an answer; an answer cut mid-way is not one (its salvaged part lacks objects)."""
+        layout = self._build(text, previous)
+        cut = next((w for w in layout.warnings if w.startswith("truncated:")), None)
+        if cut is not None:
+            raise LayoutParseError("the answer stops mid-way, before the layout is complete; give a shorter answer")
+        return layout
+
+    def _keep_left_out(self, layout: Layout, previous: Layout | None, instruction: str | None) -> Layout:
+        """A partial revision answer: the objects it left out (unnamed by the instruction) stay as they were."""
+        missing = left_out(previous, layout, instruction) if previous is not None and instruction else []
+        if not missing:
+            return layout
+        room = max(0, self.max_objects - len(layout.objects))
+        warnings = layout.warnings + [
+            f"kept: {o.phrase!r} ({o.id}) unchanged: the LLM left it out although the instruction does not mention it"
+            for o in missing[:room]
+        ]
+        if missing[room:]:
+            warnings.append(f"capped: could not keep {len(missing) - room} left-out object(s) within {self.max_objects}")
+        order = {o.id: index for index, o in enumerate(previous.objects)}
+        objects = sorted(layout.objects + missing[:room], key=lambda o: order.get(o.id, len(order)))
+        return layout.model_copy(update={"objects": objects, "warnings": warnings})

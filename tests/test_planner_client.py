@@ -148,6 +148,15 @@ def test_a_reask_that_succeeds(fake_llm):
     assert report.asks == 2 and "box must be 4 numbers" in report.parse_errors[0]
 
 
+def test_an_answer_cut_at_max_tokens_is_asked_again(fake_llm):
+    cut = '{"objects": [{"id": "cat", "phrase": "a cat", "box": [10, 10, 100, 100]}, {"id": "dog", "phrase": "a d'
+    fake_llm.enqueue(cut, finish_reason="length")
+    fake_llm.enqueue(_layout("a cat", "a dog"))
+    layout, report = Planner(fake_llm.config()).plan_with_report("a cat and a dog")
+    assert layout.phrases() == ["a cat", "a dog"] and report.asks == 2
+    assert "stops mid-way" in report.parse_errors[0] and "cut at max_tokens=900" in report.parse_errors[0]
+
+
 def test_structured_output_falls_back_and_remembers(fake_llm):
     fake_llm.reject_response_format = True
     planner = Planner(fake_llm.config(structured_output="auto"))

@@ -90,9 +90,80 @@ def test_a_removed_object_disappears_and_its_id_is_not_reused(fake_llm):
     layout = Planner(fake_llm.config(structured_output="off")).revise([Turn(text="a cat", layout=FIRST)], "replace the cat by a small dog in the corner")
     assert layout.object("cat").phrase == "a dog"  # the LLM kept the id: its choice is honoured
     fake_llm.enqueue("[('a grey sofa', [21, 251, 278, 190]), ('a dog', [10, 10, 60, 60])]\nBackground prompt: a living room")
-    again = Planner(fake_llm.config()).revise([Turn(text="a cat", layout=FIRST)], "remove the lamp, add a dog")
+    again = Planner(fake_llm.config()).revise([Turn(text="a cat", layout=FIRST)], "remove the lamp and the cat, add a dog")
     assert [o.id for o in again.objects][0] == "sofa"
     assert again.objects[1].id not in {"lamp", "cat"}
+
+
+def _reference(objects, background="a living room"):
+    items = ", ".join(f"({o.phrase!r}, {list(o.box_xywh())})" for o in objects)
+    return f"[{items}]\nBackground prompt: {background}\nNegative prompt: None"
+
+
+def test_make_it_night_changes_only_the_background(fake_llm):
+    sofa, lamp, cat = FIRST.objects
+    fake_llm.enqueue(_reference([cat, sofa, lamp], background="a living room at night"))  # no ids, reordered
+    layout = Planner(fake_llm.config()).revise([Turn(text="a cat in a living room", layout=FIRST)], "make it night")
+    assert layout.objects == FIRST.objects  # same ids, exact boxes, same order
+    assert (layout.background, layout.negative, layout.warnings) == ("a living room at night", "", [])
+    assert len(fake_llm.requests) == 1
+
+
+def test_remove_the_dog_removes_exactly_one_object(fake_llm):
+    dog = LayoutObject(id="dog", phrase="a small dog", box=(0.6, 0.7, 0.75, 0.95))
+    first = FIRST.model_copy(update={"objects": [*FIRST.objects, dog]})
+    sofa, lamp, cat, _ = first.objects
+    fake_llm.enqueue(_answer([_as_answer(cat, id="obj1"), _as_answer(sofa, id="obj2"), _as_answer(lamp, id="obj3")]))
+    layout = Planner(fake_llm.config()).revise([Turn(text="a cat and a dog", layout=first)], "remove the dog")
+    assert layout.objects == FIRST.objects and layout.warnings == []
+    assert len(fake_llm.requests) == 1  # dropping the named object is no partial answer
+
+
+def test_corners_given_by_mistake_are_recognised_from_the_unchanged_objects(fake_llm):
+    sofa, lamp, cat = FIRST.objects
+
+    def corners(obj, box=None):
+        x, y, w, h = box or obj.box_xywh()
+        return {"phrase": obj.phrase, "box": [x, y, x + w, y + h]}
+
+    fake_llm.enqueue(_answer([corners(sofa), corners(lamp), corners(cat, box=(30, 40, 80, 100))]))
+    layout = Planner(fake_llm.config()).revise([Turn(text="a cat in a living room", layout=FIRST)], "move the cat to the top left")
+    assert [o.id for o in layout.objects] == ["sofa", "lamp", "cat"]
+    assert layout.object("sofa").box == sofa.box and layout.object("lamp").box == lamp.box
+    assert layout.object("cat").box == xywh_to_xyxy([30, 40, 80, 100])
+    assert layout.warnings == [
+        "box: read the boxes as corners [x0, y0, x1, y1]: that way, unlike as [x, y, w, h], they repeat boxes of the previous layout"
+    ]
+
+
+def test_a_partial_answer_is_asked_again_with_the_reason(fake_llm):
+    sofa, lamp, cat = FIRST.objects
+    fake_llm.enqueue(_answer([_as_answer(cat, box=[40, 60, 80, 100])]))  # only the changed object
+    fake_llm.enqueue(_answer([_as_answer(sofa), _as_answer(lamp), _as_answer(cat, box=[40, 60, 80, 100])]))
+    layout, report = Planner(fake_llm.config()).revise_with_report([Turn(text="a cat", layout=FIRST)], "move the cat to the top left")
+    assert [o.id for o in layout.objects] == ["sofa", "lamp", "cat"] and layout.warnings == []
+    assert report.asks == 2
+    reask = fake_llm.requests[1].last_user_content
+    assert reask.startswith("Your answer left out 'sofa' (a grey sofa), 'lamp' (a floor lamp)")
+    assert "whole updated layout" in reask
+
+
+def test_a_partial_answer_given_twice_keeps_the_left_out_objects(fake_llm):
+    sofa, lamp, cat = FIRST.objects
+    for _ in range(2):  # "make it night" answered with no objects at all, twice
+        fake_llm.enqueue(_answer([], background="a living room at night"))
+    layout = Planner(fake_llm.config()).revise([Turn(text="a cat", layout=FIRST)], "make it night")
+    assert layout.objects == FIRST.objects and layout.background == "a living room at night"
+    assert [w.split(":")[0] for w in layout.warnings] == ["kept", "kept", "kept"]
+    assert "'a grey sofa' (sofa) unchanged" in layout.warnings[0]
+    assert len(fake_llm.requests) == 2  # one re-ask for a partial answer, not max_reasks
+
+
+def test_an_instruction_about_the_whole_scene_may_drop_unnamed_objects(fake_llm):
+    _, _, cat = FIRST.objects
+    fake_llm.enqueue(_answer([_as_answer(cat)]))
+    layout = Planner(fake_llm.config()).revise([Turn(text="a cat", layout=FIRST)], "remove everything except the cat")
+    assert [o.id for o in layout.objects] == ["cat"] and len(fake_llm.requests) == 1
 
 
 def test_revision_input_is_validated(fake_llm):
