@@ -18,8 +18,11 @@ def test_reference_preset_with_the_requests_steps_and_guidance():
 
 
 def test_fast_preset_and_the_workers_max_batch():
-    options = render_options(_job(preset="fast"), Settings(_env_file=None, max_batch=2))
-    assert (options.steps, options.max_batch, options.per_box_full_pass, options.guidance_steps) == (50, 2, False, 15)
+    from grounded_sd import LMDOptions
+
+    options = render_options(_job(preset="fast", steps=20), Settings(_env_file=None, max_batch=2))
+    assert options == LMDOptions.fast(steps=20, max_batch=2)
+    assert options != LMDOptions.reference(steps=20, max_batch=2)
 
 
 def _raised_by(action) -> Exception:
