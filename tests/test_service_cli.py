@@ -33,3 +33,24 @@ def test_the_api_and_the_worker_main_process_do_not_import_torch():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"LMD_PRESET": "turbo"}, "lmd worker: error: invalid setting LMD_PRESET: Input should be 'reference' or 'fast'"),
+        ({"LMD_MIN_SIZE": "2000"}, "lmd worker: error: invalid settings: LMD_MIN_SIZE must not exceed LMD_MAX_SIZE"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(env, words, monkeypatch, capsys):
+    from lmd.settings import get_settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        assert main(["worker", "--queues", "plan"]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert err.strip() == words

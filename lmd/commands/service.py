@@ -40,7 +40,9 @@ def _settings():
         return get_settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise CLIError(f"invalid setting {'.'.join(map(str, first['loc'])) or ''}: {first['msg']}") from None
+        field = "_".join(map(str, first["loc"])).upper()
+        where = f"setting LMD_{field}" if field else "settings"
+        raise CLIError(f"invalid {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def _serve(args: argparse.Namespace) -> int:
