@@ -297,3 +297,23 @@ def test_metrics_count_unfinished_jobs_by_state_and_finished_ones(client):
     after = _metrics(client)
     assert (after[queued], after[canceled]) == (before[queued], before[canceled] + 1)
     assert after[("lmd_render_seconds_count", ())] == 0 and after[("lmd_workers", (("queue", "render"),))] == 0
+
+
+def test_every_field_of_the_service_contract_is_there_by_name(client):
+    """/work/shared/design/SERVICE.md "HTTP contract": the names clients are written against."""
+    accepted = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()
+    assert {"job_id", "session_id", "status_url"} <= accepted.keys()
+    job = client.get(accepted["status_url"]).json()
+    assert {"job_id", "session_id", "state", "progress", "prompt", "layout", "seed", "error", "result",
+            "created_at", "updated_at"} <= job.keys()
+    assert set(job["progress"]) == {"stage", "step", "total"}
+    session = client.get(f"/sessions/{accepted['session_id']}").json()
+    assert {"session_id", "turns"} <= session.keys()
+    assert {"turn", "kind", "text", "layout", "job_id"} <= session["turns"][0].keys()
+    canceled = client.post(f"/jobs/{accepted['job_id']}/cancel").json()
+    assert set(canceled["error"]) == {"code", "message"}
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert set(schema["JobView"]["properties"]["state"]["enum"]) == {
+        "queued", "planning", "rendering", "succeeded", "failed", "canceled"}
+    assert {"llm_unavailable", "llm_bad_output", "invalid_layout", "out_of_memory", "worker_lost", "canceled"} <= set(
+        schema["JobError"]["properties"]["code"]["enum"])
