@@ -11,8 +11,10 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlparse
 
 import openai
 from pydantic import BaseModel, ConfigDict, Field
@@ -94,11 +96,32 @@ def retry_after_s(exc: BaseException) -> float | None:
             return None
 
 
-class LLMClient:
-    """Sends one conversation and returns the answer's text; remembers whether json_schema works."""
+# Hosted endpoints that refuse every request without a key: fail at once instead of retrying a 401.
+KEYED_HOSTS = ("api.openai.com",)
 
-    def __init__(self, config: LLMConfig):
+
+def needs_api_key(config: LLMConfig) -> bool:
+    """Whether ``config`` points at a hosted endpoint that needs a key and has none."""
+    return not config.api_key and (urlparse(config.base_url).hostname or "") in KEYED_HOSTS
+
+
+_STATUS_HINTS = {
+    401: " (check the API key)",
+    403: " (check the API key's permissions)",
+    404: " (check the model name, and that the base URL is the API root, usually ending in /v1)",
+}
+
+
+class LLMClient:
+    """Sends one conversation and returns the answer's text; remembers whether json_schema works.
+
+    ``on_retry`` (optional) is told, in one line, each transport failure that will be retried
+    and the wait before the next attempt, so that a CLI can show why nothing happens yet.
+    """
+
+    def __init__(self, config: LLMConfig, on_retry: Callable[[str], None] | None = None):
         self.config = config
+        self.on_retry = on_retry
         self._openai = openai.OpenAI(
             base_url=config.base_url,
             api_key=config.api_key or "unused",  # local servers need no key; the client insists on one
@@ -123,7 +146,16 @@ class LLMClient:
         record = CallRecord()
 
         def note_wait(state: RetryCallState) -> None:
-            record.waits.append(state.next_action.sleep if state.next_action else 0.0)
+            wait = state.next_action.sleep if state.next_action else 0.0
+            record.waits.append(wait)
+            if self.on_retry is not None and state.outcome is not None:
+                cause = self._cause(state.outcome.exception())
+                self.on_retry(f"{cause}; attempt {state.attempt_number} of {self.config.max_attempts}, next in {wait:.1f} s")
+
+        if needs_api_key(self.config):
+            raise LLMUnavailable(
+                f"LLM endpoint {self.config.base_url} needs an API key and none is configured", attempts=0
+            )
 
         retrying = Retrying(
             stop=stop_after_attempt(self.config.max_attempts),
@@ -142,6 +174,16 @@ class LLMClient:
         except (openai.APIError, _MalformedResponse) as exc:
             raise LLMUnavailable(self._describe(exc, record.attempts), attempts=record.attempts) from exc
 
+    def _cause(self, exc: BaseException | None) -> str:
+        """A few words on one failed attempt."""
+        if isinstance(exc, openai.APITimeoutError):
+            return f"no answer within {self.config.timeout_s:g} s"
+        if isinstance(exc, openai.APIConnectionError):
+            return f"cannot connect ({exc.__cause__ or exc})"
+        if isinstance(exc, openai.APIStatusError):
+            return f"HTTP {exc.status_code}"
+        return f"malformed response ({exc})"
+
     def _describe(self, exc: BaseException, attempts: int) -> str:
         where = f"{self.config.base_url} (model {self.config.model})"
         tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
@@ -156,7 +198,8 @@ class LLMClient:
                 return f"LLM endpoint {where} is rate limiting (429) {tries}: {detail}"
             if exc.status_code >= 500:
                 return f"LLM endpoint {where} failed with HTTP {exc.status_code} {tries}: {detail}"
-            return f"LLM endpoint {where} refused the request with HTTP {exc.status_code}: {detail}"
+            hint = _STATUS_HINTS.get(exc.status_code, "")
+            return f"LLM endpoint {where} refused the request with HTTP {exc.status_code}: {detail}{hint}"
         return f"LLM endpoint {where} sent a malformed response {tries}: {exc}"
 
     def _request(self, messages: list[dict[str, str]], record: CallRecord) -> Completion:

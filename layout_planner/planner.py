@@ -10,6 +10,7 @@ the objects that stayed (§1.7).
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -83,7 +84,10 @@ def left_out(previous: Layout, layout: Layout, instruction: str) -> list[LayoutO
 
 
 class Planner:
-    """Turns prompts into layouts with an LLM. Holds a client, a cache, the template; nothing else."""
+    """Turns prompts into layouts with an LLM. Holds a client, a cache, the template; nothing else.
+
+    ``on_retry``: told in one line about each transport retry (``LLMClient``), for progress output.
+    """
 
     def __init__(
         self,
@@ -91,12 +95,13 @@ class Planner:
         cache: LayoutCache | None = None,
         template_version: str = TEMPLATE_VERSION,
         max_objects: int = MAX_OBJECTS,
+        on_retry: Callable[[str], None] | None = None,
     ):
         self.config = config
         self.cache = cache
         self.template = load_template(template_version)
         self.max_objects = max_objects
-        self.client = LLMClient(config)
+        self.client = LLMClient(config, on_retry=on_retry)
 
     # --- public ----------------------------------------------------------------------------
 

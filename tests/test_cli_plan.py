@@ -47,9 +47,9 @@ def test_plan_errors_are_one_line(llm_env, monkeypatch, capsys):
     for _ in range(2):
         llm_env.enqueue_status(500, message="boom")
     assert main(["plan", "a cat"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("lmd plan: error: LLM endpoint") and "HTTP 500 after 2 attempts: boom" in err
-    assert "\n" not in err
+    retry, error = capsys.readouterr().err.strip().splitlines()  # the retry is shown as it happens, then one error line
+    assert retry == f"lmd plan: {llm_env.base_url}: HTTP 500; attempt 1 of 2, next in " + retry.split("next in ")[1]
+    assert error.startswith("lmd plan: error: LLM endpoint") and "HTTP 500 after 2 attempts: boom" in error
     assert main(["plan", "a cat\x00"]) == 2
     assert "control character U+0000" in capsys.readouterr().err
     assert main(["plan"]) == 2

@@ -11,6 +11,7 @@ from layout_planner import (
     Layout,
     LayoutObject,
     LLMBadOutput,
+    LLMConfig,
     LLMUnavailable,
     Planner,
     cache_key,
@@ -117,6 +118,21 @@ def test_an_unreachable_endpoint(fake_llm):
     with pytest.raises(LLMUnavailable, match="cannot reach LLM endpoint .* after 2 attempts") as info:
         Planner(config).plan("a cat")
     assert info.value.attempts == 2
+
+
+def test_openai_without_a_key_is_refused_before_any_request():
+    with pytest.raises(LLMUnavailable, match=r"^LLM endpoint https://api.openai.com/v1 needs an API key") as info:
+        Planner(LLMConfig(api_key=None)).plan("a cat")
+    assert info.value.attempts == 0
+
+
+def test_retries_are_reported_as_they_happen(fake_llm):
+    fake_llm.enqueue_status(503)
+    fake_llm.enqueue_timeout(2.0)
+    notes = []
+    Planner(fake_llm.config(timeout_s=0.3), on_retry=notes.append).plan("a cat")
+    assert [n.split(";")[0] for n in notes] == ["HTTP 503", "no answer within 0.3 s"]
+    assert "attempt 1 of 4, next in" in notes[0] and "attempt 2 of 4, next in" in notes[1]
 
 
 def test_a_client_error_is_not_retried(fake_llm):

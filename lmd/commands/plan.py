@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -80,15 +81,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _planner():
+def _planner(say=None):
+    """The planner from settings; ``say`` prints one line of progress (a transport retry) to stderr."""
     from layout_planner import Planner
+    from layout_planner.client import needs_api_key
     from lmd.settings import Settings
 
     try:
         settings = Settings()
     except ValidationError as exc:
         raise CLIError(f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
-    return Planner(llm_config_from_settings(settings))
+    config = llm_config_from_settings(settings)
+    if needs_api_key(config):
+        raise CLIError(
+            f"no API key for {config.base_url}: set LMD_LLM_API_KEY or OPENAI_API_KEY, "
+            "or LMD_LLM_BASE_URL to a server that needs none"
+        )
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    return Planner(config, on_retry=lambda message: say(f"lmd plan: {config.base_url}: {message}"))
+
+
+def _check_draw_path(path: Path) -> None:
+    """Refuse a --draw path we could not write before asking the LLM (a paid request), not after."""
+    from PIL import Image
+
+    if path.is_dir():
+        raise CLIError(f"--draw {path}: is a directory")
+    suffix = path.suffix.lower()
+    if suffix not in Image.registered_extensions():
+        raise CLIError(f"--draw {path}: unknown image type {suffix or '(no extension)'!r}; use a .png name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"--draw {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CLIError(f"--draw {path}: not writable")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -104,6 +130,8 @@ def run_plan(args: argparse.Namespace) -> int:
         raise CLIError("give a PROMPT, or --prompts-file with --out")
     if bool(args.revise) != bool(args.instruction):
         raise CLIError("--revise and --instruction go together")
+    if args.draw:
+        _check_draw_path(args.draw)
     planner = _planner()
     try:
         if args.revise:
@@ -126,8 +154,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
         try:
             draw_layout(layout).save(args.draw)
-        except OSError as exc:
-            raise CLIError(f"cannot write {args.draw}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise CLIError(f"cannot write {args.draw}: {getattr(exc, 'strerror', None) or exc}") from None
         print(f"drew {len(layout.objects)} boxes to {args.draw}", file=sys.stderr)
     return 0
 
@@ -169,44 +197,80 @@ def _line_key(line: dict[str, Any]) -> str:
     return f"index:{line['index']}" if "index" in line else f"prompt:{line.get('prompt')}#{line.get('sample_index', 0)}"
 
 
+def _drop_torn_last_line(path: Path) -> None:
+    """A run killed mid-write can leave a last line without its newline: cut it so appends stay whole lines."""
+    with path.open("rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        data_start = max(0, size - 1_000_000)
+        handle.seek(data_start)
+        tail = handle.read()
+        cut = data_start + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        handle.truncate(cut)
+    print(f"lmd plan: {path}: dropped an incomplete last line ({size - cut} bytes) left by an interrupted run", file=sys.stderr)
+
+
+def _append_line(fd: int, line: dict[str, Any]) -> None:
+    """One output line in one ``write`` on an O_APPEND descriptor: an interrupt leaves whole lines only."""
+    data = (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+    written = os.write(fd, data)
+    while written < len(data):  # short writes only happen on full disks and the like
+        written += os.write(fd, data[written:])
+
+
 def _run_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from layout_planner import PlannerError
 
     items = _batch_items(_read_jsonl(args.prompts_file, "prompts file"), args.prompts_file)
+    if args.out.exists():
+        _drop_torn_last_line(args.out)
     done = {_line_key(line) for line in (_read_jsonl(args.out, "output") if args.out.exists() else []) if "layout" in line}
     pending = [item for item in items if item["key"] not in done]
     already = len(items) - len(pending)
     if args.limit is not None:
         pending = pending[: args.limit]
-    planner = _planner()
-    failed = 0
+    planner = _planner(say=lambda text: tqdm.write(text, file=sys.stderr))
     try:
-        with args.out.open("a", encoding="utf-8") as out, tqdm(
-            total=len(items), initial=already,
-            desc="planning", unit="prompt", file=sys.stderr,
-        ) as bar:  # fmt: skip
-            for item in pending:
-                row = item["row"]
-                line: dict[str, Any] = {k: row[k] for k in ("index", "task") if k in row}
-                line.update(prompt=row["prompt"], sample_index=item["sample_index"])
-                try:
-                    layout = planner.plan(row["prompt"], sample_index=item["sample_index"])
-                    line["layout"] = layout.model_dump(mode="json")
-                except PlannerError as exc:
-                    failed += 1
-                    line.update(error=str(exc), error_type=type(exc).__name__)
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
-                out.flush()
-                bar.update(1)
-                bar.set_postfix(failed=failed)
-    finally:
+        fd = os.open(args.out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
         planner.close()
-    print(
-        f"planned {len(pending) - failed}, failed {failed}, already done {already} -> {args.out}",
-        file=sys.stderr,
-    )
+        raise CLIError(f"cannot write {args.out}: {exc.strerror}") from None
+    planned = failed = 0
+    bar = tqdm(total=len(items), initial=already, desc="planning", unit="prompt", file=sys.stderr)
+    try:
+        for item in pending:
+            row = item["row"]
+            line: dict[str, Any] = {k: row[k] for k in ("index", "task") if k in row}
+            line.update(prompt=row["prompt"], sample_index=item["sample_index"])
+            try:
+                layout = planner.plan(row["prompt"], sample_index=item["sample_index"])
+                line["layout"] = layout.model_dump(mode="json")
+                planned += 1
+            except PlannerError as exc:
+                failed += 1
+                line.update(error=str(exc), error_type=type(exc).__name__)
+            _append_line(fd, line)
+            bar.update(1)
+            bar.set_postfix(failed=failed)
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"lmd plan: interrupted: planned {planned}, failed {failed} in this run, all written to {args.out}; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        raise
+    finally:
+        bar.close()
+        planner.close()
+        os.close(fd)
+    print(f"planned {planned}, failed {failed}, already done {already} -> {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
 
