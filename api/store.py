@@ -274,6 +274,10 @@ class Store:
 
         return self._transaction(attempt, *watches)
 
+    def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        raw = self.redis.get(key)
+        return IdempotencyRecord.model_validate_json(raw) if raw else None
+
     def forget_idempotency(self, key: str) -> None:
         self.redis.delete(key)
 

@@ -29,6 +29,30 @@ class IdempotencyConflict(HTTPException):
         super().__init__(409, "Idempotency-Key was already used with a different request body; use a new key")
 
 
+def replay(store: Store, owner: str | None, route: str, payload: dict, idempotency_key: str | None) -> Accepted | None:
+    """The earlier answer for a reused Idempotency-Key (409 when the body differs); None for a new key.
+
+    Routes call this before their own state checks, so a retry of a request that was accepted
+    gets the same 202 even though the job it created now makes the check fail (an instruct
+    retried while its own turn is still rendering).
+    """
+    if idempotency_key is None:
+        return None
+    _check_key(idempotency_key)
+    earlier = store.get_idempotency(store.idempotency_key(owner, route, idempotency_key))
+    if earlier is None:
+        return None
+    if earlier.body_hash != body_hash({"route": route, **payload}):
+        raise IdempotencyConflict()
+    return Accepted(job_id=earlier.job_id, session_id=earlier.session_id, turn=earlier.turn,
+                    status_url=f"/jobs/{earlier.job_id}")
+
+
+def _check_key(idempotency_key: str) -> None:
+    if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise HTTPException(422, f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters")
+
+
 def submit(
     store: Store,
     celery: Celery,
@@ -42,8 +66,7 @@ def submit(
     """Store ``job`` as the next turn of ``session`` and enqueue it; replay an earlier answer for a reused key."""
     claim = None
     if idempotency_key is not None:
-        if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-            raise HTTPException(422, f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        _check_key(idempotency_key)
         record = IdempotencyRecord(body_hash=body_hash({"route": route, **payload}), job_id=job.job_id,
                                    session_id=session.session_id, turn=0)
         claim = (store.idempotency_key(job.owner, route, idempotency_key), record)

@@ -317,3 +317,20 @@ def test_every_field_of_the_service_contract_is_there_by_name(client):
         "queued", "planning", "rendering", "succeeded", "failed", "canceled"}
     assert {"llm_unavailable", "llm_bad_output", "invalid_layout", "out_of_memory", "worker_lost", "canceled"} <= set(
         schema["JobError"]["properties"]["code"]["enum"])
+
+
+def test_an_instruct_retried_while_its_turn_renders_gets_the_same_202(client):
+    """The 409 'turn still rendering' check ran before the Idempotency-Key replay."""
+    store = client.app.state.store
+    first = client.post("/generate", json={"layout": LAYOUT, "width": 64, "height": 64}).json()
+    assert store.claim(first["job_id"], "render", "test-worker:1", 3, 60) is not None  # what a render worker does
+    assert store.finish(first["job_id"], "test-worker:1", "succeeded").state == "succeeded"
+    url, key = f"/sessions/{first['session_id']}/instruct", {"Idempotency-Key": "instruct-once"}
+    accepted = client.post(url, json={"instruction": "add a dog"}, headers=key)
+    again = client.post(url, json={"instruction": "add a dog"}, headers=key)
+    assert accepted.status_code == again.status_code == 202 and again.json() == accepted.json()
+    assert len(client.get(f"/sessions/{first['session_id']}").json()["turns"]) == 2
+    other = client.post(url, json={"instruction": "add a cat"}, headers=key)
+    assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
+    busy = client.post(url, json={"instruction": "add a cat"})
+    assert busy.status_code == 409 and "still queued" in busy.json()["detail"]

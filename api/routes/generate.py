@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned_session
 from api.schemas import Accepted, GenerateRequest, limit_errors
 from api.store import JobRecord, SessionRecord, new_id, utcnow
-from api.submit import submit
+from api.submit import replay, submit
 
 router = APIRouter(tags=["generate"])
 
@@ -33,6 +33,9 @@ def generate(
     errors = limit_errors(body, settings)
     if errors:
         raise RequestValidationError(errors)
+    payload = body.model_dump(mode="json")
+    if (earlier := replay(store, owner, "generate", payload, idempotency_key)) is not None:
+        return earlier
     now = utcnow()
     if body.session_id is not None:
         session = owned_session(body.session_id, store, owner)
@@ -59,4 +62,4 @@ def generate(
         created_at=now,
         updated_at=now,
     )
-    return submit(store, celery, job, session, "generate", body.model_dump(mode="json"), idempotency_key, settings)
+    return submit(store, celery, job, session, "generate", payload, idempotency_key, settings)

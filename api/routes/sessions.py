@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from api.deps import CeleryDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import Accepted, InstructRequest, SessionView, limit_errors
 from api.store import JobRecord, new_id, utcnow
-from api.submit import submit
+from api.submit import replay, submit
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
@@ -40,6 +40,9 @@ def instruct(
     errors = limit_errors(body, settings)
     if errors:
         raise RequestValidationError(errors)
+    payload = {"session_id": session.session_id, **body.model_dump(mode="json")}
+    if (earlier := replay(store, owner, "instruct", payload, idempotency_key)) is not None:
+        return earlier
     jobs = store.get_jobs([t.job_id for t in session.turns])
     if session.turns:
         latest = jobs.get(session.turns[-1].job_id)
@@ -61,7 +64,6 @@ def instruct(
         created_at=now,
         updated_at=now,
     )
-    payload = {"session_id": session.session_id, **body.model_dump(mode="json")}
     return submit(store, celery, job, session, "instruct", payload, idempotency_key, settings)
 
 
