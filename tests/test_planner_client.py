@@ -16,7 +16,7 @@ from layout_planner import (
     Planner,
     cache_key,
 )
-from layout_planner.template import load_template
+from layout_planner.template import Template, load_template
 
 
 def _layout(*phrases: str) -> Layout:
@@ -41,8 +41,11 @@ def test_a_plan_sends_template_caption_and_settings(fake_llm):
 
 def test_the_template_has_seven_examples_and_asks_for_english():
     text = load_template().text
-    assert text.count("\nCaption: ") == 7 and text.count("\nLayout: ") == 7
+    assert text.count("\nCaption: ") == 7 and text.count("\nInstruction: ") == 1 and text.count("\nLayout: ") == 8
     assert "English" in text and 2500 < len(text) < 4500
+    for asked in ("512 x 512", "top-left", "inside the canvas", "One box holds exactly one object", "avoid overlapping",
+                  "not tiny", "Style words", "excludes", "whole updated layout, not only what changed"):  # fmt: skip
+        assert asked in text, asked
     for line in text.splitlines():  # every example answer is a valid layout inside the canvas
         if line.startswith("Layout: "):
             for obj in json.loads(line[len("Layout: ") :])["objects"]:
@@ -247,6 +250,16 @@ def test_the_cache_key_covers_template_model_settings_prompt_and_sample(fake_llm
     keys = {cache_key(*base), cache_key("sha2", *base[1:]), cache_key(*base[:3], 901, *base[4:]), cache_key(*base[:4], "a dog", 0)}
     assert len(keys) == 4
     assert cache.get(cache_key(load_template().sha256, "fake-model", 0.25, 900, "a cat", 0)) is not None
+
+
+def test_editing_the_template_changes_the_cache_key(fake_llm):
+    cache = InMemoryCache()
+    Planner(fake_llm.config(), cache=cache).plan("a cat")
+    edited = Planner(fake_llm.config(), cache=cache)
+    edited.template = Template(version=edited.template.version, text=edited.template.text + "Never draw dogs.\n")
+    edited.plan("a cat")  # same version name, model, settings and prompt: only the text differs
+    assert len(fake_llm.requests) == 2 and len(cache) == 2
+    assert fake_llm.requests[1].messages[0]["content"].endswith("Never draw dogs.\n")
 
 
 def test_a_corrupt_cache_entry_is_replaced(fake_llm):
