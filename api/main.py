@@ -26,10 +26,15 @@ log = logging.getLogger(__name__)
 
 
 MAX_ECHO_CHARS = 200
+# Far above the largest valid body (30 objects, the longest prompt and texts: about 20 kB); a
+# larger one is refused with 413 before it is read into memory.
+MAX_BODY_BYTES = 256 * 1024
 
 
 def _echo(value: object) -> object:
-    """A request value as a 422 may show it: JSON-safe (NaN, Infinity, surrogates) and short."""
+    """A request value as a 422 may show it: JSON-safe (NaN, Infinity, surrogates, bytes) and short."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
         text.encode("utf-8")
@@ -44,9 +49,13 @@ def invalid_request(request: Request, exc: RequestValidationError) -> JSONRespon
     The default handler echoes each bad value verbatim: ``NaN`` or ``1e400`` (which JSON
     bodies may carry) cannot be serialised and a 100 kB phrase comes back whole.
     """
+    content_type = request.headers.get("content-type", "")
+    json_sent = content_type.split(";")[0].strip().lower() in ("application/json", "") or content_type.endswith("+json")
     detail = []
     for error in exc.errors():
         error = {k: v for k, v in error.items() if k != "url"}
+        if list(error.get("loc", ())) == ["body"] and not json_sent:
+            error["msg"] = f"the body must be a JSON object sent with Content-Type: application/json (got {content_type!r})"
         if "ctx" in error:
             error["ctx"] = {k: str(v) if isinstance(v, Exception) else _echo(v) for k, v in error["ctx"].items()}
         if "input" in error:
@@ -70,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="LLM-grounded diffusion: a prompt becomes a layout, the layout becomes an image.",
         version="0.1.0",
         lifespan=lifespan,
+        max_body_size=MAX_BODY_BYTES,
     )
     app.state.settings = settings
     app.state.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)

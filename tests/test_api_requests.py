@@ -334,3 +334,12 @@ def test_an_instruct_retried_while_its_turn_renders_gets_the_same_202(client):
     assert other.status_code == 409 and "Idempotency-Key" in other.json()["detail"]
     busy = client.post(url, json={"instruction": "add a cat"})
     assert busy.status_code == 409 and "still queued" in busy.json()["detail"]
+
+
+def test_a_form_body_says_to_send_json_and_a_huge_body_is_413(client):
+    """`curl -d '{...}'` without a content-type header sends a form: the 422 said only 'valid dictionary'."""
+    form = client.post("/generate", content=b'{"prompt": "a cat"}',
+                       headers={"content-type": "application/x-www-form-urlencoded"})
+    assert _fields(form) == [""] and "Content-Type: application/json" in form.text
+    huge = client.post("/generate", json={"prompt": "a cat", "negative_prompt": "x" * 400_000})
+    assert huge.status_code == 413
