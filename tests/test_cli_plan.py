@@ -33,6 +33,20 @@ def test_plan_prints_a_layout_as_json(llm_env, capsys):
     assert llm_env.requests[0].headers["authorization"] == "Bearer test-key"
 
 
+def test_plan_prints_a_valid_layout_from_a_chatty_fenced_answer(llm_env, capsys):
+    llm_env.enqueue(
+        "<think>Two cats: left and right.</think>\nSure! Here is the layout:\n```json\n"
+        '{"objects": [{"id": 1, "name": "a black cat", "bbox": {"x": 20, "y": 200, "w": 200, "h": 180}},\n'
+        '  {"id": 1, "name": "a white cat", "bbox": {"x": 280, "y": 190, "w": 200, "h": 190}},],\n'
+        '"background_prompt": "a realistic photo of a garden", "negative_prompt": "None"}\n```\nHope this helps!'
+    )
+    assert main(["plan", "two cats in a garden"]) == 0
+    layout = Layout.model_validate_json(capsys.readouterr().out)
+    assert layout.phrases() == ["a black cat", "a white cat"] and [o.id for o in layout.objects] == ["1", "cat"]
+    assert (layout.background, layout.negative) == ("a realistic photo of a garden", "")
+    assert layout.warnings == ["id: replaced id '1' of 'a white cat' (taken or malformed)"]
+
+
 def test_plan_draws_the_layout(llm_env, tmp_path, capsys):
     png = tmp_path / "layout.png"
     assert main(["plan", "--draw", str(png), "a cat"]) == 0

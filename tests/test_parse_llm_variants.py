@@ -120,6 +120,8 @@ def test_replaying_them_gives_the_score_the_published_rules_give(capsys):
             assert (report[key][task]["passed"], report[key][task]["total"]) == expected, (key, task)
         overall = (sum(row[column] for row in EXPECTED), len(EXPECTED))
         assert (report[key]["overall"]["passed"], report[key]["overall"]["total"]) == overall
+    # answers whose reading was uncertain are counted by tag (cut at max_tokens x3, box_2d, fractions, ...)
+    assert report["uncertain_readings"] == {"ambiguous": 1, "background": 1, "box": 1, "scale": 1, "truncated": 3}
     failed = sorted(f["prompt"] for f in report["failures"])
     assert failed == sorted(PREFIX + row[0] for row in EXPECTED if not row[2])
 

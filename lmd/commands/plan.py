@@ -320,6 +320,7 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
     repaired: list[tuple[str, bool]] = []
     strict: Counter = Counter()
     failures: list[dict[str, Any]] = []
+    readings: Counter = Counter()  # answers read with an uncertain reading, by tag (truncated, scale, ...)
     errors = missing = 0
 
     if args.responses:
@@ -355,6 +356,7 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
             used[prompt] += 1
             try:
                 answer = parse_answer(text)
+                readings.update({note.split(":")[0] for note in answer.notes})
                 detections = answer_detections(answer)
                 fixed = layout_detections(build_layout(answer))
             except (LayoutParseError, ValidationError) as exc:
@@ -404,6 +406,7 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
             for name in ("inside_canvas", "overlap", "min_size", "all")
         },
         "strict_thresholds": {"max_iou": args.max_iou, "min_box_px": args.min_box_px},
+        "uncertain_readings": dict(sorted(readings.items())),
         "parse_or_plan_errors": errors,
         "missing": missing,
         "failures": failures,
@@ -425,6 +428,9 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
     }
     for name, row in report["strict"].items():
         print(f"  {labels[name]:<40} {row['passed']:>4}/{row['total']:<4} {row['rate']:>6.1f}%")
+    if readings:
+        listed = ", ".join(f"{tag} {count}" for tag, count in report["uncertain_readings"].items())
+        print(f"answers read with a warning (layout warnings say how): {listed}")
     if errors or missing:
         print(f"parse/plan errors: {errors}; prompts without a layout or response: {missing}")
     if args.show_failures:
