@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from fastapi.testclient import TestClient
 
 from api.main import create_app
@@ -38,5 +40,21 @@ def test_redis_outage_is_503_with_retry_after_and_the_api_recovers(tmp_path):
             after = client.post("/generate", json=BODY)
             assert after.status_code == 202
             assert client.get(after.json()["status_url"]).json()["state"] == "queued"
+    finally:
+        server.stop()
+
+
+def test_an_event_stream_ends_with_unavailable_when_redis_goes_away(tmp_path):
+    server = RedisServer().start()
+    try:
+        settings = service_settings(server.url, tmp_path, redis_timeout_s=0.5, retry_after_s=3)
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            job_id = client.post("/generate", json=BODY).json()["job_id"]  # stays queued: no worker
+            threading.Timer(0.5, server.stop).start()
+            with client.stream("GET", f"/jobs/{job_id}/events") as stream:
+                text = "".join(stream.iter_text())
+        events = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event:")]
+        assert events[0] == "state" and events[-1] == "unavailable"
+        assert "retry: 3000" in text and "reconnect later" in text
     finally:
         server.stop()
