@@ -51,7 +51,7 @@ from layout_planner.words import singular_phrase
 _LABEL = r"^[ \t>*_#-]*{word}(?:[ \t]+prompt)?[ \t]*[*_]*[ \t]*:[ \t]*[*_]*[ \t]*(?P<value>[^\n]*)$"
 _BACKGROUND_LINE = re.compile(_LABEL.format(word="background"), re.IGNORECASE | re.MULTILINE)
 _NEGATIVE_LINE = re.compile(_LABEL.format(word="negative"), re.IGNORECASE | re.MULTILINE)
-_OBJECTS_LABEL = re.compile(r"objects?[ \t]*[*_]*[ \t]*:", re.IGNORECASE)
+_OBJECTS_LABEL = re.compile(r"\bobjects?[ \t]*[*_]*[ \t]*:", re.IGNORECASE)
 _NOTHING = {"", "none", "n/a", "na", "null", "nil", "nothing", "no", "-", "--", "—", "[]", "empty", "not applicable"}
 _ID_OK = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
