@@ -12,6 +12,7 @@ import logging
 
 from celery import Celery
 from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
 
 from api.schemas import Accepted
@@ -49,8 +50,12 @@ def replay(store: Store, owner: str | None, route: str, payload: dict, idempoten
 
 
 def _check_key(idempotency_key: str) -> None:
+    """A 422 in the same shape as the body's, located at the header."""
     if not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-        raise HTTPException(422, f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters")
+        raise RequestValidationError([{
+            "loc": ("header", "idempotency-key"), "type": "value_error", "input": idempotency_key,
+            "msg": f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_CHARS} characters; got {len(idempotency_key)}",
+        }])
 
 
 def submit(

@@ -343,3 +343,12 @@ def test_a_form_body_says_to_send_json_and_a_huge_body_is_413(client):
     assert _fields(form) == [""] and "Content-Type: application/json" in form.text
     huge = client.post("/generate", json={"prompt": "a cat", "negative_prompt": "x" * 400_000})
     assert huge.status_code == 413
+
+
+@pytest.mark.parametrize("key", ["", "k" * 201])
+def test_a_bad_idempotency_key_is_a_422_located_at_the_header(client, key):
+    response = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}, headers={"Idempotency-Key": key})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["header", "idempotency-key"] and "1..200 characters" in error["msg"]
+    assert len(response.content) < 1000
