@@ -129,6 +129,8 @@ class LLMClient:
             max_retries=0,
         )
         self._structured_ok: bool | None = None if config.structured_output == "auto" else config.structured_output == "json_schema"
+        self._token_param = "max_tokens"  # "max_completion_tokens" once the endpoint asks for it
+        self._send_temperature = True  # False once the endpoint refuses a temperature
         self._backoff = wait_exponential_jitter(
             initial=config.backoff_s, max=config.max_backoff_s, exp_base=2, jitter=config.backoff_s
         )
@@ -220,31 +222,53 @@ class LLMClient:
             )
             choice = self._first_choice(response)
             return Completion(text=getattr(choice, "text", None) or "", finish_reason=choice.finish_reason, record=record)
-        kwargs = {}
+        kwargs: dict = {"model": cfg.model, "messages": messages, self._token_param: cfg.max_tokens}
+        if self._send_temperature:
+            kwargs["temperature"] = cfg.temperature
         if self._structured_ok is not False:
             kwargs["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "layout", "schema": LAYOUT_JSON_SCHEMA, "strict": True},
             }
-        try:
-            response = self._openai.chat.completions.create(
-                model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens, **kwargs
-            )
-        except openai.BadRequestError:
-            if not kwargs or cfg.structured_output != "auto":
-                raise
-            self._structured_ok = False  # the endpoint rejects response_format: plain text from now on
-            response = self._openai.chat.completions.create(
-                model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens
-            )
+        for _ in range(4):  # at most one adaptation per option, then the request stands or fails
+            try:
+                response = self._openai.chat.completions.create(**kwargs)
+                break
+            except openai.BadRequestError as exc:
+                if not self._adapt(exc, kwargs):
+                    raise
         else:
-            if kwargs and cfg.structured_output == "auto":
-                self._structured_ok = True
-        record.structured = bool(kwargs) and self._structured_ok is not False
+            response = self._openai.chat.completions.create(**kwargs)
+        if "response_format" in kwargs and cfg.structured_output == "auto":
+            self._structured_ok = True
+        record.structured = "response_format" in kwargs
         choice = self._first_choice(response)
         message = getattr(choice, "message", None)
         text = getattr(message, "content", None) or ""
         return Completion(text=text, finish_reason=choice.finish_reason, record=record)
+
+    def _adapt(self, exc: openai.BadRequestError, kwargs: dict) -> bool:
+        """Change ``kwargs`` after a 400 that names an option this endpoint does not take; remember it.
+
+        Reasoning models (OpenAI o-series, gpt-5) want ``max_completion_tokens`` instead of
+        ``max_tokens`` and only their default temperature; many local servers reject
+        ``response_format``. Returns False when the 400 is none of these.
+        """
+        message = " ".join(str(exc.body.get("message") if isinstance(exc.body, dict) else exc.message).split()).lower()
+        if "max_tokens" in kwargs and "max_completion_tokens" in message:
+            self._token_param = "max_completion_tokens"
+            kwargs["max_completion_tokens"] = kwargs.pop("max_tokens")
+            return True
+        if "temperature" in kwargs and "temperature" in message:
+            self._send_temperature = False  # sampling falls back to the model's default
+            del kwargs["temperature"]
+            return True
+        if "response_format" in kwargs and self.config.structured_output == "auto":
+            self._structured_ok = False  # plain text from now on
+            del kwargs["response_format"]
+            return True
+        return False
+
 
     @staticmethod
     def _first_choice(response: object):

@@ -186,6 +186,30 @@ def test_structured_output_falls_back_and_remembers(fake_llm):
     assert ["response_format" in r.body for r in fake_llm.requests] == [True, False, False]
 
 
+def test_a_reasoning_model_gets_max_completion_tokens_and_its_default_temperature(fake_llm):
+    # What OpenAI's o-series and gpt-5 models answer to max_tokens and a temperature.
+    fake_llm.reject_params = {
+        "max_tokens": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+        "temperature": "Unsupported value: 'temperature' does not support 0.25 with this model. Only the default (1) value is supported.",
+    }
+    planner = Planner(fake_llm.config())
+    layout, report = planner.plan_with_report("a cat")
+    assert layout.phrases() == ["a cat"] and report.attempts == 1 and report.structured
+    last = fake_llm.requests[-1].body
+    assert last["max_completion_tokens"] == 900 and "max_tokens" not in last and "temperature" not in last
+    assert last["response_format"]["type"] == "json_schema"  # not dropped for a 400 about something else
+    assert len(fake_llm.requests) == 3
+    planner.plan("a dog")  # remembered: one request
+    assert len(fake_llm.requests) == 4 and "max_completion_tokens" in fake_llm.requests[-1].body
+
+
+def test_a_400_about_something_else_is_not_retried(fake_llm):
+    fake_llm.reject_params = {"messages": "Invalid 'messages[1].content': string too long."}
+    with pytest.raises(LLMUnavailable, match="HTTP 400: Invalid 'messages\\[1\\].content': string too long"):
+        Planner(fake_llm.config(structured_output="off")).plan("a cat")
+    assert len(fake_llm.requests) == 1
+
+
 def test_structured_output_forced_or_off(fake_llm):
     fake_llm.reject_response_format = True
     with pytest.raises(LLMUnavailable, match="HTTP 400: response_format is not supported"):

@@ -15,7 +15,8 @@ Faults: ``enqueue_status`` (any HTTP error, optional Retry-After), ``enqueue_tim
 (sleeps past the client timeout), ``enqueue_malformed`` (200 with a body that is not JSON),
 ``enqueue_empty`` (an empty answer), ``enqueue_truncated`` (half a layout, finish_reason
 "length"). ``reject_response_format = True`` answers 400 to any request carrying
-``response_format`` (an endpoint without structured output).
+``response_format`` (an endpoint without structured output); ``reject_params[name] = message``
+answers 400 with ``message`` to any request carrying the field ``name``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ class FakeLLM:
         self.requests: list[RecordedRequest] = []
         self.default_reply: str | None = DEFAULT_REPLY  # None: an empty queue answers 500
         self.reject_response_format = False
+        # Request fields answered with a 400 and this message (a reasoning model refusing max_tokens...).
+        self.reject_params: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -155,6 +158,9 @@ class FakeLLM:
             self.requests.append(RecordedRequest(path=path, body=body, headers=headers, time=time.monotonic()))
             if self.reject_response_format and body and "response_format" in body:
                 return FakeReply(kind="status", status=400, text="response_format is not supported by this server")
+            refused = [name for name in self.reject_params if body and name in body]
+            if refused:
+                return FakeReply(kind="status", status=400, text=self.reject_params[refused[0]])
             if self.replies:
                 return self.replies.popleft()
         if self.default_reply is None:
