@@ -41,7 +41,9 @@ def test_plan_prints_a_valid_layout_from_a_chatty_fenced_answer(llm_env, capsys)
         '"background_prompt": "a realistic photo of a garden", "negative_prompt": "None"}\n```\nHope this helps!'
     )
     assert main(["plan", "two cats in a garden"]) == 0
-    layout = Layout.model_validate_json(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert captured.err == "lmd plan: warning: id: replaced id '1' of 'a white cat' (taken or malformed)\n"
+    layout = Layout.model_validate_json(captured.out)
     assert layout.phrases() == ["a black cat", "a white cat"] and [o.id for o in layout.objects] == ["1", "cat"]
     assert (layout.background, layout.negative) == ("a realistic photo of a garden", "")
     assert layout.warnings == ["id: replaced id '1' of 'a white cat' (taken or malformed)"]

@@ -149,6 +149,8 @@ def run_plan(args: argparse.Namespace) -> int:
     finally:
         planner.close()
     print(layout.model_dump_json(indent=2))
+    for warning in layout.warnings:  # also in the JSON; said here so that a repaired answer is noticed
+        print(f"lmd plan: warning: {warning}", file=sys.stderr)
     if args.draw:
         from layout_planner.draw import draw_layout
 
