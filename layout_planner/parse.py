@@ -156,11 +156,13 @@ def _parse_json_answer(text: str) -> Answer:
 
 
 def _unwrap(value: object) -> object:
-    """``{"layout": {...}}`` -> ``{...}`` (one level of wrapping, as some models add)."""
-    if isinstance(value, dict) and not any(k in value for k in _OBJECTS_KEYS[:3]) and len(value) == 1:
-        inner = next(iter(value.values()))
-        if isinstance(inner, dict):
-            return inner
+    """Keys in lower case (``"Objects"``), and ``{"layout": {...}}`` -> ``{...}`` (one level of wrapping)."""
+    if isinstance(value, dict):
+        value = {str(k).lower(): v for k, v in value.items()}
+        if not any(k in value for k in _OBJECTS_KEYS[:3]) and len(value) == 1:
+            inner = next(iter(value.values()))
+            if isinstance(inner, dict):
+                return {str(k).lower(): v for k, v in inner.items()}
     return value
 
 

@@ -206,6 +206,11 @@ def test_apostrophes_and_python_quotes():
     assert parse_layout_text(_by("Python dict with single quotes")).phrases() == ["a yellow bowl", "a pink cup"]
 
 
+def test_json_keys_in_title_case():
+    layout = parse_layout_text('{"Objects": [{"Phrase": "a cat", "Box": [1, 2, 30, 40]}], "Background": "a yard", "Negative": "N/A"}')
+    assert (layout.phrases(), layout.background, layout.negative) == (["a cat"], "a yard", "")
+
+
 def test_leniency_never_drops_text_silently():
     # Something that is not a ('phrase', box) item between or after items is an error, not skipped.
     with pytest.raises(LayoutParseError):
