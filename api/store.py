@@ -455,19 +455,30 @@ class Store:
         raws = self.redis.mget(keys) if keys else []
         return sorted((json.loads(r) for r in raws if r), key=lambda w: w["name"])
 
-    def reap_lost(self, lost_after_s: float, max_deliveries: int) -> list[tuple[str, Stage]]:
+    def reap_lost(self, lost_after_s: float, max_deliveries: int,
+                  unheld_after_s: float | None = None) -> list[tuple[str, Stage]]:
         """Release running jobs whose worker stopped beating; return (job_id, stage) to re-enqueue.
 
         A job already started ``max_deliveries`` times ends ``failed`` with ``worker_lost``
-        instead. See docs/service.md "Lost workers".
+        instead. With ``unheld_after_s``, a job nobody holds that has not changed for that
+        long is re-enqueued too (its message may be lost; a duplicate is skipped at claim),
+        at most once per ``unheld_after_s``. See docs/service.md "Lost workers".
         """
         requeue: list[tuple[str, Stage]] = []
+        now = time.time()
         for job_id in self.redis.smembers(self.active_key):
             released: dict[str, Stage] = {}
 
             def change(job: JobRecord) -> JobRecord | None:
                 released.clear()
-                if job.terminal or job.worker is None or not _is_stale(job, lost_after_s):
+                if job.terminal:
+                    return None
+                if job.worker is None:
+                    if unheld_after_s is None or now - job.updated_at.timestamp() <= unheld_after_s:
+                        return None
+                    released["stage"] = "plan" if job.state in ("queued", "planning") and not job.layout_given else "render"
+                    return job.model_copy(update={"progress": Progress(stage="requeued")})  # restarts the period
+                if not _is_stale(job, lost_after_s):
                     return None
                 if job.deliveries >= max_deliveries:
                     return job.model_copy(update=_worker_lost(job))

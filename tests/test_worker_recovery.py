@@ -10,12 +10,13 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 
 import pytest
 import redis
 
 from api.store import JobRecord, SessionRecord, Store, connect, new_id, utcnow
-from worker.celery_app import create_celery, enqueue
+from worker.celery_app import create_celery, enqueue, redelivery_after_s
 from worker.runtime import Heartbeat, Maintenance
 from tests.support.service import service_settings
 
@@ -159,3 +160,36 @@ def test_celery_reliability_settings(settings):
     assert conf.worker_cancel_long_running_tasks_on_connection_loss is False
     assert conf.task_soft_time_limit < conf.task_time_limit < conf.broker_transport_options["visibility_timeout"]
     assert conf.task_publish_retry_policy["max_retries"] <= 3
+
+
+def _age_record(store: Store, job_id: str, seconds: float) -> None:
+    """Make the stored job look untouched for ``seconds`` (as after a long wait)."""
+    key = store.job_key(job_id)
+    job = store.get_job(job_id)
+    old = job.updated_at.timestamp() - seconds
+    aged = job.model_copy(update={"updated_at": datetime.fromtimestamp(old, UTC)})
+    store.redis.set(key, aged.model_dump_json(), keepttl=True)
+
+
+def test_a_job_whose_message_was_lost_is_sent_again_once_per_period(store, settings, maintenance, private_redis):
+    """A job nobody holds and that has not moved for the broker's visibility timeout (a Redis
+    restart without AOF, a publish that failed after planning) is re-sent, at most once per period."""
+    raw = redis.Redis(port=private_redis.port)
+    period = redelivery_after_s(settings)
+    waiting = _new_job(store)  # queued with a layout: its render message was never sent
+    planned = _new_job(store, layout=None)
+    _age_record(store, waiting, period - 30)
+    assert waiting not in [j for j, _ in maintenance.sweep()]  # a long queue is not a lost message
+    _age_record(store, waiting, 60)
+    _age_record(store, planned, period + 5)
+    before = raw.llen("render"), raw.llen("plan")
+    requeued = maintenance.sweep()
+    assert (waiting, "render") in requeued and (planned, "plan") in requeued
+    assert (raw.llen("render"), raw.llen("plan")) == (before[0] + 1, before[1] + 1)
+    assert store.get_job(waiting).progress.stage == "requeued"
+    assert not {waiting, planned} & {j for j, _ in maintenance.sweep()}  # the period restarted
+    claimed = store.claim(waiting, "render", "host-a:1", 2, settings.worker_lost_after_s)
+    assert claimed is not None and claimed.deliveries == 1
+    assert store.claim(waiting, "render", "host-b:2", 2, settings.worker_lost_after_s) is None  # the duplicate
+    for job_id in (waiting, planned):
+        store.request_cancel(job_id)

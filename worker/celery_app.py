@@ -19,11 +19,16 @@ PLAN_TASK = "lmd.plan"
 RENDER_TASK = "lmd.render"
 
 
+def redelivery_after_s(settings: Settings) -> int:
+    """The broker's visibility timeout: above the hard time limit, so a message a live worker
+    holds is never handed to a second one. The reaper re-sends a job nobody holds after as long."""
+    return settings.task_time_limit_s + 300
+
+
 def create_celery(settings: Settings) -> Celery:
     app = Celery("lmd", broker=settings.redis_url, include=["worker.tasks"])
     transport = {
-        # Above the hard time limit: a message a live worker holds is never handed to a second one.
-        "visibility_timeout": settings.task_time_limit_s + 300,
+        "visibility_timeout": redelivery_after_s(settings),
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,
     }

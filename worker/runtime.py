@@ -25,6 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from api.store import ErrorCode, JobRecord, Progress, Store, connect, job_dir, this_worker
 from lmd.settings import Settings, get_settings
+from worker.celery_app import redelivery_after_s
 
 log = logging.getLogger(__name__)
 
@@ -323,9 +324,10 @@ class Maintenance:
 
     def sweep(self) -> list[tuple[str, str]]:
         """One pass of the reaper; returns the jobs it re-enqueued."""
-        lost = self.store.reap_lost(self.settings.worker_lost_after_s, 1 + self.settings.max_redeliveries)
+        lost = self.store.reap_lost(self.settings.worker_lost_after_s, 1 + self.settings.max_redeliveries,
+                                    unheld_after_s=redelivery_after_s(self.settings))
         for job_id, stage in lost:
-            log.warning("job %s lost its worker during %s; re-enqueued", job_id, stage)
+            log.warning("job %s lost its worker or its message (%s); re-enqueued", job_id, stage)
             self.requeue(job_id, stage)
         return lost
 
