@@ -138,6 +138,8 @@ def _parse_json_answer(text: str) -> Answer:
             except ValueError as exc:
                 errors.append(str(exc))
     layouts = [v for v in values if _holds_objects(v)]
+    if any(isinstance(_unwrap(v), dict) for v in layouts):  # a layout object beats a bare list in the chatter
+        layouts = [v for v in layouts if isinstance(_unwrap(v), dict)]
     if layouts:
         answer = _answer_from_json(layouts[-1])
         if len({repr(v) for v in layouts}) > 1:

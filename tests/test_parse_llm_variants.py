@@ -206,6 +206,12 @@ def test_apostrophes_and_python_quotes():
     assert parse_layout_text(_by("Python dict with single quotes")).phrases() == ["a yellow bowl", "a pink cup"]
 
 
+def test_a_list_in_the_chatter_does_not_replace_the_layout():
+    text = '{"objects": [{"phrase": "a cat", "box": [1, 2, 30, 40]}], "background": "a yard"}\nExcluded objects: []'
+    layout = parse_layout_text(text)
+    assert layout.phrases() == ["a cat"] and layout.warnings == []
+
+
 def test_json_keys_in_title_case():
     layout = parse_layout_text('{"Objects": [{"Phrase": "a cat", "Box": [1, 2, 30, 40]}], "Background": "a yard", "Negative": "N/A"}')
     assert (layout.phrases(), layout.background, layout.negative) == (["a cat"], "a yard", "")
