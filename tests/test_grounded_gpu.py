@@ -40,7 +40,7 @@ def test_tiny_model_in_fp16_on_cuda(tiny_sd_path):
 @pytest.mark.parametrize("preset", ["reference", "fast"])
 def test_real_model_renders_the_layout(tmp_path, preset):
     pipe = LMDPipeline.from_pretrained(os.environ["LMD_TEST_SD_MODEL"], device="cuda")
-    result = pipe(LAYOUT, seed=0, options=getattr(LMDOptions, preset)())
+    result = pipe(LAYOUT, seed=0, options=getattr(LMDOptions, preset)(energy_checks=True))  # fast skips them by default
     result.save(tmp_path)
     assert result.image.size == (512, 512)
     image = np.asarray(result.image, dtype=np.float32)
