@@ -8,7 +8,6 @@ seconds spent inside those calls (CUDA is synchronised around each, so the time 
 from __future__ import annotations
 
 import time
-import time
 from collections import Counter
 
 import torch
@@ -24,8 +23,6 @@ class UNetCalls(BaseModel):
     backward_batch_sizes: dict[int, int] = Field(default_factory=dict, description="batch size -> number of backwards")
     forward_s: float = Field(0.0, description="seconds inside UNet forwards")
     backward_s: float = Field(0.0, description="seconds inside latent gradients (UNet backwards)")
-    forward_s: float = Field(0.0, description="wall time inside UNet forwards")
-    backward_s: float = Field(0.0, description="wall time inside backwards to the latent")
 
     def __add__(self, other: "UNetCalls") -> "UNetCalls":
         return UNetCalls(

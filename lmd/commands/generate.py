@@ -183,6 +183,8 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     except GenerationCanceled:
         raise CLIError("canceled") from None
+    except torch.cuda.OutOfMemoryError:
+        raise CLIError("out of GPU memory: lower --max-batch (LMD_MAX_BATCH), --width/--height, or the number of objects") from None
     except GroundedSDError as exc:
         raise CLIError(str(exc)) from None
     finally:
