@@ -128,15 +128,18 @@ def _parse_json_answer(text: str) -> Answer:
     values: list[object] = []
     errors: list[str] = []
     unclosed: str | None = None
-    for block in fenced_blocks(text) or [text]:
-        for start, end in bracket_spans(block):
-            if end < 0:
-                unclosed = block[start:]
-                continue
-            try:
-                values.append(load_json_like(block[start:end]))
-            except ValueError as exc:
-                errors.append(str(exc))
+    for openers in ("{[", "{"):  # then objects only: a stray "[" in the chatter must not hide the layout
+        for block in fenced_blocks(text) or [text]:
+            for start, end in bracket_spans(block, openers):
+                if end < 0:
+                    unclosed = unclosed or block[start:]
+                    continue
+                try:
+                    values.append(load_json_like(block[start:end]))
+                except ValueError as exc:
+                    errors.append(str(exc))
+        if any(_holds_objects(v) for v in values):
+            break
     layouts = [v for v in values if _holds_objects(v)]
     if any(isinstance(_unwrap(v), dict) for v in layouts):  # a layout object beats a bare list in the chatter
         layouts = [v for v in layouts if isinstance(_unwrap(v), dict)]

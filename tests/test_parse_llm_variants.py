@@ -212,6 +212,11 @@ def test_a_list_in_the_chatter_does_not_replace_the_layout():
     assert layout.phrases() == ["a cat"] and layout.warnings == []
 
 
+def test_a_stray_bracket_in_the_chatter_does_not_hide_the_layout():
+    text = 'Boxes are [x, y, w, h (pixels).\n{"objects": [{"phrase": "a cat", "box": [1, 2, 30, 40]}], "background": "a yard"}'
+    assert parse_layout_text(text).phrases() == ["a cat"]
+
+
 def test_json_keys_in_title_case():
     layout = parse_layout_text('{"Objects": [{"Phrase": "a cat", "Box": [1, 2, 30, 40]}], "Background": "a yard", "Negative": "N/A"}')
     assert (layout.phrases(), layout.background, layout.negative) == (["a cat"], "a yard", "")
