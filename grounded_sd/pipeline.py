@@ -81,6 +81,21 @@ def _scheduler_class(name: str):
     return cls
 
 
+def check_one_call_per_step(scheduler, steps: int = 10) -> None:
+    """LMD's bookkeeping (per-step latents for composition, frozen steps, guidance per step)
+    needs one UNet call per denoising step. Second-order schedulers (Heun, KDPM2) and PNDM run
+    more timesteps than steps; looping over ``steps`` of them would stop before the image is
+    denoised, so they are refused with a :class:`ModelLoadError` that says so."""
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(steps)
+    if len(probe.timesteps) != steps:
+        raise ModelLoadError(
+            f"scheduler {type(scheduler).__name__} takes {len(probe.timesteps)} model calls for {steps} steps; "
+            "LMD needs one per step: choose DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
+            "DPMSolverMultistepScheduler, UniPCMultistepScheduler or DDPMScheduler"
+        )
+
+
 @dataclass
 class _Run:
     """Per-call state of one generation (nothing survives the call)."""
@@ -165,6 +180,7 @@ class LMDPipeline:
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype)
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
             noise_scheduler = scheduler_cls.from_pretrained(source, subfolder="scheduler")
+            check_one_call_per_step(noise_scheduler)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the diffusion model {source!r}: {exc}".splitlines()[0]) from exc
         predictor = load_sam_predictor(sam_checkpoint, sam_model_type, str(torch_device)) if sam_checkpoint else None
@@ -190,6 +206,7 @@ class LMDPipeline:
         # 1. Check inputs
         layout = self.check_inputs(layout, options=options, variant=variant, width=width, height=height)
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        check_one_call_per_step(self.scheduler, options.steps)
         try:
             layers = resolve_attention_layers(self.unet, options.attention_layers)
         except ValueError as exc:

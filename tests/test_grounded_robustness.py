@@ -125,3 +125,15 @@ def test_thirty_objects_of_one_phrase_in_chunks_with_boxes_smaller_than_a_cell(t
         assert np.isfinite([obj.per_box_energy.start, obj.final_energy.start]).all(), obj.id
         assert obj.per_box_energy.start > 0
     assert torch.isfinite(result.intermediates.final_latents).all()
+
+
+@pytest.mark.parametrize("name", ["HeunDiscreteScheduler", "PNDMScheduler"])
+def test_schedulers_with_more_calls_than_steps_are_refused(tiny_sd_path, tiny_pipeline, name):
+    from grounded_sd import ModelLoadError
+
+    # Heun takes two UNet calls per step, PNDM one more than the steps: looping over `steps` of
+    # their timesteps would stop before the image is denoised
+    with pytest.raises(ModelLoadError, match=f"scheduler {name} takes .* model calls for 10 steps"):
+        LMDPipeline.from_pretrained(tiny_sd_path, device="cpu", scheduler=name)
+    with pytest.raises(ModelLoadError, match="LMD needs one per step"):
+        with_scheduler(tiny_pipeline, name, skip_prk_steps=True)(LAYOUT, seed=0, options=LMDOptions(steps=3), width=64, height=64)
