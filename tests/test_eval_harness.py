@@ -46,9 +46,9 @@ def test_detector_returns_named_boxes_best_first_after_class_aware_nms(tiny_owlv
     assert found, "threshold 0 keeps every box that survives NMS"
     assert [d.score for d in found] == sorted((d.score for d in found), reverse=True)
     assert {d.name for d in found} <= set(names)
-    for d in found:
+    for d in found:  # normalised xyxy as predicted (centres inside the image; not clipped, as published)
         x0, y0, x1, y1 = d.box
-        assert 0.0 <= x0 <= x1 <= 1.0 and 0.0 <= y0 <= y1 <= 1.0
+        assert x0 <= x1 and y0 <= y1 and 0.0 <= (x0 + x1) / 2 <= 1.0 and 0.0 <= (y0 + y1) / 2 <= 1.0
     from torchvision.ops import box_iou
 
     for name in names:
@@ -57,7 +57,7 @@ def test_detector_returns_named_boxes_best_first_after_class_aware_nms(tiny_owlv
             ious = box_iou(boxes, boxes).fill_diagonal_(0)
             assert float(ious.max()) <= 0.15 + 1e-6, "same-name boxes overlap above the NMS threshold"
     strict = OwlViTDetector(detector.processor, detector.model, DetectorConfig(model=str(tiny_owlvit_path), score_threshold=1.0))
-    assert strict.detect(image, names) == []
+    assert all(d.score >= 1.0 for d in strict.detect(image, names))  # random weights saturate some scores at 1.0
     assert detector.detect(image, []) == []
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from layout_planner.benchmark import evaluate, parse_benchmark_prompt
-from lmd.evaluation.detection import Detection
+from lmd.evaluation.detection import Detection, DetectorConfig, query_text, select_detections
 from lmd.evaluation.prompts import (
     DEFAULT_PROMPTS,
     BenchmarkDataError,
@@ -43,6 +43,35 @@ def test_queries_follow_the_published_protocol():
     assert detector_queries(attribution) == ["red backpack", "blue car"]
     spatial = parse_benchmark_prompt("A realistic photo of a scene with a dog on the left and a cat on the right", "spatial")
     assert detector_queries(spatial) == ["dog", "cat"]
+
+
+def test_query_texts_use_the_right_article():
+    assert query_text("red backpack") == "a photo of a red backpack"
+    assert query_text("orange cup") == "a photo of an orange cup"  # published: inflect's "an orange"
+    assert query_text("dog") == "a photo of a dog"
+
+
+def test_selection_keeps_scores_at_the_threshold_and_suppresses_per_query():
+    import torch
+
+    names = ["cup", "red cup"]
+    boxes = torch.tensor([
+        [0.10, 0.10, 0.50, 0.50],  # cup, best
+        [0.12, 0.10, 0.52, 0.50],  # cup, overlaps the best (IoU ~0.9): suppressed
+        [0.10, 0.10, 0.50, 0.50],  # red cup on the same spot: another query, kept
+        [0.46, 0.10, 0.86, 0.50],  # cup, IoU ~0.05 with the best: kept
+        [0.60, 0.60, 0.90, 0.90],  # cup below the threshold: dropped
+        [-0.05, 0.55, 0.35, 1.02],  # cup reaching outside the image, exactly at the threshold: kept, not clipped
+        [0.70, 0.05, 0.70, 0.30],  # a red cup with no width: dropped
+    ])  # fmt: skip
+    scores = torch.tensor([0.60, 0.55, 0.30, 0.20, 0.149, 0.15, 0.9])
+    labels = torch.tensor([0, 0, 1, 0, 0, 0, 1])
+    found = select_detections(scores, labels, boxes, names, DetectorConfig(score_threshold=0.15, nms_iou=0.15), (512, 512))
+    assert [(d.name, d.score) for d in found] == [("cup", 0.6), ("red cup", 0.3), ("cup", 0.2), ("cup", 0.15)]
+    assert found[-1].box == (-0.05, 0.55, 0.35, 1.02)
+    # the same boxes with a looser NMS keep the overlapping cup too
+    loose = select_detections(scores, labels, boxes, names, DetectorConfig(score_threshold=0.15, nms_iou=0.95), (512, 512))
+    assert [d.score for d in loose] == [0.6, 0.55, 0.3, 0.2, 0.15]
 
 
 def test_negation_rule_on_detections():

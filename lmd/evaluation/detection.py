@@ -1,9 +1,13 @@
 """Open-vocabulary detection for the image-level LMD benchmark: OWL-ViT through transformers.
 
-The published image-level protocol (shared data README): OWL-ViT B/32, one text query
-``"a photo of a {object}"`` per object of the prompt (with the colour for attribution:
-``"a photo of a red backpack"``), score threshold 0.15, class-aware non-maximum suppression
-at IoU 0.15. Each surviving box becomes a ``(name, box)`` detection that the benchmark's
+The published image-level protocol (shared data README, and the LMD repository's
+``scripts/owl_vit_eval.py``): OWL-ViT B/32, one text query ``"a photo of a {object}"`` per
+object of the prompt, with the indefinite article English wants (``"a photo of an orange
+cup"``) and the colour for attribution; each predicted box takes the query of its highest
+logit; boxes scoring at least 0.15 are kept (``>=``, as published), then class-aware
+non-maximum suppression at IoU 0.15. Boxes are normalised xyxy as OWL-ViT predicts them:
+not clipped to the image (the published centres were not), so a box may reach slightly
+outside 0..1. Each surviving box becomes a ``(name, box)`` detection that the benchmark's
 rules (``layout_planner.benchmark``) score exactly like a layout's boxes.
 """
 
@@ -17,7 +21,13 @@ if TYPE_CHECKING:
     from PIL import Image
 
 DEFAULT_DETECTOR = "google/owlvit-base-patch32"
-QUERY_TEMPLATE = "a photo of a {name}"
+
+
+def query_text(name: str) -> str:
+    """The detector's text for a plain name: ``"red backpack"`` -> ``"a photo of a red backpack"``,
+    ``"orange cup"`` -> ``"a photo of an orange cup"`` (the published queries used inflect's article)."""
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"a photo of {article} {name}"
 
 
 class DetectorLoadError(RuntimeError):
@@ -71,28 +81,36 @@ class OwlViTDetector:
     def detect(self, image: "Image.Image", names: list[str]) -> list[Detection]:
         """Boxes of ``names`` in ``image``, highest score first (the rules read a name's first box)."""
         import torch
-        from torchvision.ops import batched_nms
 
         if not names:
             return []
-        queries = [QUERY_TEMPLATE.format(name=name) for name in names]
+        queries = [query_text(name) for name in names]
         inputs = self.processor(text=[queries], images=image.convert("RGB"), return_tensors="pt", truncation=True)
         inputs = {k: v.to(self.config.device) for k, v in inputs.items()}
         with torch.inference_mode():
             outputs = self.model(**inputs)
-        found = self.processor.image_processor.post_process_object_detection(
-            outputs=outputs, threshold=self.config.score_threshold, target_sizes=[(1, 1)]
-        )[0]
-        boxes = found["boxes"].float().clamp(0.0, 1.0)
-        # a box under one pixel wide or high inside the image detects nothing (and makes NMS's IoU undefined)
-        width, height = image.size
-        visible = (((boxes[:, 2] - boxes[:, 0]) * width >= 1) & ((boxes[:, 3] - boxes[:, 1]) * height >= 1)).nonzero().flatten()
-        keep = visible[batched_nms(boxes[visible], found["scores"][visible].float(), found["labels"][visible], self.config.nms_iou)]
-        return [
-            Detection(
-                name=names[int(found["labels"][i])],
-                box=tuple(round(float(v), 4) for v in boxes[i].tolist()),
-                score=round(float(found["scores"][i]), 4),
-            )
-            for i in keep.tolist()
-        ]
+        # threshold=-1 keeps every box: the published filter is score >= threshold, transformers' is >
+        found = self.processor.image_processor.post_process_object_detection(outputs=outputs, threshold=-1.0, target_sizes=None)[0]
+        return select_detections(found["scores"], found["labels"], found["boxes"], names, self.config, image.size)
+
+
+def select_detections(scores, labels, boxes, names: list[str], config: DetectorConfig, image_size: tuple[int, int]) -> list[Detection]:
+    """The published selection: ``score >= threshold`` first, then NMS per query label.
+
+    ``scores`` (N,), ``labels`` (N,) indices into ``names``, ``boxes`` (N, 4) normalised xyxy,
+    ``image_size`` (width, height). Boxes under one pixel wide or high are dropped too: they
+    detect nothing and make NMS's IoU undefined (0/0); real OWL-ViT weights do not predict
+    them, random test weights do. Result ordered by score, highest first.
+    """
+    from torchvision.ops import batched_nms
+
+    scores, boxes = scores.detach().float().cpu(), boxes.detach().float().cpu()
+    labels = labels.detach().cpu()
+    width, height = image_size
+    visible = ((boxes[:, 2] - boxes[:, 0]) * width >= 1) & ((boxes[:, 3] - boxes[:, 1]) * height >= 1)
+    kept = ((scores >= config.score_threshold) & visible).nonzero().flatten()
+    kept = kept[batched_nms(boxes[kept], scores[kept], labels[kept], config.nms_iou)]
+    return [
+        Detection(name=names[int(labels[i])], box=tuple(round(float(v), 4) for v in boxes[i].tolist()), score=round(float(scores[i]), 4))
+        for i in kept.tolist()
+    ]
