@@ -109,14 +109,20 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
     assert again.generated == 0
     assert [o.passed for o in again.prompts] == [o.passed for o in results.prompts]
 
-    # an interrupted run (an image missing) is completed, nothing else regenerated
-    (out / "images" / f"{indices[1]:03d}.png").unlink()
+    # an interrupted run (an image missing, one cut short mid-write, one not an image) is completed, nothing else regenerated
+    missing, cut, garbage = (out / "images" / f"{i:03d}.png" for i in indices[1:])
+    missing.unlink()
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    garbage.write_bytes(b"not a png")
     assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 0
-    assert load_results(out / "results.json").generated == 1
+    redone = load_results(out / "results.json")
+    assert (redone.generated, redone.replaced) == (3, 2)
     after = _mtimes(out / "images")
-    assert {k: v for k, v in after.items() if k != f"{indices[1]:03d}.png"} == {
-        k: v for k, v in before.items() if k != f"{indices[1]:03d}.png"
-    }
+    assert after[f"{indices[0]:03d}.png"] == before[f"{indices[0]:03d}.png"]
+    for path in (missing, cut, garbage):
+        with Image.open(path) as image:
+            image.load()
+            assert image.size == (64, 64)
     assert not list((out / "images").glob(".*partial"))
 
     # other settings on the same directory are refused before anything loads, and nothing is lost
