@@ -66,7 +66,7 @@ def test_detector_that_cannot_load(tmp_path: Path, capsys):
         OwlViTDetector.from_pretrained(DetectorConfig(model=str(tmp_path / "no-such-detector")))
 
 
-def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, capsys):
+def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 0
     printed = capsys.readouterr().out
@@ -96,6 +96,11 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
         assert score.total == 1 and score.ci95 is not None and score.ci95[0] <= score.accuracy <= score.ci95[1]
     assert results.settings.variant == "lmd" and results.settings.layouts.startswith("responses llm_responses_gpt-3.5-turbo.json")
     assert results.detector.score_threshold == 0.15 and results.detector.nms_iou == 0.15
+    # what reproducing the numbers needs
+    assert (results.settings.steps, results.settings.scheduler, results.settings.dtype) == (2, "DDIMScheduler", "float32")
+    assert results.options["steps"] == 2 and results.options["frozen_ratio"] == 0.4  # the fast preset, expanded
+    assert results.environment["torch"] and torch.__version__.startswith(results.environment["torch"].split("+")[0])
+    assert results.environment["device"] == "cpu" and results.environment["diffusers"] and results.environment["transformers"]
     attribution = next(o for o in results.prompts if o.task == "attribution")
     assert len(attribution.queries) == 2 and all(" " in q for q in attribution.queries)
     assert (out / "results.md").read_text().startswith("| method |")
@@ -132,6 +137,15 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
     assert error.startswith("lmd eval: error:") and error.count("\n") == 1
     assert "holds a run with other settings (seed 0 -> 7); use another --out" in error
     assert len(list((out / "images").glob("*.png"))) == 4
+    # so is another scheduler (it changes every image), but not another row name
+    monkeypatch.setenv("LMD_SCHEDULER", "EulerDiscreteScheduler")
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 2
+    assert "(scheduler 'DDIMScheduler' -> 'EulerDiscreteScheduler')" in capsys.readouterr().err
+    monkeypatch.delenv("LMD_SCHEDULER")
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4", "--method", "LMD ours") == 0
+    assert load_results(out / "results.json").settings.method == "LMD ours"
+    assert "| LMD ours |" in (out / "results.md").read_text()
+    assert _mtimes(out / "images") == after
 
 
 def test_eval_plain_sd_baseline_renders_the_prompt_itself(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path):

@@ -89,6 +89,21 @@ def run_eval(args: argparse.Namespace) -> int:
     except BenchmarkDataError as exc:
         raise CLIError(str(exc)) from None
 
+    import torch
+
+    from grounded_sd import LMDOptions
+    from grounded_sd.errors import GroundedSDError
+    from grounded_sd.pipeline import resolve_device, resolve_dtype
+
+    device = args.device or settings.device
+    try:
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(args.dtype or settings.dtype, torch_device)
+    except GroundedSDError as exc:
+        raise CLIError(str(exc)) from None
+    options_factory = LMDOptions.fast if args.preset == "fast" else LMDOptions.reference
+    options = options_factory(**({"steps": args.steps} if args.steps else {}))
+
     layout_source, layouts_label, method = _layout_source(args, settings, all_prompts, responses)
     model = args.model or settings.sd_model
     sam_checkpoint = args.sam_checkpoint or settings.sam_checkpoint
@@ -98,8 +113,10 @@ def run_eval(args: argparse.Namespace) -> int:
         method=args.method or method,
         variant=variant,
         preset=args.preset,
-        steps=args.steps,
+        steps=options.steps,
         model=str(model),
+        scheduler=settings.scheduler,
+        dtype=str(torch_dtype).removeprefix("torch."),
         layouts=layouts_label,
         sam=f"{Path(sam_checkpoint).name} ({sam_model_type})" if sam_checkpoint and variant != "sd" else None,
         seed=args.seed,
@@ -112,25 +129,18 @@ def run_eval(args: argparse.Namespace) -> int:
     except EvalConflict as exc:
         raise CLIError(str(exc)) from None
 
-    import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from grounded_sd import LMDOptions, LMDPipeline
-    from grounded_sd.errors import GroundedSDError
+    from grounded_sd import LMDPipeline
     from grounded_sd.masks import SamCheckpointError
-    from grounded_sd.pipeline import resolve_device
     from lmd.evaluation.detection import DetectorLoadError, OwlViTDetector
+    from lmd.evaluation.runner import environment_versions
 
     transformers_logging.disable_progress_bar()  # our bar shows progress; per-file loading bars would break it
     diffusers_logging.disable_progress_bar()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    device = args.device or settings.device
-    try:
-        torch_device = resolve_device(device)
-    except GroundedSDError as exc:
-        raise CLIError(str(exc)) from None
     detector_config = DetectorConfig(
         model=args.detector, score_threshold=args.score_threshold, nms_iou=args.nms_iou, device=str(torch_device)
     )
@@ -139,15 +149,13 @@ def run_eval(args: argparse.Namespace) -> int:
     except DetectorLoadError as exc:
         raise CLIError(str(exc)) from None
 
-    options_factory = LMDOptions.fast if args.preset == "fast" else LMDOptions.reference
-    options = options_factory(**({"steps": args.steps} if args.steps else {}))
     bar = tqdm(total=len(prompts), desc=f"lmd eval {run_settings.method}", unit="image", dynamic_ncols=True)
     counts = {"generated": 0, "skipped": 0, "failed": 0}
 
     def make_generator():
         try:
             pipe = LMDPipeline.from_pretrained(
-                model, device=device, dtype=args.dtype or settings.dtype, scheduler=settings.scheduler,
+                model, device=device, dtype=run_settings.dtype, scheduler=settings.scheduler,
                 sam_checkpoint=sam_checkpoint if variant != "sd" else None, sam_model_type=sam_model_type,
             )  # fmt: skip
         except (GroundedSDError, SamCheckpointError) as exc:
@@ -175,6 +183,8 @@ def run_eval(args: argparse.Namespace) -> int:
             make_generator=make_generator,
             detector=detector.detect,
             detector_config=detector_config,
+            options=options.model_dump(mode="json"),
+            environment=environment_versions(str(torch_device)),
             on_prompt=on_prompt,
         )
     except EvalConflict as exc:
