@@ -19,12 +19,13 @@ _EXPORTS = {
     "InvalidLayoutError": "grounded_sd.errors",
     "VariantUnavailable": "grounded_sd.errors",
     "GroundedSDError": "grounded_sd.errors",
+    "NonFiniteLatents": "grounded_sd.errors",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, VariantUnavailable
+    from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NonFiniteLatents, VariantUnavailable
     from grounded_sd.options import LMDOptions
     from grounded_sd.pipeline import LMDPipeline, ModelLoadError
     from grounded_sd.report import GenerationReport, GenerationResult

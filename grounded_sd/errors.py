@@ -15,3 +15,8 @@ class VariantUnavailable(GroundedSDError):
 
 class GenerationCanceled(GroundedSDError):
     """``should_cancel()`` returned True; raised within one denoising step or guidance iteration."""
+
+
+class NonFiniteLatents(GroundedSDError):
+    """A pass ended with NaN or infinite latents (fp16 overflow in some models, or broken
+    weights); raised instead of decoding a black image. The message names the pass and dtype."""

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from grounded_sd.attention import AttentionRecorder, ForwardStopped, box_mask, map_shape, recording_attention, resolve_attention_layers, token_maps
 from grounded_sd.compose import box_noise, compose_latents, mask_to_latent, object_seed, seeded_noise, step_noise_seed
 from grounded_sd.counters import UNetCalls, UNetCounter
-from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, VariantUnavailable
+from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NonFiniteLatents, VariantUnavailable
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, guidance_step_size, guide_latents, object_energy, transfer_loss
 from grounded_sd.masks import load_sam_predictor, object_mask
 from grounded_sd.options import LMDOptions
@@ -493,6 +493,9 @@ class LMDPipeline:
                 latents = torch.where(foreground, composed[i + 1], latents)
             trajectory.append(latents)
             run.progress(stage, i + 1, n_steps)
+        if not bool(torch.isfinite(latents).all()):
+            hint = "use dtype float32 or bfloat16" if self.dtype == torch.float16 else "check the model's weights"
+            raise NonFiniteLatents(f"the {stage} pass produced NaN or infinite latents in {str(self.dtype).removeprefix('torch.')}; {hint}")
         return _PassOutput(trajectory, pred_x0)
 
     def _predict_noise(self, run: _Run, scheduler, latents, t, cond, uncond, gligen) -> torch.Tensor:

@@ -137,3 +137,13 @@ def test_schedulers_with_more_calls_than_steps_are_refused(tiny_sd_path, tiny_pi
         LMDPipeline.from_pretrained(tiny_sd_path, device="cpu", scheduler=name)
     with pytest.raises(ModelLoadError, match="LMD needs one per step"):
         with_scheduler(tiny_pipeline, name, skip_prk_steps=True)(LAYOUT, seed=0, options=LMDOptions(steps=3), width=64, height=64)
+
+
+def test_non_finite_latents_are_a_typed_error_not_a_black_image(tiny_sd_path):
+    from grounded_sd import NonFiniteLatents
+
+    pipe = LMDPipeline.from_pretrained(tiny_sd_path, device="cpu")
+    with torch.no_grad():
+        pipe.unet.conv_out.bias[0] = float("inf")  # a broken checkpoint, as fp16 overflow would leave it
+    with pytest.raises(NonFiniteLatents, match="the per_box pass produced NaN or infinite latents in float32"):
+        pipe(LAYOUT, seed=0, options=LMDOptions.fast(steps=3), width=64, height=64)
