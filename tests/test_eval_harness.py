@@ -207,3 +207,70 @@ def test_eval_real_weights_quick_run(tmp_path: Path):
     assert rc == 0
     results = load_results(out / "results.json")
     assert results.generated == 4 and results.scores["overall"].total == 4
+
+
+def test_eval_goes_on_when_the_llm_fails_one_prompt_and_stops_when_it_is_down(
+    tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, fake_llm, monkeypatch, capsys
+):
+    for key, value in fake_llm.env().items():
+        monkeypatch.setenv(key, value)
+    chosen = [p.index for p in select_prompts(load_prompts(DEFAULT_PROMPTS), 3)]
+    out = tmp_path / "outage"
+    monkeypatch.setenv("LMD_LLM_MAX_ATTEMPTS", "2")
+    for _ in range(2):  # an outage during the first prompt only
+        fake_llm.enqueue_status(503, "overloaded")
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--limit", "3") == 2
+    captured = capsys.readouterr()
+    assert "1 prompt(s) have no layout yet" in captured.err and "run the same command again" in captured.err
+    assert "INCOMPLETE: 1 prompt(s) not scored" in captured.out
+    partial = load_results(out / "results.json")
+    assert partial.incomplete is not None and partial.incomplete.prompts == [chosen[0]]
+    assert partial.scores["overall"].total == 2 and partial.generated == 2  # the other prompts were not held up
+    assert [o.scored for o in partial.prompts] == [False, True, True]
+
+    # the rerun asks only for the missing layout and completes the run
+    asked = len(fake_llm.requests)
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--limit", "3") == 0
+    assert len(fake_llm.requests) == asked + 1
+    complete = load_results(out / "results.json")
+    assert complete.incomplete is None and complete.scores["overall"].total == 3 and complete.generated == 1
+
+    # an LLM that is down for 3 prompts in a row stops the run, with what was done written
+    fake_llm.default_reply = None  # every request: 500 (after the planner's bounded retries)
+    down = tmp_path / "down"
+    assert _eval(down, tiny_sd_path, tiny_owlvit_path, "--limit", "4") == 2
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert err.startswith("lmd eval: error: the LLM is unavailable for 3 prompts in a row")
+    stopped = load_results(down / "results.json")
+    assert stopped.incomplete is not None and len(stopped.incomplete.prompts) == 4
+    assert stopped.incomplete.reason.startswith("stopped by LLMUnavailable")
+    assert stopped.scores["overall"].total == 0 and not list((down / "images").glob("*.png"))
+
+
+def test_a_layout_the_controller_refuses_fails_its_prompt_only(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path):
+    from grounded_sd import LMDOptions, LMDPipeline
+    from lmd.evaluation.runner import RunSettings, run_benchmark
+
+    prompts = select_prompts(load_prompts(DEFAULT_PROMPTS), 2)
+    book = json.loads(RESPONSES.read_text())
+    layouts = {p.index: parse_layout_text(book[p.prompt][0]) for p in prompts}
+    assert [len(layouts[p.index].objects) for p in prompts] == [0, 1]  # negation: no box; numeracy "one ...": one box
+    options = LMDOptions.fast(steps=2).model_copy(update={"max_objects": 1})
+    two_boxes = layouts[prompts[1].index].model_copy(
+        update={"objects": [*layouts[prompts[1].index].objects, *layouts[prompts[1].index].objects]}
+    )
+    pipe = LMDPipeline.from_pretrained(str(tiny_sd_path), device="cpu", dtype="float32")
+    detector = OwlViTDetector.from_pretrained(DetectorConfig(model=str(tiny_owlvit_path)))
+    settings = RunSettings(method="m", variant="lmd", preset="fast", steps=2, model="tiny", scheduler="DDIMScheduler",
+                           dtype="float32", layouts="test", seed=0, width=64, height=64)  # fmt: skip
+    results = run_benchmark(
+        prompts, out=tmp_path / "refused", settings=settings,
+        layout_source=lambda p: two_boxes if p.index == prompts[1].index else layouts[p.index],
+        make_generator=lambda: lambda layout, seed: pipe(layout, seed=seed, options=options, width=64, height=64).image,
+        detector=detector.detect, detector_config=detector.config,
+    )  # fmt: skip
+    first, second = results.prompts
+    assert first.error is None and first.image is not None
+    assert not second.passed and second.scored and second.detail == "layout refused by the controller"
+    assert second.error.startswith("InvalidLayoutError") and "at most 1" in second.error
+    assert results.errors == 1 and results.scores["overall"].total == 2 and results.incomplete is None

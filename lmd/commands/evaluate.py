@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stage 2: lmd (training-free), lmd_plus (needs a GLIGEN model), sd (plain SD with the layout's prompt); default lmd")
     parser.add_argument("--preset", choices=["reference", "fast"], default="reference", help="controller options (default reference)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's, 50)")
+    parser.add_argument("--max-batch", type=int, metavar="N",
+                        help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once); lower it on out-of-memory")
     parser.add_argument("--limit", type=int, metavar="N", help="N prompts spread evenly over the four tasks (default: all 400)")
     parser.add_argument("--seed", type=int, default=0, help="prompt NNN is generated with seed + NNN (default 0)")
     parser.add_argument("--size", type=int, default=512, help="image width and height in pixels (default 512)")
@@ -63,7 +65,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from layout_planner.errors import LLMUnavailable
     from lmd.evaluation.detection import DetectorConfig
     from lmd.evaluation.prompts import BenchmarkDataError, load_prompts, load_responses, select_prompts
-    from lmd.evaluation.runner import EvalConflict, RunSettings, prepare_output, run_benchmark
+    from lmd.evaluation.runner import EvalConflict, EvalIncomplete, MAX_CONSECUTIVE_UNAVAILABLE, RunSettings, prepare_output, run_benchmark
     from lmd.settings import Settings
 
     if args.baseline and args.variant != "lmd":
@@ -72,6 +74,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"--size must be a multiple of 8 of at least 64, got {args.size}")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise CLIError(f"--max-batch must be at least 1, got {args.max_batch}")
     if args.limit is not None and args.limit < 1:
         raise CLIError(f"--limit must be at least 1, got {args.limit}")
     for name in ("score_threshold", "nms_iou"):
@@ -102,7 +106,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except GroundedSDError as exc:
         raise CLIError(str(exc)) from None
     options_factory = LMDOptions.fast if args.preset == "fast" else LMDOptions.reference
-    options = options_factory(**({"steps": args.steps} if args.steps else {}))
+    overrides = {k: v for k, v in (("steps", args.steps), ("max_batch", args.max_batch or settings.max_batch)) if v}
+    options = options_factory(**overrides)
 
     layout_source, layouts_label, method = _layout_source(args, settings, all_prompts, responses)
     model = args.model or settings.sd_model
@@ -150,7 +155,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
 
     bar = tqdm(total=len(prompts), desc=f"lmd eval {run_settings.method}", unit="image", dynamic_ncols=True)
-    counts = {"generated": 0, "skipped": 0, "failed": 0}
+    counts = {"generated": 0, "skipped": 0, "failed": 0, "pending": 0}
 
     def make_generator():
         try:
@@ -189,17 +194,28 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     except EvalConflict as exc:
         raise CLIError(str(exc)) from None
+    except EvalIncomplete as exc:
+        bar.close()
+        print((args.out / "results.md").read_text(encoding="utf-8"), end="")
+        raise CLIError(str(exc)) from None
+    except torch.cuda.OutOfMemoryError:
+        raise CLIError(
+            f"out of GPU memory: lower --max-batch (LMD_MAX_BATCH) or --size; finished images are kept in {args.out}"
+        ) from None
     except GroundedSDError as exc:
         raise CLIError(f"generation failed ({type(exc).__name__}): {exc}; finished images are kept in {args.out}") from None
     except LLMUnavailable as exc:
-        raise CLIError(f"the LLM is unavailable: {exc}; finished layouts and images are kept in {args.out}") from None
+        raise CLIError(
+            f"the LLM is unavailable for {MAX_CONSECUTIVE_UNAVAILABLE} prompts in a row: {exc}; finished layouts and images "
+            f"are kept in {args.out} and scored in results.json; run the same command again to complete the run"
+        ) from None
     finally:
         bar.close()
 
     print((args.out / "results.md").read_text(encoding="utf-8"), end="")
     print(
         f"{results.generated} generated, {len(prompts) - results.generated - results.errors} on disk, "
-        f"{results.errors} without a layout; results in {args.out / 'results.json'}"
+        f"{results.errors} failed without an image; results in {args.out / 'results.json'}"
     )
     return 0
 
