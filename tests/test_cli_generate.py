@@ -49,6 +49,7 @@ def test_generate_from_a_layout_writes_every_output(clean_env, tiny_sd_path, cap
     assert {o["id"]: o["mask_source"] for o in report["objects"]}.keys() == {"cat", "dog"}
     stdout = capsys.readouterr().out
     assert "seed 3" in stdout and "image.png" in stdout
+    assert "per-box energy" in stdout and "(first guided step)" in stdout
 
 
 def test_generate_from_a_prompt_plans_then_renders(clean_env, tiny_sd_path, fake_llm, monkeypatch, capsys):
@@ -66,6 +67,7 @@ def test_generate_from_a_prompt_plans_then_renders(clean_env, tiny_sd_path, fake
     assert report["prompt"] == "a beach with a dog" and report["negative_prompt"].startswith("people")
     assert (out / "masks" / "dog.png").is_file()
     assert report["options"]["max_batch"] == 1 and set(report["unet_total"]["forward_batch_sizes"]) == {"1"}
+    assert "per-box energy" in capsys.readouterr().out  # fast: the energy before guidance only
 
 
 @pytest.mark.parametrize(
@@ -75,6 +77,7 @@ def test_generate_from_a_prompt_plans_then_renders(clean_env, tiny_sd_path, fake
         (["--width", "60"], "--width must be a positive multiple of 8"),
         (["--sam-checkpoint", "/nonexistent/sam.pth"], "SAM checkpoint not found"),
         (["--variant", "lmd_plus"], "lmd_plus needs a GLIGEN UNet"),
+        (["--scheduler", "HeunDiscreteScheduler"], "LMD needs one per step"),
     ],
 )
 def test_generate_errors_are_one_line(clean_env, tiny_sd_path, capsys, args, message):

@@ -202,6 +202,8 @@ def run_generate(args: argparse.Namespace) -> int:
         line = f"  {obj.id}: {obj.phrase!r} mask {obj.mask_source or '-'}"
         if energy.start is not None and energy.after_first_step is not None:
             line += f", per-box energy {energy.start:.2f} -> {energy.after_first_step:.2f} (first guided step)"
+        elif energy.start is not None:  # the fast preset skips the measurement after the updates
+            line += f", per-box energy {energy.start:.2f} at the first guided step"
         print(line)
     for note in report.notes:
         print(f"  note: {note}")
