@@ -166,6 +166,9 @@ def test_eval_asks_the_planner_once_per_prompt(tmp_path: Path, tiny_sd_path: Pat
     assert len(fake_llm.requests) == 2
     results = load_results(out / "results.json")
     assert results.settings.layouts.startswith("planner fake-model at ")
+    from layout_planner.template import load_template
+
+    assert f"template {load_template().sha256[:12]}, chat" in results.settings.layouts  # another template: other layouts
     assert all(o.objects == 1 for o in results.prompts)  # the fake server's default layout: one cat
     assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--limit", "2") == 0
     assert len(fake_llm.requests) == 2, "a resumed run reuses the layouts on disk"

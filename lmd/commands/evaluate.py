@@ -241,6 +241,9 @@ def _layout_source(args, settings, all_prompts, responses):
     config = llm_config_from_settings(settings)
     planner = Planner(config)
     samples = occurrence_numbers(all_prompts)
-    label = f"planner {config.model} at {config.base_url} (temperature {config.temperature})"
+    label = (
+        f"planner {config.model} at {config.base_url} (temperature {config.temperature}, "
+        f"template {planner.template.sha256[:12]}, {config.mode})"
+    )
     return (lambda prompt: planner.plan(prompt.prompt, sample_index=samples[prompt.index])), label, f"{args.variant} ({config.model})"
 
