@@ -135,7 +135,7 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
     assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4", "--seed", "7") == 2
     error = capsys.readouterr().err
     assert error.startswith("lmd eval: error:") and error.count("\n") == 1
-    assert "holds a run with other settings (seed 0 -> 7); use another --out" in error
+    assert "holds a run with other settings (seed 0 -> 7); rerun with its settings to resume it, or use another --out" in error
     assert len(list((out / "images").glob("*.png"))) == 4
     # so is another scheduler (it changes every image), but not another row name
     monkeypatch.setenv("LMD_SCHEDULER", "EulerDiscreteScheduler")

@@ -144,7 +144,9 @@ def prepare_output(out: Path, settings: RunSettings) -> None:
             if getattr(existing, name) != getattr(settings, name)
         ]
         if changed:
-            raise EvalConflict(f"{out} holds a run with other settings ({'; '.join(changed)}); use another --out")
+            raise EvalConflict(
+                f"{out} holds a run with other settings ({'; '.join(changed)}); rerun with its settings to resume it, or use another --out"
+            )
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "layouts").mkdir(parents=True, exist_ok=True)
     _write_atomic(manifest, settings.model_dump_json(indent=2))
