@@ -147,3 +147,29 @@ def test_non_finite_latents_are_a_typed_error_not_a_black_image(tiny_sd_path):
         pipe.unet.conv_out.bias[0] = float("inf")  # a broken checkpoint, as fp16 overflow would leave it
     with pytest.raises(NonFiniteLatents, match="the per_box pass produced NaN or infinite latents in float32"):
         pipe(LAYOUT, seed=0, options=LMDOptions.fast(steps=3), width=64, height=64)
+
+
+def test_sd2_shaped_unet_with_head_lists_linear_projection_and_v_prediction(tiny_pipeline):
+    """SD 2.x's UNet options (heads per block as a list, linear projections, upcast attention)
+    with a v-prediction scheduler: guidance reads the right head count and still works."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=[8, 2], use_linear_projection=True, upcast_attention=True, norm_num_groups=32,
+    )
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(4.0)
+                module.to_k.weight.mul_(4.0)
+    scheduler = DDIMScheduler.from_config(tiny_pipeline.scheduler.config, prediction_type="v_prediction")
+    pipe = LMDPipeline(unet, tiny_pipeline.vae, tiny_pipeline.text_encoder, tiny_pipeline.tokenizer, scheduler)
+    options = LMDOptions.reference(steps=4, loss_threshold=0.0)
+    layers = ["mid_block.attentions.0.transformer_blocks.0.attn2", "up_blocks.0.attentions.0.transformer_blocks.0.attn2"]
+    assert pipe.energy_threshold(LMDOptions.reference(), layers) == pytest.approx(5.0 * 2 / 8)  # 2 heads there, not 8
+    result = pipe(LAYOUT, seed=5, options=options, width=64, height=64)
+    assert torch.isfinite(result.intermediates.final_latents).all()
+    assert all(o.per_box_energy.after_first_step < o.per_box_energy.start for o in result.report.objects)
