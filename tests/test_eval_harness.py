@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from layout_planner import Layout, parse_layout_text
+from layout_planner.benchmark import evaluate, parse_benchmark_prompt
 from lmd.cli import main
 from lmd.evaluation.detection import DetectorConfig, DetectorLoadError, OwlViTDetector
 from lmd.evaluation.prompts import DEFAULT_PROMPTS, load_prompts, select_prompts
@@ -101,8 +102,15 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
     assert results.options["steps"] == 2 and results.options["frozen_ratio"] == 0.4  # the fast preset, expanded
     assert results.environment["torch"] and torch.__version__.startswith(results.environment["torch"].split("+")[0])
     assert results.environment["device"] == "cpu" and results.environment["diffusers"] and results.environment["transformers"]
-    attribution = next(o for o in results.prompts if o.task == "attribution")
-    assert len(attribution.queries) == 2 and all(" " in q for q in attribution.queries)
+    queries = {o.task: o.queries for o in results.prompts}  # per image, as published
+    spec = {o.task: parse_benchmark_prompt(o.prompt, o.task) for o in results.prompts}
+    assert queries["negation"] == [spec["negation"].objects[0]] and queries["numeracy"] == [spec["numeracy"].objects[0]]
+    assert queries["attribution"] == [f"{c} {n}" for c, n in zip(spec["attribution"].colours, spec["attribution"].objects)]
+    assert queries["spatial"] == spec["spatial"].objects and len(set(queries["spatial"])) == 2
+    for outcome in results.prompts:  # the recorded detections are what was scored
+        assert outcome.seed == outcome.index and {d.name for d in outcome.detections} <= set(outcome.queries)
+        rule = evaluate(spec[outcome.task], [d.as_rule_input() for d in outcome.detections])
+        assert (outcome.passed, outcome.detail) == (rule.passed, rule.detail)
     assert (out / "results.md").read_text().startswith("| method |")
 
     # a second run generates nothing and rewrites the same scores
@@ -153,9 +161,16 @@ def test_eval_plain_sd_baseline_renders_the_prompt_itself(tmp_path: Path, tiny_s
     assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--baseline", "sd", "--limit", "2") == 0
     results = load_results(out / "results.json")
     assert results.settings.method == "SD (prompt only)" and results.settings.variant == "sd"
+    from grounded_sd import LMDOptions, LMDPipeline
+
+    pipe = LMDPipeline.from_pretrained(str(tiny_sd_path), device="cpu", dtype="float32")
     for outcome in results.prompts:
         layout = Layout.model_validate_json((out / "layouts" / f"{outcome.index:03d}.json").read_text())
         assert layout.objects == [] and layout.background == outcome.prompt
+        # the image is plain SD on the benchmark prompt itself, with the prompt's seed
+        plain = pipe(Layout(background=outcome.prompt), seed=outcome.index, options=LMDOptions.fast(steps=2), variant="sd", width=64, height=64)
+        assert plain.report.prompt == outcome.prompt
+        assert np.array_equal(np.asarray(Image.open(out / outcome.image)), np.asarray(plain.image))
 
 
 def test_eval_asks_the_planner_once_per_prompt(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, fake_llm, monkeypatch):
