@@ -125,6 +125,8 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
     # an interrupted run (an image missing, one cut short mid-write, one not an image) is completed, nothing else regenerated
     missing, cut, garbage = (out / "images" / f"{i:03d}.png" for i in indices[1:])
     missing.unlink()
+    damaged_layout = out / "layouts" / f"{indices[0]:03d}.json"
+    damaged_layout.write_text('{"objects": [')
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     garbage.write_bytes(b"not a png")
     assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 0
@@ -132,6 +134,7 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
     assert (redone.generated, redone.replaced) == (3, 2)
     after = _mtimes(out / "images")
     assert after[f"{indices[0]:03d}.png"] == before[f"{indices[0]:03d}.png"]
+    assert Layout.model_validate_json(damaged_layout.read_text()).phrases() == parse_layout_text(book[chosen[0].prompt][0]).phrases()
     for path in (missing, cut, garbage):
         with Image.open(path) as image:
             image.load()

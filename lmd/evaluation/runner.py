@@ -340,9 +340,14 @@ def write_results(out: Path, results: EvalResults) -> None:
 
 
 def _layout_for(prompt: BenchmarkPrompt, out: Path, layout_source: LayoutSource) -> Layout:
+    """The layout on disk, else from ``layout_source`` (written for the next run). A file that is
+    not a layout (edited by hand, damaged) is made again from the source, not a crash."""
     path = out / "layouts" / f"{prompt.index:03d}.json"
     if path.is_file():
-        return Layout.model_validate_json(path.read_text(encoding="utf-8"))
+        try:
+            return Layout.model_validate_json(path.read_text(encoding="utf-8"))
+        except (ValidationError, UnicodeDecodeError):
+            pass
     layout = layout_source(prompt)
     _write_atomic(path, layout.model_dump_json(indent=2))
     return layout
