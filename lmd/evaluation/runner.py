@@ -2,13 +2,13 @@
 
 An output directory holds one run:
 
-    run.json                   what fixes the images (variant, preset, steps, model, seed, size, layouts)
+    run.json                   what fixes the images (variant, preset, steps, model, scheduler, dtype, seed, size, layouts)
     layouts/NNN.json           the layout of prompt NNN (kept: a resumed run asks no LLM twice)
     images/NNN.png             the generated image of prompt NNN (kept: a resumed run skips it)
-    results.json, results.md   scores, rewritten by every run
+    results.json, results.md   scores, rewritten by every run, also when it stops early
 
-A second run on the same directory regenerates nothing that is on disk; it refuses to mix
-images of different settings. Detection and scoring always rerun (they are cheap next to
+A second run on the same directory regenerates nothing that is on disk and whole (a file that
+does not decode is made again); it refuses to mix images of different settings. Detection and scoring always rerun (they are cheap next to
 generation, and a run may change the detector).
 """
 
