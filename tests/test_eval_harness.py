@@ -70,7 +70,10 @@ def test_detector_that_cannot_load(tmp_path: Path, capsys):
 def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "per_box 1/1" in captured.err and "final 2/2" in captured.err, "the bar shows the image's stage and step"
+    assert "generated 4, skipped 0, failed 0, pending 0" in captured.err
     assert "| method | negation | numeracy | attribution | spatial | overall | prompts |" in printed
     assert "4 generated" in printed
 
@@ -161,8 +164,9 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
 
 def test_eval_plain_sd_baseline_renders_the_prompt_itself(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path):
     out = tmp_path / "baseline"
-    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--baseline", "sd", "--limit", "2") == 0
+    assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--baseline", "sd", "--limit", "2", "--max-batch", "1") == 0
     results = load_results(out / "results.json")
+    assert results.options["max_batch"] == 1
     assert results.settings.method == "SD (prompt only)" and results.settings.variant == "sd"
     from grounded_sd import LMDOptions, LMDPipeline
 
@@ -171,7 +175,7 @@ def test_eval_plain_sd_baseline_renders_the_prompt_itself(tmp_path: Path, tiny_s
         layout = Layout.model_validate_json((out / "layouts" / f"{outcome.index:03d}.json").read_text())
         assert layout.objects == [] and layout.background == outcome.prompt
         # the image is plain SD on the benchmark prompt itself, with the prompt's seed
-        plain = pipe(Layout(background=outcome.prompt), seed=outcome.index, options=LMDOptions.fast(steps=2), variant="sd", width=64, height=64)
+        plain = pipe(Layout(background=outcome.prompt), seed=outcome.index, options=LMDOptions.fast(steps=2, max_batch=1), variant="sd", width=64, height=64)
         assert plain.report.prompt == outcome.prompt
         assert np.array_equal(np.asarray(Image.open(out / outcome.image)), np.asarray(plain.image))
 
@@ -195,6 +199,8 @@ def test_eval_asks_the_planner_once_per_prompt(tmp_path: Path, tiny_sd_path: Pat
 def test_eval_rejects_bad_options_in_one_line(tmp_path: Path, tiny_sd_path: Path, tiny_owlvit_path: Path, capsys):
     assert _eval(tmp_path / "a", tiny_sd_path, tiny_owlvit_path, "--baseline", "sd", "--variant", "lmd_plus") == 2
     assert "does not combine with --variant" in capsys.readouterr().err
+    assert _eval(tmp_path / "a", tiny_sd_path, tiny_owlvit_path, "--baseline", "sd", "--max-batch", "0") == 2
+    assert capsys.readouterr().err == "lmd eval: error: --max-batch must be at least 1, got 0\n"
     assert _eval(tmp_path / "b", tiny_sd_path, tmp_path / "no-detector", "--responses", str(RESPONSES), "--limit", "1") == 2
     err = capsys.readouterr().err
     assert err.startswith("lmd eval: error: cannot load the OWL-ViT detector") and err.count("\n") == 1
