@@ -186,7 +186,8 @@ def run_benchmark(
     What one prompt's failure does to a long run:
 
     - the LLM's answer never parses (``LLMBadOutput``), or the controller refuses the layout
-      (``InvalidLayoutError``): the prompt fails, as in the published evaluation; the run goes on;
+      (``InvalidLayoutError``): the prompt fails (scored 0; the reference skipped prompts without
+      an image, shrinking the denominator, so a failing method could gain); the run goes on;
     - the LLM is unavailable (``LLMUnavailable``, after the planner's bounded retries): the
       prompt is left unscored and the run goes on, so a short outage does not idle the GPU;
       after ``MAX_CONSECUTIVE_UNAVAILABLE`` in a row the LLM is taken as down and the run
