@@ -151,6 +151,16 @@ def test_eval_from_responses_writes_results_and_resumes(tmp_path: Path, tiny_sd_
     assert error.startswith("lmd eval: error:") and error.count("\n") == 1
     assert "holds a run with other settings (seed 0 -> 7); rerun with its settings to resume it, or use another --out" in error
     assert len(list((out / "images").glob("*.png"))) == 4
+    # a second run while one is going is refused too (the lock dies with its process)
+    import fcntl
+
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("4242")
+        held.flush()
+        assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 2
+    assert f"another lmd eval (pid 4242) is running in {out}; wait for it or use another --out" in capsys.readouterr().err
     # so is another scheduler (it changes every image), but not another row name
     monkeypatch.setenv("LMD_SCHEDULER", "EulerDiscreteScheduler")
     assert _eval(out, tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "4") == 2

@@ -65,7 +65,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from layout_planner.errors import LLMUnavailable
     from lmd.evaluation.detection import DetectorConfig
     from lmd.evaluation.prompts import BenchmarkDataError, load_prompts, load_responses, select_prompts
-    from lmd.evaluation.runner import EvalConflict, EvalIncomplete, MAX_CONSECUTIVE_UNAVAILABLE, RunSettings, prepare_output, run_benchmark
+    from lmd.evaluation.runner import (
+        MAX_CONSECUTIVE_UNAVAILABLE,
+        EvalConflict,
+        EvalIncomplete,
+        RunSettings,
+        hold_run_lock,
+        prepare_output,
+        run_benchmark,
+    )
     from lmd.settings import Settings
 
     if args.baseline and args.variant != "lmd":
@@ -129,8 +137,9 @@ def run_eval(args: argparse.Namespace) -> int:
         height=args.size,
     )
 
-    try:
-        prepare_output(args.out, run_settings)  # refuse a directory of other settings before loading anything
+    try:  # refuse a directory in use or of other settings before loading anything
+        hold_run_lock(args.out).close()
+        prepare_output(args.out, run_settings)
     except EvalConflict as exc:
         raise CLIError(str(exc)) from None
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -120,6 +120,28 @@ def detector_queries(spec: BenchmarkSpec) -> list[str]:
     return list(dict.fromkeys(spec.objects))
 
 
+def hold_run_lock(out: Path) -> IO[str]:
+    """An exclusive lock on ``out`` for this process (released when the handle closes or the
+    process dies): two runs on one directory would generate the same images twice and
+    overwrite each other's results."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise EvalConflict(f"another lmd eval (pid {holder}) is running in {out}; wait for it or use another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def prepare_output(out: Path, settings: RunSettings) -> None:
     """Create the run directory, or check that what it holds was made with the same settings.
 
@@ -202,7 +224,12 @@ def run_benchmark(
     from grounded_sd.errors import InvalidLayoutError
     from layout_planner.errors import LLMUnavailable
 
-    prepare_output(out, settings)
+    lock = hold_run_lock(out)
+    try:
+        prepare_output(out, settings)
+    except BaseException:
+        lock.close()
+        raise
     counters = RunCounters()
     generator: ImageGenerator | None = None
     outcomes: list[PromptOutcome] = []
@@ -295,10 +322,12 @@ def run_benchmark(
                 on_prompt(prompt, what)
     except BaseException as exc:
         write_results(out, results(stopped=f"stopped by {type(exc).__name__}: {exc}".splitlines()[0]))
+        lock.close()
         raise
 
     final = results()
     write_results(out, final)
+    lock.close()
     if final.incomplete:
         raise EvalIncomplete(
             f"{len(final.incomplete.prompts)} prompt(s) have no layout yet ({final.incomplete.reason}); "
