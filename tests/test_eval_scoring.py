@@ -191,3 +191,12 @@ def test_bad_data_files_name_the_problem(tmp_path: Path):
     short.write_text("[1, 2]")
     with pytest.raises(BenchmarkDataError, match="must map each prompt"):
         load_responses(short, prompts)
+
+
+def test_detections_keep_the_precision_the_spatial_rule_compares():
+    import torch
+
+    boxes = torch.tensor([[0.20000, 0.1, 0.40000, 0.5], [0.20003, 0.1, 0.40003, 0.5]])  # 0.015 px apart at 512 px
+    found = select_detections(torch.tensor([0.5, 0.4]), torch.tensor([0, 1]), boxes, ["dog", "cat"], DetectorConfig(), (512, 512))
+    spec = parse_benchmark_prompt("A realistic photo of a scene with a dog on the left and a cat on the right", "spatial")
+    assert evaluate(spec, [d.as_rule_input() for d in found]).passed

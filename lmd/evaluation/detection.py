@@ -111,6 +111,6 @@ def select_detections(scores, labels, boxes, names: list[str], config: DetectorC
     kept = ((scores >= config.score_threshold) & visible).nonzero().flatten()
     kept = kept[batched_nms(boxes[kept], scores[kept], labels[kept], config.nms_iou)]
     return [
-        Detection(name=names[int(labels[i])], box=tuple(round(float(v), 4) for v in boxes[i].tolist()), score=round(float(scores[i]), 4))
+        Detection(name=names[int(labels[i])], box=tuple(round(float(v), 6) for v in boxes[i].tolist()), score=round(float(scores[i]), 6))
         for i in kept.tolist()
     ]
