@@ -167,6 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
     counts = {"generated": 0, "skipped": 0, "failed": 0, "pending": 0}
 
     def make_generator():
+        bar.set_postfix_str(f"{_counts_text(counts)}; loading {model}", refresh=True)
         try:
             pipe = LMDPipeline.from_pretrained(
                 model, device=device, dtype=run_settings.dtype, scheduler=settings.scheduler,
