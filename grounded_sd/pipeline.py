@@ -485,7 +485,7 @@ class LMDPipeline:
             # c. scheduler step, then the frozen foreground of the composition
             step = scheduler.step(noise, t, latents, **step_kwargs)
             pred_x0 = getattr(step, "pred_original_sample", None)
-            if pred_x0 is None:
+            if pred_x0 is None and i == n_steps - 1:  # only the last step's is used (fast preset's masks)
                 pred_x0 = _x0_prediction(scheduler, latents, noise, t)
             latents = step.prev_sample.to(self.dtype)
             if frozen is not None and i < frozen[2]:
