@@ -35,7 +35,7 @@ from lmd.evaluation.scoring import Accuracy, markdown_table, summarise
 if TYPE_CHECKING:
     from PIL import Image
 
-RESULTS_SCHEMA = "lmd-eval/1"
+RESULTS_SCHEMA = "lmd-eval/2"  # 2: run settings pin scheduler and dtype; options, environment, replaced, incomplete, scored
 Variant = Literal["lmd", "lmd_plus", "sd"]
 Preset = Literal["reference", "fast"]
 
