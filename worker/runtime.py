@@ -272,7 +272,7 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
         if isinstance(exc, VariantUnavailable):
             return "variant_unavailable", str(exc)
         if isinstance(exc, ModelLoadError):
-            return "model_unavailable", f"the render worker cannot load its model: {exc}. Check LMD_SD_MODEL."
+            return "model_unavailable", f"the render worker cannot load its model: {exc}. Check LMD_SD_MODEL and LMD_SCHEDULER."
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):  # the CUDA caching allocator's (torch.cuda.OutOfMemoryError)

@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="job seed (default: random, printed and kept in report.json)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's, 50)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--variant", choices=("lmd", "sd", "lmd_plus"), default="lmd", help="lmd (default), sd (baseline), lmd_plus (GLIGEN UNets)")
-    parser.add_argument("--preset", choices=("reference", "fast"), default="reference", help="option preset (default reference)")
+    parser.add_argument("--variant", choices=("lmd", "sd", "lmd_plus"), help="lmd, sd (baseline), lmd_plus (GLIGEN UNets); default LMD_VARIANT, lmd")
+    parser.add_argument("--preset", choices=("reference", "fast"), help="option preset (default LMD_PRESET, reference)")
     parser.add_argument("--negative", metavar="TEXT", help="extra negative prompt, added to the layout's")
     parser.add_argument("--model", help="hub id or local diffusers directory (default LMD_SD_MODEL)")
     parser.add_argument("--scheduler", help="diffusers scheduler class (default LMD_SCHEDULER, DDIMScheduler)")
@@ -159,7 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if v is not None
     }
     try:
-        options = getattr(LMDOptions, args.preset)(**overrides)
+        options = getattr(LMDOptions, args.preset or settings.preset)(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
@@ -178,7 +178,7 @@ def run_generate(args: argparse.Namespace) -> int:
     bars = _StageBars(enabled=not args.quiet)
     try:
         result = pipe(
-            layout, seed=seed, options=options, variant=args.variant, width=args.width, height=args.height,
+            layout, seed=seed, options=options, variant=args.variant or settings.variant, width=args.width, height=args.height,
             negative_prompt=args.negative, progress=bars,
         )
     except GenerationCanceled:
