@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     llm_max_retry_after_s: float = Field(60.0, ge=0, description="cap on an endpoint's Retry-After before a retry")
 
     # --- stage 2: the grounded diffusion controller ----------------------------------------
-    sd_model: str = Field("runwayml/stable-diffusion-v1-5", description="hub id or local diffusers directory")
+    sd_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local diffusers directory")
     scheduler: str = Field("DDIMScheduler", description="any diffusers scheduler class name")
     sam_checkpoint: Path | None = Field(None, description="segment-anything checkpoint; unset: attention masks")
     sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="architecture of the SAM checkpoint")
