@@ -82,7 +82,8 @@ class Heartbeat:
 
 
 class WorkerRuntime:
-    """A worker process's settings, store, planner and pipeline (the last two built on first use)."""
+    """A worker process's settings, store, planner and pipeline (the last two built on first use,
+    the pipeline possibly ahead of time by ``preload_pipeline``)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -90,6 +91,7 @@ class WorkerRuntime:
         self.worker = this_worker()
         self._planner = None
         self._pipeline = None
+        self._pipeline_lock = threading.Lock()
 
     @property
     def max_deliveries(self) -> int:
@@ -106,7 +108,19 @@ class WorkerRuntime:
                                     max_objects=min(self.settings.max_objects, 30))
         return self._planner
 
+    def preload_pipeline(self) -> None:
+        """Load the pipeline now, in a render pool child's background thread, so that the first job
+        does not pay for it; a failure is only logged (the job that needs the model reports it)."""
+        try:
+            self.pipeline()
+        except Exception as exc:  # noqa: BLE001 - reported again, typed, by the first render
+            log.warning("preloading the pipeline failed (pid %d): %s", os.getpid(), exc)
+
     def pipeline(self):
+        with self._pipeline_lock:  # a render waits here while the preload thread is still loading
+            return self._load_pipeline()
+
+    def _load_pipeline(self):
         if self._pipeline is None:
             import torch
 
@@ -116,7 +130,8 @@ class WorkerRuntime:
                 torch.set_num_threads(self.settings.torch_threads or 1)
             s = self.settings
             log.info("loading %s on device=%s dtype=%s (pid %d)", s.sd_model, s.device, s.dtype, os.getpid())
-            self._pipeline = LMDPipeline.from_pretrained(
+            started = time.monotonic()
+            pipeline = LMDPipeline.from_pretrained(
                 s.sd_model,
                 device=s.device,
                 dtype=s.dtype,
@@ -124,6 +139,8 @@ class WorkerRuntime:
                 sam_checkpoint=str(s.sam_checkpoint) if s.sam_checkpoint else None,
                 sam_model_type=s.sam_model_type,
             )
+            log.info("pipeline loaded in %.1f s (pid %d)", time.monotonic() - started, os.getpid())
+            self._pipeline = pipeline
         return self._pipeline
 
     # --- stage 1 -----------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 
-from celery import shared_task, signals
+from celery import current_app, shared_task, signals
 from celery.exceptions import TimeLimitExceeded
 
 from lmd.settings import get_settings
@@ -24,6 +25,14 @@ def plan(job_id: str) -> str:
 def render(job_id: str) -> str:
     """Stage 2 for one job (queue ``render``)."""
     return runtime.current().run_render(job_id)
+
+
+@signals.worker_process_init.connect
+def _preload_pipeline(**_: object) -> None:
+    """In each render pool child, after the fork (no CUDA in the parent): start loading the model at
+    once, in a thread, so the child reports itself up within Celery's start-up timeout."""
+    if current_app.conf.get("lmd_preload_pipeline"):
+        threading.Thread(target=runtime.current().preload_pipeline, name="lmd-preload", daemon=True).start()
 
 
 @signals.task_failure.connect

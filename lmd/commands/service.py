@@ -78,6 +78,7 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.celery_app import create_celery
 
     app = create_celery(settings)
+    app.conf.lmd_preload_pipeline = "render" in queues  # worker.tasks loads it in each pool child
     name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"
     app.worker_main([
         "worker",

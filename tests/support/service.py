@@ -122,7 +122,7 @@ class WorkerProcess:
         full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lmd.cli", "worker", "--queues", queue, "--name", self.name,
+            [sys.executable, "-m", "lmd", "worker", "--queues", queue, "--name", self.name,
              "--concurrency", "1", "--log-level", "info"],
             cwd=REPO,
             env=full_env,
@@ -179,7 +179,7 @@ class APIProcess:
         self._log = open(log_path, "ab")
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "lmd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "lmd", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "warning"],
             cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
