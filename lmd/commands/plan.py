@@ -349,6 +349,13 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
         except BenchmarkPromptError as exc:
             raise CLIError(f"{args.prompts}: line {number + 1}: {exc}") from None
         detections = None
+
+        def record_failure(reason: str) -> None:
+            """A prompt without a usable layout fails both scores."""
+            failures.append({"index": row.get("index", number), "task": spec.task, "prompt": prompt, "reason": reason})
+            published.append((spec.task, False))
+            repaired.append((spec.task, False))
+
         if args.responses:
             answers = responses.get(prompt.strip().rstrip(".")) or responses.get(prompt) or []
             if used[prompt] >= len(answers):
@@ -363,9 +370,7 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
                 fixed = layout_detections(build_layout(answer))
             except (LayoutParseError, ValidationError) as exc:
                 errors += 1
-                failures.append({"index": row.get("index", number), "task": spec.task, "prompt": prompt, "reason": f"parse error: {exc}"})
-                published.append((spec.task, False))
-                repaired.append((spec.task, False))
+                record_failure(f"parse error: {exc}")
                 continue
         else:
             key = f"index:{row['index']}" if "index" in row else f"prompt:{prompt}#{sample}"
@@ -375,9 +380,7 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
                 continue
             if "layout" not in line:
                 errors += 1
-                failures.append({"index": row.get("index", number), "task": spec.task, "prompt": prompt, "reason": f"planning failed: {line.get('error')}"})
-                published.append((spec.task, False))
-                repaired.append((spec.task, False))
+                record_failure(f"planning failed: {line.get('error')}")
                 continue
             try:
                 layout = Layout.model_validate(line["layout"])
