@@ -14,8 +14,13 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.errors import ErrorBody, code_of
+from api.openapi import complete_openapi
 
 from api.routes import generate, health, jobs, metrics, sessions
 from api.store import Store, StoreConflict, connect
@@ -66,6 +71,12 @@ def invalid_request(request: Request, exc: RequestValidationError) -> JSONRespon
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every HTTP error as ``{"code", "detail"}`` (api.errors), with the exception's headers."""
+    body = ErrorBody(code=code_of(exc), detail=str(exc.detail))
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -87,15 +98,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            {"detail": "the service's Redis is unreachable; retry shortly"},
-            status_code=503,
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
+        body = ErrorBody(code="unavailable", detail="the service's Redis is unreachable; retry shortly")
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
     def conflict(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        body = ErrorBody(code="unavailable", detail="the record changed too often while being updated; retry")
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(redis.RedisError, unavailable)
     app.add_exception_handler(OperationalError, unavailable)
@@ -103,4 +114,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (generate, jobs, sessions, health, metrics):
         app.include_router(module.router)
+    app.openapi = lambda: complete_openapi(app, settings)
+    if settings.cors_origins:
+        # Off by default: only the operator's listed origins may call the API from a browser page.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     return app

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list, description="JSON list; empty: no authentication")
     api_host: str = Field("127.0.0.1", description="address `lmd serve` binds")
     api_port: int = Field(8000, description="port `lmd serve` binds")
+    cors_origins: list[str] = Field(
+        default_factory=list, description='JSON list of origins whose pages may call the API (CORS), e.g. ["https://app.example"]; empty: CORS off'
+    )
+    ops_keys: list[str] = Field(
+        default_factory=list, description="JSON list of keys for /metrics and /readyz's worker details; empty: any LMD_API_KEYS key"
+    )
 
     # --- limits (enforced at the API edge with 422) -----------------------------------------
     max_prompt_chars: int = Field(2000, description="longest prompt (422 above)")

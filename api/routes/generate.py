@@ -16,7 +16,7 @@ from api.submit import replay, submit
 router = APIRouter(tags=["generate"])
 
 
-@router.post("/generate", status_code=202, response_model=Accepted)
+@router.post("/generate", status_code=202, response_model=Accepted, operation_id="generate")
 def generate(
     body: GenerateRequest,
     settings: SettingsDep,
@@ -42,7 +42,9 @@ def generate(
     else:
         seed = body.seed if body.seed is not None else secrets.randbelow(settings.max_seed + 1)
         session = SessionRecord(session_id=new_id(), owner=owner, seed=seed, created_at=now, updated_at=now)
-    text = (body.prompt or "").strip() or "; ".join(body.layout.phrases())
+    # A given layout's phrases stand in for the prompt; cut to the prompt limit so that an
+    # instruct on this session never fails the planner's check of its first turn.
+    text = (body.prompt or "").strip() or "; ".join(body.layout.phrases())[: settings.max_prompt_chars].strip()
     job = JobRecord(
         job_id=new_id(),
         session_id=session.session_id,

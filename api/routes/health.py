@@ -4,24 +4,28 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import StoreDep
+from api.deps import OperatorDep, StoreDep
 from api.schemas import Readiness, WorkerView
 from worker.celery_app import PLAN_QUEUE, RENDER_QUEUE
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", operation_id="healthz")
 def healthz() -> dict[str, str]:
     """The process answers (no dependency is checked)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness)
-def readyz(store: StoreDep) -> Readiness:
-    """Redis answers (503 otherwise); lists the workers that beat recently and queues nobody serves."""
+@router.get("/readyz", response_model=Readiness, operation_id="readyz")
+def readyz(store: StoreDep, operator: OperatorDep) -> Readiness:
+    """Redis answers (503 otherwise); how many workers beat recently per queue, and queues nobody serves.
+
+    The workers' names and pids are listed only to an operator (see ``api.deps.is_operator``).
+    """
     store.ping()
     workers = [WorkerView(**w) for w in store.workers()]
-    served = {q for w in workers for q in w.queues}
-    return Readiness(redis="ok", workers=workers,
-                     queues_without_workers=[q for q in (PLAN_QUEUE, RENDER_QUEUE) if q not in served])
+    queues = (PLAN_QUEUE, RENDER_QUEUE)
+    counts = {q: sum(q in w.queues for w in workers) for q in queues}
+    return Readiness(redis="ok", worker_counts=counts, workers=workers if operator else None,
+                     queues_without_workers=[q for q in queues if not counts[q]])

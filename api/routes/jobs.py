@@ -18,7 +18,7 @@ from api.store import job_dir
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.get("/{job_id}", response_model=JobView)
+@router.get("/{job_id}", response_model=JobView, operation_id="get_job")
 def get_job(job: JobDep) -> JobView:
     """State, stage and progress, the layout once planned, the seed, and the error of a failed job."""
     return JobView.of(job)
@@ -33,19 +33,19 @@ def _result_file(job, settings, name: str) -> FileResponse:
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/{job_id}/image", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+@router.get("/{job_id}/image", operation_id="get_image", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 def get_image(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The generated image (PNG of the requested size)."""
     return _result_file(job, settings, "image")
 
 
-@router.get("/{job_id}/overlay", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+@router.get("/{job_id}/overlay", operation_id="get_overlay", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 def get_overlay(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The image with the layout's boxes and phrases drawn on it."""
     return _result_file(job, settings, "overlay")
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobView)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobView, operation_id="cancel_job")
 def cancel(job: JobDep, store: StoreDep) -> JobView:
     """A queued job ends ``canceled`` now; a running one within one denoising step (its worker checks a flag).
 
@@ -59,7 +59,8 @@ def cancel(job: JobDep, store: StoreDep) -> JobView:
     return JobView.of(updated)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse)
+@router.get("/{job_id}/events", response_class=EventSourceResponse, operation_id="job_events",
+            responses={200: {"content": {"text/event-stream": {}}}})
 async def events(job: JobDep, request: Request, store: StoreDep, settings: SettingsDep) -> EventSourceResponse:
     """Server-sent events: ``state`` (the job view) whenever state or progress changes.
 

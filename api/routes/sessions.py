@@ -15,14 +15,14 @@ from api.submit import replay, submit
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
 
-@router.get("/{session_id}", response_model=SessionView)
+@router.get("/{session_id}", response_model=SessionView, operation_id="get_session")
 def get_session(session: SessionDep, store: StoreDep) -> SessionView:
     """Every turn: its kind, text, job, the job's state and its layout once planned."""
     jobs = store.get_jobs([t.job_id for t in session.turns])
     return SessionView.of(session, jobs)
 
 
-@router.post("/{session_id}/instruct", status_code=202, response_model=Accepted)
+@router.post("/{session_id}/instruct", status_code=202, response_model=Accepted, operation_id="instruct")
 def instruct(
     body: InstructRequest,
     session: SessionDep,
