@@ -21,10 +21,13 @@ from fastapi.openapi.utils import get_openapi
 from api.errors import ErrorBody
 from lmd.settings import Settings
 
-# JSON Schema patterns (ECMA 262 and Python's re read them alike).
-_ALLOWED_CHARS = r"[^\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]"
+# JSON Schema patterns (ECMA 262 and Python's re read them alike; \uXXXX escapes, which generators understand).
+# What layout_planner.text refuses: control characters but tab and newline (lone surrogates too,
+# which a pattern cannot name portably: a generator drops a pattern with a surrogate range).
+_REFUSED = r"\u0000-\u0008\u000b-\u001f\u007f-\u009f"
+_ALLOWED_CHARS = rf"[^{_REFUSED}]"
 TEXT_PATTERN = rf"^{_ALLOWED_CHARS}*$"
-NON_BLANK_TEXT_PATTERN = rf"^{_ALLOWED_CHARS}*[^\s\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]{_ALLOWED_CHARS}*$"
+NON_BLANK_TEXT_PATTERN = rf"^{_ALLOWED_CHARS}*[^\s{_REFUSED}]{_ALLOWED_CHARS}*$"
 ID_PATTERN = r"^[0-9a-f]{32}$"
 
 _ERRORS = {
@@ -90,30 +93,6 @@ def _nullable(prop: dict) -> dict:
 
 
 def _limit_requests(schemas: dict, s: Settings) -> None:
-    gen = schemas["GenerateRequest"]["properties"]
-    _nullable(gen["prompt"]).update(minLength=1, maxLength=s.max_prompt_chars, pattern=NON_BLANK_TEXT_PATTERN)
-    for name in ("seed",):
-        _nullable(gen[name]).update(minimum=0, maximum=s.max_seed)
-    _nullable(gen["steps"]).update(minimum=1, maximum=s.max_steps)
-    for name in ("width", "height"):
-        gen[name].update(minimum=s.min_size, maximum=s.max_size, multipleOf=8)
-    _nullable(gen["negative_prompt"]).update(pattern=TEXT_PATTERN)
-    _nullable(gen["session_id"]).update(pattern=ID_PATTERN)
-    # A request's layout: 1..LMD_MAX_OBJECTS objects (a planned layout, in answers, may have none).
-    layout = _nullable(gen["layout"])
-    gen["layout"] = {"anyOf": [{"allOf": [copy.deepcopy(layout), {"type": "object", "properties": {
-        "objects": {"type": "array", "minItems": 1, "maxItems": min(s.max_objects, _max_items(schemas))}},
-        "required": ["objects"]}]}, {"type": "null"}], "description": gen["layout"].get("description", "")}
-    schemas["GenerateRequest"]["anyOf"] = [
-        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
-        {"required": ["layout"], "properties": {"layout": {"type": "object"}}},
-    ]
-    schemas["GenerateRequest"]["description"] = "A prompt, or a layout (then the prompt may be left out), and render settings."
-
-    ins = schemas["InstructRequest"]["properties"]
-    ins["instruction"].update(minLength=1, maxLength=s.max_instruction_chars, pattern=NON_BLANK_TEXT_PATTERN)
-    _nullable(ins["seed"]).update(minimum=0, maximum=s.max_seed)
-
     obj = schemas["LayoutObject"]["properties"]
     obj["id"].update(pattern=r"^[A-Za-z0-9_.-]{1,32}$", minLength=1, maxLength=32)
     obj["phrase"].update(pattern=NON_BLANK_TEXT_PATTERN)
@@ -124,9 +103,34 @@ def _limit_requests(schemas: dict, s: Settings) -> None:
         lay[name]["pattern"] = TEXT_PATTERN
     lay["warnings"]["items"]["pattern"] = TEXT_PATTERN
 
+    gen = schemas["GenerateRequest"]["properties"]
+    _nullable(gen["prompt"]).update(minLength=1, maxLength=s.max_prompt_chars, pattern=NON_BLANK_TEXT_PATTERN)
+    for name in ("seed",):
+        _nullable(gen[name]).update(minimum=0, maximum=s.max_seed)
+    _nullable(gen["steps"]).update(minimum=1, maximum=s.max_steps)
+    for name in ("width", "height"):
+        gen[name].update(minimum=s.min_size, maximum=s.max_size, multipleOf=8)
+    _nullable(gen["negative_prompt"]).update(pattern=TEXT_PATTERN)
+    _nullable(gen["session_id"]).update(pattern=ID_PATTERN)
+    # A request's layout: 1..LMD_MAX_OBJECTS objects (a planned layout, in answers, may have none).
+    request_layout = copy.deepcopy(schemas["Layout"])
+    request_layout["properties"]["objects"].update(minItems=1, maxItems=s.max_objects)
+    request_layout["required"] = sorted({*request_layout.get("required", []), "objects"})
+    request_layout["title"] = "LayoutRequest"
+    schemas["LayoutRequest"] = request_layout
+    gen["layout"]["anyOf"] = [{"$ref": "#/components/schemas/LayoutRequest"}, {"type": "null"}]
+    # "prompt is required unless a layout is given", each branch repeating its property in full
+    # (generators merge the branch with the properties, and a bare {"type": "string"} loses the pattern).
+    schemas["GenerateRequest"]["anyOf"] = [
+        {"required": ["prompt"], "properties": {"prompt": copy.deepcopy(_nullable(gen["prompt"]))}},
+        {"required": ["layout"], "properties": {"layout": {"$ref": "#/components/schemas/LayoutRequest"}}},
+    ]
+    schemas["GenerateRequest"]["description"] = "A prompt, or a layout (then the prompt may be left out), and render settings."
 
-def _max_items(schemas: dict) -> int:
-    return schemas["Layout"]["properties"]["objects"].get("maxItems", 10**6)
+    ins = schemas["InstructRequest"]["properties"]
+    ins["instruction"].update(minLength=1, maxLength=s.max_instruction_chars, pattern=NON_BLANK_TEXT_PATTERN)
+    _nullable(ins["seed"]).update(minimum=0, maximum=s.max_seed)
+
 
 
 def _complete_operation(operation: dict, path: str) -> None:
@@ -143,7 +147,7 @@ def _complete_operation(operation: dict, path: str) -> None:
             param["schema"].update(pattern=ID_PATTERN)
             param["description"] = f"the {param['name'].split('_')[0]}'s id: 32 lowercase hex digits"
         if param["in"] == "header" and param["name"].lower() == "idempotency-key":
-            _nullable(param["schema"]).update(minLength=1, maxLength=200, pattern=r"^[\x21-\x7e]+$")
+            _nullable(param["schema"]).update(minLength=1, maxLength=200, pattern=r"^[!-~]+$")
     if op_id in ("generate", "instruct"):
         responses["202"]["links"] = {
             name: {"operationId": target, "parameters": {param: f"$response.body#/{param}"}, "description": text}
