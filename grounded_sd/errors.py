@@ -20,3 +20,8 @@ class GenerationCanceled(GroundedSDError):
 class NonFiniteLatents(GroundedSDError):
     """A pass ended with NaN or infinite latents (fp16 overflow in some models, or broken
     weights); raised instead of decoding a black image. The message names the pass and dtype."""
+
+
+class ConnectorError(GroundedSDError, ValueError):
+    """A text connector or its training cannot be set up (unknown or unsuitable model, bad
+    data, a size the model cannot take); raised before any weights load where possible."""
