@@ -271,5 +271,16 @@ def check_setup(config: TrainConfig) -> Setup:
         if config.connector.kind == "ella" and kind != "t5":
             raise ConnectorError(f"an ella connector reads a T5 encoder; {spec.model!r} is a decoder-only LLM (use kind lidit)")
         in_dims.append(hidden)
+    refiner = config.connector.refiner
+    if config.connector.kind == "lidit":
+        for spec, hidden in zip(config.connector.encoders, in_dims):
+            width = refiner.width or hidden
+            heads = refiner.heads or max(1, width // 64)
+            if width % heads:
+                raise ConnectorError(f"connector.refiner: width {width} ({spec.model}) is not divisible by {heads} heads")
+    elif base.cross_attention_dim % config.connector.ella.heads:
+        raise ConnectorError(
+            f"connector.ella: the UNet's cross-attention width {base.cross_attention_dim} is not divisible by {config.connector.ella.heads} heads"
+        )
     examples = list_examples(config.data.path)
     return Setup(config, base, in_dims, examples)
