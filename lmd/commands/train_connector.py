@@ -9,6 +9,7 @@ is checked before any weights load. Multi-GPU or multi-process: run the same com
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from lmd.cli import CLIError
@@ -117,10 +118,12 @@ def run_train_connector(args: argparse.Namespace) -> int:
         setup = check_setup(config)
     except ConnectorError as exc:
         raise CLIError(str(exc)) from None
-    print(
-        f"config ok: {setup.base.source} ({'SDXL' if setup.base.sdxl else 'SD'}, {setup.resolution}px), "
-        f"{config.connector.kind} connector over {', '.join(e.model for e in config.connector.encoders)}, {len(setup.examples)} images"
-    )
+    main_process = os.environ.get("RANK", "0") == "0"  # under accelerate launch, one process speaks
+    if main_process:
+        print(
+            f"config ok: {setup.base.source} ({'SDXL' if setup.base.sdxl else 'SD'}, {setup.resolution}px), "
+            f"{config.connector.kind} connector over {', '.join(e.model for e in config.connector.encoders)}, {len(setup.examples)} images"
+        )
     if args.check:
         return 0
     from lmd.training.trainer import train
@@ -129,5 +132,6 @@ def run_train_connector(args: argparse.Namespace) -> int:
         result = train(setup, resume=args.resume, progress=not args.quiet)
     except ConnectorError as exc:
         raise CLIError(str(exc)) from None
-    print(f"done: step {result.step}, connector in {result.export}")
+    if main_process:
+        print(f"done: step {result.step}, connector in {result.export}")
     return 0

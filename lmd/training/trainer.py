@@ -98,7 +98,9 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     config, base = setup.config, setup.base
     train_cfg = config.training
     out = config.output_dir
-    accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision)
+    # With no accelerator device, processes started by `accelerate launch --multi_gpu` (torchrun
+    # underneath) join as CPU processes over gloo; accelerate's own --cpu launcher needs MPI.
+    accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=not _has_accelerator())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[train_cfg.mixed_precision]
@@ -328,3 +330,7 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     accelerator.end_training()
     return TrainResult(step, export, losses)
 
+
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()

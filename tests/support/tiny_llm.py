@@ -1,9 +1,8 @@
-"""Tiny random language models saved like real ones: a decoder-only LLM (Qwen2 or Llama
-config) and a T5 encoder, each with a byte-level BPE tokenizer (``tokenizer.json``, a fast
-tokenizer with character offsets) trained here on a few words.
-
-``build_tiny_llm(path, arch="qwen2")`` / ``build_tiny_t5(path)`` write a directory that
-``AutoConfig``/``AutoModel``/``AutoTokenizer.from_pretrained`` load offline.
+"""Tiny random decoder-only LLMs saved like real ones (Qwen2 or Llama config), with a
+byte-level BPE tokenizer (``tokenizer.json``: a fast tokenizer with character offsets, as
+Qwen's and Llama's are) trained here on a few words. ``build_tiny_llm(path)`` writes a
+directory that ``AutoConfig``/``AutoModel``/``AutoTokenizer.from_pretrained`` load offline.
+(A tiny T5: ``grounded_sd.conditioning.random_encoders.build_random_t5``.)
 """
 
 from __future__ import annotations
@@ -60,22 +59,6 @@ def build_tiny_llm(path: Path | str, arch: str = "qwen2", hidden: int = 32, laye
     return path
 
 
-def build_tiny_t5(path: Path | str, d_model: int = 24, seed: int = 0) -> Path:
-    """A T5 encoder-decoder config with random weights (``T5EncoderModel`` reads its encoder)."""
-    from transformers import T5Config, T5EncoderModel
-
-    path = Path(path)
-    torch.manual_seed(seed)
-    tokenizer = _tokenizer({"eos_token": "</s>", "pad_token": "<pad>"}, "$A </s>")
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=3,
-        decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    T5EncoderModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_llm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llm(tmp_path_factory.mktemp("tiny_qwen2"))
@@ -84,8 +67,3 @@ def tiny_llm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llm(tmp_path_factory.mktemp("tiny_llama"), arch="llama", hidden=24, layers=3)
-
-
-@pytest.fixture(scope="session")
-def tiny_t5_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5"))
