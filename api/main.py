@@ -23,9 +23,10 @@ from api.errors import ErrorBody, code_of
 from api.openapi import complete_openapi
 
 from api.routes import generate, health, jobs, metrics, sessions
-from api.store import Store, StoreConflict, connect
-from lmd.settings import Settings, get_settings
-from worker.celery_app import create_celery
+from jobs.queue import create_celery
+from jobs.store import Store, StoreConflict
+from lmd.settings import Settings
+from lmd.wiring import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or load_settings(cached=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_size=MAX_BODY_BYTES,
     )
     app.state.settings = settings
-    app.state.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+    app.state.store = Store.from_settings(settings)
     app.state.celery = create_celery(settings)
 
     def unavailable(request: Request, exc: Exception) -> JSONResponse:

@@ -18,14 +18,17 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from api.store import ErrorCode, JobRecord, Progress, Store, connect, job_dir, this_worker
-from lmd.settings import Settings, get_settings
-from worker.celery_app import redelivery_after_s
+from jobs.files import drop_old_job_dirs, job_dir
+from jobs.queue import redelivery_after_s
+from jobs.records import ErrorCode, JobRecord, Progress
+from jobs.store import Store, this_worker
+from jobs.transitions import delivery_limit
+from lmd import wiring
+from lmd.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+        self.store = Store.from_settings(settings)
         self.worker = this_worker()
         self._planner = None
         self._pipeline = None
@@ -95,17 +98,13 @@ class WorkerRuntime:
 
     @property
     def max_deliveries(self) -> int:
-        return 1 + self.settings.max_redeliveries
+        return delivery_limit(self.settings.max_redeliveries)
 
     # --- the parts, loaded once per process --------------------------------------------------
     def planner(self):
         if self._planner is None:
-            from layout_planner import Planner
-            from lmd.commands.plan import llm_config_from_settings
-
             cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
-            self._planner = Planner(llm_config_from_settings(self.settings), cache,
-                                    max_objects=min(self.settings.max_objects, 30))
+            self._planner = wiring.planner(self.settings, cache=cache, max_objects=min(self.settings.max_objects, 30))
         return self._planner
 
     def preload_pipeline(self) -> None:
@@ -122,23 +121,10 @@ class WorkerRuntime:
 
     def _load_pipeline(self):
         if self._pipeline is None:
-            import torch
-
-            from grounded_sd import LMDPipeline
-
-            if self.settings.torch_threads or not torch.cuda.is_available():
-                torch.set_num_threads(self.settings.torch_threads or 1)
             s = self.settings
             log.info("loading %s on device=%s dtype=%s (pid %d)", s.sd_model, s.device, s.dtype, os.getpid())
             started = time.monotonic()
-            pipeline = LMDPipeline.from_pretrained(
-                s.sd_model,
-                device=s.device,
-                dtype=s.dtype,
-                scheduler=s.scheduler,
-                sam_checkpoint=str(s.sam_checkpoint) if s.sam_checkpoint else None,
-                sam_model_type=s.sam_model_type,
-            )
+            pipeline = wiring.load_pipeline(s, cpu_threads=1)  # one thread per render process on a CPU host
             log.info("pipeline loaded in %.1f s (pid %d)", time.monotonic() - started, os.getpid())
             self._pipeline = pipeline
         return self._pipeline
@@ -161,10 +147,7 @@ class WorkerRuntime:
                 return "lost"
             if self._cancel_requested(job_id):
                 return self._end(job_id, "canceled", "canceled", "canceled after planning, before rendering")
-            handed = self.store.held_update(job_id, self.worker, {
-                "state": "rendering", "layout": layout, "worker": None, "heartbeat_at": None,
-                "deliveries": 0, "progress": Progress(stage="waiting"),
-            })
+            handed = self.store.hand_to_render(job_id, self.worker, layout)
         return "planned" if handed else "lost"
 
     def _plan(self, job: JobRecord):
@@ -256,11 +239,7 @@ class WorkerRuntime:
 
 def render_options(job: JobRecord, settings: Settings):
     """Stage 2's options for a job: its preset, its steps and guidance, and the worker's LMD_MAX_BATCH."""
-    from grounded_sd import LMDOptions
-
-    overrides = {k: v for k, v in (("steps", job.steps), ("guidance_scale", job.guidance_scale),
-                                   ("max_batch", settings.max_batch)) if v is not None}
-    return getattr(LMDOptions, job.preset)(**overrides)
+    return wiring.render_options(settings, job.preset, steps=job.steps, guidance_scale=job.guidance_scale)
 
 
 # What torch's CPU allocator raises (a plain RuntimeError, not torch.OutOfMemoryError) when malloc fails.
@@ -268,7 +247,7 @@ CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
 
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
-    """A typed failure's code and a plain message a client can act on (SERVICE.md "Job lifecycle").
+    """A typed failure's code and a plain message a client can act on (docs/service.md "Job lifecycle").
 
     The message never carries the exception's own text where that names internals (the LLM
     endpoint's URL and model, a model path, a traceback): clients get the code and a plain
@@ -316,7 +295,7 @@ def current() -> WorkerRuntime:
     pid = os.getpid()
     if pid not in _runtimes:
         _runtimes.clear()
-        _runtimes[pid] = WorkerRuntime(get_settings())
+        _runtimes[pid] = WorkerRuntime(wiring.load_settings(cached=True))
     return _runtimes[pid]
 
 
@@ -328,7 +307,7 @@ class Maintenance:
 
     def __init__(self, settings: Settings, name: str, queues: list[str], requeue: Callable[[str, str], None]):
         self.settings, self.name, self.queues, self.requeue = settings, name, queues, requeue
-        self.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+        self.store = Store.from_settings(settings)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmd-maintenance", daemon=True)
 
@@ -346,7 +325,7 @@ class Maintenance:
 
     def sweep(self) -> list[tuple[str, str]]:
         """One pass of the reaper; returns the jobs it re-enqueued."""
-        lost = self.store.reap_lost(self.settings.worker_lost_after_s, 1 + self.settings.max_redeliveries,
+        lost = self.store.reap_lost(self.settings.worker_lost_after_s, delivery_limit(self.settings.max_redeliveries),
                                     unheld_after_s=redelivery_after_s(self.settings))
         for job_id, stage in lost:
             log.warning("job %s lost its worker or its message (%s); re-enqueued", job_id, stage)
@@ -354,19 +333,7 @@ class Maintenance:
         return lost
 
     def drop_old_results(self) -> int:
-        root = Path(self.settings.data_dir) / "jobs"
-        if not root.is_dir():
-            return 0
-        cutoff = time.time() - self.settings.retention_s
-        dropped = 0
-        for path in root.iterdir():
-            try:
-                if path.is_dir() and path.stat().st_mtime < cutoff:
-                    shutil.rmtree(path)
-                    dropped += 1
-            except OSError as exc:
-                log.warning("could not drop %s: %s", path, exc)
-        return dropped
+        return drop_old_job_dirs(self.settings.data_dir, self.settings.retention_s)
 
     def _run(self) -> None:
         next_sweep = 0.0

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import OperatorDep, StoreDep
 from api.schemas import Readiness, WorkerView
-from worker.celery_app import PLAN_QUEUE, RENDER_QUEUE
+from jobs.queue import QUEUES
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +25,7 @@ def readyz(store: StoreDep, operator: OperatorDep) -> Readiness:
     """
     store.ping()
     workers = [WorkerView(**w) for w in store.workers()]
-    queues = (PLAN_QUEUE, RENDER_QUEUE)
+    queues = QUEUES
     counts = {q: sum(q in w.queues for w in workers) for q in queues}
     return Readiness(redis="ok", worker_counts=counts, workers=workers if operator else None,
                      queues_without_workers=[q for q in queues if not counts[q]])

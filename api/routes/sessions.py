@@ -1,4 +1,4 @@
-"""Sessions: the turns of a multi-turn edit (METHOD.md §1.7), and POST /sessions/{id}/instruct."""
+"""Sessions: the turns of a multi-turn edit (docs/method.md, multi-turn revision), and POST /sessions/{id}/instruct."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.deps import CeleryDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import Accepted, InstructRequest, SessionView, limit_errors
-from api.store import JobRecord, new_id, utcnow
+from jobs.records import JobRecord, new_id, utcnow
 from api.submit import replay, submit
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
