@@ -78,11 +78,37 @@ def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+def store_is_full(exc: Exception) -> bool:
+    """Redis refused a write because it reached ``maxmemory`` (with ``noeviction``, as compose runs it)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc)
+
+
+def warn_without_persistence(store: Store) -> str | None:
+    """Log (and return) a warning when Redis would lose the records on a restart (docs/service.md)."""
+    try:
+        mode = store.persistence()
+    except redis.RedisError as exc:
+        log.warning("could not ask Redis whether it persists its data: %s", exc)
+        return None
+    if mode == "aof":
+        return None
+    warning = {
+        "none": "Redis runs without persistence: a restart loses every job, session and queued message "
+                "(in-flight jobs become 404); start it with --appendonly yes",
+        "rdb": "Redis keeps only RDB snapshots: a restart loses the jobs written since the last one; "
+               "start it with --appendonly yes",
+        "unknown": "could not tell whether Redis persists its data (CONFIG refused); make sure AOF is on",
+    }[mode]
+    log.warning(warning)
+    return warning
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings(cached=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        warn_without_persistence(app.state.store)
         yield
         app.state.store.redis.close()
 
@@ -107,6 +133,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = ErrorBody(code="unavailable", detail="the record changed too often while being updated; retry")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
+    def store_error(request: Request, exc: redis.ResponseError) -> JSONResponse:
+        if not store_is_full(exc):
+            return unavailable(request, exc)
+        log.error("%s %s: Redis is full (maxmemory reached): %s", request.method, request.url.path, exc)
+        body = ErrorBody(code="store_full", detail="the service's store is full; retry later")
+        return JSONResponse(body.model_dump(), status_code=507, headers={"Retry-After": str(settings.retry_after_s)})
+
+    app.add_exception_handler(redis.ResponseError, store_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(redis.RedisError, unavailable)

@@ -103,14 +103,17 @@ class TurnView(BaseModel):
 class SessionView(BaseModel):
     session_id: str
     seed: int
-    turns: list[TurnView]
+    total_turns: int
+    turns: list[TurnView] = Field(description="the page of turns asked for (offset, limit)")
+    next_offset: int | None = Field(description="offset of the next page; null when this page is the last")
     created_at: datetime
     updated_at: datetime
 
     @classmethod
-    def of(cls, session: SessionRecord, jobs: dict[str, JobRecord]) -> "SessionView":
+    def of(cls, session: SessionRecord, jobs: dict[str, JobRecord], offset: int = 0, limit: int = 50) -> "SessionView":
         turns = []
-        for t in session.turns:
+        page = session.turns[offset: offset + limit]
+        for t in page:
             job = jobs.get(t.job_id)
             turns.append(
                 TurnView(
@@ -122,7 +125,9 @@ class SessionView(BaseModel):
                     state=job.state if job else None,
                 )
             )
-        return cls(session_id=session.session_id, seed=session.seed, turns=turns,
+        more = offset + limit < len(session.turns)
+        return cls(session_id=session.session_id, seed=session.seed, total_turns=len(session.turns), turns=turns,
+                   next_offset=offset + limit if more else None,
                    created_at=session.created_at, updated_at=session.updated_at)
 
 
@@ -135,6 +140,9 @@ class WorkerView(BaseModel):
 
 class Readiness(BaseModel):
     redis: Literal["ok"]
+    persistence: Literal["aof", "rdb", "none", "unknown"] = Field(
+        description="how Redis keeps the records over a restart; anything but aof loses jobs (docs/service.md)"
+    )
     worker_counts: dict[str, int] = Field(description="workers that beat recently, per queue")
     workers: list[WorkerView] | None = Field(description="their names and pids; null unless the caller is an operator")
     queues_without_workers: list[str]

@@ -20,7 +20,7 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from layout_planner.errors import LLMUnavailable
+from layout_planner.errors import LLMUnavailable, PlanCanceled
 from layout_planner.template import COMPLETION_STOP, LAYOUT_JSON_SCHEMA, completion_prompt
 
 
@@ -43,6 +43,9 @@ class LLMConfig(BaseModel):
     max_backoff_s: float = Field(30.0, ge=0, description="cap of one exponential backoff wait")
     max_retry_after_s: float = Field(60.0, ge=0, description="cap on a server's Retry-After")
     max_prompt_chars: int = Field(2000, ge=1)
+    deadline_s: float | None = Field(
+        None, gt=0, description="bound on one plan/revise call, all attempts, waits and re-asks together; None: none"
+    )
 
 
 @dataclass
@@ -143,9 +146,25 @@ class LLMClient:
             return min(asked, self.config.max_retry_after_s)
         return self._backoff(retry_state)
 
-    def complete(self, messages: list[dict[str, str]]) -> Completion:
-        """Ask once (with transport retries); raise ``LLMUnavailable`` naming the last cause."""
+    def complete(self, messages: list[dict[str, str]], deadline: float | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Completion:
+        """Ask once (with transport retries); raise ``LLMUnavailable`` naming the last cause.
+
+        ``deadline`` (``time.monotonic()`` value) bounds the whole call: each request's timeout
+        and each wait are cut to what is left, and no attempt starts after it. ``should_stop`` is
+        asked before each attempt and during waits; True raises ``PlanCanceled``.
+        """
         record = CallRecord()
+
+        def left_s() -> float:
+            return float("inf") if deadline is None else deadline - time.monotonic()
+
+        def sleep(seconds: float) -> None:  # a wait that a stop request or the deadline cuts short
+            end = time.monotonic() + min(seconds, max(0.0, left_s()))
+            while (remaining := end - time.monotonic()) > 0:
+                if should_stop is not None and should_stop():
+                    return
+                time.sleep(min(remaining, 0.25))
 
         def note_wait(state: RetryCallState) -> None:
             wait = state.next_action.sleep if state.next_action else 0.0
@@ -164,12 +183,19 @@ class LLMClient:
             wait=self.wait_s,
             retry=retry_if_exception(_is_transient),
             before_sleep=note_wait,
+            sleep=sleep,
             reraise=True,
         )
 
         def attempt() -> Completion:
+            if should_stop is not None and should_stop():
+                raise PlanCanceled("stopped on request between LLM requests")
+            if left_s() <= 0:
+                raise LLMUnavailable(f"LLM endpoint {self.config.base_url} (model {self.config.model}): the planning "
+                                     f"deadline of {self.config.deadline_s:g} s passed after {record.attempts} "
+                                     "attempt(s)", attempts=record.attempts)
             record.attempts += 1
-            return self._request(messages, record)
+            return self._request(messages, record, timeout=min(self.config.timeout_s, left_s()))
 
         try:
             return retrying(attempt)
@@ -204,13 +230,13 @@ class LLMClient:
             return f"LLM endpoint {where} refused the request with HTTP {exc.status_code}: {detail}{hint}"
         return f"LLM endpoint {where} sent a malformed response {tries}: {exc}"
 
-    def _request(self, messages: list[dict[str, str]], record: CallRecord) -> Completion:
+    def _request(self, messages: list[dict[str, str]], record: CallRecord, timeout: float) -> Completion:
         try:
-            return self._send(messages, record)
+            return self._send(messages, record, timeout)
         except json.JSONDecodeError as exc:  # a 200 whose body is not JSON
             raise _MalformedResponse(f"the body is not JSON ({exc.msg})") from exc
 
-    def _send(self, messages: list[dict[str, str]], record: CallRecord) -> Completion:
+    def _send(self, messages: list[dict[str, str]], record: CallRecord, timeout: float) -> Completion:
         cfg = self.config
         if cfg.mode == "completions":
             response = self._openai.completions.create(
@@ -219,10 +245,11 @@ class LLMClient:
                 temperature=cfg.temperature,
                 max_tokens=cfg.max_tokens,
                 stop=COMPLETION_STOP,
+                timeout=timeout,
             )
             choice = self._first_choice(response)
             return Completion(text=getattr(choice, "text", None) or "", finish_reason=choice.finish_reason, record=record)
-        kwargs: dict = {"model": cfg.model, "messages": messages, self._token_param: cfg.max_tokens}
+        kwargs: dict = {"model": cfg.model, "messages": messages, self._token_param: cfg.max_tokens, "timeout": timeout}
         if self._send_temperature:
             kwargs["temperature"] = cfg.temperature
         if self._structured_ok is not False:

@@ -30,3 +30,7 @@ class LLMBadOutput(PlannerError):
 
 class LayoutParseError(LLMBadOutput):
     """One answer is not a layout; the message says why (it is sent back to the LLM on a re-ask)."""
+
+
+class PlanCanceled(PlannerError):
+    """The caller asked to stop (``should_stop``) between two LLM requests."""

@@ -9,6 +9,7 @@ the objects that stayed (§1.7).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,22 +86,28 @@ class Planner:
 
     # --- public ----------------------------------------------------------------------------
 
-    def plan(self, prompt: str, sample_index: int = 0) -> Layout:
-        """The layout for ``prompt``. ``sample_index`` tells repeated samples apart in the cache."""
-        return self.plan_with_report(prompt, sample_index)[0]
+    def plan(self, prompt: str, sample_index: int = 0, should_stop: Callable[[], bool] | None = None) -> Layout:
+        """The layout for ``prompt``. ``sample_index`` tells repeated samples apart in the cache.
 
-    def revise(self, turns: list[Turn], instruction: str) -> Layout:
+        ``should_stop`` is asked between LLM requests (and during waits); True ends the call with
+        ``PlanCanceled``. ``LLMConfig.deadline_s`` bounds the whole call.
+        """
+        return self.plan_with_report(prompt, sample_index, should_stop)[0]
+
+    def revise(self, turns: list[Turn], instruction: str, should_stop: Callable[[], bool] | None = None) -> Layout:
         """The layout after ``instruction``; ``turns[0]`` is the first caption and its layout."""
-        return self.revise_with_report(turns, instruction)[0]
+        return self.revise_with_report(turns, instruction, should_stop)[0]
 
-    def plan_with_report(self, prompt: str, sample_index: int = 0) -> tuple[Layout, PlanReport]:
+    def plan_with_report(self, prompt: str, sample_index: int = 0,
+                         should_stop: Callable[[], bool] | None = None) -> tuple[Layout, PlanReport]:
         prompt = validate_text(prompt, "prompt", self.config.max_prompt_chars)
         if sample_index < 0:
             raise InvalidPrompt(f"sample_index must be >= 0, got {sample_index}")
         messages = chat_messages(self.template, [], CAPTION_PREFIX + prompt)
-        return self._ask(messages, self._key(prompt, sample_index), previous=None)
+        return self._ask(messages, self._key(prompt, sample_index), previous=None, should_stop=should_stop)
 
-    def revise_with_report(self, turns: list[Turn], instruction: str) -> tuple[Layout, PlanReport]:
+    def revise_with_report(self, turns: list[Turn], instruction: str,
+                           should_stop: Callable[[], bool] | None = None) -> tuple[Layout, PlanReport]:
         if not turns:
             raise InvalidPrompt("a revision needs the conversation so far: at least the first prompt and its layout")
         instruction = validate_text(instruction, "instruction", self.config.max_prompt_chars)
@@ -110,7 +117,8 @@ class Planner:
             text = validate_text(turn.text, "instruction", self.config.max_prompt_chars)
             exchanges.append((INSTRUCTION_PREFIX + text, turn.layout.to_llm_json()))
         messages = chat_messages(self.template, exchanges, INSTRUCTION_PREFIX + instruction)
-        return self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout, instruction=instruction)
+        return self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout, instruction=instruction,
+                         should_stop=should_stop)
 
     def close(self) -> None:
         self.client.close()
@@ -130,7 +138,8 @@ class Planner:
             raise LayoutParseError(f"the layout is invalid: {exc.errors()[0]['msg']}") from None
 
     def _ask(
-        self, messages: list[dict[str, str]], key: str, previous: Layout | None, instruction: str | None = None
+        self, messages: list[dict[str, str]], key: str, previous: Layout | None, instruction: str | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> tuple[Layout, PlanReport]:
         """Ask until an answer is a whole layout, at most ``max_reasks`` times (§1.5).
 
@@ -152,12 +161,13 @@ class Planner:
                 else:
                     report.cached = True
                     return self._keep_left_out(layout, previous, instruction), report
+        deadline = None if self.config.deadline_s is None else time.monotonic() + self.config.deadline_s
         conversation = list(messages)
         text = ""
         partial_reasked = False
         for _ in range(self.config.max_reasks):
             report.asks += 1
-            completion = self.client.complete(conversation)
+            completion = self.client.complete(conversation, deadline=deadline, should_stop=should_stop)
             report.attempts += completion.record.attempts
             report.waits.extend(completion.record.waits)
             report.structured = completion.record.structured

@@ -136,9 +136,11 @@ class WorkerRuntime:
         if job is None:
             return "skipped"
         with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
-            try:
-                layout = self._plan(job)
+            try:  # a cancel (or the job being reaped) stops the planner between LLM requests
+                layout = self._plan(job, lambda: heartbeat.lost or self._cancel_requested(job_id))
             except Exception as exc:  # every failure ends the job with a code; nothing escapes to Celery
+                if heartbeat.lost:
+                    return "lost"
                 return self._fail(job_id, exc, stage="plan")
             if layout is None:
                 return self._end(job_id, "failed", "no_layout", "the session has no succeeded turn to revise; "
@@ -150,16 +152,16 @@ class WorkerRuntime:
             handed = self.store.hand_to_render(job_id, self.worker, layout)
         return "planned" if handed else "lost"
 
-    def _plan(self, job: JobRecord):
+    def _plan(self, job: JobRecord, should_stop: Callable[[], bool]):
         from layout_planner import Turn
 
         planner = self.planner()
         if job.kind == "generate":
-            return planner.plan(job.prompt)
+            return planner.plan(job.prompt, should_stop=should_stop)
         history = [Turn(text=text, layout=layout) for text, layout in self.store.conversation(job.session_id, job.turn)]
         if not history:
             return None
-        return planner.revise(history, job.prompt)
+        return planner.revise(history, job.prompt, should_stop=should_stop)
 
     # --- stage 2 -----------------------------------------------------------------------------------
     def run_render(self, job_id: str) -> str:
@@ -253,8 +255,10 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     endpoint's URL and model, a model path, a traceback): clients get the code and a plain
     sentence, and ``WorkerRuntime._fail`` writes the exception to the worker's log.
     """
-    from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
+    from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlanCanceled, PlannerError
 
+    if isinstance(exc, PlanCanceled):
+        return "canceled", "canceled while planning"
     if isinstance(exc, InvalidPrompt):
         return "invalid_prompt", str(exc)
     if isinstance(exc, LLMUnavailable):

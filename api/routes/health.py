@@ -27,5 +27,5 @@ def readyz(store: StoreDep, operator: OperatorDep) -> Readiness:
     workers = [WorkerView(**w) for w in store.workers()]
     queues = QUEUES
     counts = {q: sum(q in w.queues for w in workers) for q in queues}
-    return Readiness(redis="ok", worker_counts=counts, workers=workers if operator else None,
+    return Readiness(redis="ok", persistence=store.persistence(), worker_counts=counts, workers=workers if operator else None,
                      queues_without_workers=[q for q in queues if not counts[q]])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import redis
 from fastapi import APIRouter, HTTPException, Request
@@ -11,9 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import JobDep, SettingsDep, StoreDep
+from api.deps import JobDep, OwnerDep, SettingsDep, StoreDep
+from api.errors import ApiError
 from api.schemas import JobView
 from jobs.files import result_file
+from jobs.records import new_id
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -59,36 +62,57 @@ def cancel(job: JobDep, store: StoreDep) -> JobView:
     return JobView.of(updated)
 
 
+STREAM_LEASE_S = 60.0
+
+
 @router.get("/{job_id}/events", response_class=EventSourceResponse, operation_id="job_events",
             responses={200: {"content": {"text/event-stream": {}}}})
-async def events(job: JobDep, request: Request, store: StoreDep, settings: SettingsDep) -> EventSourceResponse:
+async def events(job: JobDep, request: Request, store: StoreDep, settings: SettingsDep,
+                 owner: OwnerDep) -> EventSourceResponse:
     """Server-sent events: ``state`` (the job view) whenever state or progress changes.
 
     When the job has ended, the last ``state`` (the terminal one) is followed by ``end``
     (``{job_id, state}``) and the stream closes; clients should stop listening on ``end``.
+    One API key may hold ``LMD_MAX_STREAMS_PER_KEY`` streams open at once (429 beyond).
     """
+    stream_id = new_id()
+    opened = await run_in_threadpool(store.open_stream, owner, stream_id, settings.max_streams_per_key, STREAM_LEASE_S)
+    if not opened:
+        raise ApiError(429, "too_many_streams", f"this key already has {settings.max_streams_per_key} event streams "
+                       "open (LMD_MAX_STREAMS_PER_KEY); close one or poll GET /jobs/{id}",
+                       {"Retry-After": str(settings.retry_after_s)})
 
     async def stream():
         last = None
         job_id = job.job_id
-        while not await request.is_disconnected():
+        renewed = time.monotonic()
+        try:
+            while not await request.is_disconnected():
+                try:
+                    current = await run_in_threadpool(store.get_job, job_id)
+                    if time.monotonic() - renewed > STREAM_LEASE_S / 3:
+                        await run_in_threadpool(store.renew_stream, owner, stream_id, STREAM_LEASE_S)
+                        renewed = time.monotonic()
+                except redis.RedisError:
+                    yield ServerSentEvent(data='{"detail": "Redis is unreachable; reconnect later"}', event="unavailable",
+                                          retry=settings.retry_after_s * 1000)
+                    return
+                if current is None:
+                    yield ServerSentEvent(data='{"detail": "the job expired"}', event="gone")
+                    return
+                seen = (current.state, current.progress, current.cancel_requested)
+                if seen != last:
+                    last = seen
+                    yield ServerSentEvent(data=JobView.of(current).model_dump_json(), event="state")
+                if current.terminal:
+                    # An explicit last event: a browser's EventSource reconnects when a stream just closes.
+                    yield ServerSentEvent(data=json.dumps({"job_id": job_id, "state": current.state}), event="end")
+                    return
+                await asyncio.sleep(settings.events_poll_s)
+        finally:
             try:
-                current = await run_in_threadpool(store.get_job, job_id)
+                store.close_stream(owner, stream_id)
             except redis.RedisError:
-                yield ServerSentEvent(data='{"detail": "Redis is unreachable; reconnect later"}', event="unavailable",
-                                      retry=settings.retry_after_s * 1000)
-                return
-            if current is None:
-                yield ServerSentEvent(data='{"detail": "the job expired"}', event="gone")
-                return
-            seen = (current.state, current.progress, current.cancel_requested)
-            if seen != last:
-                last = seen
-                yield ServerSentEvent(data=JobView.of(current).model_dump_json(), event="state")
-            if current.terminal:
-                # An explicit last event: a browser's EventSource reconnects when a stream just closes.
-                yield ServerSentEvent(data=json.dumps({"job_id": job_id, "state": current.state}), event="end")
-                return
-            await asyncio.sleep(settings.events_poll_s)
+                pass  # its lease runs out instead
 
     return EventSourceResponse(stream(), ping=15)
