@@ -20,3 +20,7 @@ class GenerationCanceled(GroundedSDError):
 class NonFiniteLatents(GroundedSDError):
     """A pass ended with NaN or infinite latents (fp16 overflow in some models, or broken
     weights); raised instead of decoding a black image. The message names the pass and dtype."""
+
+
+class NoImageParameters(GroundedSDError):
+    """A PNG carries no (or unreadable) generation parameters: not written by this project, or stripped."""

@@ -29,6 +29,7 @@ from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayou
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, guidance_step_size, guide_latents, object_energy, transfer_loss
 from grounded_sd.masks import load_sam_predictor, object_mask
 from grounded_sd.options import LMDOptions
+from grounded_sd.previews import PreviewFn, composed_preview, per_box_preview, preview_interval, scene_preview
 from grounded_sd.prompts import (
     group_phrases,
     join_negative,
@@ -111,6 +112,8 @@ class _Run:
     stages: list[StageReport] = field(default_factory=list)
     seed: int = 0
     init_sigma: float = 1.0  # the scheduler's initial noise scale at ``options.steps`` steps
+    preview: PreviewFn | None = None
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # per-box previews
 
     def check_cancel(self) -> None:
         if self.should_cancel():
@@ -134,6 +137,7 @@ class LMDPipeline:
         self.scheduler = scheduler
         self.sam_predictor = sam_predictor
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.model_name = ""  # the hub id or directory it was loaded from (``from_pretrained`` sets it)
 
     @property
     def device(self) -> torch.device:
@@ -184,7 +188,9 @@ class LMDPipeline:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the diffusion model {source!r}: {exc}".splitlines()[0]) from exc
         predictor = load_sam_predictor(sam_checkpoint, sam_model_type, str(torch_device)) if sam_checkpoint else None
-        return cls(unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, noise_scheduler, predictor)
+        pipeline = cls(unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, noise_scheduler, predictor)
+        pipeline.model_name = str(model)
+        return pipeline
 
     # ------------------------------------------------------------------------------------------
     def __call__(
@@ -199,7 +205,11 @@ class LMDPipeline:
         negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        preview: PreviewFn | None = None,
     ) -> GenerationResult:
+        """Render ``layout``. ``progress(stage, step, total)`` is called after every step;
+        ``preview(stage, step, total, image)``, when given, every few steps with a cheap
+        latent-to-RGB picture (``grounded_sd.previews``); nothing is computed for it otherwise."""
         started = time.perf_counter()
         options = options or LMDOptions.reference()
 
@@ -220,6 +230,7 @@ class LMDPipeline:
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            model=self.model_name, scheduler=type(self.scheduler).__name__,
             options=options.model_dump(mode="json"),
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )
@@ -235,6 +246,7 @@ class LMDPipeline:
                 options=options, latent_hw=latent_hw, layers=layers, recorder=recorder, counter=UNetCounter(self.unet),
                 progress=progress or (lambda stage, step, total: None), should_cancel=should_cancel or (lambda: False),
                 seed=seed, init_sigma=float(self._scheduler(options.steps).init_noise_sigma),
+                preview=preview, boxes=[o.box for o in layout.objects],
             )
             intermediates = Intermediates(object_ids=[o.id for o in layout.objects])
             if variant == "sd" or not layout.objects:
@@ -347,6 +359,9 @@ class LMDPipeline:
         # 6. Composition: largest mask first, so small objects end on top (§2.5)
         frozen_steps = options.frozen_steps()
         composed, owner = compose_latents(per_box[: frozen_steps + 1], torch.stack(latent_masks), background * run.init_sigma)
+        if run.preview is not None:
+            shown = out.last_pred_x0 if out.last_pred_x0 is not None else per_box[-1]
+            run.preview("compose", 1, 1, composed_preview(shown, owner))
         intermediates.composed, intermediates.owner = composed.float().cpu(), owner.cpu()
 
         # 7. Final pass: frozen foreground, guidance on all objects, attention transfer (§2.6)
@@ -485,6 +500,7 @@ class LMDPipeline:
             # c. scheduler step, then the frozen foreground of the composition
             step = scheduler.step(noise, t, latents, **step_kwargs)
             pred_x0 = getattr(step, "pred_original_sample", None)
+            shown = pred_x0 if pred_x0 is not None else step.prev_sample
             if pred_x0 is None and i == n_steps - 1:  # only the last step's is used (fast preset's masks)
                 pred_x0 = _x0_prediction(scheduler, latents, noise, t)
             latents = step.prev_sample.to(self.dtype)
@@ -493,6 +509,9 @@ class LMDPipeline:
                 latents = torch.where(foreground, composed[i + 1], latents)
             trajectory.append(latents)
             run.progress(stage, i + 1, n_steps)
+            if run.preview is not None and ((i + 1) % preview_interval(n_steps) == 0 or i + 1 == n_steps):
+                image = per_box_preview(shown, run.boxes) if stage == "per_box" else scene_preview(shown[0])
+                run.preview(stage, i + 1, n_steps, image)
         if not bool(torch.isfinite(latents).all()):
             hint = "use dtype float32 or bfloat16" if self.dtype == torch.float16 else "check the model's weights"
             raise NonFiniteLatents(f"the {stage} pass produced NaN or infinite latents in {str(self.dtype).removeprefix('torch.')}; {hint}")

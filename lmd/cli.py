@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "lmd.commands.evaluate",
     "lmd.commands.generate",
     "lmd.commands.bench",
+    "lmd.commands.info",
 )
 
 

@@ -190,7 +190,8 @@ def run_generate(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     try:
-        out = result.save(args.out)
+        parameters = result.parameters(prompt=args.prompt, preset=args.preset or settings.preset, negative_prompt=args.negative)
+        out = result.save(args.out, parameters)
     except OSError as exc:
         raise CLIError(f"cannot write to {args.out}: {exc}") from None
 
