@@ -8,7 +8,7 @@ import json
 import redis
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import JobDep, SettingsDep, StoreDep
@@ -70,15 +70,21 @@ def get_report(job: JobDep, settings: SettingsDep) -> FileResponse:
     return FileResponse(path, media_type="application/json")
 
 
-@router.get("/{job_id}/preview", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
-def get_preview(job: JobDep, settings: SettingsDep) -> FileResponse:
+@router.get("/{job_id}/preview", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+def get_preview(job: JobDep, settings: SettingsDep) -> Response:
     """The latest live preview of a render that asked for them (``previews: true``): a cheap
-    latent-to-RGB picture; ``progress.preview`` says its stage and step. 404 until the first one."""
-    path = result_file(settings.data_dir, job.job_id, "preview")
-    if job.progress.preview is None or job.terminal or not path.is_file():
-        raise HTTPException(404, f"job {job.job_id} has no preview now (it did not ask for previews, "
+    latent-to-RGB picture; ``progress.preview`` says its stage and step. 404 until the first one.
+
+    Read whole before answering: the worker replaces the file every few steps."""
+    missing = HTTPException(404, f"job {job.job_id} has no preview now (it did not ask for previews, "
                                  "has not reached stage 2, or has finished)")
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
+    if job.progress.preview is None or job.terminal:
+        raise missing
+    try:
+        content = result_file(settings.data_dir, job.job_id, "preview").read_bytes()
+    except OSError:
+        raise missing from None
+    return Response(content, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobView)

@@ -12,9 +12,10 @@ const STAGES = {
   queued: "Waiting in the queue", planning: "Stage 1: the LLM plans the layout", waiting: "Planned; waiting for a render worker",
   loading: "A render worker is loading the model", requeued: "Its worker was lost; queued again",
   per_box: "Stage 2, per-box pass: each object alone in its box", masks: "Stage 2: masks of the objects",
+  compose: "Stage 2: the objects composed by their masks",
   final: "Stage 2, final pass: the composed scene", sd: "Plain Stable Diffusion pass",
 };
-const NUDGE = 0.01, NUDGE_FAST = 0.05, MIN_SIDE = 0.02;
+const NUDGE = 0.01, MIN_SIDE = 0.02;
 
 const state = {
   limits: null,
@@ -394,8 +395,7 @@ function onBoxKey(e) {
   const id = e.currentTarget.dataset.id;
   const o = findObject(id);
   if (!o) return;
-  const step = e.altKey ? NUDGE_FAST : NUDGE;
-  const arrows = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+  const arrows = { ArrowLeft: [-NUDGE, 0], ArrowRight: [NUDGE, 0], ArrowUp: [0, -NUDGE], ArrowDown: [0, NUDGE] };
   if (arrows[e.key]) {
     e.preventDefault();
     const [dx, dy] = arrows[e.key];
@@ -518,23 +518,24 @@ function showProgress(view) {
   $("progress-wrap").hidden = false;
   $("progress-text").textContent = `${label}${steps}`;
   $("progress").value = p.total ? p.step / p.total : 0;
-  if (p.preview && p.preview > state.previewsSeen) {
-    state.previewsSeen = p.preview;
-    loadPreview(view.job_id, p);
+  if (p.preview && p.preview.count > state.previewsSeen && view.preview_url) {
+    state.previewsSeen = p.preview.count;
+    loadPreview(view.preview_url, p.preview);
   }
 }
 
-async function loadPreview(jobId, p) {
+async function loadPreview(path, p) {
   try {
-    const res = await api("GET", `/jobs/${jobId}/preview`);
-    const url = URL.createObjectURL(await res.blob());
+    const blob = await (await api("GET", path)).blob();
     const img = $("preview");
     if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
-    img.src = url;
-    img.dataset.count = String(p.preview);
+    img.src = URL.createObjectURL(blob);
+    img.dataset.count = String(p.count);
     $("preview-figure").hidden = false;
-    $("preview-caption").textContent = `Preview (latent → RGB): ${res.headers.get("X-Preview-Stage") || p.stage}, step ${res.headers.get("X-Preview-Step") || p.step}`;
-  } catch { /* a preview is a nicety: never an error on the page */ }
+    $("preview-caption").textContent = `Preview (latents → RGB, no VAE): ${STAGES[p.stage] || p.stage}, step ${p.step} of ${p.total}`;
+  } catch (err) {
+    console.warn("preview not shown:", err.message); // a preview is a nicety: never an error on the page
+  }
 }
 
 async function run(kind, start) {
@@ -587,12 +588,20 @@ async function run(kind, start) {
 
 async function plan(e) {
   e.preventDefault();
-  const prompt = $("prompt").value;
-  const view = await run("plan", () => postJSON("/plan", { prompt }));
+  // A new prompt starts a new session: its first turn is this plan, the renders follow it.
+  const body = { ...renderSettings(), prompt: $("prompt").value };
+  const view = await run("plan", async () => {
+    const accepted = await postJSON("/plan", body);
+    state.sessionId = accepted.session_id;
+    $("compare").hidden = true;
+    return accepted;
+  });
+  await refreshSession();
   if (view && view.state === "succeeded" && view.layout) {
     setLayout(view.layout);
+    state.shownJobId = view.job_id;
+    markCurrentTurn();
     const first = $("editor").querySelector(".box");
-    announce(`Layout with ${view.layout.objects.length} objects.`);
     if (first) first.focus({ preventScroll: true });
   }
 }
@@ -735,10 +744,19 @@ async function refreshSession() {
     const button = document.createElement("button");
     button.type = "button";
     button.setAttribute("aria-label", `Show turn ${t.turn}: ${t.text} (${t.state || "expired"})`);
-    const thumb = document.createElement(t.state === "succeeded" ? "img" : "div");
-    if (t.state === "succeeded") {
+    const rendered = t.state === "succeeded" && t.kind !== "plan";
+    const thumb = document.createElement(rendered ? "img" : "div");
+    if (rendered) {
       thumb.alt = "";
       blobURL(`/jobs/${t.job_id}/image`).then((u) => { thumb.src = u; }).catch(() => {});
+    } else if (t.state === "succeeded" && t.layout) {  // a plan: its layout in miniature
+      thumb.className = "thumb-layout";
+      for (const o of t.layout.objects) {
+        const b = document.createElement("span");
+        b.style.setProperty("--c", colorOf(o.id));
+        placeBox(b, o.box);
+        thumb.append(b);
+      }
     } else {
       thumb.className = "thumb-empty";
       thumb.textContent = t.state || "expired";
@@ -752,7 +770,7 @@ async function refreshSession() {
     check.className = "check";
     check.innerHTML = `<input type="checkbox"> compare`;
     check.querySelector("input").setAttribute("aria-label", `Compare turn ${t.turn}`);
-    check.querySelector("input").disabled = t.state !== "succeeded";
+    check.querySelector("input").disabled = !rendered;
     check.querySelector("input").addEventListener("change", updateButtons);
     li.append(button, check);
     list.append(li);
