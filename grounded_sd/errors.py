@@ -22,5 +22,21 @@ class NonFiniteLatents(GroundedSDError):
     weights); raised instead of decoding a black image. The message names the pass and dtype."""
 
 
+class ConditioningUnavailable(GroundedSDError):
+    """The requested text conditioning cannot be used: its checkpoint or encoder is not
+    configured or cannot be read, the UNet is not the kind it was trained for, or (GlueNet)
+    the prompt's language has no checkpoint. The message names the setting or the language."""
+
+
+class CheckpointMismatch(ConditioningUnavailable):
+    """A conditioning checkpoint does not match the module strictly: a missing, unexpected or
+    renamed key, a wrong shape, or a pickle holding more than plain tensors. Names the key."""
+
+
+class ConnectorError(ConditioningUnavailable, ValueError):
+    """A text connector or its training cannot be set up (unknown or unsuitable model, bad
+    data, a size the model cannot take); raised before any weights load where possible."""
+
+
 class NoImageParameters(GroundedSDError):
     """A PNG carries no (or unreadable) generation parameters: not written by this project, or stripped."""
