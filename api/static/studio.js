@@ -646,9 +646,9 @@ async function showJob(view) {
   state.shownJobId = view.job_id;
   const result = view.result;
   if (!result) { $("result").hidden = true; return; }
-  $("result").hidden = false;
   const url = await blobURL(result.image_url);
   $("result-image").src = url;
+  $("result").hidden = false;
   $("result-image").alt = `Generated image of turn ${view.turn}: ${view.prompt}`;
   $("download").href = url;
   $("download").download = `lmd-turn${view.turn}-seed${view.seed}.png`;

@@ -222,8 +222,8 @@ def test_plan_drag_render_previews_result_refine_compare(page, stack):
     assert (body["width"], body["steps"], body["preset"]) == (64, 4, "fast")
 
     page.wait_for_function("Number(document.getElementById('preview').dataset.count || 0) >= 1")
-    page.wait_for_selector("#result:not([hidden])")
-    assert "Done" in page.inner_text("#progress-text")
+    page.wait_for_function("document.getElementById('report-stages').rows.length === 5")  # the last thing shown
+    assert "Done" in page.inner_text("#progress-text") and page.is_visible("#result")
     assert page.get_attribute("#result-image", "src").startswith("blob:")
     assert page.get_attribute("#download", "download").endswith(".png")
     assert page.locator("#report-objects tr").count() == 3 and page.locator("#report-stages tr").count() == 5
