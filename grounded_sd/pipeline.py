@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from grounded_sd.attention import AttentionRecorder, ForwardStopped, box_mask, map_shape, recording_attention, resolve_attention_layers, token_maps
+from grounded_sd.conditioning.base import ClipConditioning, ClipEmbeddings, Conditioned, Conditioning, Pass, TextInputs, shift_targets
 from grounded_sd.compose import box_noise, compose_latents, mask_to_latent, object_seed, seeded_noise, step_noise_seed
 from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NonFiniteLatents, VariantUnavailable
@@ -199,9 +200,17 @@ class LMDPipeline:
         negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        conditioning: Conditioning | None = None,
+        source_prompt: str | None = None,
+        language: str | None = None,
     ) -> GenerationResult:
+        """``conditioning`` (default: CLIP) decides what the denoising forwards see; guidance
+        reads CLIP attention either way (docs/conditioning.md). ``source_prompt`` is the user's
+        own prompt and ``language`` its ISO 639-1 code (detected when unset): GlueNet denoises
+        the final pass with it."""
         started = time.perf_counter()
         options = options or LMDOptions.reference()
+        conditioning = conditioning or ClipConditioning()
 
         # 1. Check inputs
         layout = self.check_inputs(layout, options=options, variant=variant, width=width, height=height)
@@ -212,17 +221,30 @@ class LMDPipeline:
         except ValueError as exc:
             raise InvalidLayoutError(f"options.attention_layers: {exc}") from exc
 
-        # 2. Encode prompts (§2.3, §2.6)
+        conditioning.check_mode(options.conditioning_mode)
+        conditioning.check_unet(self.unet)
+
+        # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
         groups = group_phrases(layout)
         prompt = scene_prompt(layout.background, groups)
         negative = join_negative(layout.negative, negative_prompt, options.default_negative)
-        cond, uncond = self._encode([prompt]), self._encode([negative])
+        grounded = variant != "sd" and bool(layout.objects)
+        box_prompts = tuple(object_prompt(layout.background, o.phrase) for o in layout.objects) if grounded else ()
+        box_negative = join_negative(options.single_object_negative, layout.negative, options.default_negative)
+        clip = ClipEmbeddings(
+            self._encode([prompt]), self._encode([negative]),
+            self._encode(list(box_prompts)) if box_prompts else self._encode([prompt])[:0], self._encode([box_negative]),
+        )
+        texts = TextInputs(prompt, box_prompts, negative, box_negative, source_prompt=source_prompt, language=language)
+        conditioned = conditioning.prepare(texts, clip, mode=options.conditioning_mode)
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            options=options.model_dump(mode="json"),
+            options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=options.conditioning_mode,
+            source_prompt=source_prompt, language=conditioned.language,
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )
+        report.notes += conditioned.notes
         if variant != "sd" and not layout.objects:
             report.notes.append(f"the layout has no objects: rendered the background as plain SD instead of {variant}")
 
@@ -240,11 +262,11 @@ class LMDPipeline:
             if variant == "sd" or not layout.objects:
                 # The baseline (§2.8): plain SD with the layout's prompt and negative prompt.
                 with self._stage(run, "sd", options.steps):
-                    out = self._denoise(run, "sd", background * run.init_sigma, cond, uncond, options.steps, noise_keys=[""])
+                    out = self._denoise(run, "sd", background * run.init_sigma, (conditioned, "final"), options.steps, noise_keys=[""])
                 final_latents, masks = out.trajectory[-1], {}
                 intermediates.final_latents = torch.stack(out.trajectory).float().cpu()
             else:
-                final_latents, masks = self._grounded(run, layout, seed, background, cond, uncond, variant, report, intermediates)
+                final_latents, masks = self._grounded(run, layout, seed, background, conditioned, variant, report, intermediates)
 
             # 8. Decode, overlay, report
             image = self._decode(final_latents, options.max_batch)[0]
@@ -256,7 +278,7 @@ class LMDPipeline:
         return GenerationResult(image=image, overlay=overlay, masks=masks, layout=layout, report=report, intermediates=intermediates)
 
     def _grounded(
-        self, run: _Run, layout: Layout, seed: int, background: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+        self, run: _Run, layout: Layout, seed: int, background: torch.Tensor, conditioned: Conditioned,
         variant: Variant, report: GenerationReport, intermediates: Intermediates,
     ) -> tuple[torch.Tensor, dict[str, Image.Image]]:
         """Steps 4-7 of ``__call__`` for ``lmd`` and ``lmd_plus``."""
@@ -273,9 +295,8 @@ class LMDPipeline:
         # 4. Per-box pass: all objects x CFG in one batch per step (§2.3)
         prompts = [object_prompt(layout.background, o.phrase) for o in objects]
         report.per_box_prompts = {o.id: p for o, p in zip(objects, prompts)}
-        box_cond = self._encode(prompts)
-        box_uncond = self._encode([join_negative(options.single_object_negative, layout.negative, options.default_negative)]).expand(n, -1, -1)
         box_targets = [EnergyTarget(o.id, object_token_indices(self.tokenizer, layout.background, o.phrase), o.box, (o.box,)) for o in objects]
+        box_targets = shift_targets(box_targets, conditioned.token_offset)
         foreground = torch.cat([seeded_noise((1, *background.shape[1:]), object_seed(seed, o.id), self.device, self.dtype) for o in objects])
         box_masks = torch.stack([box_mask(o.box, h, w, self.device) for o in objects])[:, None]
         initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * run.init_sigma
@@ -289,10 +310,9 @@ class LMDPipeline:
 
         def collect_per_box(step: int, maps: dict[str, torch.Tensor]) -> None:
             nonlocal mask_sum, mask_count
-            cond_maps = {layer: probs[n:] for layer, probs in maps.items()}  # rows: uncond..., cond...
-            per_object = {
+            per_object = {  # maps: the conditional rows, one per object
                 layer: torch.stack([token_maps(probs[i], [t.object_token if t.object_token is not None else 0]) for i, t in enumerate(box_targets)])
-                for layer, probs in cond_maps.items()
+                for layer, probs in maps.items()
             }
             if transfer and step < final_guided:
                 reference_maps[step] = per_object
@@ -304,7 +324,7 @@ class LMDPipeline:
         gligen_box = self._gligen_inputs([[o.box] for o in objects], [[o.phrase] for o in objects]) if plus else None
         with self._stage(run, "per_box", per_box_steps):
             out = self._denoise(
-                run, "per_box", initial, box_cond, box_uncond, per_box_steps,
+                run, "per_box", initial, (conditioned, "per_box"), per_box_steps,
                 guidance=None if plus else (box_targets, per_box_trace, None),
                 capture=capture_per_box, collect=collect_per_box, gligen=gligen_box, noise_keys=[o.id for o in objects],
             )
@@ -357,11 +377,12 @@ class LMDPipeline:
             EnergyTarget(o.id, group_tokens[group_of[o.id].phrase], o.box, tuple(layout.object(i).box for i in group_of[o.id].object_ids))
             for o in objects
         ]
+        final_targets = shift_targets(final_targets, conditioned.token_offset)
         final_trace = GuidanceTrace()
         gligen_final = self._gligen_inputs([[o.box for o in objects]], [[o.phrase for o in objects]]) if plus else None
         with self._stage(run, "final", options.steps):
             out = self._denoise(
-                run, "final", composed[0], cond, uncond, options.steps,
+                run, "final", composed[0], (conditioned, "final"), options.steps,
                 guidance=(final_targets, final_trace, reference_maps if transfer else None),
                 frozen=(composed, owner > 0, frozen_steps), gligen=gligen_final, noise_keys=[""],
             )
@@ -421,8 +442,7 @@ class LMDPipeline:
         run: _Run,
         stage: str,
         latents: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        text: tuple[Conditioned, Pass],
         n_steps: int,
         *,
         guidance: tuple[list[EnergyTarget], GuidanceTrace, dict | None] | None = None,
@@ -438,8 +458,12 @@ class LMDPipeline:
 
         Stochastic schedulers (Euler ancestral, DDPM, DDIM with eta > 0, SDE solvers) draw their
         step noise from one CPU generator per row, seeded from (job seed, ``noise_keys[row]``):
-        an object's id in the per-box pass, so its noise does not depend on the other objects (§2.7)."""
+        an object's id in the per-box pass, so its noise does not depend on the other objects (§2.7).
+
+        ``text`` is the generation's conditioning and which pass this is: guidance's forwards
+        take its guidance embeddings, the CFG forward its denoising embeddings, both at ``t``."""
         options = run.options
+        conditioned, which = text
         scheduler = self._scheduler(options.steps)
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:
@@ -457,7 +481,7 @@ class LMDPipeline:
             if iterations:
                 targets, trace, reference = guidance
                 loss_fn = self._loss_fn(run, targets, reference.get(i) if reference else None, final=stage == "final")
-                forward = self._attention_forward(run, t, scheduler, cond, step_gligen)
+                forward = self._attention_forward(run, t, scheduler, conditioned.guidance(which, t), step_gligen)
                 latents = guide_latents(
                     latents, iterations=iterations, step_size=guidance_step_size(scheduler, t, i), scale=options.loss_scale,
                     threshold=self.energy_threshold(options, run.layers), forward=forward, loss_fn=loss_fn, counter=run.counter,
@@ -475,12 +499,22 @@ class LMDPipeline:
                     if i == last_guided:
                         trace.last.update(measured)
 
-            # b. classifier-free guided noise prediction, capturing maps where asked
-            with run.recorder.capture(capture(i) if capture else []):
+            # b. classifier-free guided noise prediction, capturing the conditional rows' maps where asked
+            cond, uncond = conditioned.denoising(which, t)
+            layers = capture(i) if capture else []
+            own_maps = bool(layers) and not conditioned.denoises_with_guidance_embeddings(which, t)
+            with run.recorder.capture([] if own_maps else layers):
                 noise = self._predict_noise(run, scheduler, latents, t, cond, uncond, step_gligen)
-                if collect is not None:
-                    collect(i, run.recorder.maps())
+                if collect is not None and layers and not own_maps:
+                    collect(i, {layer: probs[latents.shape[0] :] for layer, probs in run.recorder.maps().items()})
             run.recorder.clear()
+            if collect is not None and own_maps:
+                # the CFG forward attended to the conditioning's tokens, which have no phrase positions: masks
+                # and attention transfer read a CLIP-conditioned forward instead (stopped after the last read layer)
+                forward = self._attention_forward(run, t, scheduler, conditioned.guidance(which, t), step_gligen)
+                chunk, rows = options.max_batch or latents.shape[0], latents.shape[0]
+                parts = [forward(latents[s : s + chunk], list(range(s, min(s + chunk, rows)))) for s in range(0, rows, chunk)]
+                collect(i, {layer: torch.cat([part[layer] for part in parts]) for layer in parts[0]})
 
             # c. scheduler step, then the frozen foreground of the composition
             step = scheduler.step(noise, t, latents, **step_kwargs)
