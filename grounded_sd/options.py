@@ -69,11 +69,12 @@ class LMDOptions(BaseModel):
         ),
     )
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call; None: all objects x CFG in one call")
-    conditioning_mode: Literal["replace", "concat"] = Field(
+    conditioning_mode: Literal["replace", "concat", "tokens"] = Field(
         "replace",
         description=(
-            "with a conditioning other than clip: replace (guidance on CLIP, denoising on the conditioning's tokens) or "
-            "concat (ELLA only: its tokens before CLIP's for guidance and denoising, phrase indices shifted)"
+            "with a conditioning other than clip: replace (guidance on CLIP, denoising on the conditioning's tokens), "
+            "concat (ELLA: its tokens before CLIP's for guidance and denoising, phrase indices shifted) or tokens "
+            "(per-token connectors: guidance on the connector's own tokens)"
         ),
     )
 
