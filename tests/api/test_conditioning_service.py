@@ -10,6 +10,7 @@ import json
 import pytest
 import redis
 
+from jobs.files import job_dir
 from tests.support.builders import box_object, layout_data
 from tests.support.fake_llm import FakeLLM
 from tests.support.service import APIProcess, WorkerProcess, service_settings, settings_env, wait_for_job
@@ -63,7 +64,7 @@ def test_ella_end_to_end_and_instruct_keeps_it(stack):
     job = wait_for_job(client, accepted.json()["job_id"], ENDED)
     assert job["state"] == "succeeded", (job, [w.log() for w in workers])
     assert job["conditioning"] == "ella"
-    report = json.loads((settings.data_dir / job["job_id"] / "report.json").read_text())
+    report = json.loads((job_dir(settings.data_dir, job["job_id"]) / "report.json").read_text())
     assert report["conditioning"] == "ella" and [s["name"] for s in report["stages"]] == ["per_box", "masks", "final"]
 
     llm.enqueue(MOVED)
