@@ -32,8 +32,12 @@ def project_version() -> str:
 
 
 class Conditioning(BaseModel):
-    """The texts the UNet was actually conditioned on (built from the layout by ``grounded_sd.prompts``)."""
+    """What the UNet was conditioned on: the text conditioning (docs/conditioning.md) and the texts
+    built from the layout by ``grounded_sd.prompts``."""
 
+    name: str = Field("clip", description="clip, ella or gluenet")
+    mode: str = Field("replace", description="how it combines with CLIP (docs/conditioning.md)")
+    language: str | None = Field(None, description="the language GlueNet read the prompt in")
     prompt: str = Field(description="the scene prompt of the final pass")
     negative_prompt: str = Field(description="the negative prompt: the layout's, the request's and the preset's")
     per_box_prompts: dict[str, str] = Field(default_factory=dict, description="object id -> its per-box pass prompt")

@@ -39,7 +39,7 @@ def test_generate_writes_parameters_that_info_reads_back(clean_env, tiny_sd_path
     assert params.negative_prompt == "blurry"
     assert "birds" in params.conditioning.negative_prompt and "blurry" in params.conditioning.negative_prompt
     assert "un chien à droite" in params.conditioning.prompt
-    assert set(params.conditioning.per_box_prompts) == {"cat", "dog"}
+    assert set(params.conditioning.per_box_prompts) == {"cat", "dog"} and params.conditioning.name == "clip"
     assert params.version
     assert Image.open(out / "image.png").text["lmd:seed"] == "31"
 
