@@ -16,13 +16,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import ErrorBody, code_of
 from api.openapi import complete_openapi
 
-from api.routes import generate, health, jobs, metrics, sessions
+from api.routes import generate, health, jobs, metrics, sessions, studio
 from jobs.queue import create_celery
 from jobs.store import Store, StoreConflict
 from lmd.settings import Settings
@@ -147,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(OperationalError, unavailable)
     app.add_exception_handler(StoreConflict, conflict)
 
-    for module in (generate, jobs, sessions, health, metrics):
+    for module in (generate, jobs, sessions, health, metrics, studio):
         app.include_router(module.router)
     app.openapi = lambda: complete_openapi(app, settings)
     if settings.cors_origins:
@@ -160,4 +161,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["Retry-After"],
             max_age=600,
         )
+    app.mount("/static", StaticFiles(directory=studio.STATIC_DIR), name="static")
     return app

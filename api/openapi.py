@@ -45,6 +45,11 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying"
 # Which errors each operation can answer, by operationId (422 is FastAPI's own where bodies or parameters are read).
 _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
     "generate": (400, 401, 404, 409, 413, 429, 503, 507),
+    "plan": (400, 401, 404, 409, 413, 429, 503, 507),
+    "get_mask": (401, 404, 409, 503),
+    "get_report": (401, 404, 409, 503),
+    "get_preview": (401, 404, 503),
+    "limits": (),
     "instruct": (400, 401, 404, 409, 413, 429, 503, 507),
     "get_job": (401, 404, 503),
     "get_image": (401, 404, 409, 503),
@@ -103,15 +108,16 @@ def _limit_requests(schemas: dict, s: Settings) -> None:
         lay[name]["pattern"] = TEXT_PATTERN
     lay["warnings"]["items"]["pattern"] = TEXT_PATTERN
 
+    for name in ("GenerateRequest", "PlanRequest"):  # the render settings they share
+        props = schemas[name]["properties"]
+        _nullable(props["prompt"]).update(minLength=1, maxLength=s.max_prompt_chars, pattern=NON_BLANK_TEXT_PATTERN)
+        _nullable(props["seed"]).update(minimum=0, maximum=s.max_seed)
+        _nullable(props["steps"]).update(minimum=1, maximum=s.max_steps)
+        for size in ("width", "height"):
+            props[size].update(minimum=s.min_size, maximum=s.max_size, multipleOf=8)
+        _nullable(props["negative_prompt"]).update(pattern=TEXT_PATTERN)
+        _nullable(props["session_id"]).update(pattern=ID_PATTERN)
     gen = schemas["GenerateRequest"]["properties"]
-    _nullable(gen["prompt"]).update(minLength=1, maxLength=s.max_prompt_chars, pattern=NON_BLANK_TEXT_PATTERN)
-    for name in ("seed",):
-        _nullable(gen[name]).update(minimum=0, maximum=s.max_seed)
-    _nullable(gen["steps"]).update(minimum=1, maximum=s.max_steps)
-    for name in ("width", "height"):
-        gen[name].update(minimum=s.min_size, maximum=s.max_size, multipleOf=8)
-    _nullable(gen["negative_prompt"]).update(pattern=TEXT_PATTERN)
-    _nullable(gen["session_id"]).update(pattern=ID_PATTERN)
     # A request's layout: 1..LMD_MAX_OBJECTS objects (a planned layout, in answers, may have none).
     request_layout = copy.deepcopy(schemas["Layout"])
     request_layout["properties"]["objects"].update(minItems=1, maxItems=s.max_objects)
@@ -136,7 +142,9 @@ def _limit_requests(schemas: dict, s: Settings) -> None:
 def _complete_operation(operation: dict, path: str) -> None:
     op_id = operation.get("operationId", "")
     responses = operation.setdefault("responses", {})
-    for status in _OPERATION_ERRORS.get(op_id, ()):
+    # An operation not listed (added later) gets the errors every record lookup can answer.
+    default = (401, 404, 409, 503) if "{" in path else (503,)
+    for status in _OPERATION_ERRORS.get(op_id, default):
         response = {"description": _ERRORS[status],
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
         if status in (429, 503, 507):
@@ -148,7 +156,7 @@ def _complete_operation(operation: dict, path: str) -> None:
             param["description"] = f"the {param['name'].split('_')[0]}'s id: 32 lowercase hex digits"
         if param["in"] == "header" and param["name"].lower() == "idempotency-key":
             _nullable(param["schema"]).update(minLength=1, maxLength=200, pattern=r"^[!-~]+$")
-    if op_id in ("generate", "instruct"):
+    if op_id in ("generate", "plan", "instruct"):
         responses["202"]["links"] = {
             name: {"operationId": target, "parameters": {param: f"$response.body#/{param}"}, "description": text}
             for name, (target, param, text) in _JOB_LINKS.items()

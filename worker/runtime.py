@@ -22,9 +22,9 @@ from collections.abc import Callable
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from jobs.files import drop_old_job_dirs, job_dir
+from jobs.files import drop_old_job_dirs, job_dir, result_file
 from jobs.queue import redelivery_after_s
-from jobs.records import ErrorCode, JobRecord, Progress
+from jobs.records import ErrorCode, JobRecord, PreviewInfo, Progress
 from jobs.store import Store, this_worker
 from jobs.transitions import delivery_limit
 from lmd import wiring
@@ -95,6 +95,7 @@ class WorkerRuntime:
         self._planner = None
         self._pipeline = None
         self._pipeline_lock = threading.Lock()
+        self._conditionings = None
 
     @property
     def max_deliveries(self) -> int:
@@ -129,6 +130,17 @@ class WorkerRuntime:
             self._pipeline = pipeline
         return self._pipeline
 
+    def conditioning(self, name: str):
+        """The conditioning ``name``, loaded beside the pipeline the first time a job asks for it
+        (ELLA's T5-XL ~2.5 GB, GlueNet's XLM-R ~1.1 GB in fp16; docs/conditioning.md), then kept."""
+        pipe = self.pipeline()
+        with self._pipeline_lock:
+            if self._conditionings is None:
+                self._conditionings = wiring.conditionings(self.settings, pipe)
+            if name not in self._conditionings.loaded:
+                log.info("loading conditioning %s (pid %d)", name, os.getpid())
+            return self._conditionings.get(name)
+
     # --- stage 1 -----------------------------------------------------------------------------------
     def run_plan(self, job_id: str) -> str:
         """Plan (or revise) the job's layout; hand the job to the render queue. Returns what happened."""
@@ -156,7 +168,7 @@ class WorkerRuntime:
         from layout_planner import Turn
 
         planner = self.planner()
-        if job.kind == "generate":
+        if job.kind in ("generate", "plan"):
             return planner.plan(job.prompt, should_stop=should_stop)
         history = [Turn(text=text, layout=layout) for text, layout in self.store.conversation(job.session_id, job.turn)]
         if not history:
@@ -176,7 +188,8 @@ class WorkerRuntime:
                 out = job_dir(self.settings.data_dir, job_id)
                 if out.exists():
                     shutil.rmtree(out)  # what an earlier, killed delivery left
-                result.save(out)
+                result.save(out, result.parameters(prompt=job.prompt, preset=job.preset,
+                                                   negative_prompt=job.negative_prompt))
             except Exception as exc:
                 if heartbeat.lost:
                     return "lost"
@@ -193,14 +206,34 @@ class WorkerRuntime:
     def _render(self, job: JobRecord, heartbeat: Heartbeat):
         pipe = self.pipeline()
         options = render_options(job, self.settings)
+        conditioning = self.conditioning(job.conditioning)
 
-        def progress(stage: str, step: int, total: int) -> None:
+        current = {"progress": Progress(stage="loading")}  # what was last written: a preview keeps the step
+
+        def write_progress(update: Progress) -> None:
+            current["progress"] = update
             try:
-                self.store.held_update(job.job_id, self.worker, {
-                    "progress": Progress(stage=stage, step=step, total=total), "heartbeat_at": time.time(),
-                })
+                self.store.held_update(job.job_id, self.worker, {"progress": update, "heartbeat_at": time.time()})
             except redis.RedisError as exc:
                 log.warning("progress of job %s not recorded: %s", job.job_id, exc)
+
+        def progress(stage: str, step: int, total: int) -> None:
+            write_progress(Progress(stage=stage, step=step, total=total, preview=current["progress"].preview))
+
+        def preview(stage: str, step: int, total: int, image) -> None:
+            """Write the preview (replacing the last one whole, so the API never serves half a file)."""
+            path = result_file(self.settings.data_dir, job.job_id, "preview")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(".partial")
+                image.save(partial, format="PNG")
+                os.replace(partial, path)
+            except OSError as exc:  # a preview is a nicety: never a failed job
+                log.warning("preview of job %s not written: %s", job.job_id, exc)
+                return
+            last = current["progress"]
+            count = last.preview.count + 1 if last.preview else 1
+            write_progress(last.model_copy(update={"preview": PreviewInfo(count=count, stage=stage, step=step, total=total)}))
 
         def should_cancel() -> bool:
             return heartbeat.lost or self._cancel_requested(job.job_id)
@@ -215,6 +248,10 @@ class WorkerRuntime:
             negative_prompt=job.negative_prompt,
             progress=progress,
             should_cancel=should_cancel,
+            conditioning=conditioning,
+            source_prompt=job.source_prompt,
+            language=job.language,
+            preview=preview if job.previews else None,
         )
 
     # --- endings -----------------------------------------------------------------------------------
@@ -269,6 +306,7 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
         return "timeout", f"the {stage} stage ran past LMD_TASK_SOFT_TIME_LIMIT_S; use fewer steps or a smaller size"
     if stage == "render":
         from grounded_sd import GenerationCanceled, InvalidLayoutError, ModelLoadError, VariantUnavailable
+        from grounded_sd.errors import ConditioningUnavailable
 
         if isinstance(exc, GenerationCanceled):
             return "canceled", "canceled while rendering"
@@ -276,6 +314,8 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
             return "invalid_layout", str(exc)
         if isinstance(exc, VariantUnavailable):
             return "variant_unavailable", str(exc)
+        if isinstance(exc, ConditioningUnavailable):  # the message names the setting (or the language) to fix
+            return "model_unavailable", f"the render worker cannot use the requested conditioning: {exc}"
         if isinstance(exc, ModelLoadError):
             return "model_unavailable", "the render worker cannot load its model; the operator must fix its settings"
         import torch

@@ -51,7 +51,7 @@ def test_every_operation_answers_as_documented(api_schema):
     """Each operation with CASES_PER_OPERATION generated requests; then most generate bodies must be valid."""
     generate_statuses: Counter[int] = Counter()
     operations = [r.ok() for r in api_schema.get_all_operations()]
-    assert len(operations) == 11
+    assert len(operations) >= 11
     for operation in operations:
         if operation.path == "/jobs/{job_id}/events":
             continue
