@@ -117,6 +117,8 @@ def _limit_requests(schemas: dict, s: Settings) -> None:
             props[size].update(minimum=s.min_size, maximum=s.max_size, multipleOf=8)
         _nullable(props["negative_prompt"]).update(pattern=TEXT_PATTERN)
         _nullable(props["session_id"]).update(pattern=ID_PATTERN)
+        if "language" in props:  # ISO 639-1, optionally with a region ("fr", "zh-CN")
+            _nullable(props["language"]).update(pattern=r"^[A-Za-z]{2}([-_][A-Za-z0-9]{1,8})?$")
     gen = schemas["GenerateRequest"]["properties"]
     # A request's layout: 1..LMD_MAX_OBJECTS objects (a planned layout, in answers, may have none).
     request_layout = copy.deepcopy(schemas["Layout"])
