@@ -224,7 +224,7 @@ class WorkerRuntime:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = path.with_suffix(".partial")
-                image.save(partial, format="PNG")
+                image.save(partial, format="PNG", compress_level=1)  # speed over size: written every few steps
                 os.replace(partial, path)
             except OSError as exc:  # a preview is a nicety: never a failed job
                 log.warning("preview of job %s not written: %s", job.job_id, exc)
