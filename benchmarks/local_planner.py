@@ -41,7 +41,7 @@ def balanced(rows: list[dict], limit: int | None) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     from layout_planner import PlannerError
     from lmd.cli import main as lmd_main
-    from lmd.planner_choice import local_llm_config
+    from lmd.wiring import local_llm_config
     from lmd.settings import Settings
 
     settings = Settings()
