@@ -251,7 +251,7 @@ CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
 
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
-    """A typed failure's code and a message a person can act on (SERVICE.md "Job lifecycle")."""
+    """A typed failure's code and a message a person can act on (docs/service.md "Job lifecycle")."""
     from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
     from layout_planner.errors import LocalModelUnavailable, PlanCanceled
 
