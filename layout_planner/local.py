@@ -195,7 +195,11 @@ class LocalLLMClient:
         sampling = cfg.temperature > 0
         options = {"do_sample": sampling, "temperature": cfg.temperature if sampling else None,
                    "top_p": 1.0 if sampling else None, "top_k": None, "repetition_penalty": None}
-        with self._lock, torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        rng_devices = []  # the CUDA generator to fork, so that seeding here leaves the process's RNG as it was
+        if device.startswith("cuda"):
+            index = torch.device(device).index
+            rng_devices = [index if index is not None else torch.cuda.current_device()]
+        with self._lock, torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
             output = model.generate(
                 torch.tensor([ids], device=device),
