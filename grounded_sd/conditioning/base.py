@@ -15,6 +15,9 @@ Two ways to combine a conditioning with guidance:
   token indices unchanged) while the denoising forwards use the conditioning's tokens.
 - ``concat``: the conditioning's tokens are put before CLIP's, and guidance and denoising
   both use the concatenation; phrase indices shift by :attr:`Conditioned.token_offset`.
+- ``tokens`` (per-token connectors trained with ``lmd train-connector``): no CLIP at all;
+  guidance reads each phrase on the connector's own tokens, found from the phrase's
+  characters (:meth:`Conditioned.guidance_tokens`).
 
 A :class:`Conditioning` is loaded once per process and reused; :meth:`Conditioning.prepare`
 runs its text encoders once per generation; :meth:`Conditioned.denoising` computes what
@@ -23,6 +26,7 @@ depends on the timestep once per step (the result is reused by every forward of 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -35,7 +39,7 @@ ConditioningName = Literal["clip", "ella", "gluenet"]
 CONDITIONINGS: tuple[str, ...] = ("clip", "ella", "gluenet")
 Pass = Literal["per_box", "final"]
 """``per_box``: one row per object; ``final``: the scene prompt (also the ``sd`` baseline)."""
-Mode = Literal["replace", "concat"]
+Mode = Literal["replace", "concat", "tokens"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class Conditioned(ABC):
         self.clip = clip
         self.mode = mode
         self.notes: list[str] = []  # what the report should say about this conditioning
+        self.language: str | None = None  # the language the conditioning read the prompt in, if it reads one
         self._step: dict[Pass, tuple[object, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
@@ -89,12 +94,24 @@ class Conditioned(ABC):
             self._step[which] = cached
         return cached[1]
 
+    def guidance_tokens(self, which: Pass, row: int, clip_indices: tuple[int, ...], span: tuple[int, int]) -> tuple[int, ...]:
+        """Positions guidance reads for a phrase: ``prompt[span[0]:span[1]]`` of prompt ``row`` of
+        ``which`` (the scene prompt, or box prompt ``row``), whose CLIP positions are
+        ``clip_indices``. Default: the CLIP positions, shifted by :attr:`token_offset`."""
+        return tuple(i + self.token_offset for i in clip_indices)
+
     def guidance(self, which: Pass, timestep: torch.Tensor | int) -> torch.Tensor:
         """The cond embeddings guidance's forward uses: CLIP (replace), or the same
         concatenation the denoising uses (concat)."""
         if self.mode == "concat":
             return self.denoising(which, timestep)[0]
         return self.clip.pair(which)[0]
+
+    def denoises_with_guidance_embeddings(self, which: Pass, timestep: torch.Tensor | int) -> bool:
+        """True when the denoising forward attends to what guidance reads (clip, concat,
+        GlueNet's per-box pass), so phrase attention maps can be taken from it; False when a
+        CLIP-conditioned forward must be run for them (replace mode)."""
+        return self.guidance(which, timestep) is self.denoising(which, timestep)[0]
 
     @abstractmethod
     def _compute(self, which: Pass, timestep: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +138,11 @@ class Conditioning(ABC):
     def output_dim(self) -> int | None:
         return None
 
+    @property
+    def default_mode(self) -> Mode:
+        """The mode used when the caller names none."""
+        return self.modes[0]
+
     def check_mode(self, mode: Mode) -> None:
         if mode not in self.modes:
             raise ConditioningUnavailable(f"conditioning {self.name} supports mode {' or '.join(self.modes)}, not {mode!r}")
@@ -143,6 +165,14 @@ class ClipConditioning(Conditioning):
     def prepare(self, texts: TextInputs, clip: ClipEmbeddings, *, mode: Mode = "replace") -> Conditioned:
         self.check_mode(mode)
         return ClipConditioned(clip, mode)
+
+
+def shift_targets(targets: list, offset: int) -> list:
+    """Energy targets with their phrase token positions moved by ``offset`` (concat mode puts
+    the conditioning's tokens before CLIP's)."""
+    if not offset:
+        return targets
+    return [dataclasses.replace(t, token_indices=tuple(i + offset for i in t.token_indices)) for t in targets]
 
 
 def concat_tokens(extra: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
