@@ -17,39 +17,31 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    """No LMD_* or OPENAI_API_KEY from the machine; an empty working directory (no .env)."""
-    monkeypatch.chdir(tmp_path)
-    for name in [n for n in os.environ if n.startswith("LMD_") or n == "OPENAI_API_KEY"]:
-        monkeypatch.delenv(name)
+def local_env(clean_env, monkeypatch, tiny_lm_path):
+    """``clean_env`` (tests/support/cli_env.py) plus the tiny chat model as the local planner's."""
+    monkeypatch.setenv("LMD_LOCAL_LLM_MODEL", str(tiny_lm_path))
+    monkeypatch.setenv("LMD_LOCAL_LLM_DEVICE", "cpu")
     return monkeypatch
 
 
-@pytest.fixture
-def local_env(clean_env, tiny_lm_path):
-    clean_env.setenv("LMD_LOCAL_LLM_MODEL", str(tiny_lm_path))
-    clean_env.setenv("LMD_LOCAL_LLM_DEVICE", "cpu")
-    return clean_env
-
-
-def test_auto_picks_local_without_an_endpoint_or_key_and_remote_with_one(clean_env):
+def test_auto_picks_local_without_an_endpoint_or_key_and_remote_with_one(clean_env, monkeypatch):
     choice = wiring.choose_planner(Settings(_env_file=None))
     assert (choice.kind, choice.model, choice.reason) == (
         "local", "Qwen/Qwen2.5-1.5B-Instruct", "LMD_PLANNER=auto and no LLM endpoint or key is configured")
     assert type(wiring.planner(Settings(_env_file=None)).config).__name__ == "LocalLLMConfig"
 
-    clean_env.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     keyed = wiring.choose_planner(Settings(_env_file=None))
     assert (keyed.kind, keyed.endpoint, keyed.reason) == ("remote", "https://api.openai.com/v1", "LMD_PLANNER=auto and an LLM API key is set")
     assert type(wiring.planner(Settings(_env_file=None)).config).__name__ == "LLMConfig"
 
-    clean_env.delenv("OPENAI_API_KEY")
-    clean_env.setenv("LMD_LLM_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("LMD_LLM_BASE_URL", "http://127.0.0.1:9/v1")
     assert wiring.choose_planner(Settings(_env_file=None)).reason == "LMD_PLANNER=auto and LMD_LLM_BASE_URL is set"
-    clean_env.setenv("LMD_PLANNER", "local")
+    monkeypatch.setenv("LMD_PLANNER", "local")
     assert wiring.choose_planner(Settings(_env_file=None)).kind == "local"
-    clean_env.delenv("LMD_LLM_BASE_URL")
-    clean_env.setenv("LMD_PLANNER", "remote")
+    monkeypatch.delenv("LMD_LLM_BASE_URL")
+    monkeypatch.setenv("LMD_PLANNER", "remote")
     assert wiring.choose_planner(Settings(_env_file=None)).kind == "remote"
 
 
@@ -61,9 +53,9 @@ def test_the_local_config_carries_the_local_settings():
             config.max_reasks) == ("/m", "cuda:1", "float16", 64, 5, 0.0, 2)
 
 
-def test_a_missing_local_model_directory_is_a_one_line_error_naming_the_setting(clean_env, tmp_path, capsys):
-    clean_env.setenv("LMD_PLANNER", "local")
-    clean_env.setenv("LMD_LOCAL_LLM_MODEL", str(tmp_path / "nowhere"))
+def test_a_missing_local_model_directory_is_a_one_line_error_naming_the_setting(clean_env, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LMD_PLANNER", "local")
+    monkeypatch.setenv("LMD_LOCAL_LLM_MODEL", str(tmp_path / "nowhere"))
     assert main(["plan", "a cat"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == f"lmd plan: local layout model {tmp_path / 'nowhere'}, run in this process (LMD_PLANNER=local)"
@@ -74,8 +66,8 @@ def test_a_missing_local_model_directory_is_a_one_line_error_naming_the_setting(
     assert "LMD_LOCAL_LLM_MODEL" in wiring.LOCAL_MODEL_HINT
 
 
-def test_without_a_key_offline_the_default_model_error_names_the_setting(clean_env, capsys):
-    clean_env.setenv("LMD_LOCAL_LLM_MODEL", "lmd-test/not-downloaded")  # HF_HUB_OFFLINE=1 in tests/conftest.py
+def test_without_a_key_offline_the_default_model_error_names_the_setting(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv("LMD_LOCAL_LLM_MODEL", "lmd-test/not-downloaded")  # HF_HUB_OFFLINE=1 in tests/conftest.py
     assert main(["generate", "a cat", "--out", "out"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("lmd generate: error: the local planner model lmd-test/not-downloaded is not downloaded "
