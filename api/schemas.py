@@ -174,6 +174,15 @@ class WorkerView(BaseModel):
     seen_at: float
 
 
+class PlannerView(BaseModel):
+    """Which layout planner the settings select (``LMD_PLANNER``) and why."""
+
+    kind: Literal["remote", "local"]
+    model: str
+    endpoint: str | None = None
+    reason: str
+
+
 class Readiness(BaseModel):
     redis: Literal["ok"]
     persistence: Literal["aof", "rdb", "none", "unknown"] = Field(
@@ -182,6 +191,7 @@ class Readiness(BaseModel):
     worker_counts: dict[str, int] = Field(description="workers that beat recently, per queue")
     workers: list[WorkerView] | None = Field(description="their names and pids; null unless the caller is an operator")
     queues_without_workers: list[str]
+    planner: PlannerView | None = Field(description="the layout planner the settings select; null unless the caller is an operator")
 
 
 class Limits(BaseModel):

@@ -50,11 +50,12 @@ class LLMConfig(BaseModel):
 
 @dataclass
 class CallRecord:
-    """What one ``complete`` call did: transport attempts and the waits between them (seconds)."""
+    """What one ``complete`` call did: transport attempts, the waits between them (seconds), tokens generated (local)."""
 
     attempts: int = 0
     waits: list[float] = field(default_factory=list)
     structured: bool = False
+    tokens: int | None = None
 
 
 @dataclass
@@ -146,23 +147,27 @@ class LLMClient:
             return min(asked, self.config.max_retry_after_s)
         return self._backoff(retry_state)
 
-    def complete(self, messages: list[dict[str, str]], deadline: float | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Completion:
+    def complete(
+        self, messages: list[dict[str, str]], should_cancel: Callable[[], bool] | None = None, seed: int = 0,
+        deadline: float | None = None,
+    ) -> Completion:
         """Ask once (with transport retries); raise ``LLMUnavailable`` naming the last cause.
 
-        ``deadline`` (``time.monotonic()`` value) bounds the whole call: each request's timeout
-        and each wait are cut to what is left, and no attempt starts after it. ``should_stop`` is
-        asked before each attempt and during waits; True raises ``PlanCanceled``.
+        ``should_cancel`` is checked before each attempt (a request in flight runs to its end);
+        ``seed`` is for the local client's sampling and unused here.
+        
+        ``deadline`` (a ``time.monotonic()`` value) bounds the whole call: each request's timeout
+        and each wait are cut to what is left, and no attempt starts after it (``LLMUnavailable``).
         """
         record = CallRecord()
 
         def left_s() -> float:
             return float("inf") if deadline is None else deadline - time.monotonic()
 
-        def sleep(seconds: float) -> None:  # a wait that a stop request or the deadline cuts short
+        def sleep(seconds: float) -> None:  # a wait that a cancel or the deadline cuts short
             end = time.monotonic() + min(seconds, max(0.0, left_s()))
             while (remaining := end - time.monotonic()) > 0:
-                if should_stop is not None and should_stop():
+                if should_cancel is not None and should_cancel():
                     return
                 time.sleep(min(remaining, 0.25))
 
@@ -188,8 +193,8 @@ class LLMClient:
         )
 
         def attempt() -> Completion:
-            if should_stop is not None and should_stop():
-                raise PlanCanceled("stopped on request between LLM requests")
+            if should_cancel is not None and should_cancel():
+                raise PlanCanceled("planning canceled before the LLM answered")
             if left_s() <= 0:
                 raise LLMUnavailable(f"LLM endpoint {self.config.base_url} (model {self.config.model}): the planning "
                                      f"deadline of {self.config.deadline_s:g} s passed after {record.attempts} "

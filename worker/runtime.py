@@ -103,9 +103,12 @@ class WorkerRuntime:
 
     # --- the parts, loaded once per process --------------------------------------------------
     def planner(self):
+        """The planner, built on the first plan job; a local model loads (or downloads) then, once per process."""
         if self._planner is None:
             cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
-            self._planner = wiring.planner(self.settings, cache=cache, max_objects=min(self.settings.max_objects, 30))
+            log.info("planner: %s (pid %d)", wiring.choose_planner(self.settings).describe(), os.getpid())
+            self._planner = wiring.ready_planner(self.settings, say=log.info, cache=cache,
+                                                 max_objects=min(self.settings.max_objects, 30))
         return self._planner
 
     def preload_pipeline(self) -> None:
@@ -149,7 +152,7 @@ class WorkerRuntime:
             return "skipped"
         with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
             try:  # a cancel (or the job being reaped) stops the planner between LLM requests
-                layout = self._plan(job, lambda: heartbeat.lost or self._cancel_requested(job_id))
+                layout = self._plan(job, should_cancel=lambda: heartbeat.lost or self._cancel_requested(job_id))
             except Exception as exc:  # every failure ends the job with a code; nothing escapes to Celery
                 if heartbeat.lost:
                     return "lost"
@@ -164,16 +167,17 @@ class WorkerRuntime:
             handed = self.store.hand_to_render(job_id, self.worker, layout)
         return "planned" if handed else "lost"
 
-    def _plan(self, job: JobRecord, should_stop: Callable[[], bool]):
+    def _plan(self, job: JobRecord, should_cancel):
+        """The job's layout; ``should_cancel`` is checked between asks and, for a local model, between tokens."""
         from layout_planner import Turn
 
         planner = self.planner()
         if job.kind in ("generate", "plan"):
-            return planner.plan(job.prompt, should_stop=should_stop)
+            return planner.plan(job.prompt, should_cancel=should_cancel)
         history = [Turn(text=text, layout=layout) for text, layout in self.store.conversation(job.session_id, job.turn)]
         if not history:
             return None
-        return planner.revise(history, job.prompt, should_stop=should_stop)
+        return planner.revise(history, job.prompt, should_cancel=should_cancel)
 
     # --- stage 2 -----------------------------------------------------------------------------------
     def run_render(self, job_id: str) -> str:
@@ -226,7 +230,7 @@ class WorkerRuntime:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = path.with_suffix(".partial")
-                image.save(partial, format="PNG")
+                image.save(partial, format="PNG", compress_level=1)  # speed over size: written every few steps
                 os.replace(partial, path)
             except OSError as exc:  # a preview is a nicety: never a failed job
                 log.warning("preview of job %s not written: %s", job.job_id, exc)
@@ -292,12 +296,15 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     endpoint's URL and model, a model path, a traceback): clients get the code and a plain
     sentence, and ``WorkerRuntime._fail`` writes the exception to the worker's log.
     """
-    from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlanCanceled, PlannerError
+    from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
+    from layout_planner.errors import LocalModelUnavailable, PlanCanceled
 
-    if isinstance(exc, PlanCanceled):
-        return "canceled", "canceled while planning"
     if isinstance(exc, InvalidPrompt):
         return "invalid_prompt", str(exc)
+    if isinstance(exc, PlanCanceled):
+        return "canceled", f"canceled while planning, after {exc.tokens} generated tokens"
+    if isinstance(exc, LocalModelUnavailable):
+        return "llm_unavailable", "the plan worker cannot load its layout model (details are in the service's log)"
     if isinstance(exc, LLMUnavailable):
         return "llm_unavailable", "the layout planner's LLM could not be reached; retry later (details are in the service's log)"
     if isinstance(exc, LLMBadOutput | PlannerError):

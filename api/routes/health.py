@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import OperatorDep, StoreDep
-from api.schemas import Readiness, WorkerView
+from api.deps import OperatorDep, SettingsDep, StoreDep
+from api.schemas import PlannerView, Readiness, WorkerView
 from jobs.queue import QUEUES
+from lmd.wiring import choose_planner
 
 router = APIRouter(tags=["health"])
 
@@ -18,14 +19,17 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", response_model=Readiness, operation_id="readyz")
-def readyz(store: StoreDep, operator: OperatorDep) -> Readiness:
-    """Redis answers (503 otherwise); how many workers beat recently per queue, and queues nobody serves.
-
-    The workers' names and pids are listed only to an operator (see ``api.deps.is_operator``).
-    """
+def readyz(store: StoreDep, settings: SettingsDep, operator: OperatorDep) -> Readiness:
+    """Redis answers (503 otherwise) and whether it persists; how many workers beat recently per
+    queue, and queues nobody serves. The workers' names and pids, and the layout planner the
+    settings select (its model and endpoint), only to an operator (``api.deps.is_operator``)."""
     store.ping()
     workers = [WorkerView(**w) for w in store.workers()]
-    queues = QUEUES
-    counts = {q: sum(q in w.queues for w in workers) for q in queues}
-    return Readiness(redis="ok", persistence=store.persistence(), worker_counts=counts, workers=workers if operator else None,
-                     queues_without_workers=[q for q in queues if not counts[q]])
+    counts = {q: sum(q in w.queues for w in workers) for q in QUEUES}
+    planner = None
+    if operator:
+        choice = choose_planner(settings)
+        planner = PlannerView(kind=choice.kind, model=choice.model, endpoint=choice.endpoint, reason=choice.reason)
+    return Readiness(redis="ok", persistence=store.persistence(), worker_counts=counts,
+                     workers=workers if operator else None,
+                     queues_without_workers=[q for q in QUEUES if not counts[q]], planner=planner)

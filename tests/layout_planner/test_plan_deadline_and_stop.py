@@ -35,6 +35,6 @@ def test_a_stop_request_ends_the_call_before_the_next_attempt(fake_llm):
         return len(fake_llm.requests) >= 1  # the cancel arrives while the first request hangs
 
     with pytest.raises(PlanCanceled):
-        planner.plan("a cat on a mat", should_stop=stop)
+        planner.plan("a cat on a mat", should_cancel=stop)
     planner.close()
     assert len(fake_llm.requests) == 1 and asked
