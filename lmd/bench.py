@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from layout_planner.layout import Layout, LayoutObject
 
@@ -54,6 +54,13 @@ class BenchConfig(BaseModel):
             "random model, random encoders of the same structure are built (timings only)"
         ),
     )
+
+    @field_validator("objects")
+    @classmethod
+    def _object_counts(cls, counts: list[int]) -> list[int]:
+        if any(n < 1 or n > len(BENCH_OBJECTS) for n in counts):
+            raise ValueError(f"each count must be between 1 and {len(BENCH_OBJECTS)}")
+        return counts
 
 
 class MachineInfo(BaseModel):

@@ -53,9 +53,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise CLIError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-    if any(n < 1 or n > 4 for n in config.objects):
-        raise CLIError("--objects: each count must be between 1 and 4")
+        raise CLIError(f"--{'-'.join(str(p) for p in first['loc'])}: {first['msg'].removeprefix('Value error, ')}") from None
 
     from tqdm import tqdm
 
