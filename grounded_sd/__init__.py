@@ -26,12 +26,16 @@ _EXPORTS = {
     "VariantUnavailable": "grounded_sd.errors",
     "GroundedSDError": "grounded_sd.errors",
     "NonFiniteLatents": "grounded_sd.errors",
+    "NoImageParameters": "grounded_sd.errors",
+    "ImageParameters": "grounded_sd.image_parameters",
+    "read_parameters": "grounded_sd.image_parameters",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NonFiniteLatents, VariantUnavailable
+    from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NoImageParameters, NonFiniteLatents, VariantUnavailable
+    from grounded_sd.image_parameters import ImageParameters, read_parameters
     from grounded_sd.options import LMDOptions
     from grounded_sd.pipeline import LMDPipeline, ModelLoadError
     from grounded_sd.report import GenerationReport, GenerationResult

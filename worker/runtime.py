@@ -22,9 +22,9 @@ from collections.abc import Callable
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from jobs.files import drop_old_job_dirs, job_dir
+from jobs.files import drop_old_job_dirs, job_dir, result_file
 from jobs.queue import redelivery_after_s
-from jobs.records import ErrorCode, JobRecord, Progress
+from jobs.records import ErrorCode, JobRecord, PreviewInfo, Progress
 from jobs.store import Store, this_worker
 from jobs.transitions import delivery_limit
 from lmd import wiring
@@ -166,7 +166,7 @@ class WorkerRuntime:
         from layout_planner import Turn
 
         planner = self.planner()
-        if job.kind == "generate":
+        if job.kind in ("generate", "plan"):
             return planner.plan(job.prompt)
         history = [Turn(text=text, layout=layout) for text, layout in self.store.conversation(job.session_id, job.turn)]
         if not history:
@@ -186,7 +186,8 @@ class WorkerRuntime:
                 out = job_dir(self.settings.data_dir, job_id)
                 if out.exists():
                     shutil.rmtree(out)  # what an earlier, killed delivery left
-                result.save(out)
+                result.save(out, result.parameters(prompt=job.prompt, preset=job.preset,
+                                                   negative_prompt=job.negative_prompt))
             except Exception as exc:
                 if heartbeat.lost:
                     return "lost"
@@ -205,13 +206,32 @@ class WorkerRuntime:
         options = render_options(job, self.settings)
         conditioning = self.conditioning(job.conditioning)
 
-        def progress(stage: str, step: int, total: int) -> None:
+        current = {"progress": Progress(stage="loading")}  # what was last written: a preview keeps the step
+
+        def write_progress(update: Progress) -> None:
+            current["progress"] = update
             try:
-                self.store.held_update(job.job_id, self.worker, {
-                    "progress": Progress(stage=stage, step=step, total=total), "heartbeat_at": time.time(),
-                })
+                self.store.held_update(job.job_id, self.worker, {"progress": update, "heartbeat_at": time.time()})
             except redis.RedisError as exc:
                 log.warning("progress of job %s not recorded: %s", job.job_id, exc)
+
+        def progress(stage: str, step: int, total: int) -> None:
+            write_progress(Progress(stage=stage, step=step, total=total, preview=current["progress"].preview))
+
+        def preview(stage: str, step: int, total: int, image) -> None:
+            """Write the preview (replacing the last one whole, so the API never serves half a file)."""
+            path = result_file(self.settings.data_dir, job.job_id, "preview")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(".partial")
+                image.save(partial, format="PNG")
+                os.replace(partial, path)
+            except OSError as exc:  # a preview is a nicety: never a failed job
+                log.warning("preview of job %s not written: %s", job.job_id, exc)
+                return
+            last = current["progress"]
+            count = last.preview.count + 1 if last.preview else 1
+            write_progress(last.model_copy(update={"preview": PreviewInfo(count=count, stage=stage, step=step, total=total)}))
 
         def should_cancel() -> bool:
             return heartbeat.lost or self._cancel_requested(job.job_id)
@@ -229,6 +249,7 @@ class WorkerRuntime:
             conditioning=conditioning,
             source_prompt=job.source_prompt,
             language=job.language,
+            preview=preview if job.previews else None,
         )
 
     # --- endings -----------------------------------------------------------------------------------

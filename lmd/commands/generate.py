@@ -135,7 +135,8 @@ def run_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     result = _render(args, settings, layout, seed)
     try:
-        out = result.save(args.out)
+        parameters = result.parameters(prompt=args.prompt, preset=args.preset or settings.preset, negative_prompt=args.negative)
+        out = result.save(args.out, parameters)
     except OSError as exc:
         raise CLIError(f"cannot write to {args.out}: {exc}") from None
     _print_summary(result, out, seed)
