@@ -168,10 +168,20 @@ class WorkerView(BaseModel):
     seen_at: float
 
 
+class PlannerView(BaseModel):
+    """Which layout planner the settings select (``LMD_PLANNER``) and why."""
+
+    kind: Literal["remote", "local"]
+    model: str
+    endpoint: str | None = None
+    reason: str
+
+
 class Readiness(BaseModel):
     redis: Literal["ok"]
     workers: list[WorkerView]
     queues_without_workers: list[str]
+    planner: PlannerView
 
 
 class Limits(BaseModel):

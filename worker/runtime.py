@@ -103,9 +103,12 @@ class WorkerRuntime:
 
     # --- the parts, loaded once per process --------------------------------------------------
     def planner(self):
+        """The planner, built on the first plan job; a local model loads (or downloads) then, once per process."""
         if self._planner is None:
             cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
-            self._planner = wiring.planner(self.settings, cache=cache, max_objects=min(self.settings.max_objects, 30))
+            log.info("planner: %s (pid %d)", wiring.choose_planner(self.settings).describe(), os.getpid())
+            self._planner = wiring.ready_planner(self.settings, say=log.info, cache=cache,
+                                                 max_objects=min(self.settings.max_objects, 30))
         return self._planner
 
     def preload_pipeline(self) -> None:
@@ -149,7 +152,7 @@ class WorkerRuntime:
             return "skipped"
         with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
             try:
-                layout = self._plan(job)
+                layout = self._plan(job, should_cancel=lambda: heartbeat.lost or self._cancel_requested(job_id))
             except Exception as exc:  # every failure ends the job with a code; nothing escapes to Celery
                 return self._fail(job_id, exc, stage="plan")
             if layout is None:
@@ -162,16 +165,17 @@ class WorkerRuntime:
             handed = self.store.hand_to_render(job_id, self.worker, layout)
         return "planned" if handed else "lost"
 
-    def _plan(self, job: JobRecord):
+    def _plan(self, job: JobRecord, should_cancel):
+        """The job's layout; ``should_cancel`` is checked between asks and, for a local model, between tokens."""
         from layout_planner import Turn
 
         planner = self.planner()
         if job.kind in ("generate", "plan"):
-            return planner.plan(job.prompt)
+            return planner.plan(job.prompt, should_cancel=should_cancel)
         history = [Turn(text=text, layout=layout) for text, layout in self.store.conversation(job.session_id, job.turn)]
         if not history:
             return None
-        return planner.revise(history, job.prompt)
+        return planner.revise(history, job.prompt, should_cancel=should_cancel)
 
     # --- stage 2 -----------------------------------------------------------------------------------
     def run_render(self, job_id: str) -> str:
@@ -224,7 +228,7 @@ class WorkerRuntime:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 partial = path.with_suffix(".partial")
-                image.save(partial, format="PNG")
+                image.save(partial, format="PNG", compress_level=1)  # speed over size: written every few steps
                 os.replace(partial, path)
             except OSError as exc:  # a preview is a nicety: never a failed job
                 log.warning("preview of job %s not written: %s", job.job_id, exc)
@@ -286,9 +290,14 @@ CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     """A typed failure's code and a message a person can act on (docs/service.md "Job lifecycle")."""
     from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
+    from layout_planner.errors import LocalModelUnavailable, PlanCanceled
 
     if isinstance(exc, InvalidPrompt):
         return "invalid_prompt", str(exc)
+    if isinstance(exc, PlanCanceled):
+        return "canceled", f"canceled while planning, after {exc.tokens} generated tokens"
+    if isinstance(exc, LocalModelUnavailable):
+        return "llm_unavailable", f"the plan worker cannot load its layout model: {exc}"
     if isinstance(exc, LLMUnavailable):
         return "llm_unavailable", f"the layout LLM could not be reached: {exc}. Check LMD_LLM_BASE_URL and the key, or retry later."
     if isinstance(exc, LLMBadOutput | PlannerError):

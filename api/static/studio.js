@@ -284,7 +284,7 @@ function boxText(o) {
   return `${o.id}: ${o.phrase}; left ${x0}%, top ${y0}%, width ${x1 - x0}%, height ${y1 - y0}%`;
 }
 
-function announce(text) { $("progress-text").dataset.announce = text; }
+function announce(text) { $("status").textContent = text; } // read by screen readers, not shown
 
 function placeBox(el, box) {
   const [x0, y0, x1, y1] = box;
@@ -401,6 +401,7 @@ function onBoxKey(e) {
     const [dx, dy] = arrows[e.key];
     state.selected = id;
     mutate(() => { o.box = e.shiftKey ? resizeBox(o.box, dx, dy) : moveBox(o.box, dx, dy); });
+    announce(boxText(o));
   } else if (e.key === "Delete" || e.key === "Backspace") {
     e.preventDefault();
     removeObject(id);
@@ -599,6 +600,7 @@ async function plan(e) {
   await refreshSession();
   if (view && view.state === "succeeded" && view.layout) {
     setLayout(view.layout);
+    announce(`Planned ${view.layout.objects.length} objects.`);
     state.shownJobId = view.job_id;
     markCurrentTurn();
     const first = $("editor").querySelector(".box");

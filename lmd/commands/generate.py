@@ -87,9 +87,13 @@ def _read_layout(path: Path):
 
 
 def _plan(prompt: str, settings):
+    """Stage 1; a local planner says which model and why, and its first download, on stderr."""
     from layout_planner import PlannerError
 
-    planner = wiring.planner(settings)
+    try:
+        planner = wiring.ready_planner(settings, say=lambda line: print(f"lmd generate: {line}", file=sys.stderr, flush=True))
+    except PlannerError as exc:
+        raise CLIError(str(exc)) from None
     try:
         return planner.plan(prompt)
     except PlannerError as exc:
