@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 
 import yaml
-
-from grounded_sd.conditioning.trained import TrainedConnector
 from transformers import CLIPTokenizer
 
+from grounded_sd.conditioning.trained import TrainedConnector
 from grounded_sd.prompts import object_phrase_span, object_prompt, object_token_indices
 from lmd.cli import main
-from tests.cli.test_generate import FAST, clean_env  # noqa: F401  (the fixture)
+from tests.cli.test_generate import FAST
 from tests.support.builders import box_object, layout_data
 from tests.support.shapes import make_shapes
 
@@ -25,7 +24,7 @@ LAYOUT = layout_data(
 )
 
 
-def test_exported_connector_conditions_lmd_generate(clean_env, tiny_sd_path, tiny_llm_path, capsys):  # noqa: F811
+def test_exported_connector_conditions_lmd_generate(clean_env, tiny_sd_path, tiny_llm_path, capsys):
     config = {
         "base_model": str(tiny_sd_path), "output_dir": str(clean_env / "run"),
         "connector": {"encoders": [{"model": str(tiny_llm_path), "max_tokens": 16}], "refiner": {"blocks": 1, "cond_dim": 16}},
