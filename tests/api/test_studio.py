@@ -12,6 +12,7 @@ can do everything the page does.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -23,7 +24,8 @@ import pytest
 import redis
 from PIL import Image
 
-from grounded_sd.image_parameters import read_parameters
+from grounded_sd.image_parameters import Conditioning, ImageParameters, read_parameters
+from layout_planner.layout import Layout
 from tests.support.fake_llm import FakeLLM
 from tests.support.service import REPO, APIProcess, RedisServer, WorkerProcess, service_settings, settings_env, wait_for_job
 from tests.support.tiny_sd import tiny_sd_path  # noqa: F401  (the session fixture)
@@ -294,6 +296,29 @@ def test_keyboard_only_editing(page, stack):
     page.click("#add-box")
     page.wait_for_function("document.activeElement.dataset.id === 'object3'")
     assert [o["id"] for o in layout()["objects"]] == ["cat", "dog", "object3"]
+
+
+def test_a_dropped_png_restores_its_prompt_settings_and_layout(page, stack):
+    layout = Layout.model_validate({"objects": [{"id": "lamp", "phrase": "a red lamp", "box": [0.1, 0.2, 0.3, 0.9]}],
+                                    "background": "a café at night", "negative": "people"})
+    params = ImageParameters(prompt="a red lamp in a café", layout=layout, seed=1234, steps=12, guidance_scale=7.5,
+                             width=96, height=64, variant="sd", preset="reference", model="m", scheduler="DDIMScheduler",
+                             conditioning=Conditioning(prompt="p", negative_prompt="n"))
+    png = io.BytesIO()
+    Image.new("RGB", (96, 64)).save(png, format="PNG", pnginfo=params.png_info())
+    open_studio(page, stack)
+    page.evaluate('''([data]) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "lamp.png", {type: "image/png"}));
+        document.getElementById("editor-wrap").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+    }''', [base64.b64encode(png.getvalue()).decode()])
+    page.wait_for_selector("#editor .box[data-id=lamp]")
+    assert page.input_value("#prompt") == "a red lamp in a café" and page.input_value("#seed") == "1234"
+    assert (page.input_value("#width"), page.input_value("#height"), page.input_value("#steps")) == ("96", "64", "12")
+    assert page.input_value("#variant") == "sd" and page.input_value("#background") == "a café at night"
+    editor = page.locator("#editor").bounding_box()
+    assert editor["width"] / editor["height"] == pytest.approx(96 / 64, rel=0.02)  # drawn at the image's aspect ratio
 
 
 def test_cancel_a_render_with_polling(page, stack):
