@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lmd.cli import main
-from tests.cli.test_generate import FAST, LAYOUT, clean_env  # noqa: F401  (the fixture)
+from tests.cli.test_generate import FAST, LAYOUT  # clean_env comes from tests/support/cli_env.py
 
 
 @pytest.fixture
