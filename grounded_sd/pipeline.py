@@ -193,7 +193,8 @@ class LMDPipeline:
         except ValueError as exc:
             raise InvalidLayoutError(f"options.attention_layers: {exc}") from exc
 
-        conditioning.check_mode(options.conditioning_mode)
+        mode = options.conditioning_mode or conditioning.default_mode
+        conditioning.check_mode(mode)
         conditioning.check_unet(self.unet)
 
         # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
@@ -206,12 +207,12 @@ class LMDPipeline:
             self._encode(list(prompts)) if prompts else self._encode([prompt])[:0], self._encode([box_negative(layout, options)]),
         )
         texts = TextInputs(prompt, prompts, negative, box_negative(layout, options), source_prompt=source_prompt, language=language)
-        conditioned = conditioning.prepare(texts, clip, mode=options.conditioning_mode)
+        conditioned = conditioning.prepare(texts, clip, mode=mode)
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             model=self.model_name, scheduler=type(self.scheduler).__name__,
-            options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=options.conditioning_mode,
+            options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=mode,
             source_prompt=source_prompt, language=conditioned.language,
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )

@@ -62,7 +62,7 @@ class GenerationReport(BaseModel):
     negative_prompt: str
     per_box_prompts: dict[str, str] = Field(default_factory=dict)
     conditioning: str = Field("clip", description="what the denoising forwards were conditioned on (docs/conditioning.md)")
-    conditioning_mode: str = Field("replace", description="replace: guidance on CLIP, denoising on the conditioning; concat: both on [its tokens, CLIP]")
+    conditioning_mode: str = Field("replace", description="replace: guidance on CLIP, denoising on the conditioning; concat: both on [its tokens, CLIP]; tokens: both on a per-token connector's tokens")
     source_prompt: str | None = Field(None, description="the user's own prompt (GlueNet denoises the final pass with it)")
     language: str | None = Field(None, description="the language GlueNet read the source prompt in")
     attention_layers: list[str] = Field(default_factory=list)

@@ -65,8 +65,10 @@ class Settings(BaseSettings):
     variant: Literal["lmd", "sd", "lmd_plus"] = Field(
         "lmd", description="method of a service request that names none: lmd, sd (plain baseline), lmd_plus (GLIGEN model)"
     )
-    conditioning: Literal["clip", "ella", "gluenet"] = Field(
-        "clip", description="text conditioning of the denoising of a request that names none: clip, ella, gluenet (docs/conditioning.md)"
+    conditioning: str = Field(
+        "clip",
+        pattern=r"^(clip|ella|gluenet|connector:.+)$",
+        description="text conditioning of the denoising of a request that names none: clip, ella, gluenet, connector:PATH (docs/conditioning.md, docs/training.md)",
     )
     ella_checkpoint: str = Field(
         "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors", description="ELLA's connector: a .safetensors file, or owner/repo/file on the hub"
