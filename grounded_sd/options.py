@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from grounded_sd.guidance import GuidanceStop
 from grounded_sd.masks import MaskOptions
 
 REFERENCE_STEPS = 50
@@ -35,7 +36,15 @@ class LMDOptions(BaseModel):
         description="(until step, of 50; iterations per step) in order: ref 4 for 0-4, 3 for 5-9, 2 for 10-19, 1 for 20-29",
     )
     loss_scale: float = Field(5.0, ge=0.0, description="z -= scale * sqrt(1 - alpha_bar_t) * dE/dz (ref 5)")
-    loss_threshold: float = Field(5.0, ge=0.0, description="stop a step's iterations once E < threshold (ref 5.0)")
+    loss_threshold: float = Field(5.0, ge=0.0, description="guidance stops once E is at or under this (ref 5.0); when, see guidance_stop")
+    guidance_stop: GuidanceStop = Field(
+        "pass",
+        description=(
+            "'pass' (reference): the update computed at the first energy at or under the threshold is applied, then "
+            "the row is not guided again in that pass; 'step' (fast preset): the energy is checked afresh at every "
+            "guided step, rows under the threshold are not moved, and guidance resumes if the energy rises"
+        ),
+    )
     topk_fraction: float = Field(0.2, gt=0.0, le=1.0, description="k = fraction of the mask's pixels (ref 0.2)")
     background_weight: float = Field(4.0, ge=0.0, description="w: weight of attention outside the box (ref 4)")
     transfer_weight: float = Field(2.0, ge=0.0, description="attention transfer from the per-box pass (§2.6, ref 2.0)")
@@ -117,6 +126,7 @@ class LMDOptions(BaseModel):
             iteration_schedule=[(10, 1)],
             per_box_full_pass=False,
             energy_checks=False,
+            guidance_stop="step",
         )
         values.update(overrides)
         return cls(**values)

@@ -281,7 +281,7 @@ class LMDPipeline:
         initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * run.init_sigma
 
         reference_maps: dict[int, dict[str, torch.Tensor]] = {}  # step -> layer -> (N, heads, h*w)
-        mask_sum = torch.zeros(n, *run.latent_hw, device=self.device)
+        mask_sum: torch.Tensor | float = 0.0  # (N, h, w) at the attention map's own resolution
         mask_count = 0
 
         def capture_per_box(step: int) -> list[str]:
@@ -461,7 +461,7 @@ class LMDPipeline:
                 latents = guide_latents(
                     latents, iterations=iterations, step_size=guidance_step_size(scheduler, t, i), scale=options.loss_scale,
                     threshold=self.energy_threshold(options, run.layers), forward=forward, loss_fn=loss_fn, counter=run.counter,
-                    max_batch=options.max_batch, trace=trace, check_cancel=run.check_cancel,
+                    max_batch=options.max_batch, trace=trace, stop=options.guidance_stop, check_cancel=run.check_cancel,
                 )
                 if options.energy_checks and i in (0, last_guided):  # the energy after this step's updates, for the report
                     measured: dict[str, float] = {}
@@ -566,12 +566,12 @@ class LMDPipeline:
         return scheduler
 
     def _mask_layer_mean(self, per_object: dict[str, torch.Tensor], latent_hw: tuple[int, int]) -> torch.Tensor:
-        """Mean over heads and over the highest-resolution guided layers, resized to the latent (§2.4)."""
+        """Mean over heads and over the highest-resolution guided layers, at that resolution (§2.4):
+        the mask code smooths in these pixels (the unit of ``MaskOptions.smooth_sigma``) before resizing."""
         cells = max(maps.shape[-1] for maps in per_object.values())
         chosen = [maps for maps in per_object.values() if maps.shape[-1] == cells]
         h, w = map_shape(cells, latent_hw)
-        mean = torch.stack(chosen).mean(dim=0).mean(dim=1).float().view(-1, 1, h, w)
-        return torch.nn.functional.interpolate(mean, size=latent_hw, mode="bilinear", align_corners=False)[:, 0]
+        return torch.stack(chosen).mean(dim=0).mean(dim=1).float().view(-1, h, w)
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
