@@ -9,7 +9,8 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
 
-from api.store import JobRecord, SessionRecord, Store
+from jobs.records import JobRecord, SessionRecord
+from jobs.store import Store
 from lmd.settings import Settings
 
 

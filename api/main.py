@@ -18,9 +18,9 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 
 from api.routes import generate, health, jobs, metrics, sessions
-from api.store import Store, StoreConflict, connect
+from jobs.queue import create_celery
+from jobs.store import Store, StoreConflict
 from lmd.settings import Settings, get_settings
-from worker.celery_app import create_celery
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_size=MAX_BODY_BYTES,
     )
     app.state.settings = settings
-    app.state.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+    app.state.store = Store.from_settings(settings)
     app.state.celery = create_celery(settings)
 
     def unavailable(request: Request, exc: Exception) -> JSONResponse:

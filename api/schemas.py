@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.store import JobError, JobRecord, JobState, Progress, SessionRecord
+from jobs.records import JobError, JobRecord, JobState, Progress, SessionRecord
 from layout_planner.layout import Layout
 from lmd.settings import Settings
 

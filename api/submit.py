@@ -16,9 +16,10 @@ from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
 
 from api.schemas import Accepted
-from api.store import IdempotencyRecord, JobError, JobRecord, SessionRecord, Store, body_hash
+from jobs.queue import enqueue
+from jobs.records import IdempotencyRecord, JobRecord, SessionRecord, body_hash
+from jobs.store import Store
 from lmd.settings import Settings
-from worker.celery_app import enqueue
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def submit(
                                    session_id=session.session_id, turn=0)
         claim = (store.idempotency_key(job.owner, route, idempotency_key), record)
 
-    if store.active_count() >= settings.max_active_jobs and not (claim and store.redis.exists(claim[0])):
+    if store.active_count() >= settings.max_active_jobs and not (claim and store.idempotency_used(claim[0])):
         raise HTTPException(429, f"{settings.max_active_jobs} jobs are already queued or running "
                                  "(LMD_MAX_ACTIVE_JOBS); retry later", {"Retry-After": str(settings.retry_after_s)})
     created, earlier = store.create_job(job, session, claim)
@@ -90,11 +91,7 @@ def submit(
         enqueue(celery, created.job_id, "render" if created.layout_given else "plan")
     except OperationalError as exc:
         log.warning("could not enqueue job %s: %s", created.job_id, exc)
-        store.update_job(created.job_id, lambda j: j.model_copy(update={
-            "state": "failed",
-            "error": JobError(code="enqueue_failed",
-                              message="the job could not be queued (broker unreachable); submit it again"),
-        }))
+        store.mark_enqueue_failed(created.job_id)
         if claim is not None:
             store.forget_idempotency(claim[0])
         raise HTTPException(503, "the job queue is unreachable; retry shortly", {"Retry-After": str(settings.retry_after_s)}) from exc

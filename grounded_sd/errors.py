@@ -20,3 +20,14 @@ class GenerationCanceled(GroundedSDError):
 class NonFiniteLatents(GroundedSDError):
     """A pass ended with NaN or infinite latents (fp16 overflow in some models, or broken
     weights); raised instead of decoding a black image. The message names the pass and dtype."""
+
+
+class ConditioningUnavailable(GroundedSDError):
+    """The requested text conditioning cannot be used: its checkpoint or encoder is not
+    configured or cannot be read, the UNet is not the kind it was trained for, or (GlueNet)
+    the prompt's language has no checkpoint. The message names the setting or the language."""
+
+
+class CheckpointMismatch(ConditioningUnavailable):
+    """A conditioning checkpoint does not match the module strictly: a missing, unexpected or
+    renamed key, a wrong shape, or a pickle holding more than plain tensors. Names the key."""

@@ -100,8 +100,8 @@ def test_ctrl_c_in_batch_mode_keeps_whole_lines_and_resumes(fake_llm, clean_env,
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"index": i, "prompt": f"cat number {i}"}) + "\n" for i in range(6)))
     out = tmp_path / "layouts.jsonl"
-    for _ in range(6):
-        fake_llm.enqueue_timeout(0.4)  # slow but successful answers (the client waits 10 s)
+    for delay_s in (0.4, 0.4, 3.0, 3.0, 3.0, 3.0):
+        fake_llm.enqueue_timeout(delay_s)  # slow but successful answers (the client waits 10 s)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMD_")}
     env.update(fake_llm.env(), LMD_LLM_TIMEOUT_S="10", PYTHONPATH=str(ROOT))
     process = subprocess.Popen(
@@ -123,6 +123,7 @@ def test_ctrl_c_in_batch_mode_keeps_whole_lines_and_resumes(fake_llm, clean_env,
     assert 2 <= len(written) < 6 and all(Layout.model_validate(line["layout"]) for line in written)
 
     done = len(fake_llm.requests)
+    fake_llm.replies.clear()  # the resumed run gets prompt answers
     for name, value in fake_llm.env().items():
         clean_env.setenv(name, value)
     assert main(["plan", "--prompts-file", str(prompts), "--out", str(out)]) == 0  # resumes where it stopped

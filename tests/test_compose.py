@@ -64,7 +64,7 @@ def test_dockerfile_is_cuda_and_installs_the_lock_file():
     text = (REPO / "Dockerfile.gpu").read_text()
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\w.]+-runtime-", text, re.M)
     assert "pip install -r requirements/lock.txt" in text
-    for package in ("lmd", "layout_planner", "grounded_sd", "api", "worker"):
+    for package in ("lmd", "layout_planner", "grounded_sd", "jobs", "api", "worker"):
         assert f"COPY {package} {package}" in text
     lock = (REPO / "requirements" / "lock.txt").read_text()
     assert re.search(r"^torch==", lock, re.M) and re.search(r"^nvidia-cuda-runtime", lock, re.M)  # the CUDA build

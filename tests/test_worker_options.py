@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.store import JobRecord, utcnow
+from jobs.records import JobRecord, utcnow
 from lmd.settings import Settings
 from worker.runtime import describe_failure, render_options
 

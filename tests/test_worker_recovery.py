@@ -15,8 +15,9 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from api.store import JobRecord, SessionRecord, Store, connect, new_id, utcnow
-from worker.celery_app import create_celery, enqueue, redelivery_after_s
+from jobs.queue import create_celery, enqueue, redelivery_after_s
+from jobs.records import JobRecord, SessionRecord, new_id, utcnow
+from jobs.store import Store, connect
 from worker.runtime import Heartbeat, Maintenance
 from tests.support.service import service_settings
 

@@ -18,14 +18,16 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from api.store import ErrorCode, JobRecord, Progress, Store, connect, job_dir, this_worker
+from jobs.files import drop_old_job_dirs, job_dir
+from jobs.queue import redelivery_after_s
+from jobs.records import ErrorCode, JobRecord, Progress
+from jobs.store import Store, this_worker
+from jobs.transitions import delivery_limit
 from lmd.settings import Settings, get_settings
-from worker.celery_app import redelivery_after_s
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+        self.store = Store.from_settings(settings)
         self.worker = this_worker()
         self._planner = None
         self._pipeline = None
@@ -95,7 +97,7 @@ class WorkerRuntime:
 
     @property
     def max_deliveries(self) -> int:
-        return 1 + self.settings.max_redeliveries
+        return delivery_limit(self.settings.max_redeliveries)
 
     # --- the parts, loaded once per process --------------------------------------------------
     def planner(self):
@@ -161,10 +163,7 @@ class WorkerRuntime:
                 return "lost"
             if self._cancel_requested(job_id):
                 return self._end(job_id, "canceled", "canceled", "canceled after planning, before rendering")
-            handed = self.store.held_update(job_id, self.worker, {
-                "state": "rendering", "layout": layout, "worker": None, "heartbeat_at": None,
-                "deliveries": 0, "progress": Progress(stage="waiting"),
-            })
+            handed = self.store.hand_to_render(job_id, self.worker, layout)
         return "planned" if handed else "lost"
 
     def _plan(self, job: JobRecord):
@@ -323,7 +322,7 @@ class Maintenance:
 
     def __init__(self, settings: Settings, name: str, queues: list[str], requeue: Callable[[str, str], None]):
         self.settings, self.name, self.queues, self.requeue = settings, name, queues, requeue
-        self.store = Store(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+        self.store = Store.from_settings(settings)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmd-maintenance", daemon=True)
 
@@ -341,7 +340,7 @@ class Maintenance:
 
     def sweep(self) -> list[tuple[str, str]]:
         """One pass of the reaper; returns the jobs it re-enqueued."""
-        lost = self.store.reap_lost(self.settings.worker_lost_after_s, 1 + self.settings.max_redeliveries,
+        lost = self.store.reap_lost(self.settings.worker_lost_after_s, delivery_limit(self.settings.max_redeliveries),
                                     unheld_after_s=redelivery_after_s(self.settings))
         for job_id, stage in lost:
             log.warning("job %s lost its worker or its message (%s); re-enqueued", job_id, stage)
@@ -349,19 +348,7 @@ class Maintenance:
         return lost
 
     def drop_old_results(self) -> int:
-        root = Path(self.settings.data_dir) / "jobs"
-        if not root.is_dir():
-            return 0
-        cutoff = time.time() - self.settings.retention_s
-        dropped = 0
-        for path in root.iterdir():
-            try:
-                if path.is_dir() and path.stat().st_mtime < cutoff:
-                    shutil.rmtree(path)
-                    dropped += 1
-            except OSError as exc:
-                log.warning("could not drop %s: %s", path, exc)
-        return dropped
+        return drop_old_job_dirs(self.settings.data_dir, self.settings.retention_s)
 
     def _run(self) -> None:
         next_sweep = 0.0

@@ -8,9 +8,9 @@ import threading
 from celery import current_app, shared_task, signals
 from celery.exceptions import TimeLimitExceeded
 
+from jobs.queue import PLAN_TASK, RENDER_TASK, enqueue
 from lmd.settings import get_settings
 from worker import runtime
-from worker.celery_app import PLAN_TASK, RENDER_TASK, enqueue
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned_session
 from api.schemas import Accepted, GenerateRequest, limit_errors
-from api.store import JobRecord, SessionRecord, new_id, utcnow
+from jobs.records import JobRecord, SessionRecord, new_id, utcnow
 from api.submit import replay, submit
 
 router = APIRouter(tags=["generate"])

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import StoreDep
 from api.schemas import Readiness, WorkerView
-from worker.celery_app import PLAN_QUEUE, RENDER_QUEUE
+from jobs.queue import QUEUES
 
 router = APIRouter(tags=["health"])
 
@@ -24,4 +24,4 @@ def readyz(store: StoreDep) -> Readiness:
     workers = [WorkerView(**w) for w in store.workers()]
     served = {q for w in workers for q in w.queues}
     return Readiness(redis="ok", workers=workers,
-                     queues_without_workers=[q for q in (PLAN_QUEUE, RENDER_QUEUE) if q not in served])
+                     queues_without_workers=[q for q in QUEUES if q not in served])

@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import JobDep, SettingsDep, StoreDep
 from api.schemas import JobView
-from api.store import job_dir
+from jobs.files import result_file
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -27,7 +27,7 @@ def get_job(job: JobDep) -> JobView:
 def _result_file(job, settings, name: str) -> FileResponse:
     if job.state != "succeeded":
         raise HTTPException(409, f"job {job.job_id} is {job.state}; its {name} exists once it has succeeded")
-    path = job_dir(settings.data_dir, job.job_id) / f"{name}.png"
+    path = result_file(settings.data_dir, job.job_id, name)
     if not path.is_file():
         raise HTTPException(404, f"the {name} of job {job.job_id} is gone (retention LMD_RETENTION_S passed)")
     return FileResponse(path, media_type="image/png")

@@ -16,8 +16,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from api.deps import StoreDep
-from api.store import RENDER_BUCKETS_S, Store
-from worker.celery_app import PLAN_QUEUE, RENDER_QUEUE
+from jobs.queue import QUEUES
+from jobs.store import RENDER_BUCKETS_S, Store
 
 router = APIRouter(tags=["health"])
 
@@ -56,7 +56,7 @@ class RecordsCollector:
                                     buckets=buckets, sum_value=self.stats.get("render:sum", 0.0))
 
         workers = GaugeMetricFamily("lmd_workers", "Workers that registered recently, by queue", labels=["queue"])
-        for queue in (PLAN_QUEUE, RENDER_QUEUE):
+        for queue in QUEUES:
             workers.add_metric([queue], sum(queue in w["queues"] for w in self.workers))
         yield workers
 

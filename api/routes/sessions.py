@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.deps import CeleryDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import Accepted, InstructRequest, SessionView, limit_errors
-from api.store import JobRecord, new_id, utcnow
+from jobs.records import JobRecord, new_id, utcnow
 from api.submit import replay, submit
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])

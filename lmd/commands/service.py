@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import os
 
-QUEUES = ("plan", "render")
 DEFAULT_CONCURRENCY = {"plan": 2, "render": 1}
 
 
@@ -61,6 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from jobs.queue import QUEUES, create_celery
     from lmd.cli import CLIError
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
@@ -74,9 +74,6 @@ def _worker(args: argparse.Namespace) -> int:
         raise CLIError("a render worker runs one process per GPU: start one `lmd worker --queues render` "
                        "per GPU (LMD_DEVICE=cuda:N) instead of --concurrency > 1")
     settings = _settings()
-
-    from worker.celery_app import create_celery
-
     app = create_celery(settings)
     app.conf.lmd_preload_pipeline = "render" in queues  # worker.tasks loads it in each pool child
     name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"

@@ -1,9 +1,9 @@
-"""Job and session records in Redis: the service's source of truth (SERVICE.md "Job lifecycle").
+"""The job and session records in Redis: the service's source of truth (docs/service.md "Records and retention").
 
 Celery carries messages; these records carry state. Every record expires after the retention
-setting, refreshed on each write. A change is a read-modify-write under WATCH, so concurrent
-writers (the API cancelling, a worker reporting progress, a reaper) never lose each other's
-updates and a finished job never moves again.
+setting, refreshed on each write. A change is a read-modify-write under WATCH around one pure
+function of ``jobs.transitions``, so concurrent writers (the API cancelling, a worker reporting
+progress, a reaper) never lose each other's updates and a finished job never moves again.
 
 This module imports neither FastAPI nor torch: the API and the workers both use it.
 """
@@ -15,37 +15,15 @@ import json
 import os
 import socket
 import time
-import uuid
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import redis
-from pydantic import BaseModel, Field
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from jobs import transitions
+from jobs.records import ErrorCode, IdempotencyRecord, JobRecord, JobState, SessionRecord, SessionTurn, Stage, utcnow
 from layout_planner.layout import Layout
-
-JobState = Literal["queued", "planning", "rendering", "succeeded", "failed", "canceled"]
-TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
-Stage = Literal["plan", "render"]
-
-ErrorCode = Literal[
-    "invalid_prompt",
-    "llm_unavailable",
-    "llm_bad_output",
-    "invalid_layout",
-    "variant_unavailable",
-    "model_unavailable",
-    "no_layout",
-    "out_of_memory",
-    "timeout",
-    "worker_lost",
-    "canceled",
-    "enqueue_failed",
-    "internal",
-]
 
 _CONFLICT_ATTEMPTS = 50
 RENDER_BUCKETS_S = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -55,96 +33,12 @@ class StoreConflict(RuntimeError):
     """A record kept changing under us for too many attempts (bounded optimistic locking)."""
 
 
-class Progress(BaseModel):
-    """Where a job is: a stage name and a step count within it."""
-
-    stage: str = "queued"
-    step: int = 0
-    total: int = 0
-
-
-class JobError(BaseModel):
-    """Why a job failed: a code a client can branch on, a message a person can act on."""
-
-    code: ErrorCode
-    message: str
-
-
-class JobRecord(BaseModel):
-    job_id: str
-    session_id: str
-    owner: str | None = None
-    kind: Literal["generate", "instruct"] = "generate"
-    turn: int = 1
-    prompt: str
-    layout: Layout | None = None
-    layout_given: bool = False
-    seed: int
-    steps: int | None = None
-    guidance_scale: float | None = None
-    width: int = 512
-    height: int = 512
-    negative_prompt: str | None = None
-    variant: str = "lmd"
-    preset: Literal["reference", "fast"] = "reference"
-    state: JobState = "queued"
-    progress: Progress = Field(default_factory=Progress)
-    error: JobError | None = None
-    cancel_requested: bool = False
-    deliveries: int = Field(0, description="how many times a worker started the current stage")
-    worker: str | None = Field(None, description="'hostname:pid' of the process running the current stage")
-    heartbeat_at: float | None = None
-    created_at: datetime
-    updated_at: datetime
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-
-class SessionTurn(BaseModel):
-    turn: int
-    kind: Literal["generate", "instruct"]
-    text: str
-    job_id: str
-
-
-class SessionRecord(BaseModel):
-    session_id: str
-    owner: str | None = None
-    seed: int
-    turns: list[SessionTurn] = Field(default_factory=list)
-    created_at: datetime
-    updated_at: datetime
-
-
-class IdempotencyRecord(BaseModel):
-    """What an Idempotency-Key was first used for: the body's hash and the answer given."""
-
-    body_hash: str
-    job_id: str
-    session_id: str
-    turn: int
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-def body_hash(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def this_worker() -> str:
     """The identity a worker process writes into the jobs it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _pid_is_dead(worker: str) -> bool:
+def worker_dead(worker: str) -> bool:
     """True when ``worker`` ran on this host and its process is gone (a killed render child)."""
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -181,6 +75,11 @@ class Store:
         self.redis = client
         self.retention_s = retention_s
         self.prefix = prefix
+
+    @classmethod
+    def from_settings(cls, settings) -> "Store":
+        """The store of ``LMD_REDIS_URL`` with the service's timeouts and retention."""
+        return cls(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
 
     # --- keys ----------------------------------------------------------------------------------
     def job_key(self, job_id: str) -> str:
@@ -230,6 +129,9 @@ class Store:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.cancel_key(job_id)))
 
+    def active_count(self) -> int:
+        return int(self.redis.scard(self.active_key))
+
     # --- creation ------------------------------------------------------------------------------
     def create_job(
         self,
@@ -278,6 +180,9 @@ class Store:
         raw = self.redis.get(key)
         return IdempotencyRecord.model_validate_json(raw) if raw else None
 
+    def idempotency_used(self, key: str) -> bool:
+        return bool(self.redis.exists(key))
+
     def forget_idempotency(self, key: str) -> None:
         self.redis.delete(key)
 
@@ -303,107 +208,48 @@ class Store:
             if new.terminal:
                 pipe.srem(self.active_key, job_id)
                 pipe.delete(self.cancel_key(job_id))
-                if not job.terminal:
-                    pipe.hincrby(self.stats_key, f"finished:{new.state}", 1)
-                    if new.error is not None and new.state == "failed":
-                        pipe.hincrby(self.stats_key, f"failed:{new.error.code}", 1)
+            for counter in transitions.counters(job, new):
+                pipe.hincrby(self.stats_key, counter, 1)
             return new
 
         return self._transaction(attempt, key)
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Cancel now if no worker holds the job; otherwise raise the flag its worker checks every step."""
-
-        def change(job: JobRecord) -> JobRecord | None:
-            if job.terminal:
-                return None
-            if job.worker is None:
-                return job.model_copy(update=_ending("canceled", "canceled", "canceled before a worker started it"))
-            return job.model_copy(update={"cancel_requested": True})
-
-        job = self.update_job(job_id, change)
+        job = self.update_job(job_id, transitions.request_cancel)
         if job is not None and not job.terminal:
             self.redis.set(self.cancel_key(job_id), "1", ex=self.retention_s)
         return job
 
     def claim(self, job_id: str, stage: Stage, worker: str, max_deliveries: int, lost_after_s: float) -> JobRecord | None:
-        """Take the job's ``stage`` for ``worker``; None when there is nothing to do.
-
-        Nothing to do: the job is gone or finished, is not at this stage, or a live worker holds
-        it (a duplicate delivery). A job already started ``max_deliveries`` times ends
-        ``failed`` with ``worker_lost``: a job that kills its worker must not loop.
-        """
-        result: dict[str, JobRecord | None] = {"claimed": None}
+        """Take the job's ``stage`` for ``worker``; None when there is nothing to do (``transitions.claim``)."""
+        outcome: list[transitions.Claim] = []
 
         def change(job: JobRecord) -> JobRecord | None:
-            result["claimed"] = None
-            if job.terminal:
-                return None
-            if job.cancel_requested:
-                return job.model_copy(update=_ending("canceled", "canceled", "canceled before a worker started it"))
-            if stage == "plan":
-                ready = job.state in ("queued", "planning") and not job.layout_given
-            else:
-                ready = job.state == "rendering" or (job.state == "queued" and job.layout_given)
-            if not ready:
-                return None
-            if job.worker is not None and not _is_stale(job, lost_after_s):
-                return None
-            if job.deliveries >= max_deliveries:
-                return job.model_copy(update=_worker_lost(job))
-            claimed = job.model_copy(
-                update={
-                    "state": "planning" if stage == "plan" else "rendering",
-                    "progress": Progress(stage="planning" if stage == "plan" else "loading"),
-                    "worker": worker,
-                    "heartbeat_at": time.time(),
-                    "deliveries": job.deliveries + 1,
-                }
-            )
-            result["claimed"] = claimed
-            return claimed
+            outcome[:] = [transitions.claim(job, stage, worker, time.time(), max_deliveries, lost_after_s, worker_dead)]
+            return outcome[0].stored
 
         self.update_job(job_id, change)
-        return result["claimed"]
+        return outcome[0].claimed if outcome else None
 
     def held_update(self, job_id: str, worker: str, update: dict) -> JobRecord | None:
-        """Change a running job only while ``worker`` still holds it; None when it no longer does.
+        """Change a running job only while ``worker`` still holds it; None when it no longer does."""
+        return self._held(job_id, lambda job: transitions.held_update(job, worker, update))
 
-        A worker whose job was reaped, canceled or finished by someone else thus writes nothing.
-        """
-        applied: list[JobRecord] = []
-
-        def change(job: JobRecord) -> JobRecord | None:
-            applied.clear()
-            if job.terminal or job.worker != worker:
-                return None
-            new = job.model_copy(update=update)
-            applied.append(new)
-            return new
-
-        self.update_job(job_id, change)
-        return applied[0] if applied else None
+    def hand_to_render(self, job_id: str, worker: str, layout: Layout) -> JobRecord | None:
+        """Store stage 1's layout and leave the job waiting for a render worker; None when no longer held."""
+        return self._held(job_id, lambda job: transitions.planned(job, worker, layout))
 
     def finish(self, job_id: str, worker: str, state: JobState, code: ErrorCode | None = None, message: str = "") -> JobRecord | None:
         """End a held job: ``succeeded``, or ``failed``/``canceled`` with an error code and message."""
-
-        def change(job: JobRecord) -> JobRecord | None:
-            if job.terminal or job.worker != worker:
-                return None
-            if code is not None:
-                return job.model_copy(update=_ending(state, code, message))
-            done = job.progress.model_copy(update={"step": job.progress.total})
-            return job.model_copy(update={"state": state, "worker": None, "progress": done})
-
-        return self.update_job(job_id, change)
+        return self.update_job(job_id, lambda job: transitions.finish(job, worker, state, code, message))
 
     def fail(self, job_id: str, code: ErrorCode, message: str) -> JobRecord | None:
         """End an unfinished job ``failed`` whoever holds it (a hard time limit killed its worker)."""
-        return self.update_job(job_id, lambda job: None if job.terminal else job.model_copy(
-            update=_ending("failed", code, message)))
+        return self.update_job(job_id, lambda job: transitions.fail(job, code, message))
 
-    def active_count(self) -> int:
-        return int(self.redis.scard(self.active_key))
+    def mark_enqueue_failed(self, job_id: str) -> JobRecord | None:
+        return self.update_job(job_id, transitions.enqueue_failed)
 
     # --- metrics ---------------------------------------------------------------------------------
     def record_render(self, seconds: float) -> None:
@@ -459,41 +305,35 @@ class Store:
                   unheld_after_s: float | None = None) -> list[tuple[str, Stage]]:
         """Release running jobs whose worker stopped beating; return (job_id, stage) to re-enqueue.
 
-        A job already started ``max_deliveries`` times ends ``failed`` with ``worker_lost``
-        instead. With ``unheld_after_s``, a job nobody holds that has not changed for that
-        long is re-enqueued too (its message may be lost; a duplicate is skipped at claim),
-        at most once per ``unheld_after_s``. See docs/service.md "Lost workers".
+        The rules are ``transitions.reap``'s; see docs/service.md "Lost workers".
         """
         requeue: list[tuple[str, Stage]] = []
         now = time.time()
         for job_id in self.redis.smembers(self.active_key):
-            released: dict[str, Stage] = {}
+            outcome: list[transitions.Reaped] = []
 
             def change(job: JobRecord) -> JobRecord | None:
-                released.clear()
-                if job.terminal:
-                    return None
-                if job.worker is None:
-                    if unheld_after_s is None or now - job.updated_at.timestamp() <= unheld_after_s:
-                        return None
-                    released["stage"] = "plan" if job.state in ("queued", "planning") and not job.layout_given else "render"
-                    return job.model_copy(update={"progress": Progress(stage="requeued")})  # restarts the period
-                if not _is_stale(job, lost_after_s):
-                    return None
-                if job.deliveries >= max_deliveries:
-                    return job.model_copy(update=_worker_lost(job))
-                released["stage"] = "plan" if job.state == "planning" else "render"
-                return job.model_copy(
-                    update={"worker": None, "heartbeat_at": None, "progress": Progress(stage="requeued")}
-                )
+                outcome[:] = [transitions.reap(job, now, lost_after_s, max_deliveries, unheld_after_s, worker_dead)]
+                return outcome[0].stored
 
             if self.update_job(job_id, change) is None:
                 self.redis.srem(self.active_key, job_id)  # the record expired
-            if released:
-                requeue.append((job_id, released["stage"]))
+            if outcome and outcome[0].requeue is not None:
+                requeue.append((job_id, outcome[0].requeue))
         return requeue
 
     # --- plumbing --------------------------------------------------------------------------------
+    def _held(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
+        """Apply a change that only its holder may make; the stored result, or None when it was not made."""
+        applied: list[JobRecord] = []
+
+        def attempt(job: JobRecord) -> JobRecord | None:
+            applied[:] = [new] if (new := change(job)) is not None else []
+            return new
+
+        self.update_job(job_id, attempt)
+        return applied[0] if applied else None
+
     def _transaction(self, attempt: Callable, *keys: str):
         for _ in range(_CONFLICT_ATTEMPTS):
             with self.redis.pipeline(transaction=True) as pipe:
@@ -506,27 +346,3 @@ class Store:
                 except redis.WatchError:
                     continue
         raise StoreConflict(f"records {list(keys)} changed {_CONFLICT_ATTEMPTS} times while being updated")
-
-
-def _is_stale(job: JobRecord, lost_after_s: float) -> bool:
-    if job.worker is not None and _pid_is_dead(job.worker):
-        return True
-    return job.heartbeat_at is None or time.time() - job.heartbeat_at > lost_after_s
-
-
-def _ending(state: JobState, code: ErrorCode, message: str) -> dict:
-    return {"state": state, "error": JobError(code=code, message=message), "worker": None}
-
-
-def _worker_lost(job: JobRecord) -> dict:
-    return _ending(
-        "failed",
-        "worker_lost",
-        f"the worker running this job died {job.deliveries} time(s) (killed, out of host memory, or crashed); "
-        "the job was not retried again. Try fewer objects, a smaller size, or check the worker's logs.",
-    )
-
-
-def job_dir(data_dir: Path, job_id: str) -> Path:
-    """Where a job's image, overlay, masks and report are written (a volume shared by API and workers)."""
-    return Path(data_dir) / "jobs" / job_id

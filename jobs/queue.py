@@ -1,22 +1,24 @@
-"""The Celery app: broker, queues, and the reliability settings (SERVICE.md "Processes").
+"""The queues, the task names, the Celery app and enqueueing (docs/service.md "Processes").
 
 Two queues: ``plan`` (stage 1, LLM calls, CPU) and ``render`` (stage 2, one process per
 GPU). A generate is the chain plan -> render (render alone when a layout is given). The API
-builds the same app to send tasks by name; it never imports the tasks or torch.
+builds the app only to send tasks by name; the worker package registers the tasks
+(``worker.tasks``, named here as a string, so this module never imports it or torch).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 from celery import Celery, chain
 
+from jobs.records import Stage
 from lmd.settings import Settings
 
 PLAN_QUEUE = "plan"
 RENDER_QUEUE = "render"
+QUEUES = (PLAN_QUEUE, RENDER_QUEUE)
 PLAN_TASK = "lmd.plan"
 RENDER_TASK = "lmd.render"
+TASKS_MODULE = "worker.tasks"
 
 
 def redelivery_after_s(settings: Settings) -> int:
@@ -26,7 +28,7 @@ def redelivery_after_s(settings: Settings) -> int:
 
 
 def create_celery(settings: Settings) -> Celery:
-    app = Celery("lmd", broker=settings.redis_url, include=["worker.tasks"])
+    app = Celery("lmd", broker=settings.redis_url, include=[TASKS_MODULE])
     transport = {
         "visibility_timeout": redelivery_after_s(settings),
         "socket_timeout": settings.redis_timeout_s,
@@ -40,11 +42,11 @@ def create_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         # On a broker connection loss Celery 5.x by default lets acks-late tasks run on (their message
         # is restored to the queue). That is right here: a second delivery finds the job held by a
-        # live worker and skips it (api.store.Store.claim), so a Redis blip never kills a render.
+        # live worker and skips it (jobs.transitions.claim), so a Redis blip never kills a render.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         task_soft_time_limit=settings.task_soft_time_limit_s,
         task_time_limit=settings.task_time_limit_s,
-        task_ignore_result=True,  # state lives in the job records (api.store), not in a result backend
+        task_ignore_result=True,  # state lives in the job records (jobs.store), not in a result backend
         broker_transport_options=transport,
         broker_connection_timeout=settings.redis_timeout_s,
         broker_connection_retry_on_startup=True,
@@ -56,7 +58,7 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, job_id: str, start: Literal["plan", "render"]) -> None:
+def enqueue(app: Celery, job_id: str, start: Stage) -> None:
     """Send a job's work: plan then render, or render only (a given layout, a revised one re-queued)."""
     render = app.signature(RENDER_TASK, args=(job_id,), queue=RENDER_QUEUE, immutable=True)
     if start == "render":

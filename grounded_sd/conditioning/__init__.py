@@ -1,0 +1,32 @@
+"""Text conditionings of the denoising forwards: ``clip`` (default), ``ella``, ``gluenet``.
+
+See :mod:`grounded_sd.conditioning.base` for the interface and how each combines with LMD's
+guidance, and docs/conditioning.md for weights, memory and published results.
+"""
+
+from grounded_sd.conditioning.base import (
+    CONDITIONINGS,
+    ClipConditioning,
+    ClipEmbeddings,
+    Conditioned,
+    Conditioning,
+    ConditioningName,
+    Mode,
+    Pass,
+    TextInputs,
+)
+from grounded_sd.conditioning.loading import ConditioningConfig, load_conditioning
+
+__all__ = [
+    "CONDITIONINGS",
+    "ClipConditioning",
+    "ClipEmbeddings",
+    "Conditioned",
+    "Conditioning",
+    "ConditioningConfig",
+    "ConditioningName",
+    "Mode",
+    "Pass",
+    "TextInputs",
+    "load_conditioning",
+]

@@ -1,0 +1,60 @@
+"""Build a conditioning by name from configured paths (the CLI and the worker call this once
+per process and name, then reuse the result)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from grounded_sd.conditioning.base import CONDITIONINGS, ClipConditioning, Conditioning
+from grounded_sd.errors import ConditioningUnavailable
+
+DEFAULT_ELLA_CHECKPOINT = "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors"
+DEFAULT_T5 = "google/flan-t5-xl"
+DEFAULT_XLMR = "FacebookAI/xlm-roberta-large"
+
+
+class ConditioningConfig(BaseModel):
+    """Where each conditioning's files are; ``settings_names`` maps a field to the setting
+    that fills it, so errors can name it."""
+
+    ella_checkpoint: str | None = Field(DEFAULT_ELLA_CHECKPOINT, description="ELLA connector: .safetensors path or owner/repo/file")
+    ella_t5: str = Field(DEFAULT_T5, description="T5 encoder: hub id or local directory")
+    gluenet_checkpoints: dict[str, str] = Field(default_factory=dict, description="ISO 639-1 language -> GlueNet checkpoint")
+    gluenet_xlmr: str = Field(DEFAULT_XLMR, description="XLM-RoBERTa-large: hub id or local directory")
+    settings_names: dict[str, str] = Field(
+        default_factory=lambda: {
+            "ella_checkpoint": "LMD_ELLA_CHECKPOINT",
+            "ella_t5": "LMD_ELLA_T5",
+            "gluenet_checkpoints": "LMD_GLUENET_CHECKPOINTS",
+            "gluenet_xlmr": "LMD_GLUENET_XLMR",
+        }
+    )
+
+
+def load_conditioning(name: str, config: ConditioningConfig, *, device: str | torch.device, dtype: torch.dtype) -> Conditioning:
+    """The conditioning ``name`` with its encoders on ``device``; :class:`ConditioningUnavailable`
+    (naming the setting) when a file is missing or does not match."""
+    names = config.settings_names
+    if name == "clip":
+        return ClipConditioning()
+    if name == "ella":
+        from grounded_sd.conditioning.ella import ELLAConditioning
+
+        if not config.ella_checkpoint:
+            raise ConditioningUnavailable(f"ella needs its connector checkpoint: set {names['ella_checkpoint']}")
+        return ELLAConditioning.from_pretrained(
+            config.ella_checkpoint, config.ella_t5, device=device, dtype=dtype,
+            checkpoint_setting=names["ella_checkpoint"], encoder_setting=names["ella_t5"],
+        )
+    if name == "gluenet":
+        from grounded_sd.conditioning.gluenet import GlueNetConditioning
+
+        checkpoints: dict[str, str | Path] = dict(config.gluenet_checkpoints)
+        return GlueNetConditioning.from_pretrained(
+            checkpoints, config.gluenet_xlmr, device=device, dtype=dtype,
+            checkpoints_setting=names["gluenet_checkpoints"], encoder_setting=names["gluenet_xlmr"],
+        )
+    raise ConditioningUnavailable(f"unknown conditioning {name!r}; choose one of {', '.join(CONDITIONINGS)}")

@@ -1,0 +1,121 @@
+"""The service's records: a job, a session of turns, an Idempotency-Key claim (docs/service.md "Job lifecycle").
+
+Plain pydantic models, stored as JSON in Redis by ``jobs.store`` and shown (reshaped) by the
+API's schemas. A job's ``state`` moves only through ``jobs.transitions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from layout_planner.layout import Layout
+
+JobState = Literal["queued", "planning", "rendering", "succeeded", "failed", "canceled"]
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+Stage = Literal["plan", "render"]
+
+ErrorCode = Literal[
+    "invalid_prompt",
+    "llm_unavailable",
+    "llm_bad_output",
+    "invalid_layout",
+    "variant_unavailable",
+    "model_unavailable",
+    "no_layout",
+    "out_of_memory",
+    "timeout",
+    "worker_lost",
+    "canceled",
+    "enqueue_failed",
+    "internal",
+]
+
+
+class Progress(BaseModel):
+    """Where a job is: a stage name and a step count within it."""
+
+    stage: str = "queued"
+    step: int = 0
+    total: int = 0
+
+
+class JobError(BaseModel):
+    """Why a job failed: a code a client can branch on, a message a person can act on."""
+
+    code: ErrorCode
+    message: str
+
+
+class JobRecord(BaseModel):
+    job_id: str
+    session_id: str
+    owner: str | None = None
+    kind: Literal["generate", "instruct"] = "generate"
+    turn: int = 1
+    prompt: str
+    layout: Layout | None = None
+    layout_given: bool = False
+    seed: int
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int = 512
+    height: int = 512
+    negative_prompt: str | None = None
+    variant: str = "lmd"
+    preset: Literal["reference", "fast"] = "reference"
+    state: JobState = "queued"
+    progress: Progress = Field(default_factory=Progress)
+    error: JobError | None = None
+    cancel_requested: bool = False
+    deliveries: int = Field(0, description="how many times a worker started the current stage")
+    worker: str | None = Field(None, description="'hostname:pid' of the process running the current stage")
+    heartbeat_at: float | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class SessionTurn(BaseModel):
+    turn: int
+    kind: Literal["generate", "instruct"]
+    text: str
+    job_id: str
+
+
+class SessionRecord(BaseModel):
+    session_id: str
+    owner: str | None = None
+    seed: int
+    turns: list[SessionTurn] = Field(default_factory=list)
+    created_at: datetime
+    updated_at: datetime
+
+
+class IdempotencyRecord(BaseModel):
+    """What an Idempotency-Key was first used for: the body's hash and the answer given."""
+
+    body_hash: str
+    job_id: str
+    session_id: str
+    turn: int
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def body_hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
