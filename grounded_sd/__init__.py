@@ -20,6 +20,8 @@ _EXPORTS = {
     "VariantUnavailable": "grounded_sd.errors",
     "GroundedSDError": "grounded_sd.errors",
     "NonFiniteLatents": "grounded_sd.errors",
+    "Refiner": "grounded_sd.refiner",
+    "RefinerOptions": "grounded_sd.refiner",
 }
 
 __all__ = list(_EXPORTS)
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NonFiniteLatents, VariantUnavailable
     from grounded_sd.options import LMDOptions
     from grounded_sd.pipeline import LMDPipeline, ModelLoadError
+    from grounded_sd.refiner import Refiner, RefinerOptions
     from grounded_sd.report import GenerationReport, GenerationResult
 
 

@@ -47,6 +47,20 @@ class StageReport(BaseModel):
     unet: UNetCalls
 
 
+class RefinerReport(BaseModel):
+    """What the refiner pass did (``report.json``'s ``refiner``)."""
+
+    model: str
+    strength: float
+    steps: int = Field(description="refiner steps actually run (strength x schedule)")
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    negative_prompt: str
+    wall_s: float
+
+
 class GenerationReport(BaseModel):
     variant: str
     seed: int
@@ -66,6 +80,7 @@ class GenerationReport(BaseModel):
     dtype: str = ""
     notes: list[str] = Field(default_factory=list)
     options: dict = Field(default_factory=dict)
+    refiner: RefinerReport | None = Field(None, description="the SDXL refiner pass, when one ran (grounded_sd.refiner)")
 
 
 @dataclass
