@@ -64,7 +64,14 @@ class AttentionRecorder:
 
 
 class RecordingAttnProcessor:
-    """Cross-attention with an explicit softmax when its recorder asks, SDPA otherwise."""
+    """Cross-attention with an explicit softmax when its recorder asks, SDPA otherwise.
+
+    Adapted from ``AttnProcessor2_0.__call__`` of diffusers 0.42.1
+    (diffusers/models/attention_processor.py, Apache-2.0): the same projections, norms, mask
+    and output steps, with ``F.scaled_dot_product_attention`` replaced by an explicit fp32
+    softmax whose probabilities go to the recorder. Re-check it against that method when the
+    diffusers pin (requirements/lock.txt) moves.
+    """
 
     def __init__(self, name: str, recorder: AttentionRecorder) -> None:
         self.name = name

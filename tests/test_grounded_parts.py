@@ -22,8 +22,8 @@ from grounded_sd.attention import (
 )
 from grounded_sd.compose import box_noise, compose_latents, mask_to_latent, object_seed
 from grounded_sd.counters import UNetCounter
+from grounded_sd.denoise import Run, attention_forward, energy_loss
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, guide_latents, object_energy
-from grounded_sd.pipeline import _Run
 from grounded_sd.prompts import group_phrases, object_token_indices, scene_prompt, scene_token_indices
 from layout_planner.layout import Layout
 
@@ -244,9 +244,9 @@ def test_backward_guidance_lowers_the_energy_on_the_same_latent(tiny_pipeline):
     t = scheduler.timesteps[0]
     latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     with recording_attention(pipe.unet, layers) as recorder, torch.no_grad():
-        run = _Run(options, (32, 32), layers, recorder, UNetCounter(pipe.unet), lambda *a: None, lambda: False)
-        forward = pipe._attention_forward(run, t, scheduler, cond, None)
-        loss_fn = pipe._loss_fn(run, [target], None, final=True)
+        run = Run(options, (32, 32), layers, recorder, UNetCounter(pipe.unet), lambda *a: None, lambda: False)
+        forward = attention_forward(run, t, scheduler, cond, None)
+        loss_fn = energy_loss(run, [target], None, final=True)
         unguided = loss_fn(forward(latents, [0]), [0])[0].item()
         trace = GuidanceTrace()
         guided_latents = guide_latents(

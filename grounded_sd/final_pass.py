@@ -1,0 +1,56 @@
+"""Step 7 of the grounded run: the final pass over the whole scene (METHOD.md §2.6).
+
+It starts from the composed latent, keeps the composition inside the masks for the first
+``frozen_ratio`` of its steps, guides every object (grouped by phrase) toward its box, and
+pulls each object's attention toward what it was in the per-box pass (attention transfer).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from grounded_sd.denoise import FrozenForeground, Guidance, Run, TextEmbeddings, denoise, pass_energies
+from grounded_sd.guidance import EnergyTarget, GuidanceTrace
+from grounded_sd.per_box import PerBoxResult
+from grounded_sd.prompts import group_phrases, scene_token_indices
+from grounded_sd.report import GenerationReport, Intermediates
+from layout_planner.layout import Layout
+
+if TYPE_CHECKING:
+    from grounded_sd.pipeline import LMDPipeline
+
+
+def scene_targets(tokenizer, layout: Layout) -> list[EnergyTarget]:
+    """One energy target per object: its group's tokens in the scene prompt, its own box, and
+    the boxes of every object of its group (a group's phrase may attend to any of them)."""
+    groups = group_phrases(layout)
+    group_tokens = scene_token_indices(tokenizer, layout.background, groups)
+    group_of = {oid: g for g in groups for oid in g.object_ids}
+    return [
+        EnergyTarget(o.id, group_tokens[group_of[o.id].phrase], o.box, tuple(layout.object(i).box for i in group_of[o.id].object_ids))
+        for o in layout.objects
+    ]
+
+
+def run_final_pass(
+    pipe: LMDPipeline, run: Run, layout: Layout, text: TextEmbeddings, frozen: FrozenForeground, per_box: PerBoxResult,
+    *, plus: bool, report: GenerationReport, intermediates: Intermediates,
+) -> tuple[torch.Tensor, GuidanceTrace]:
+    """The final latent, and the pass's guidance trace."""
+    options, objects = run.options, layout.objects
+    transfer = options.transfer_weight > 0 and options.guided_steps() > 0
+    targets = scene_targets(pipe.tokenizer, layout)
+    trace = GuidanceTrace()
+    guidance = Guidance(targets, trace, pipe.energy_threshold(options, run.layers), per_box.reference_maps if transfer else None)
+    gligen = pipe._gligen_inputs([[o.box for o in objects]], [[o.phrase for o in objects]]) if plus else None
+    with pipe._stage(run, "final", options.steps):
+        out = denoise(
+            run, pipe._scheduler(options.steps), "final", frozen.composed[0], text, options.steps,
+            guidance=guidance, frozen=frozen, gligen=gligen, noise_keys=[""],
+        )
+    intermediates.final_latents = torch.stack(out.trajectory).float().cpu()
+    for obj, energy in zip(report.objects, pass_energies(trace, targets)):
+        obj.final_energy = energy
+    return out.trajectory[-1], trace

@@ -1,0 +1,71 @@
+"""Step 5 of the grounded run: one mask per object from the per-box pass (METHOD.md §2.4).
+
+Each object's per-box image is decoded and segmented by :func:`grounded_sd.masks.object_mask`
+(its aggregated attention, refined by SAM when loaded, with fallbacks); the mask is then
+reduced to the latent grid that composition (§2.5) pastes with.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from grounded_sd.compose import mask_to_latent
+from grounded_sd.denoise import Run
+from grounded_sd.masks import object_mask
+from grounded_sd.per_box import PerBoxResult
+from grounded_sd.report import GenerationReport, Intermediates
+from layout_planner.layout import Layout
+
+if TYPE_CHECKING:
+    from grounded_sd.pipeline import LMDPipeline
+
+
+def segment_objects(
+    pipe: LMDPipeline, run: Run, layout: Layout, per_box: PerBoxResult, *, plus: bool,
+    report: GenerationReport, intermediates: Intermediates,
+) -> tuple[dict[str, Image.Image], torch.Tensor]:
+    """Image-size masks by object id, and the latent masks ``(N, h, w)`` bool in layout order."""
+    options, objects = run.options, layout.objects
+    h, w = run.latent_hw
+    masks: dict[str, Image.Image] = {}
+    latent_masks = []
+    shortened = per_box.steps < options.steps
+    images_source = per_box.last_pred_x0 if shortened and per_box.last_pred_x0 is not None else per_box.latents[-1]
+    if shortened:
+        source = "its x0-prediction" if per_box.last_pred_x0 is not None else "its latent (the scheduler gives no x0-prediction)"
+        run.notes.append(f"per-box pass stopped at step {per_box.steps} of {options.steps}; masks segmented on {source}")
+    per_box_images = pipe._decode(images_source, options.max_batch)
+    for index, (obj, image) in enumerate(zip(objects, per_box_images)):
+        run.check_cancel()
+        attention = per_box.attention[index].float().cpu()
+        result = object_mask(
+            np.asarray(image), attention.numpy(), obj.box,
+            predictor=pipe.sam_predictor, prompt="box" if plus else "point", options=options.masks,
+        )
+        masks[obj.id] = Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L")
+        cells = mask_to_latent(torch.from_numpy(result.mask), h, w).to(pipe.device)
+        latent_masks.append(cells)
+        entry = report.objects[index]
+        entry.mask_source, entry.mask_detail = result.source, result.detail
+        entry.mask_area = float(result.mask.mean())
+        entry.mask_box_iou = box_iou(result.mask, obj.box)
+        intermediates.per_box_images[obj.id] = image
+        intermediates.attention[obj.id] = attention
+        intermediates.latent_masks[obj.id] = cells.cpu()
+        run.progress("masks", index + 1, len(objects))
+    return masks, torch.stack(latent_masks)
+
+
+def box_iou(mask: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    """IoU of an image-size bool mask and a normalised xyxy box (the report's ``mask_box_iou``)."""
+    height, width = mask.shape
+    x0, y0, x1, y1 = box
+    region = np.zeros_like(mask, dtype=bool)
+    px0, py0 = int(x0 * width), int(y0 * height)
+    region[py0 : max(py0 + 1, round(y1 * height)), px0 : max(px0 + 1, round(x1 * width))] = True
+    union = np.logical_or(mask, region).sum()
+    return float(np.logical_and(mask, region).sum() / union) if union else 0.0
