@@ -19,7 +19,16 @@ from grounded_sd.attention import AttentionRecorder, ForwardStopped
 from grounded_sd.compose import step_noise_seed
 from grounded_sd.counters import UNetCounter
 from grounded_sd.errors import GenerationCanceled, NonFiniteLatents
-from grounded_sd.guidance import EnergyTarget, GuidanceTrace, LossFn, guidance_step_size, guide_latents, object_energy, transfer_loss
+from grounded_sd.guidance import (
+    EnergyTarget,
+    GuidanceTrace,
+    LossFn,
+    grouped_mean,
+    guidance_step_size,
+    guide_latents,
+    object_energy,
+    transfer_loss,
+)
 from grounded_sd.options import LMDOptions
 from grounded_sd.report import PassEnergy, StageReport
 
@@ -232,10 +241,13 @@ def energy_loss(run: Run, targets: list[EnergyTarget], reference: LayerMaps | No
             return torch.stack(energies), [{targets[row].object_id: float(e.detach())} for row, e in zip(rows, energies)]
         probs = {l: maps[l][0] for l in layers}
         energies = [energy_of(probs, target) for target in targets]
-        loss = torch.stack(energies).mean()
+        loss = grouped_mean(energies, targets)
         if reference is not None:
-            moved = [transfer_loss(probs[l], target, reference[l][k], hw) for k, target in enumerate(targets) for l in layers]
-            loss = loss + options.transfer_weight * torch.stack(moved).mean()
+            moved = [
+                torch.stack([transfer_loss(probs[l], target, reference[l][k], hw) for l in layers]).mean()
+                for k, target in enumerate(targets)
+            ]
+            loss = loss + options.transfer_weight * grouped_mean(moved, targets)
         return loss[None], [{t.object_id: float(e.detach()) for t, e in zip(targets, energies)}]
 
     return loss_fn

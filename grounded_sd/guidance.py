@@ -25,6 +25,9 @@ class EnergyTarget:
     token_indices: tuple[int, ...]
     box: Box
     boxes: tuple[Box, ...]
+    group: str = ""
+    """The phrase group (identical phrases) the object belongs to, in the final pass; "" when
+    objects are weighed one by one."""
 
     @property
     def object_token(self) -> int | None:
@@ -102,6 +105,16 @@ class GuidanceTrace:
     def record(self, per_object: dict[str, float]) -> None:
         for key, value in per_object.items():
             self.first.setdefault(key, value)
+
+
+def grouped_mean(values: list[torch.Tensor], targets: list["EnergyTarget"]) -> torch.Tensor:
+    """The mean over phrase groups of the mean within each group (targets with ``group`` set), or
+    over objects when no target has a group: a phrase written "three apples" counts once, as any
+    other phrase, not three times (the reference's normalisation)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for value, target in zip(values, targets):
+        groups.setdefault(target.group or target.object_id, []).append(value)
+    return torch.stack([torch.stack(members).mean() for members in groups.values()]).mean()
 
 
 LossFn = Callable[[dict[str, torch.Tensor], list[int]], tuple[torch.Tensor, list[dict[str, float]]]]

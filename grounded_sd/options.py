@@ -7,6 +7,8 @@ step count by :meth:`LMDOptions.scaled`, so that ``steps=20`` keeps the same sha
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grounded_sd.guidance import GuidanceStop
@@ -75,6 +77,14 @@ class LMDOptions(BaseModel):
             "decoded x0-prediction of that step"
         ),
     )
+    per_box_placement: Literal["centred", "in_place"] = Field(
+        "centred",
+        description=(
+            "lmd: generate each object centred (bottom 20% above the canvas's), then move its latents, mask and "
+            "attention to its box (reference); 'in_place': generate it in its box. lmd_plus always generates in place, "
+            "as the reference does"
+        ),
+    )
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call; None: all objects x CFG in one call")
 
     # --- masks (§2.4) ------------------------------------------------------------------------
@@ -83,6 +93,21 @@ class LMDOptions(BaseModel):
 
     # --- composition and the final pass (§2.5, §2.6) ----------------------------------------
     frozen_ratio: float = Field(0.5, ge=0.0, le=1.0, description="fraction of steps whose foreground is the composed latent (ref 0.5)")
+    compose_step0: Literal["mask_box", "mask"] = Field(
+        "mask_box",
+        description=(
+            "where each object's initial noise goes into the final pass's starting latent: its mask's bounding box "
+            "grown by one latent cell (reference), or its mask only"
+        ),
+    )
+    phrase_groups: Literal["group", "object"] = Field(
+        "group",
+        description=(
+            "final-pass guidance of identical phrases: one energy term per phrase group over the union of its boxes, "
+            "reading its count word too ('two apples'), and attention transfer averaged within the group, then over "
+            "groups (reference); 'object': one term per object, count word not read, everything averaged over objects"
+        ),
+    )
 
     # --- LMD+ (§2.8) ------------------------------------------------------------------------
     gligen_ratio: float = Field(0.4, ge=0.0, le=1.0, description="fraction of steps with GLIGEN adapters on (lmd_plus)")

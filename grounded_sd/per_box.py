@@ -8,13 +8,14 @@ masks (§2.4) read, and returns each object's latents at every step for composit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from grounded_sd.attention import box_mask, map_shape, token_maps
-from grounded_sd.compose import box_noise, object_seed, seeded_noise
+from grounded_sd.compose import Box, box_noise, centred_box, object_seed, seeded_noise, shift_cells
 from grounded_sd.denoise import Guidance, LayerMaps, MapCapture, Run, TextEmbeddings, denoise, pass_energies
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace
 from grounded_sd.options import LMDOptions
@@ -45,6 +46,9 @@ class PerBoxResult:
     attention: torch.Tensor  # (N, h, w): each object's cross-attention, averaged over the mask steps (§2.4)
     trace: GuidanceTrace  # the pass's guidance energies
     reference_maps: dict[int, LayerMaps] = field(default_factory=dict)  # step -> layer -> (N, heads, h*w), for transfer
+    boxes: list[Box] = field(default_factory=list)  # where each object was generated (centred, or its layout box)
+    centred: bool = False  # objects were generated centred and must be moved to their boxes (align_to_layout)
+    grid: tuple[int, int] = (1, 1)  # the coarsest captured attention map's (h, w): the unit of that move
 
 
 class _PerBoxMaps:
@@ -60,6 +64,7 @@ class _PerBoxMaps:
         self.reference: dict[int, LayerMaps] = {}
         self.mask_sum: torch.Tensor | float = 0.0  # (N, h, w) at the attention map's own resolution
         self.mask_count = 0
+        self.grid = run.latent_hw  # the coarsest map seen
 
     def layers_at(self, step: int) -> list[str]:
         return self.run.layers if (self.transfer and step < self.guided) or step >= self.mask_first else []
@@ -71,6 +76,8 @@ class _PerBoxMaps:
             layer: torch.stack([token_maps(probs[i], [t.object_token if t.object_token is not None else 0]) for i, t in enumerate(self.targets)])
             for layer, probs in cond_maps.items()
         }
+        for probs in per_object.values():
+            self.grid = min(self.grid, map_shape(probs.shape[-1], self.run.latent_hw))
         if self.transfer and step < self.guided:
             self.reference[step] = per_object
         if step >= self.mask_first:
@@ -104,9 +111,11 @@ def run_per_box_pass(
     report.per_box_prompts = {o.id: p for o, p in zip(objects, prompts)}
     negative = join_negative(options.single_object_negative, layout.negative, options.default_negative)
     text = TextEmbeddings(pipe._encode(prompts), pipe._encode([negative]).expand(n, -1, -1))
-    targets = [EnergyTarget(o.id, object_token_indices(pipe.tokenizer, layout.background, o.phrase), o.box, (o.box,)) for o in objects]
+    centred = options.per_box_placement == "centred" and not plus  # the reference centres for LMD, not for LMD+
+    boxes = [centred_box(o.box) if centred else o.box for o in objects]
+    targets = [EnergyTarget(o.id, object_token_indices(pipe.tokenizer, layout.background, o.phrase), b, (b,)) for o, b in zip(objects, boxes)]
     foreground = torch.cat([seeded_noise((1, *background.shape[1:]), object_seed(run.seed, o.id), pipe.device, pipe.dtype) for o in objects])
-    box_masks = torch.stack([box_mask(o.box, h, w, pipe.device) for o in objects])[:, None]
+    box_masks = torch.stack([box_mask(b, h, w, pipe.device) for b in boxes])[:, None]
     initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * run.init_sigma
 
     maps = _PerBoxMaps(run, targets, steps, pipe.device)
@@ -124,4 +133,21 @@ def run_per_box_pass(
         obj.per_box_energy, obj.token_count = energy, len(target.token_indices)
         if not target.token_indices:
             run.notes.append(f"{obj.id}: the phrase falls past the tokenizer's limit; no guidance, box-like mask")
-    return PerBoxResult(latents, out.last_pred_x0, steps, maps.attention(), trace, maps.reference)
+        obj.per_box_box = tuple(target.box)
+    return PerBoxResult(latents, out.last_pred_x0, steps, maps.attention(), trace, maps.reference, boxes, centred, maps.grid)
+
+
+def align_to_layout(per_box: PerBoxResult, shifts: list[tuple[int, int]]) -> PerBoxResult:
+    """Move each centred object's latents (every step) and its per-box attention maps (attention
+    transfer's reference) by its shift in cells of ``per_box.grid`` (the reference's alignment
+    with the layout boxes, §2.5); the masks are moved where they are made (segment.py)."""
+    latents = torch.stack([shift_cells(per_box.latents[:, k], shift, per_box.grid) for k, shift in enumerate(shifts)], dim=1)
+    reference: dict[int, LayerMaps] = {}
+    for step, layers in per_box.reference_maps.items():
+        reference[step] = {}
+        for layer, maps in layers.items():  # (N, heads, h*w)
+            hw = map_shape(maps.shape[-1], tuple(per_box.latents.shape[-2:]))
+            grids = maps.view(*maps.shape[:2], *hw)
+            moved = torch.stack([shift_cells(grids[k], shift, per_box.grid) for k, shift in enumerate(shifts)])
+            reference[step][layer] = moved.flatten(2)
+    return dataclasses.replace(per_box, latents=latents, reference_maps=reference, centred=False)

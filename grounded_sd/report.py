@@ -36,6 +36,12 @@ class ObjectReport(BaseModel):
     mask_detail: str = ""
     mask_area: float | None = Field(None, description="fraction of the image covered by the mask")
     mask_box_iou: float | None = Field(None, description="IoU of the mask and the object's box")
+    per_box_box: tuple[float, float, float, float] | None = Field(
+        None, description="where the per-box pass generated the object (centred, or its layout box)"
+    )
+    placement_shift: tuple[float, float] | None = Field(
+        None, description="(dx, dy) in image fractions by which the object's latents, mask and maps moved to its box"
+    )
     per_box_energy: PassEnergy = Field(default_factory=PassEnergy)
     final_energy: PassEnergy = Field(default_factory=PassEnergy)
 
