@@ -1,5 +1,5 @@
-"""The reference's per-box placement (centred, then moved to the box), composition's step 0 and
-the final pass's phrase groups: units on hand-made tensors, then the pipeline on the tiny SD."""
+"""The reference's per-box placement on the tiny SD: objects generated centred, then their
+latents, masks and attention moved to their boxes (lmd); LMD+ generates in place."""
 
 from __future__ import annotations
 
@@ -7,76 +7,7 @@ import pytest
 import torch
 
 from grounded_sd import LMDOptions
-from grounded_sd.compose import FLOOR_PADDING, centred_box, compose_latents, mask_box, placement_shift, shift_cells
-from grounded_sd.guidance import EnergyTarget, grouped_mean
-from grounded_sd.prompts import group_phrases, scene_prompt, scene_token_indices
-from layout_planner.layout import Layout
-
-
-def test_centred_box_keeps_the_size_centres_it_and_stands_it_above_the_floor():
-    assert centred_box((0.1, 0.2, 0.3, 0.5)) == pytest.approx((0.4, 0.5, 0.6, 0.8))
-    assert 1.0 - FLOOR_PADDING == pytest.approx(0.8)
-    assert centred_box((0.0, 0.0, 0.4, 0.9)) == pytest.approx((0.3, 0.0, 0.7, 0.9))  # taller than 0.8: from the top
-
-
-def test_placement_moves_the_mask_centre_onto_the_box_centre_in_whole_grid_cells():
-    cells = torch.zeros(8, 8, dtype=torch.bool)
-    cells[2:4, 1:3] = True  # centre of mass (0.25, 0.375) of the canvas
-    shift = placement_shift(cells, (0.5, 0.5, 1.0, 1.0), grid=(4, 4))
-    assert shift == (2, 2)  # +0.5 and +0.375 of the canvas, in quarters (rounded)
-    moved = shift_cells(cells, shift, grid=(4, 4))
-    assert moved[6:8, 5:7].all() and int(moved.sum()) == 4
-    # the same shift on a finer map moves by the same fraction of the canvas
-    fine = torch.zeros(1, 16, 16)
-    fine[0, 4, 2] = 1.0
-    assert shift_cells(fine, shift, grid=(4, 4))[0, 12, 10] == 1.0
-    # what leaves the canvas is dropped, what enters is zero
-    assert not shift_cells(cells, (4, 0), grid=(4, 4)).any()
-    assert placement_shift(torch.zeros(8, 8, dtype=torch.bool), (0, 0, 1, 1), (4, 4)) == (0, 0)
-
-
-def test_step_zero_pastes_initial_noise_in_the_mask_bounding_box():
-    per_box = torch.ones(2, 1, 1, 6, 6)  # steps+1=2, one object
-    masks = torch.zeros(1, 6, 6, dtype=torch.bool)
-    masks[0, 2, 2] = masks[0, 3, 3] = True  # a diagonal pair: its bounding box 2..3, grown by one: 1..4
-    background = torch.zeros(1, 1, 6, 6)
-    composed, owner = compose_latents(per_box, masks, background)
-    assert composed[0, 0, 0].bool().equal(mask_box(masks[0])) and int(composed[0, 0, 0].sum()) == 16
-    assert composed[1, 0, 0].bool().equal(masks[0])  # later steps: the mask only
-    only_mask, _ = compose_latents(per_box, masks, background, step0="mask")
-    assert only_mask[0, 0, 0].bool().equal(masks[0])
-    assert owner.eq(1).equal(masks[0])
-
-
-def test_duplicate_phrases_read_the_count_word_and_weigh_each_group_once(tiny_pipeline):
-    layout = Layout.model_validate(
-        {
-            "objects": [
-                {"id": "a1", "phrase": "an apple", "box": [0.0, 0.0, 0.3, 0.3]},
-                {"id": "a2", "phrase": "an apple", "box": [0.4, 0.0, 0.7, 0.3]},
-                {"id": "cat", "phrase": "a cat", "box": [0.5, 0.5, 1.0, 1.0]},
-            ],
-            "background": "a kitchen",
-        }
-    )
-    groups = group_phrases(layout)
-    tokenizer = tiny_pipeline.tokenizer
-    prompt = scene_prompt(layout.background, groups)
-    assert prompt == "a kitchen with two apples and a cat"
-    ids = tokenizer(prompt).input_ids
-    with_count = scene_token_indices(tokenizer, layout.background, groups, count_words=True)
-    without = scene_token_indices(tokenizer, layout.background, groups)
-    assert tokenizer.decode([ids[i] for i in with_count["an apple"]]) == "two apples"
-    assert tokenizer.decode([ids[i] for i in without["an apple"]]) == "apples"
-    assert with_count["a cat"] == without["a cat"]
-
-    box = (0.0, 0.0, 1.0, 1.0)
-    targets = [EnergyTarget(i, (1,), box, (box,), group=g) for i, g in (("a1", "apple"), ("a2", "apple"), ("cat", "cat"))]
-    values = [torch.tensor(1.0), torch.tensor(3.0), torch.tensor(10.0)]
-    assert float(grouped_mean(values, targets)) == pytest.approx((2.0 + 10.0) / 2)  # not (1 + 3 + 10) / 3
-    ungrouped = [EnergyTarget(t.object_id, t.token_indices, t.box, t.boxes) for t in targets]
-    assert float(grouped_mean(values, ungrouped)) == pytest.approx(14.0 / 3)
-
+from grounded_sd.compose import centred_box
 
 LAYOUT = {
     "objects": [
