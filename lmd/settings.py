@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call in stage 2; unset: all objects x CFG in one call")
     preset: Literal["reference", "fast"] = Field(
-        "reference", description="stage 2 option preset of a service request that names none: reference (METHOD.md) or fast"
+        "reference", description="stage 2 option preset of a service request that names none: reference (docs/method.md) or fast"
     )
     variant: Literal["lmd", "sd", "lmd_plus"] = Field(
         "lmd", description="method of a service request that names none: lmd, sd (plain baseline), lmd_plus (GLIGEN model)"
