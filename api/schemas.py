@@ -35,6 +35,9 @@ class GenerateRequest(BaseModel):
     session_id: str | None = Field(None, description="add this generate to an existing session")
     variant: Variant | None = Field(None, description="lmd, lmd_plus (GLIGEN model needed), sd (plain baseline); unset: LMD_VARIANT")
     preset: Preset | None = Field(None, description="stage 2 options: reference (docs/method.md) or fast; unset: LMD_PRESET")
+    refine: bool | None = Field(
+        None, description="finish with the SDXL refiner (LMD_REFINER): true needs one configured (422 otherwise), false skips it; unset: refine when configured"
+    )
 
 
 class InstructRequest(BaseModel):
@@ -75,6 +78,7 @@ class JobView(BaseModel):
     negative_prompt: str | None
     variant: str
     preset: str
+    refine: bool | None
     error: JobError | None
     cancel_requested: bool
     deliveries: int
@@ -204,6 +208,8 @@ def limit_errors(body: GenerateRequest | InstructRequest, settings: Settings) ->
                                  "(LMD_MIN_SIZE, LMD_MAX_SIZE)", value))
         elif value % 8:
             errors.append(_error(field, f"{field} must be a multiple of 8 (the latent is 1/8 of the image)", value))
+    if body.refine and not settings.refiner:
+        errors.append(_error("refine", "refine needs an SDXL refiner: this service has none (LMD_REFINER is unset)", True))
     if body.layout is not None:
         if not body.layout.objects:
             errors.append(_error("layout", "layout.objects is empty: give at least one object, or a prompt instead", None))

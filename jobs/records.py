@@ -69,6 +69,7 @@ class JobRecord(BaseModel):
     negative_prompt: str | None = None
     variant: str = "lmd"
     preset: Literal["reference", "fast"] = "reference"
+    refine: bool | None = Field(None, description="SDXL refiner pass: None as the worker's LMD_REFINER says, False off, True required")
     state: JobState = "queued"
     progress: Progress = Field(default_factory=Progress)
     error: JobError | None = None

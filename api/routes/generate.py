@@ -59,6 +59,7 @@ def generate(
         negative_prompt=body.negative_prompt,
         variant=body.variant or settings.variant,
         preset=body.preset or settings.preset,
+        refine=body.refine,
         created_at=now,
         updated_at=now,
     )
