@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,17 @@ def placement_shift(cells: torch.Tensor, box: Box, grid: tuple[int, int]) -> tup
     x = float((weights.sum(dim=0) * (torch.arange(w, device=cells.device) + 0.5)).sum() / total) / w
     y = float((weights.sum(dim=1) * (torch.arange(h, device=cells.device) + 0.5)).sum() / total) / h
     gh, gw = grid
-    return round(((box[0] + box[2]) / 2 - x) * gw), round(((box[1] + box[3]) / 2 - y) * gh)
+    shift_x, shift_y = round(((box[0] + box[2]) / 2 - x) * gw), round(((box[1] + box[3]) / 2 - y) * gh)
+    # rounding to whole grid cells must not push the mask off the canvas (a box at the edge)
+    rows, cols = cells.any(dim=1).nonzero().flatten(), cells.any(dim=0).nonzero().flatten()
+    return _clamp_shift(shift_x, int(cols.min()), int(cols.max()), w, gw), _clamp_shift(shift_y, int(rows.min()), int(rows.max()), h, gh)
+
+
+def _clamp_shift(shift: int, first: int, last: int, size: int, grid: int) -> int:
+    """``shift`` (grid cells) limited so that cells ``first..last`` of ``size`` stay on the canvas."""
+    per_cell = size / grid
+    lowest, highest = math.ceil(-first / per_cell), math.floor((size - 1 - last) / per_cell)
+    return min(max(shift, lowest), highest) if lowest <= highest else shift
 
 
 def shift_cells(tensor: torch.Tensor, shift: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:

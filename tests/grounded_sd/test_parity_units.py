@@ -34,6 +34,14 @@ def test_placement_moves_the_mask_centre_onto_the_box_centre_in_whole_grid_cells
     # what leaves the canvas is dropped, what enters is zero
     assert not shift_cells(cells, (4, 0), grid=(4, 4)).any()
     assert placement_shift(torch.zeros(8, 8, dtype=torch.bool), (0, 0, 1, 1), (4, 4)) == (0, 0)
+    # a box at the bottom edge: rounding to whole grid cells never pushes the mask off the canvas
+    low = torch.zeros(8, 8, dtype=torch.bool)
+    low[5:7, 3:5] = True  # centre y 0.75; the box's centre 0.99 would round to +1 quarter = 2 rows: off by one row
+    shift = placement_shift(low, (0.4, 0.98, 0.6, 1.0), grid=(4, 4))
+    assert shift == (0, 0) and shift_cells(low, shift, grid=(4, 4)).sum() == 4
+    top = torch.zeros(8, 8, dtype=torch.bool)
+    top[1:3, 0:2] = True
+    assert placement_shift(top, (0.0, 0.0, 0.02, 0.02), grid=(4, 4)) == (0, 0)
 
 
 def test_step_zero_pastes_initial_noise_in_the_mask_bounding_box():
