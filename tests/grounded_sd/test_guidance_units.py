@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from grounded_sd.counters import UNetCounter
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, guidance_step_size, guide_latents, object_energy, transfer_loss
@@ -77,11 +77,18 @@ def test_guidance_step_size_per_scheduler_kind():
     expected = float(euler.sigmas[3]) ** 2
     assert guidance_step_size(euler, t, 3) == pytest.approx(expected)
     assert expected > 2.0  # far from any sqrt(1 - alpha_bar) <= 1: the two rules cannot be confused
+    # DPM-Solver keeps sigmas too, but it is a VP scheduler (initial noise sigma 1): the alpha rule
+    dpm = DPMSolverMultistepScheduler()
+    dpm.set_timesteps(10)
+    t = dpm.timesteps[3]
+    assert getattr(dpm, "sigmas", None) is not None and dpm.init_noise_sigma == 1.0
+    assert guidance_step_size(dpm, t, 3) == pytest.approx(float((1 - dpm.alphas_cumprod[int(t)]) ** 0.5))
 
 
 # --- the early-stop rules on a quadratic "energy" E(z) = z^2 per row --------------------------------------
 def _quadratic(threshold: float = 1.0):
     def forward(z: torch.Tensor, rows: list[int]) -> dict[str, torch.Tensor]:
+        assert len(rows) == z.shape[0] and all(isinstance(row, int) for row in rows)
         return {"z": z}
 
     def loss_fn(maps: dict[str, torch.Tensor], rows: list[int]):
@@ -124,3 +131,34 @@ def test_step_rule_checks_afresh_and_resumes_when_the_energy_rises():
 def test_pass_rule_needs_the_pass_trace():
     with pytest.raises(ValueError, match="GuidanceTrace"):
         guide_latents(_z(1.0), iterations=1, stop="pass", **_quadratic())
+
+
+def test_energy_top_k_over_several_cells_inside_and_outside_on_a_wide_map():
+    # 2x4 map, box = left half (cells 0, 1, 4, 5); k = 0.5 * 4 = 2 on each side
+    cells = [0.9, 0.1, 0.8, 0.0, 0.5, 0.3, 0.6, 0.2]
+    probs = torch.tensor(cells)[None, :, None]
+    box = (0.0, 0.0, 0.5, 1.0)
+    energy = object_energy(probs, EnergyTarget("x", (0,), box, (box,)), (2, 4), topk_fraction=0.5, background_weight=2.0)
+    # inside 0.9, 0.1, 0.5, 0.3 -> top 2 mean 0.7; outside 0.8, 0.0, 0.6, 0.2 -> top 2 mean 0.7
+    assert float(energy) == pytest.approx((1 - 0.7) + 2.0 * 0.7)
+
+
+def test_guidance_rules_at_the_threshold_scale_and_arguments():
+    kw = _quadratic()
+    trace = GuidanceTrace()
+    # E exactly at the threshold counts as under it, for both rules
+    assert guide_latents(_z(1.0), iterations=1, trace=trace, stop="step", **kw).flatten().tolist() == [1.0]
+    trace.carried[0] = 1.0
+    assert guide_latents(_z(3.0), iterations=1, trace=trace, stop="pass", **kw).flatten().tolist() == [3.0]
+    # the default rule is "step"; the scale multiplies the step
+    kw["scale"] = 2.0
+    assert guide_latents(_z(0.5, 2.0), iterations=1, **kw).flatten().tolist() == pytest.approx([0.5, 2.0 * 0.6])
+    with pytest.raises(ValueError, match="unknown guidance stop rule 'later'"):
+        guide_latents(_z(1.0), iterations=1, stop="later", **kw)
+
+
+def test_the_trace_keeps_each_objects_first_energy():
+    trace, kw = GuidanceTrace(), _quadratic()
+    guide_latents(_z(2.0, 0.9), iterations=2, trace=trace, stop="pass", **kw)
+    assert trace.first == pytest.approx({"row0": 4.0, "row1": 0.81})
+    assert trace.carried == pytest.approx({0: 2.56, 1: 0.81})

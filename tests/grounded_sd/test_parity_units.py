@@ -34,6 +34,10 @@ def test_placement_moves_the_mask_centre_onto_the_box_centre_in_whole_grid_cells
     # what leaves the canvas is dropped, what enters is zero
     assert not shift_cells(cells, (4, 0), grid=(4, 4)).any()
     assert placement_shift(torch.zeros(8, 8, dtype=torch.bool), (0, 0, 1, 1), (4, 4)) == (0, 0)
+    # cell centres (+0.5), each axis with its own box edges: one cell at row 1, column 6 -> (0.8125, 0.1875)
+    one = torch.zeros(8, 8, dtype=torch.bool)
+    one[1, 6] = True
+    assert placement_shift(one, (0.0, 0.5, 0.25, 0.9), grid=(8, 8)) == (-6, 4)  # to (0.125, 0.7)
     # a box at the bottom edge: rounding to whole grid cells never pushes the mask off the canvas
     low = torch.zeros(8, 8, dtype=torch.bool)
     low[5:7, 3:5] = True  # centre y 0.75; the box's centre 0.99 would round to +1 quarter = 2 rows: off by one row
@@ -45,16 +49,43 @@ def test_placement_moves_the_mask_centre_onto_the_box_centre_in_whole_grid_cells
 
 
 def test_step_zero_pastes_initial_noise_in_the_mask_bounding_box():
-    per_box = torch.ones(2, 1, 1, 6, 6)  # steps+1=2, one object
+    per_box = torch.stack([torch.full((1, 1, 6, 6), 1.0), torch.full((1, 1, 6, 6), 2.0)])  # steps+1=2, one object
     masks = torch.zeros(1, 6, 6, dtype=torch.bool)
     masks[0, 2, 2] = masks[0, 3, 3] = True  # a diagonal pair: its bounding box 2..3, grown by one: 1..4
-    background = torch.zeros(1, 1, 6, 6)
+    background = torch.full((1, 1, 6, 6), -1.0)
     composed, owner = compose_latents(per_box, masks, background)
-    assert composed[0, 0, 0].bool().equal(mask_box(masks[0])) and int(composed[0, 0, 0].sum()) == 16
-    assert composed[1, 0, 0].bool().equal(masks[0])  # later steps: the mask only
+    box = mask_box(masks[0])
+    assert composed.shape == (2, 1, 1, 6, 6) and composed.dtype == per_box.dtype and owner.dtype == torch.long
+    assert composed[0, 0, 0][box].eq(1.0).all() and composed[0, 0, 0][~box].eq(-1.0).all() and int(box.sum()) == 16
+    assert composed[1, 0, 0][masks[0]].eq(2.0).all() and composed[1, 0, 0][~masks[0]].eq(0.0).all()  # later: the mask only
     only_mask, _ = compose_latents(per_box, masks, background, step0="mask")
-    assert only_mask[0, 0, 0].bool().equal(masks[0])
+    assert only_mask[0, 0, 0][masks[0]].eq(1.0).all() and only_mask[0, 0, 0][~masks[0]].eq(-1.0).all()
     assert owner.eq(1).equal(masks[0])
+    with pytest.raises(ValueError, match="unknown step0 'box'"):
+        compose_latents(per_box, masks, background, step0="box")
+
+
+def test_mask_box_is_the_grown_bounding_box_clipped_to_the_grid():
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    mask[0, 0] = True  # one cell in the corner: rows 0..1, columns 0..1
+    assert mask_box(mask).nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    mask[2, 5] = True
+    assert mask_box(mask, margin=0).equal(mask)
+    assert mask_box(mask).sum() == 3 * 3 and mask_box(mask)[1:4, 4:7].all()
+    assert not mask_box(torch.zeros(4, 7, dtype=torch.bool)).any()
+
+
+def test_larger_masks_are_pasted_first_at_step_zero_too():
+    per_box = torch.stack([torch.full((2, 1, 8, 8), 1.0), torch.full((2, 1, 8, 8), 2.0)], dim=1)  # 2 objects
+    small, large = torch.zeros(8, 8, dtype=torch.bool), torch.zeros(8, 8, dtype=torch.bool)
+    small[5, 5] = True  # its grown box: rows and columns 4..6
+    large[1:5, 1:5] = True
+    composed, owner = compose_latents(per_box, torch.stack([small, large]), torch.zeros(1, 1, 8, 8))
+    step0 = composed[0, 0, 0]
+    assert step0[5, 5] == 1.0 and step0[6, 6] == 1.0 and step0[6, 4] == 1.0  # the small one's box lies on the large one's
+    assert step0[4, 4] == 2.0 and step0[0, 0] == 2.0  # but every mask is pasted over every box
+    assert step0[7, 7] == 0.0 and owner[5, 5] == 1 and owner[1, 1] == 2
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +120,16 @@ def test_duplicate_phrases_read_the_count_word_and_weigh_each_group_once(tokeniz
     assert float(grouped_mean(values, targets)) == pytest.approx((2.0 + 10.0) / 2)  # not (1 + 3 + 10) / 3
     ungrouped = [EnergyTarget(t.object_id, t.token_indices, t.box, t.boxes) for t in targets]
     assert float(grouped_mean(values, ungrouped)) == pytest.approx(14.0 / 3)
+
+
+@pytest.mark.parametrize("shift", [(1, 0), (-1, 0), (0, 1), (0, -1), (2, -1), (-3, 1), (4, 0), (0, -2)])
+def test_shift_cells_moves_by_whole_grid_cells_on_a_wide_canvas(shift):
+    tensor = torch.arange(1, 4 * 8 + 1, dtype=torch.float32).view(1, 4, 8)  # H 4, W 8 on a grid of 2 x 4: 2 pixels per cell
+    moved = shift_cells(tensor, shift, grid=(2, 4))
+    dx, dy = shift[0] * 2, shift[1] * 2
+    expected = torch.zeros_like(tensor)
+    for y in range(4):
+        for x in range(8):
+            if 0 <= y - dy < 4 and 0 <= x - dx < 8:
+                expected[0, y, x] = tensor[0, y - dy, x - dx]
+    assert torch.equal(moved, expected)

@@ -71,3 +71,13 @@ def test_tokens_past_the_limit_are_dropped(tokenizer):
     assert token_indices(tokenizer, prefix, "a red dog") == (75,)  # BOS + 74 = 75; 76 is the end token's place
     assert token_indices(tokenizer, " ".join(["red"] * 80), "a dog") == ()
     assert token_indices(tokenizer, "a", "") == ()
+
+
+def test_scene_positions_follow_the_separators_when_and_is_not_one_token(tmp_path):
+    from grounded_sd.random_model import WORDS
+
+    tokenizer = write_clip_tokenizer(tmp_path, [w for w in WORDS if w != "and"])  # "and" splits into characters
+    groups = group_phrases(_layout("a dog", "a cat", "a car"))
+    ids = tokenizer(scene_prompt("a park", groups)).input_ids
+    found = scene_token_indices(tokenizer, "a park", groups)
+    assert {p: tokenizer.decode([ids[i] for i in found[p]]) for p in found} == {"a dog": "a dog", "a cat": "a cat", "a car": "a car"}

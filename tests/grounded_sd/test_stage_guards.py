@@ -59,7 +59,8 @@ def test_each_per_box_row_has_its_own_prompt_tokens_and_box(tiny_pipeline):
     assert pair.report.per_box_prompts == {"dog": "a realistic park with a dog", "cat": "a realistic park with a fluffy red cat"}
     counts = [len(object_token_indices(tiny_pipeline.tokenizer, BACKGROUND, o["phrase"])) for o in (DOG, CAT)]
     assert [o.token_count for o in pair.report.objects] == counts and counts[0] != counts[1]
-    assert torch.allclose(pair.intermediates.per_box_latents[:, 1], alone.intermediates.per_box_latents[:, 0], atol=1e-4)
+    # equal up to batching's last bits, amplified over the steps (measured 6e-4 on latents of magnitude 17)
+    assert torch.allclose(pair.intermediates.per_box_latents[:, 1], alone.intermediates.per_box_latents[:, 0], atol=3e-3)
     assert not torch.allclose(pair.intermediates.per_box_latents[:, 0], alone.intermediates.per_box_latents[:, 0], atol=1e-2)
 
 
