@@ -28,12 +28,16 @@ _EXPORTS = {
     "NonFiniteLatents": "grounded_sd.errors",
     "Refiner": "grounded_sd.refiner",
     "RefinerOptions": "grounded_sd.refiner",
+    "NoImageParameters": "grounded_sd.errors",
+    "ImageParameters": "grounded_sd.image_parameters",
+    "read_parameters": "grounded_sd.image_parameters",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NonFiniteLatents, VariantUnavailable
+    from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NoImageParameters, NonFiniteLatents, VariantUnavailable
+    from grounded_sd.image_parameters import ImageParameters, read_parameters
     from grounded_sd.options import LMDOptions
     from grounded_sd.pipeline import LMDPipeline, ModelLoadError
     from grounded_sd.refiner import Refiner, RefinerOptions

@@ -86,6 +86,15 @@ class LMDOptions(BaseModel):
         ),
     )
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call; None: all objects x CFG in one call")
+    conditioning_mode: Literal["replace", "concat", "tokens"] | None = Field(
+        None,
+        description=(
+            "with a conditioning other than clip: replace (guidance on CLIP, denoising on the conditioning's tokens), "
+            "concat (ELLA: its tokens before CLIP's for guidance and denoising, phrase indices shifted) or tokens "
+            "(per-token connectors: guidance on the connector's own tokens); None: the conditioning's default "
+            "(tokens for LI-DiT connectors, replace otherwise)"
+        ),
+    )
 
     # --- masks (§2.4) ------------------------------------------------------------------------
     mask_from_step: int = Field(10, ge=0, le=REFERENCE_STEPS, description="aggregate attention from this step on, of 50 (ref 10)")

@@ -36,6 +36,19 @@ class Settings(BaseSettings):
     llm_max_reasks: int = Field(3, ge=1, le=10, description="asks per layout when the answer does not parse")
     llm_backoff_s: float = Field(1.0, ge=0, description="first backoff; doubles each retry, with jitter")
     llm_max_retry_after_s: float = Field(60.0, ge=0, description="cap on an endpoint's Retry-After before a retry")
+    planner: Literal["auto", "remote", "local"] = Field(
+        "auto", description="stage 1's LLM: remote (the LMD_LLM_* endpoint), local (LMD_LOCAL_LLM_MODEL in process), "
+        "auto: remote when LMD_LLM_BASE_URL or a key is set, else local"
+    )
+    local_llm_model: str = Field(
+        "Qwen/Qwen2.5-1.5B-Instruct", description="local planner: hub id (downloaded on first use) or directory of a chat model"
+    )
+    local_llm_device: str = Field("auto", description="local planner: auto (cuda when available), cpu, cuda, cuda:N")
+    local_llm_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="local planner: auto: bf16 (fp16 without bf16) on CUDA, fp32 on CPU"
+    )
+    local_llm_max_new_tokens: int = Field(900, ge=16, le=32768, description="local planner: most tokens of one answer")
+    local_llm_timeout_s: float = Field(120.0, gt=0, description="local planner: most seconds of one answer")
 
     # --- stage 2: the grounded diffusion controller ----------------------------------------
     sd_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local diffusers directory")
@@ -57,6 +70,19 @@ class Settings(BaseSettings):
     variant: Literal["lmd", "sd", "lmd_plus"] = Field(
         "lmd", description="method of a service request that names none: lmd, sd (plain baseline), lmd_plus (GLIGEN model)"
     )
+    conditioning: str = Field(
+        "clip",
+        pattern=r"^(clip|ella|gluenet|connector:.+)$",
+        description="text conditioning of the denoising of a request that names none: clip, ella, gluenet, connector:PATH (docs/conditioning.md, docs/training.md)",
+    )
+    ella_checkpoint: str = Field(
+        "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors", description="ELLA's connector: a .safetensors file, or owner/repo/file on the hub"
+    )
+    ella_t5: str = Field("google/flan-t5-xl", description="ELLA's T5 encoder: hub id or local directory (fp16 on CUDA)")
+    gluenet_checkpoints: dict[str, str] = Field(
+        default_factory=dict, description='JSON object, language -> GlueNet checkpoint file, e.g. {"zh": "/w/gluenet_Chinese_clip_overnorm_over3_noln.ckpt"}'
+    )
+    gluenet_xlmr: str = Field("FacebookAI/xlm-roberta-large", description="GlueNet's XLM-RoBERTa-large encoder: hub id or local directory")
 
     # --- service -------------------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="broker, results, records, LLM cache")

@@ -22,9 +22,9 @@ from collections.abc import Callable
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from jobs.files import drop_old_job_dirs, job_dir
+from jobs.files import drop_old_job_dirs, job_dir, result_file
 from jobs.queue import redelivery_after_s
-from jobs.records import ErrorCode, JobRecord, Progress
+from jobs.records import ErrorCode, JobRecord, PreviewInfo, Progress
 from jobs.store import Store, this_worker
 from jobs.transitions import delivery_limit
 from lmd import wiring
@@ -96,6 +96,7 @@ class WorkerRuntime:
         self._pipeline = None
         self._refiner = None
         self._pipeline_lock = threading.Lock()
+        self._conditionings = None
 
     @property
     def max_deliveries(self) -> int:
@@ -103,9 +104,12 @@ class WorkerRuntime:
 
     # --- the parts, loaded once per process --------------------------------------------------
     def planner(self):
+        """The planner, built on the first plan job; a local model loads (or downloads) then, once per process."""
         if self._planner is None:
             cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
-            self._planner = wiring.planner(self.settings, cache=cache, max_objects=min(self.settings.max_objects, 30))
+            log.info("planner: %s (pid %d)", wiring.choose_planner(self.settings).describe(), os.getpid())
+            self._planner = wiring.ready_planner(self.settings, say=log.info, cache=cache,
+                                                 max_objects=min(self.settings.max_objects, 30))
         return self._planner
 
     def preload_pipeline(self) -> None:
@@ -132,6 +136,17 @@ class WorkerRuntime:
             self._pipeline = pipeline
         return self._pipeline
 
+    def conditioning(self, name: str):
+        """The conditioning ``name``, loaded beside the pipeline the first time a job asks for it
+        (ELLA's T5-XL ~2.5 GB, GlueNet's XLM-R ~1.1 GB in fp16; docs/conditioning.md), then kept."""
+        pipe = self.pipeline()
+        with self._pipeline_lock:
+            if self._conditionings is None:
+                self._conditionings = wiring.conditionings(self.settings, pipe)
+            if name not in self._conditionings.loaded:
+                log.info("loading conditioning %s (pid %d)", name, os.getpid())
+            return self._conditionings.get(name)
+
     # --- stage 1 -----------------------------------------------------------------------------------
     def run_plan(self, job_id: str) -> str:
         """Plan (or revise) the job's layout; hand the job to the render queue. Returns what happened."""
@@ -140,7 +155,7 @@ class WorkerRuntime:
             return "skipped"
         with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
             try:
-                layout = self._plan(job)
+                layout = self._plan(job, should_cancel=lambda: heartbeat.lost or self._cancel_requested(job_id))
             except Exception as exc:  # every failure ends the job with a code; nothing escapes to Celery
                 return self._fail(job_id, exc, stage="plan")
             if layout is None:
@@ -153,16 +168,17 @@ class WorkerRuntime:
             handed = self.store.hand_to_render(job_id, self.worker, layout)
         return "planned" if handed else "lost"
 
-    def _plan(self, job: JobRecord):
+    def _plan(self, job: JobRecord, should_cancel):
+        """The job's layout; ``should_cancel`` is checked between asks and, for a local model, between tokens."""
         from layout_planner import Turn
 
         planner = self.planner()
-        if job.kind == "generate":
-            return planner.plan(job.prompt)
+        if job.kind in ("generate", "plan"):
+            return planner.plan(job.prompt, should_cancel=should_cancel)
         history = [Turn(text=text, layout=layout) for text, layout in self.store.conversation(job.session_id, job.turn)]
         if not history:
             return None
-        return planner.revise(history, job.prompt)
+        return planner.revise(history, job.prompt, should_cancel=should_cancel)
 
     # --- stage 2 -----------------------------------------------------------------------------------
     def run_render(self, job_id: str) -> str:
@@ -177,7 +193,8 @@ class WorkerRuntime:
                 out = job_dir(self.settings.data_dir, job_id)
                 if out.exists():
                     shutil.rmtree(out)  # what an earlier, killed delivery left
-                result.save(out)
+                result.save(out, result.parameters(prompt=job.prompt, preset=job.preset,
+                                                   negative_prompt=job.negative_prompt))
             except Exception as exc:
                 if heartbeat.lost:
                     return "lost"
@@ -194,14 +211,34 @@ class WorkerRuntime:
     def _render(self, job: JobRecord, heartbeat: Heartbeat):
         pipe = self.pipeline()
         options = render_options(job, self.settings)
+        conditioning = self.conditioning(job.conditioning)
 
-        def progress(stage: str, step: int, total: int) -> None:
+        current = {"progress": Progress(stage="loading")}  # what was last written: a preview keeps the step
+
+        def write_progress(update: Progress) -> None:
+            current["progress"] = update
             try:
-                self.store.held_update(job.job_id, self.worker, {
-                    "progress": Progress(stage=stage, step=step, total=total), "heartbeat_at": time.time(),
-                })
+                self.store.held_update(job.job_id, self.worker, {"progress": update, "heartbeat_at": time.time()})
             except redis.RedisError as exc:
                 log.warning("progress of job %s not recorded: %s", job.job_id, exc)
+
+        def progress(stage: str, step: int, total: int) -> None:
+            write_progress(Progress(stage=stage, step=step, total=total, preview=current["progress"].preview))
+
+        def preview(stage: str, step: int, total: int, image) -> None:
+            """Write the preview (replacing the last one whole, so the API never serves half a file)."""
+            path = result_file(self.settings.data_dir, job.job_id, "preview")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(".partial")
+                image.save(partial, format="PNG", compress_level=1)  # speed over size: written every few steps
+                os.replace(partial, path)
+            except OSError as exc:  # a preview is a nicety: never a failed job
+                log.warning("preview of job %s not written: %s", job.job_id, exc)
+                return
+            last = current["progress"]
+            count = last.preview.count + 1 if last.preview else 1
+            write_progress(last.model_copy(update={"preview": PreviewInfo(count=count, stage=stage, step=step, total=total)}))
 
         def should_cancel() -> bool:
             return heartbeat.lost or self._cancel_requested(job.job_id)
@@ -220,6 +257,10 @@ class WorkerRuntime:
             negative_prompt=job.negative_prompt,
             progress=progress,
             should_cancel=should_cancel,
+            conditioning=conditioning,
+            source_prompt=job.source_prompt,
+            language=job.language,
+            preview=preview if job.previews else None,
         )
         if self._refiner is not None and job.refine is not False:  # the refiner pass, after the final pass
             result = self._refiner.refine(
@@ -261,9 +302,14 @@ CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     """A typed failure's code and a message a person can act on (docs/service.md "Job lifecycle")."""
     from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
+    from layout_planner.errors import LocalModelUnavailable, PlanCanceled
 
     if isinstance(exc, InvalidPrompt):
         return "invalid_prompt", str(exc)
+    if isinstance(exc, PlanCanceled):
+        return "canceled", f"canceled while planning, after {exc.tokens} generated tokens"
+    if isinstance(exc, LocalModelUnavailable):
+        return "llm_unavailable", f"the plan worker cannot load its layout model: {exc}"
     if isinstance(exc, LLMUnavailable):
         return "llm_unavailable", f"the layout LLM could not be reached: {exc}. Check LMD_LLM_BASE_URL and the key, or retry later."
     if isinstance(exc, LLMBadOutput | PlannerError):
@@ -272,6 +318,7 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
         return "timeout", f"the {stage} stage ran past LMD_TASK_SOFT_TIME_LIMIT_S; use fewer steps or a smaller size"
     if stage == "render":
         from grounded_sd import GenerationCanceled, InvalidLayoutError, ModelLoadError, VariantUnavailable
+        from grounded_sd.errors import ConditioningUnavailable
 
         if isinstance(exc, GenerationCanceled):
             return "canceled", "canceled while rendering"
@@ -279,6 +326,8 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
             return "invalid_layout", str(exc)
         if isinstance(exc, VariantUnavailable):
             return "variant_unavailable", str(exc)
+        if isinstance(exc, ConditioningUnavailable):  # the message names the setting (or the language) to fix
+            return "model_unavailable", f"the render worker cannot use the requested conditioning: {exc}"
         if isinstance(exc, ModelLoadError):
             return "model_unavailable", f"the render worker cannot load its model: {exc}. Check LMD_SD_MODEL and LMD_SCHEDULER."
         import torch

@@ -15,7 +15,7 @@ from grounded_sd.conditioning.base import (
     Pass,
     TextInputs,
 )
-from grounded_sd.conditioning.loading import ConditioningConfig, load_conditioning
+from grounded_sd.conditioning.loading import ConditioningCache, ConditioningConfig, load_conditioning
 
 __all__ = [
     "CONDITIONINGS",
@@ -23,6 +23,7 @@ __all__ = [
     "ClipEmbeddings",
     "Conditioned",
     "Conditioning",
+    "ConditioningCache",
     "ConditioningConfig",
     "ConditioningName",
     "Mode",

@@ -52,8 +52,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--refiner", metavar="MODEL", help="finish the image with this SDXL refiner (hub id or local directory; default LMD_REFINER, unset: none)")
     parser.add_argument("--refiner-strength", type=float, help="fraction of the refiner's schedule redone (default LMD_REFINER_STRENGTH, 0.3)")
     parser.add_argument("--no-refiner", action="store_true", help="no refiner pass even when LMD_REFINER is set")
+    add_conditioning_arguments(parser)
+    parser.add_argument("--language", metavar="CODE", help="ISO 639-1 language of PROMPT for gluenet (default: detected)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_generate)
+
+
+def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--conditioning`` and ``--conditioning-mode`` (generate, eval, bench)."""
+    parser.add_argument(
+        "--conditioning", metavar="NAME",
+        help="what the denoising is conditioned on: clip, ella, gluenet, connector:PATH (default LMD_CONDITIONING, clip; docs/conditioning.md)",
+    )
+    parser.add_argument(
+        "--conditioning-mode", choices=("replace", "concat", "tokens"),
+        help="replace (guidance on CLIP; default), concat (ELLA tokens before CLIP's), tokens (per-token connectors)",
+    )
 
 
 def _read_layout(path: Path):
@@ -76,9 +90,13 @@ def _read_layout(path: Path):
 
 
 def _plan(prompt: str, settings):
+    """Stage 1; a local planner says which model and why, and its first download, on stderr."""
     from layout_planner import PlannerError
 
-    planner = wiring.planner(settings)
+    try:
+        planner = wiring.ready_planner(settings, say=lambda line: print(f"lmd generate: {line}", file=sys.stderr, flush=True))
+    except PlannerError as exc:
+        raise CLIError(str(exc)) from None
     try:
         return planner.plan(prompt)
     except PlannerError as exc:
@@ -124,7 +142,8 @@ def run_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     result = _render(args, settings, layout, seed)
     try:
-        out = result.save(args.out)
+        parameters = result.parameters(prompt=args.prompt, preset=args.preset or settings.preset, negative_prompt=args.negative)
+        out = result.save(args.out, parameters)
     except OSError as exc:
         raise CLIError(f"cannot write to {args.out}: {exc}") from None
     _print_summary(result, out, seed)
@@ -140,6 +159,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise CLIError(f"--{name} must be a positive multiple of 8, got {value}")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    if args.language:
+        from layout_planner.language import normalize_language
+
+        try:
+            args.language = normalize_language(args.language)
+        except ValueError as exc:
+            raise CLIError(f"--language: {exc}") from None
 
 
 def _render(args: argparse.Namespace, settings, layout, seed: int):
@@ -150,7 +176,8 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
 
     try:
         options = wiring.render_options(settings, args.preset or settings.preset, steps=args.steps,
-                                        guidance_scale=args.guidance_scale, max_batch=args.max_batch)
+                                        guidance_scale=args.guidance_scale, max_batch=args.max_batch,
+                                        conditioning_mode=args.conditioning_mode)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
@@ -169,9 +196,10 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
 
     bars = _StageBars(enabled=not args.quiet)
     try:
+        conditioning = wiring.conditionings(settings, pipe).get(args.conditioning or settings.conditioning)
         result = pipe(
             layout, seed=seed, options=options, variant=args.variant or settings.variant, width=args.width, height=args.height,
-            negative_prompt=args.negative, progress=bars,
+            negative_prompt=args.negative, progress=bars, conditioning=conditioning, source_prompt=args.prompt, language=args.language,
         )
         if refiner is not None:
             result = refiner.refine(result, options=refiner_options, progress=bars)

@@ -49,6 +49,10 @@ def test_refiner_refines_the_final_image_and_reports_it(refiner, generated, tmp_
     assert np.abs(np.asarray(refined.image, np.int16) - np.asarray(plain, np.int16)).mean() > 1.0
     refined.save(tmp_path)
     assert json.loads((tmp_path / "report.json").read_text())["refiner"]["strength"] == 0.3
+    from grounded_sd.image_parameters import read_parameters
+
+    parameters = read_parameters(tmp_path / "image.png")
+    assert parameters.refiner == refiner.name and parameters.refiner_strength == 0.3
 
 
 def test_refiner_cancels_and_rejects_models_of_other_shapes(refiner, generated, tiny_sd_path, tmp_path):
