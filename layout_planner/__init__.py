@@ -2,7 +2,7 @@
 
 from layout_planner.cache import InMemoryCache, LayoutCache, cache_key
 from layout_planner.client import LLMConfig
-from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput, LLMUnavailable, PlannerError
+from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput, LLMUnavailable, PlanCanceled, PlannerError
 from layout_planner.layout import (
     DEFAULT_BACKGROUND,
     GRID,
@@ -31,6 +31,7 @@ __all__ = [
     "LayoutCache",
     "LayoutObject",
     "LayoutParseError",
+    "PlanCanceled",
     "PlanReport",
     "Planner",
     "PlannerError",

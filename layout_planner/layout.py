@@ -17,6 +17,11 @@ GRID = 512
 DEFAULT_BACKGROUND = "a realistic scene"
 MAX_OBJECTS = 30
 MAX_PHRASE_CHARS = 200
+MAX_TEXT_CHARS = 1000  # background and negative prompt
+# Warnings are bounded like every other stored field: an LLM answer with thousands of broken
+# objects (or a client's layout) must not make a record of hundreds of kB.
+MAX_WARNINGS = 40
+MAX_WARNING_CHARS = 300
 
 Box = Annotated[
     tuple[float, float, float, float],
@@ -95,15 +100,27 @@ class LayoutObject(BaseModel):
         return (px0, py0, px1, py1)
 
 
+def bounded_warnings(warnings: list[str]) -> list[str]:
+    """``warnings`` within ``MAX_WARNINGS`` lines of ``MAX_WARNING_CHARS``: long lines are cut, and
+    the lines past the limit become one closing line that counts them."""
+    lines = [w if len(w) <= MAX_WARNING_CHARS else w[: MAX_WARNING_CHARS - 3] + "..." for w in warnings]
+    if len(lines) <= MAX_WARNINGS:
+        return lines
+    kept = lines[: MAX_WARNINGS - 1]
+    return kept + [f"... and {len(lines) - len(kept)} more warnings"]
+
+
 class Layout(BaseModel):
     """A scene plan: boxed objects, a background caption, a negative prompt, repair warnings."""
 
     model_config = ConfigDict(extra="forbid")
 
     objects: list[LayoutObject] = Field(default_factory=list, max_length=MAX_OBJECTS)
-    background: str = Field(default=DEFAULT_BACKGROUND, max_length=1000)
-    negative: str = Field(default="", max_length=1000)
-    warnings: list[str] = Field(default_factory=list, description="what repair changed, one line each")
+    background: str = Field(default=DEFAULT_BACKGROUND, max_length=MAX_TEXT_CHARS)
+    negative: str = Field(default="", max_length=MAX_TEXT_CHARS)
+    warnings: list[Annotated[str, Field(max_length=MAX_WARNING_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_WARNINGS, description="what repair changed, one line each"
+    )
 
     @field_validator("background")
     @classmethod

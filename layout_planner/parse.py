@@ -28,8 +28,10 @@ from layout_planner.layout import (
     GRID,
     MAX_OBJECTS,
     MAX_PHRASE_CHARS,
+    MAX_TEXT_CHARS,
     Layout,
     LayoutObject,
+    bounded_warnings,
     next_object_id,
     xywh_to_xyxy,
     xyxy_to_xywh,
@@ -72,7 +74,6 @@ NUMBER_WORDS = {
 }  # fmt: skip
 # A count phrase is split only while every part keeps at least this many grid pixels along the split.
 MIN_SPLIT_PX = 24
-MAX_TEXT_CHARS = 1000  # Layout's limit on background and negative
 
 
 class AnswerObject(BaseModel):
@@ -587,7 +588,7 @@ def build_layout(
         texts[name] = value
     objects = _assign_ids(pending, previous, answer.has_ids, warnings)
     try:
-        return Layout(objects=objects, warnings=warnings, **texts)
+        return Layout(objects=objects, warnings=bounded_warnings(warnings), **texts)
     except ValidationError as exc:  # a defect repair does not cover: report it like any unusable answer
         raise LayoutParseError(f"the layout is invalid: {exc.errors()[0]['msg']}") from None
 

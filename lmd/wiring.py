@@ -74,6 +74,7 @@ def llm_config(settings: Settings) -> "LLMConfig":
         backoff_s=settings.llm_backoff_s,
         max_retry_after_s=settings.llm_max_retry_after_s,
         max_prompt_chars=settings.max_prompt_chars,
+        deadline_s=settings.llm_deadline_s,
     )
 
 
