@@ -41,6 +41,9 @@ class _RenderSettings(BaseModel):
         None, description="what the denoising is conditioned on: clip, ella, gluenet (docs/conditioning.md); unset: LMD_CONDITIONING"
     )
     language: str | None = Field(None, description="ISO 639-1 code of the prompt (gluenet); unset: detected")
+    refine: bool | None = Field(
+        None, description="finish with the SDXL refiner (LMD_REFINER): true needs one configured (422 otherwise), false skips it; unset: refine when configured"
+    )
 
     @field_validator("language")
     @classmethod
@@ -107,6 +110,7 @@ class JobView(BaseModel):
     conditioning: str
     language: str | None
     previews: bool
+    refine: bool | None
     error: JobError | None
     cancel_requested: bool
     deliveries: int
@@ -299,6 +303,8 @@ def limit_errors(body: GenerateRequest | PlanRequest | InstructRequest, settings
                                  "(LMD_MIN_SIZE, LMD_MAX_SIZE)", value))
         elif value % 8:
             errors.append(_error(field, f"{field} must be a multiple of 8 (the latent is 1/8 of the image)", value))
+    if getattr(body, "refine", None) and not settings.refiner:
+        errors.append(_error("refine", "refine needs an SDXL refiner: this service has none (LMD_REFINER is unset)", True))
     if layout is not None:
         if not layout.objects:
             errors.append(_error("layout", "layout.objects is empty: give at least one object, or a prompt instead", None))

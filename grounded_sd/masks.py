@@ -44,7 +44,11 @@ class SamCheckpointError(RuntimeError):
 
 
 class MaskOptions(BaseModel):
-    """How an object's mask is made (METHOD.md §2.4); defaults are the reference's."""
+    """How an object's mask is made (METHOD.md §2.4).
+
+    The SAM thresholds and the smoothing sigma are the reference's values; the coarse mask's
+    rule (a fraction of the peak *inside the box*) and the cut to the grown box are ours, see
+    docs/masks.md ("Differences from the reference")."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -58,14 +62,21 @@ class MaskOptions(BaseModel):
         0.25, gt=0.0, le=1.0, description="coarse mask = smoothed attention >= this fraction of its maximum inside the box (ref 0.25)"
     )
     smooth_sigma: float = Field(
-        1.0, ge=0.0, le=16.0, description="gaussian smoothing of the attention map, in attention-map pixels; 0 turns it off"
+        1.5,
+        ge=0.0,
+        le=16.0,
+        description=(
+            "gaussian sigma in pixels of the attention map as captured (16x16 on SD at 512 px), before any "
+            "resizing (ref 1.5 with a point prompt); 0 turns it off"
+        ),
     )
     sam_box_margin: float | None = Field(
         0.1,
         ge=0.0,
         description=(
             "the chosen SAM mask is cut to the layout box grown by this fraction of its width/height on each "
-            "side, so an object cannot spill far outside the place the layout gave it; None: no cut"
+            "side, so an object cannot spill far outside the place the layout gave it; None: no cut (the "
+            "reference does not cut)"
         ),
     )
 
@@ -77,7 +88,9 @@ class MaskCandidate(BaseModel):
 
     index: int
     predicted_iou: float = Field(description="SAM's own quality estimate")
-    coarse_iou: float = Field(description="IoU with the coarse attention mask (inside the box)")
+    coarse_iou: float = Field(
+        description="IoU with what SAM's answer is judged against: the coarse attention mask (point prompt), the box (box prompt, or no usable attention)"
+    )
     area: float = Field(description="fraction of the image covered by the candidate")
     rejected: str | None = Field(None, description="why it was rejected; None for acceptable candidates")
 
@@ -206,6 +219,8 @@ def object_mask(
 
     sam_prompt = (x0, y0, x1, y1) if prompt == "box" else point
     fallback.sam_prompt = sam_prompt
+    if prompt == "box":  # LMD+ (as the reference): SAM was asked about the box, so its answers are judged against the box
+        reference = in_box
     try:
         predictor.set_image(image)
         if prompt == "box":
@@ -218,7 +233,10 @@ def object_mask(
         fallback.detail += f"; SAM failed ({type(exc).__name__}: {exc})"
         return fallback
 
-    candidates = _judge_candidates(np.asarray(sam_masks, dtype=bool), np.asarray(sam_scores, dtype=np.float64), reference, options)
+    against = "box" if reference is in_box else "coarse"
+    candidates = _judge_candidates(
+        np.asarray(sam_masks, dtype=bool), np.asarray(sam_scores, dtype=np.float64), reference, against, options
+    )
     accepted = [c for c in candidates if c.rejected is None]
     if not accepted:
         reasons = "; ".join(f"{c.index}: {c.rejected}" for c in candidates)
@@ -236,15 +254,16 @@ def object_mask(
         return fallback
     detail = (
         f"sam candidate {best.index} ({prompt} prompt), predicted IoU {best.predicted_iou:.2f}, "
-        f"IoU with {'coarse' if coarse is not None else 'box'} {best.coarse_iou:.2f}"
+        f"IoU with {against} {best.coarse_iou:.2f}"
     )
     return MaskResult(mask, "sam", detail, candidates, sam_prompt)
 
 
 def _judge_candidates(
-    masks: np.ndarray, scores: np.ndarray, reference: np.ndarray, options: MaskOptions
+    masks: np.ndarray, scores: np.ndarray, reference: np.ndarray, against: str, options: MaskOptions
 ) -> list[MaskCandidate]:
-    """Score every SAM candidate against SAM's own estimate and the attention's coarse mask."""
+    """Score every SAM candidate against SAM's own estimate and ``reference`` (the attention's
+    coarse mask, or the box; ``against`` names it in the rejection reasons)."""
     judged = []
     for index, (mask, score) in enumerate(zip(masks, scores)):
         union = np.logical_or(mask, reference).sum()
@@ -255,7 +274,7 @@ def _judge_candidates(
         elif not score >= options.sam_min_predicted_iou:
             rejected = f"predicted IoU {score:.2f} < {options.sam_min_predicted_iou:g}"
         elif coarse_iou < options.sam_min_coarse_iou:
-            rejected = f"IoU with coarse {coarse_iou:.2f} < {options.sam_min_coarse_iou:g}"
+            rejected = f"IoU with {against} {coarse_iou:.2f} < {options.sam_min_coarse_iou:g}"
         judged.append(
             MaskCandidate(
                 index=index, predicted_iou=float(score), coarse_iou=coarse_iou, area=float(mask.mean()), rejected=rejected

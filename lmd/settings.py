@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call in stage 2; unset: all objects x CFG in one call")
+    refiner: str | None = Field(
+        None, description="SDXL refiner (hub id or local diffusers directory) that finishes every image; unset: none"
+    )
+    refiner_strength: float = Field(0.3, gt=0.0, le=1.0, description="fraction of the refiner's schedule redone (ref 0.3)")
+    refiner_resolution: int = Field(1024, ge=64, le=4096, description="the refiner works at this long side in pixels (ref 1024)")
     preset: Literal["reference", "fast"] = Field(
         "reference", description="stage 2 option preset of a service request that names none: reference (docs/method.md) or fast"
     )

@@ -94,6 +94,7 @@ class WorkerRuntime:
         self.worker = this_worker()
         self._planner = None
         self._pipeline = None
+        self._refiner = None
         self._pipeline_lock = threading.Lock()
         self._conditionings = None
 
@@ -129,7 +130,9 @@ class WorkerRuntime:
             log.info("loading %s on device=%s dtype=%s (pid %d)", s.sd_model, s.device, s.dtype, os.getpid())
             started = time.monotonic()
             pipeline = wiring.load_pipeline(s, cpu_threads=1)  # one thread per render process on a CPU host
-            log.info("pipeline loaded in %.1f s (pid %d)", time.monotonic() - started, os.getpid())
+            self._refiner = wiring.load_refiner(s)  # None without LMD_REFINER; loaded once, like the pipeline
+            log.info("pipeline%s loaded in %.1f s (pid %d)", " and refiner" if self._refiner else "",
+                     time.monotonic() - started, os.getpid())
             self._pipeline = pipeline
         return self._pipeline
 
@@ -242,7 +245,11 @@ class WorkerRuntime:
         def should_cancel() -> bool:
             return heartbeat.lost or self._cancel_requested(job.job_id)
 
-        return pipe(
+        if job.refine and self._refiner is None:
+            from grounded_sd import ModelLoadError
+
+            raise ModelLoadError("the job asks for the SDXL refiner, but this worker has none (LMD_REFINER is unset)")
+        result = pipe(
             job.layout,
             seed=job.seed,
             options=options,
@@ -257,6 +264,11 @@ class WorkerRuntime:
             language=job.language,
             preview=preview if job.previews else None,
         )
+        if self._refiner is not None and job.refine is not False:  # the refiner pass, after the final pass
+            result = self._refiner.refine(
+                result, options=wiring.refiner_options(self.settings), progress=progress, should_cancel=should_cancel
+            )
+        return result
 
     # --- endings -----------------------------------------------------------------------------------
     def _cancel_requested(self, job_id: str) -> bool:

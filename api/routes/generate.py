@@ -70,6 +70,7 @@ def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, submission: Submi
         negative_prompt=body.negative_prompt,
         variant=body.variant or settings.variant,
         preset=body.preset or settings.preset,
+        refine=body.refine,
         conditioning=body.conditioning or settings.conditioning,
         language=body.language,
         source_prompt=(body.prompt or "").strip() or None,

@@ -87,5 +87,5 @@ def _render_settings_of_latest(session, jobs: dict[str, JobRecord]) -> dict:
         job = jobs.get(t.job_id)
         if job is not None and job.state == "succeeded":
             return {k: getattr(job, k) for k in ("steps", "guidance_scale", "width", "height", "negative_prompt",
-                                                   "variant", "preset", "conditioning", "language", "source_prompt")}
+                                                   "variant", "preset", "conditioning", "language", "source_prompt", "refine")}
     return {}
