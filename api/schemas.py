@@ -13,12 +13,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from grounded_sd.names import Preset, Variant
 from jobs.records import JobError, JobRecord, JobState, Progress, SessionRecord
 from layout_planner.layout import Layout
 from lmd.settings import Settings
 
-Variant = Literal["lmd", "lmd_plus", "sd"]
-Preset = Literal["reference", "fast"]
 
 
 class GenerateRequest(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grounded_sd.masks import MaskOptions
+from layout_planner.layout import MAX_OBJECTS
 
 REFERENCE_STEPS = 50
 """The step count the reference's step-indexed defaults are written for."""
@@ -79,7 +80,7 @@ class LMDOptions(BaseModel):
     gligen_ratio: float = Field(0.4, ge=0.0, le=1.0, description="fraction of steps with GLIGEN adapters on (lmd_plus)")
 
     # --- limits ------------------------------------------------------------------------------
-    max_objects: int = Field(30, ge=1, le=30, description="more objects than this is an InvalidLayoutError")
+    max_objects: int = Field(MAX_OBJECTS, ge=1, le=MAX_OBJECTS, description="more objects than this is an InvalidLayoutError")
 
     @field_validator("iteration_schedule")
     @classmethod

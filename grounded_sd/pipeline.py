@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -26,6 +26,7 @@ from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbedding
 from grounded_sd.errors import GroundedSDError, InvalidLayoutError, VariantUnavailable
 from grounded_sd.final_pass import run_final_pass
 from grounded_sd.masks import load_sam_predictor
+from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
 from grounded_sd.per_box import per_box_steps, run_per_box_pass
 from grounded_sd.prompts import group_phrases, join_negative, scene_prompt
@@ -34,9 +35,7 @@ from grounded_sd.segment import segment_objects
 from layout_planner.draw import draw_layout
 from layout_planner.layout import Layout
 
-Variant = Literal["lmd", "sd", "lmd_plus"]
-VARIANTS = ("lmd", "sd", "lmd_plus")
-GLIGEN_MAX_OBJECTS = 30
+GLIGEN_MAX_OBJECTS = 30  # grounding tokens of GLIGEN's position net
 REFERENCE_HEADS = 8  # SD 1.5's heads per cross-attention: the scale of the reference's loss threshold
 
 
@@ -59,7 +58,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in table:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
     return table[dtype]
 
 

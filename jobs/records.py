@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from grounded_sd.names import Preset
 from layout_planner.layout import Layout
 
 JobState = Literal["queued", "planning", "rendering", "succeeded", "failed", "canceled"]
@@ -68,7 +69,7 @@ class JobRecord(BaseModel):
     height: int = 512
     negative_prompt: str | None = None
     variant: str = "lmd"
-    preset: Literal["reference", "fast"] = "reference"
+    preset: Preset = "reference"
     state: JobState = "queued"
     progress: Progress = Field(default_factory=Progress)
     error: JobError | None = None

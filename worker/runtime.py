@@ -102,12 +102,12 @@ class WorkerRuntime:
     # --- the parts, loaded once per process --------------------------------------------------
     def planner(self):
         if self._planner is None:
-            from layout_planner import Planner
+            from layout_planner import MAX_OBJECTS, Planner
             from lmd.commands.plan import llm_config_from_settings
 
             cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
             self._planner = Planner(llm_config_from_settings(self.settings), cache,
-                                    max_objects=min(self.settings.max_objects, 30))
+                                    max_objects=min(self.settings.max_objects, MAX_OBJECTS))
         return self._planner
 
     def preload_pipeline(self) -> None:
