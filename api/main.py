@@ -20,7 +20,8 @@ from kombu.exceptions import OperationalError
 from api.routes import generate, health, jobs, metrics, sessions
 from jobs.queue import create_celery
 from jobs.store import Store, StoreConflict
-from lmd.settings import Settings, get_settings
+from lmd.settings import Settings
+from lmd.wiring import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def invalid_request(request: Request, exc: RequestValidationError) -> JSONRespon
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or load_settings(cached=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -1,4 +1,4 @@
-"""Request and response models of the HTTP API (SERVICE.md "HTTP contract").
+"""Request and response models of the HTTP API (docs/service.md "HTTP contract").
 
 Static rules (types, unknown fields) live on the models; the limits that are settings
 (``LMD_MAX_STEPS``...) are checked by :func:`limit_errors`, which names the field and the
@@ -33,7 +33,7 @@ class GenerateRequest(BaseModel):
     layout: Layout | None = Field(None, description="skip stage 1 and render this layout")
     session_id: str | None = Field(None, description="add this generate to an existing session")
     variant: Variant | None = Field(None, description="lmd, lmd_plus (GLIGEN model needed), sd (plain baseline); unset: LMD_VARIANT")
-    preset: Preset | None = Field(None, description="stage 2 options: reference (METHOD.md) or fast; unset: LMD_PRESET")
+    preset: Preset | None = Field(None, description="stage 2 options: reference (docs/method.md) or fast; unset: LMD_PRESET")
 
 
 class InstructRequest(BaseModel):

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from grounded_sd.names import SAM_MODEL_TYPES
+
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
 
-SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
 # The image encoder's width tells the published checkpoints apart (segment_anything/build_sam.py).
 _ENCODER_WIDTH_TO_TYPE = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
 

@@ -1,4 +1,4 @@
-"""The names every layer shares: variants, option presets, dtypes.
+"""The names every layer shares: variants, option presets, dtypes, SAM model types.
 
 Defined once here and used by the pipeline, the settings, the CLI's choices, the API schema,
 bench and eval. Nothing here imports torch or the LLM client, so reading a name is cheap.
@@ -25,3 +25,7 @@ PRESETS: tuple[str, ...] = get_args(Preset)
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 """Weights' dtype; auto: float16 on CUDA, float32 elsewhere."""
 DTYPES: tuple[str, ...] = get_args(Dtype)
+
+SamModelType = Literal["vit_h", "vit_l", "vit_b"]
+"""Architectures of the published SAM checkpoints (mask refinement)."""
+SAM_MODEL_TYPES: tuple[str, ...] = get_args(SamModelType)

@@ -98,6 +98,14 @@ class LMDOptions(BaseModel):
 
     # --- presets -------------------------------------------------------------------------------
     @classmethod
+    def preset(cls, name: str, **overrides) -> "LMDOptions":
+        """The options of the preset called ``name`` (``reference`` or ``fast``) with ``overrides``."""
+        presets = {"reference": cls.reference, "fast": cls.fast}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(presets)}")
+        return presets[name](**overrides)
+
+    @classmethod
     def reference(cls, **overrides) -> "LMDOptions":
         """METHOD.md's reference defaults (the published implementation's numbers)."""
         return cls(**overrides)

@@ -158,7 +158,7 @@ class PeakMemory:
 def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, config: BenchConfig, device: str) -> BenchRun:
     from grounded_sd import LMDOptions
 
-    options = getattr(LMDOptions, preset or "reference")(steps=config.steps)
+    options = LMDOptions.preset(preset or "reference", steps=config.steps)
     with PeakMemory(device) as memory:
         started = time.perf_counter()
         result = pipe(layout, seed=config.seed, options=options, variant=variant, width=config.width, height=config.height)
@@ -181,14 +181,13 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Run every configured measurement; ``progress`` is told the name of each run as it starts."""
-    import torch
-
     from grounded_sd import LMDPipeline
     from grounded_sd.pipeline import resolve_device
     from grounded_sd.random_model import build_random_sd
+    from lmd import wiring
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    wiring.use_torch_threads(config.threads)
+    wiring.quiet_library_progress_bars()  # the command's bar counts the runs
     device = str(resolve_device(config.device))
     progress = progress or (lambda name: None)
     notes: list[str] = []

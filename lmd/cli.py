@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from lmd.wiring import SettingsError
+
 # Each module holds related subcommands and a ``register(subparsers)`` function.
 COMMAND_MODULES = (
     "lmd.commands.plan",
@@ -17,7 +19,7 @@ COMMAND_MODULES = (
 
 
 class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+    """A user-facing error: printed as one line, exit status 2 (so is ``lmd.wiring.SettingsError``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except CLIError as exc:
+    except (CLIError, SettingsError) as exc:
         print(f"lmd {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from grounded_sd.names import Dtype, Preset, Variant
+from grounded_sd.names import Dtype, Preset, SamModelType, Variant
 from layout_planner.layout import MAX_OBJECTS
 
 
@@ -44,13 +44,13 @@ class Settings(BaseSettings):
     sd_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local diffusers directory")
     scheduler: str = Field("DDIMScheduler", description="any diffusers scheduler class name")
     sam_checkpoint: Path | None = Field(None, description="segment-anything checkpoint; unset: attention masks")
-    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="architecture of the SAM checkpoint")
+    sam_model_type: SamModelType = Field("vit_h", description="architecture of the SAM checkpoint")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Dtype = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call in stage 2; unset: all objects x CFG in one call")
     preset: Preset = Field(
-        "reference", description="stage 2 option preset of a service request that names none: reference (METHOD.md) or fast"
+        "reference", description="stage 2 option preset of a service request that names none: reference (docs/method.md) or fast"
     )
     variant: Variant = Field(
         "lmd", description="method of a service request that names none: lmd, sd (plain baseline), lmd_plus (GLIGEN model)"

@@ -300,7 +300,7 @@ def test_metrics_count_unfinished_jobs_by_state_and_finished_ones(client):
 
 
 def test_every_field_of_the_service_contract_is_there_by_name(client):
-    """/work/shared/design/SERVICE.md "HTTP contract": the names clients are written against."""
+    """docs/service.md "HTTP contract": the names clients are written against."""
     accepted = client.post("/generate", json={"prompt": "a cat", "width": 64, "height": 64}).json()
     assert {"job_id", "session_id", "status_url"} <= accepted.keys()
     job = client.get(accepted["status_url"]).json()

@@ -27,7 +27,9 @@ from jobs.queue import redelivery_after_s
 from jobs.records import ErrorCode, JobRecord, Progress
 from jobs.store import Store, this_worker
 from jobs.transitions import delivery_limit
-from lmd.settings import Settings, get_settings
+from layout_planner.layout import MAX_OBJECTS
+from lmd import wiring
+from lmd.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +104,8 @@ class WorkerRuntime:
     # --- the parts, loaded once per process --------------------------------------------------
     def planner(self):
         if self._planner is None:
-            from layout_planner import MAX_OBJECTS, Planner
-            from lmd.commands.plan import llm_config_from_settings
-
             cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
-            self._planner = Planner(llm_config_from_settings(self.settings), cache,
-                                    max_objects=min(self.settings.max_objects, MAX_OBJECTS))
+            self._planner = wiring.planner(self.settings, cache=cache, max_objects=min(self.settings.max_objects, MAX_OBJECTS))
         return self._planner
 
     def preload_pipeline(self) -> None:
@@ -124,23 +122,10 @@ class WorkerRuntime:
 
     def _load_pipeline(self):
         if self._pipeline is None:
-            import torch
-
-            from grounded_sd import LMDPipeline
-
-            if self.settings.torch_threads or not torch.cuda.is_available():
-                torch.set_num_threads(self.settings.torch_threads or 1)
             s = self.settings
             log.info("loading %s on device=%s dtype=%s (pid %d)", s.sd_model, s.device, s.dtype, os.getpid())
             started = time.monotonic()
-            pipeline = LMDPipeline.from_pretrained(
-                s.sd_model,
-                device=s.device,
-                dtype=s.dtype,
-                scheduler=s.scheduler,
-                sam_checkpoint=str(s.sam_checkpoint) if s.sam_checkpoint else None,
-                sam_model_type=s.sam_model_type,
-            )
+            pipeline = wiring.load_pipeline(s, cpu_threads=1)  # one thread per render process on a CPU host
             log.info("pipeline loaded in %.1f s (pid %d)", time.monotonic() - started, os.getpid())
             self._pipeline = pipeline
         return self._pipeline
@@ -255,11 +240,7 @@ class WorkerRuntime:
 
 def render_options(job: JobRecord, settings: Settings):
     """Stage 2's options for a job: its preset, its steps and guidance, and the worker's LMD_MAX_BATCH."""
-    from grounded_sd import LMDOptions
-
-    overrides = {k: v for k, v in (("steps", job.steps), ("guidance_scale", job.guidance_scale),
-                                   ("max_batch", settings.max_batch)) if v is not None}
-    return getattr(LMDOptions, job.preset)(**overrides)
+    return wiring.render_options(settings, job.preset, steps=job.steps, guidance_scale=job.guidance_scale)
 
 
 # What torch's CPU allocator raises (a plain RuntimeError, not torch.OutOfMemoryError) when malloc fails.
@@ -267,7 +248,7 @@ CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
 
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
-    """A typed failure's code and a message a person can act on (SERVICE.md "Job lifecycle")."""
+    """A typed failure's code and a message a person can act on (docs/service.md "Job lifecycle")."""
     from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
 
     if isinstance(exc, InvalidPrompt):
@@ -310,7 +291,7 @@ def current() -> WorkerRuntime:
     pid = os.getpid()
     if pid not in _runtimes:
         _runtimes.clear()
-        _runtimes[pid] = WorkerRuntime(get_settings())
+        _runtimes[pid] = WorkerRuntime(wiring.load_settings(cached=True))
     return _runtimes[pid]
 
 

@@ -9,7 +9,7 @@ from celery import current_app, shared_task, signals
 from celery.exceptions import TimeLimitExceeded
 
 from jobs.queue import PLAN_TASK, RENDER_TASK, enqueue
-from lmd.settings import get_settings
+from lmd import wiring
 from worker import runtime
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _start_maintenance(sender, **_: object) -> None:
     app = sender.app
     queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
     maintenance = runtime.Maintenance(
-        get_settings(), sender.hostname, queues, requeue=lambda job_id, stage: enqueue(app, job_id, stage)
+        wiring.load_settings(cached=True), sender.hostname, queues, requeue=lambda job_id, stage: enqueue(app, job_id, stage)
     )
     maintenance.start()
     _maintenance[sender.hostname] = maintenance

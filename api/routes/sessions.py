@@ -1,4 +1,4 @@
-"""Sessions: the turns of a multi-turn edit (METHOD.md §1.7), and POST /sessions/{id}/instruct."""
+"""Sessions: the turns of a multi-turn edit (docs/method.md, multi-turn revision), and POST /sessions/{id}/instruct."""
 
 from __future__ import annotations
 

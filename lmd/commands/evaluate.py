@@ -11,7 +11,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from grounded_sd.names import DTYPES, PRESETS, VARIANTS
+from grounded_sd.names import DTYPES, PRESETS, SAM_MODEL_TYPES, VARIANTS
 from lmd.cli import CLIError
 
 
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE)")
     parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for masks (default LMD_SAM_CHECKPOINT; unset: attention masks)")
-    parser.add_argument("--sam-model-type", choices=["vit_h", "vit_l", "vit_b"], help="default LMD_SAM_MODEL_TYPE")
+    parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="default LMD_SAM_MODEL_TYPE")
     parser.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"OWL-ViT hub id or directory (default {DEFAULT_DETECTOR})")
     parser.add_argument("--score-threshold", type=float, default=0.15, help="detection score threshold (default 0.15, published)")
     parser.add_argument("--nms-iou", type=float, default=0.15, help="class-aware NMS IoU (default 0.15, published)")
@@ -59,202 +59,218 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace):
+    """The run's typed config; a bad option is one line naming it."""
     from pydantic import ValidationError
-    from tqdm import tqdm
 
-    from layout_planner.errors import LLMUnavailable
-    from lmd.evaluation.detection import DetectorConfig
-    from lmd.evaluation.prompts import BenchmarkDataError, load_prompts, load_responses, select_prompts
-    from lmd.evaluation.runner import (
-        MAX_CONSECUTIVE_UNAVAILABLE,
-        EvalConflict,
-        EvalIncomplete,
-        RunSettings,
-        hold_run_lock,
-        prepare_output,
-        run_benchmark,
-    )
-    from lmd.settings import Settings
+    from lmd.evaluation.config import EvalConfig
 
-    if args.baseline and args.variant != "lmd":
-        raise CLIError("--baseline sd renders the prompt without a layout; it does not combine with --variant")
-    if args.size < 64 or args.size % 8:
-        raise CLIError(f"--size must be a multiple of 8 of at least 64, got {args.size}")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    if args.max_batch is not None and args.max_batch < 1:
-        raise CLIError(f"--max-batch must be at least 1, got {args.max_batch}")
-    if args.limit is not None and args.limit < 1:
-        raise CLIError(f"--limit must be at least 1, got {args.limit}")
-    for name in ("score_threshold", "nms_iou"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            raise CLIError(f"--{name.replace('_', '-')} must lie in 0..1")
+    fields = {name: getattr(args, name) for name in EvalConfig.model_fields}
     try:
-        settings = Settings()
+        return EvalConfig(**fields)
     except ValidationError as exc:
-        raise CLIError(f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        if first["loc"]:
+            message = f"--{str(first['loc'][0]).replace('_', '-')} {message}"
+        raise CLIError(message) from None
 
+
+def run_eval(args: argparse.Namespace) -> int:
+    from lmd import wiring
+    from lmd.evaluation.prompts import BenchmarkDataError, load_prompts, load_responses, select_prompts
+    from lmd.evaluation.runner import EvalConflict, hold_run_lock, prepare_output
+
+    config = _config(args)
+    settings = wiring.load_settings()
     try:
-        all_prompts = load_prompts(args.prompts)
-        prompts = select_prompts(all_prompts, args.limit)
-        responses = load_responses(args.responses, all_prompts) if args.responses else None
+        all_prompts = load_prompts(config.prompts)
+        prompts = select_prompts(all_prompts, config.limit)
+        responses = load_responses(config.responses, all_prompts) if config.responses else None
     except BenchmarkDataError as exc:
         raise CLIError(str(exc)) from None
 
-    import torch
+    options = wiring.render_options(settings, config.preset, steps=config.steps, max_batch=config.max_batch)
+    layout_source, layouts_label, method = _layout_source(config, settings, all_prompts, responses)
+    run_settings = _run_settings(config, settings, options, layouts_label, method)
+    try:  # refuse a directory in use or of other settings before loading anything
+        hold_run_lock(config.out).close()
+        prepare_output(config.out, run_settings)
+    except EvalConflict as exc:
+        raise CLIError(str(exc)) from None
 
-    from grounded_sd import LMDOptions
+    results = _run(config, settings, prompts, options, layout_source, run_settings)
+    print((config.out / "results.md").read_text(encoding="utf-8"), end="")
+    print(
+        f"{results.generated} generated, {len(prompts) - results.generated - results.errors} on disk, "
+        f"{results.errors} failed without an image; results in {config.out / 'results.json'}"
+    )
+    return 0
+
+
+def _device_and_dtype(config, settings):
+    """The torch device and weights dtype the run will use (recorded in run.json before loading)."""
     from grounded_sd.errors import GroundedSDError
     from grounded_sd.pipeline import resolve_device, resolve_dtype
 
-    device = args.device or settings.device
     try:
-        torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(args.dtype or settings.dtype, torch_device)
+        torch_device = resolve_device(config.device or settings.device)
+        return torch_device, resolve_dtype(config.dtype or settings.dtype, torch_device)
     except GroundedSDError as exc:
         raise CLIError(str(exc)) from None
-    options_factory = LMDOptions.fast if args.preset == "fast" else LMDOptions.reference
-    overrides = {k: v for k, v in (("steps", args.steps), ("max_batch", args.max_batch or settings.max_batch)) if v}
-    options = options_factory(**overrides)
 
-    layout_source, layouts_label, method = _layout_source(args, settings, all_prompts, responses)
-    model = args.model or settings.sd_model
-    sam_checkpoint = args.sam_checkpoint or settings.sam_checkpoint
-    sam_model_type = args.sam_model_type or settings.sam_model_type
-    variant = "sd" if args.baseline else args.variant
-    run_settings = RunSettings(
-        method=args.method or method,
+
+def _run_settings(config, settings, options, layouts_label: str, method: str):
+    """What fixes the run's images (run.json): a resumed run must match it."""
+    from lmd.evaluation.runner import RunSettings
+
+    _, torch_dtype = _device_and_dtype(config, settings)
+    sam_checkpoint = config.sam_checkpoint or settings.sam_checkpoint
+    sam_model_type = config.sam_model_type or settings.sam_model_type
+    variant = config.rendered_variant
+    return RunSettings(
+        method=config.method or method,
         variant=variant,
-        preset=args.preset,
+        preset=config.preset,
         steps=options.steps,
-        model=str(model),
+        model=str(config.model or settings.sd_model),
         scheduler=settings.scheduler,
         dtype=str(torch_dtype).removeprefix("torch."),
         layouts=layouts_label,
         sam=f"{Path(sam_checkpoint).name} ({sam_model_type})" if sam_checkpoint and variant != "sd" else None,
-        seed=args.seed,
-        width=args.size,
-        height=args.size,
+        seed=config.seed,
+        width=config.size,
+        height=config.size,
     )
 
-    try:  # refuse a directory in use or of other settings before loading anything
-        hold_run_lock(args.out).close()
-        prepare_output(args.out, run_settings)
-    except EvalConflict as exc:
-        raise CLIError(str(exc)) from None
 
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+def _detector(config, device: str):
+    from lmd.evaluation.detection import DetectorConfig, DetectorLoadError, OwlViTDetector
 
-    from grounded_sd import LMDPipeline
-    from grounded_sd.masks import SamCheckpointError
-    from lmd.evaluation.detection import DetectorLoadError, OwlViTDetector
-    from lmd.evaluation.runner import environment_versions
-
-    transformers_logging.disable_progress_bar()  # our bar shows progress; per-file loading bars would break it
-    diffusers_logging.disable_progress_bar()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     detector_config = DetectorConfig(
-        model=args.detector, score_threshold=args.score_threshold, nms_iou=args.nms_iou, device=str(torch_device)
+        model=config.detector, score_threshold=config.score_threshold, nms_iou=config.nms_iou, device=device
     )
     try:
-        detector = OwlViTDetector.from_pretrained(detector_config)
+        return detector_config, OwlViTDetector.from_pretrained(detector_config)
     except DetectorLoadError as exc:
         raise CLIError(str(exc)) from None
 
-    bar = tqdm(total=len(prompts), desc=f"lmd eval {run_settings.method}", unit="image", dynamic_ncols=True)
-    counts = {"generated": 0, "skipped": 0, "failed": 0, "pending": 0}
+
+class _EvalProgress:
+    """The run's bar: one step per prompt; its suffix counts outcomes and shows the current stage."""
+
+    def __init__(self, total: int, method: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=f"lmd eval {method}", unit="image", dynamic_ncols=True)
+        self.counts = {"generated": 0, "skipped": 0, "failed": 0, "pending": 0}
+
+    def say(self, what: str) -> None:
+        self.bar.set_postfix_str(f"{_counts_text(self.counts)}; {what}", refresh=True)
+
+    def stage(self, stage: str, step: int, total: int) -> None:
+        self.say(f"{stage} {step}/{total}")
+
+    def prompt_done(self, prompt, what: str) -> None:
+        self.counts[what] += 1
+        self.bar.set_postfix_str(_counts_text(self.counts), refresh=False)
+        self.bar.update(1)
+
+
+def _generator_factory(config, settings, options, run_settings, progress: _EvalProgress):
+    """``make_generator`` for the runner: loads the pipeline only when a first image is missing."""
+    from grounded_sd.errors import GroundedSDError
+    from grounded_sd.masks import SamCheckpointError
+    from lmd import wiring
+
+    variant, size = config.rendered_variant, config.size
 
     def make_generator():
-        bar.set_postfix_str(f"{_counts_text(counts)}; loading {model}", refresh=True)
+        progress.say(f"loading {run_settings.model}")
         try:
-            pipe = LMDPipeline.from_pretrained(
-                model, device=device, dtype=run_settings.dtype, scheduler=settings.scheduler,
-                sam_checkpoint=sam_checkpoint if variant != "sd" else None, sam_model_type=sam_model_type,
-            )  # fmt: skip
+            pipe = wiring.load_pipeline(
+                settings, model=config.model, device=config.device, dtype=run_settings.dtype,
+                sam_checkpoint=config.sam_checkpoint, sam_model_type=config.sam_model_type, use_sam=variant != "sd",
+            )
         except (GroundedSDError, SamCheckpointError) as exc:
             raise CLIError(str(exc)) from None
 
         def generate(layout, seed):
-            def progress(stage: str, step: int, total: int) -> None:
-                bar.set_postfix_str(f"{_counts_text(counts)}; {stage} {step}/{total}", refresh=True)
-
-            return pipe(layout, seed=seed, options=options, variant=variant, width=args.size, height=args.size, progress=progress).image
+            return pipe(layout, seed=seed, options=options, variant=variant, width=size, height=size,
+                        progress=progress.stage).image
 
         return generate
 
-    def on_prompt(prompt, what: str) -> None:
-        counts[what] += 1
-        bar.set_postfix_str(_counts_text(counts), refresh=False)
-        bar.update(1)
+    return make_generator
 
+
+def _run(config, settings, prompts, options, layout_source, run_settings):
+    """Load the detector, run the benchmark with a progress bar; every stop a one-line CLIError."""
+    import torch
+
+    from grounded_sd.errors import GroundedSDError
+    from layout_planner.errors import LLMUnavailable
+    from lmd import wiring
+    from lmd.evaluation.runner import (
+        MAX_CONSECUTIVE_UNAVAILABLE, EvalConflict, EvalIncomplete, environment_versions, run_benchmark,
+    )
+
+    wiring.quiet_library_progress_bars()  # our bar shows progress; per-file loading bars would break it
+    wiring.use_torch_threads(settings.torch_threads)
+    torch_device, _ = _device_and_dtype(config, settings)
+    detector_config, detector = _detector(config, str(torch_device))
+    progress = _EvalProgress(len(prompts), run_settings.method)
+    out = config.out
     try:
-        results = run_benchmark(
-            prompts,
-            out=args.out,
-            settings=run_settings,
-            layout_source=layout_source,
-            make_generator=make_generator,
-            detector=detector.detect,
-            detector_config=detector_config,
-            options=options.model_dump(mode="json"),
-            environment=environment_versions(str(torch_device)),
-            on_prompt=on_prompt,
+        return run_benchmark(
+            prompts, out=out, settings=run_settings, layout_source=layout_source,
+            make_generator=_generator_factory(config, settings, options, run_settings, progress),
+            detector=detector.detect, detector_config=detector_config, options=options.model_dump(mode="json"),
+            environment=environment_versions(str(torch_device)), on_prompt=progress.prompt_done,
         )
     except EvalConflict as exc:
         raise CLIError(str(exc)) from None
     except EvalIncomplete as exc:
-        bar.close()
-        print((args.out / "results.md").read_text(encoding="utf-8"), end="")
+        progress.bar.close()
+        print((out / "results.md").read_text(encoding="utf-8"), end="")
         raise CLIError(str(exc)) from None
     except torch.cuda.OutOfMemoryError:
         raise CLIError(
-            f"out of GPU memory: lower --max-batch (LMD_MAX_BATCH) or --size; finished images are kept in {args.out}"
+            f"out of GPU memory: lower --max-batch (LMD_MAX_BATCH) or --size; finished images are kept in {out}"
         ) from None
     except GroundedSDError as exc:
-        raise CLIError(f"generation failed ({type(exc).__name__}): {exc}; finished images are kept in {args.out}") from None
+        raise CLIError(f"generation failed ({type(exc).__name__}): {exc}; finished images are kept in {out}") from None
     except LLMUnavailable as exc:
         raise CLIError(
             f"the LLM is unavailable for {MAX_CONSECUTIVE_UNAVAILABLE} prompts in a row: {exc}; finished layouts and images "
-            f"are kept in {args.out} and scored in results.json; run the same command again to complete the run"
+            f"are kept in {out} and scored in results.json; run the same command again to complete the run"
         ) from None
     finally:
-        bar.close()
-
-    print((args.out / "results.md").read_text(encoding="utf-8"), end="")
-    print(
-        f"{results.generated} generated, {len(prompts) - results.generated - results.errors} on disk, "
-        f"{results.errors} failed without an image; results in {args.out / 'results.json'}"
-    )
-    return 0
+        progress.bar.close()
 
 
 def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
-def _layout_source(args, settings, all_prompts, responses):
+def _layout_source(config, settings, all_prompts, responses):
     """(layout for a prompt, label recorded in run.json, default row name)."""
     from layout_planner import Layout, parse_layout_text
 
-    if args.baseline:
+    if config.baseline:
         return (lambda prompt: Layout(objects=[], background=prompt.prompt)), "prompt", "SD (prompt only)"
     if responses is not None:
-        label = f"responses {args.responses.name} sha256:{_file_digest(args.responses)}"
-        return (lambda prompt: parse_layout_text(responses[prompt.index])), label, f"{args.variant} ({args.responses.stem})"
+        label = f"responses {config.responses.name} sha256:{_file_digest(config.responses)}"
+        return (lambda prompt: parse_layout_text(responses[prompt.index])), label, f"{config.variant} ({config.responses.stem})"
 
-    from layout_planner import Planner
-    from lmd.commands.plan import llm_config_from_settings
+    from lmd import wiring
     from lmd.evaluation.prompts import occurrence_numbers
 
-    config = llm_config_from_settings(settings)
-    planner = Planner(config)
+    planner = wiring.planner(settings)
+    llm = planner.config
     samples = occurrence_numbers(all_prompts)
     label = (
-        f"planner {config.model} at {config.base_url} (temperature {config.temperature}, "
-        f"template {planner.template.sha256[:12]}, {config.mode})"
+        f"planner {llm.model} at {llm.base_url} (temperature {llm.temperature}, "
+        f"template {planner.template.sha256[:12]}, {llm.mode})"
     )
-    return (lambda prompt: planner.plan(prompt.prompt, sample_index=samples[prompt.index])), label, f"{args.variant} ({config.model})"
-
+    return (lambda prompt: planner.plan(prompt.prompt, sample_index=samples[prompt.index])), label, f"{config.variant} ({llm.model})"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from grounded_sd.names import DTYPES, PRESETS, VARIANTS
+from grounded_sd.names import DTYPES, PRESETS, SAM_MODEL_TYPES, VARIANTS
+from lmd import wiring
 from lmd.cli import CLIError
 
 
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="hub id or local diffusers directory (default LMD_SD_MODEL)")
     parser.add_argument("--scheduler", help="diffusers scheduler class (default LMD_SCHEDULER, DDIMScheduler)")
     parser.add_argument("--sam-checkpoint", type=Path, help="segment-anything checkpoint (default LMD_SAM_CHECKPOINT; unset: attention masks)")
-    parser.add_argument("--sam-model-type", choices=("vit_h", "vit_l", "vit_b"), help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_h)")
+    parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_h)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE, auto)")
     parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE, auto: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")
@@ -51,16 +52,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-batch", type=int, help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_generate)
-
-
-def _settings():
-    from lmd.settings import Settings
-
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CLIError(f"invalid settings: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def _read_layout(path: Path):
@@ -83,10 +74,9 @@ def _read_layout(path: Path):
 
 
 def _plan(prompt: str, settings):
-    from layout_planner import Planner, PlannerError
-    from lmd.commands.plan import llm_config_from_settings
+    from layout_planner import PlannerError
 
-    planner = Planner(llm_config_from_settings(settings))
+    planner = wiring.planner(settings)
     try:
         return planner.plan(prompt)
     except PlannerError as exc:
@@ -118,25 +108,9 @@ class _StageBars:
             self.bar = None
 
 
-def _quiet_library_bars() -> None:
-    """Our bars show the stages; the libraries' weight-loading bars are noise in a CLI."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-
 def run_generate(args: argparse.Namespace) -> int:
-    if bool(args.prompt) == bool(args.layout):
-        raise CLIError("give either a PROMPT or --layout JSON (not both)")
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value <= 0 or value % 8:
-            raise CLIError(f"--{name} must be a positive multiple of 8, got {value}")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError(f"--steps must be at least 1, got {args.steps}")
-    settings = _settings()
+    _check_arguments(args)
+    settings = wiring.load_settings()
     model = args.model or settings.sd_model
     sam_checkpoint = args.sam_checkpoint or settings.sam_checkpoint
     if sam_checkpoint is not None and not Path(sam_checkpoint).is_file():
@@ -146,39 +120,49 @@ def run_generate(args: argparse.Namespace) -> int:
 
     layout = _read_layout(args.layout) if args.layout else _plan(args.prompt, settings)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    result = _render(args, settings, layout, seed)
+    try:
+        out = result.save(args.out)
+    except OSError as exc:
+        raise CLIError(f"cannot write to {args.out}: {exc}") from None
+    _print_summary(result, out, seed)
+    return 0
 
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if bool(args.prompt) == bool(args.layout):
+        raise CLIError("give either a PROMPT or --layout JSON (not both)")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value <= 0 or value % 8:
+            raise CLIError(f"--{name} must be a positive multiple of 8, got {value}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be at least 1, got {args.steps}")
+
+
+def _render(args: argparse.Namespace, settings, layout, seed: int):
+    """Stage 2: the options, the pipeline and the run; every failure a one-line CLIError."""
     import torch
 
-    from grounded_sd import GenerationCanceled, GroundedSDError, LMDOptions, LMDPipeline
+    from grounded_sd import GenerationCanceled, GroundedSDError
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    _quiet_library_bars()
-    overrides = {
-        k: v
-        for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale), ("max_batch", args.max_batch or settings.max_batch))
-        if v is not None
-    }
     try:
-        options = getattr(LMDOptions, args.preset or settings.preset)(**overrides)
+        options = wiring.render_options(settings, args.preset or settings.preset, steps=args.steps,
+                                        guidance_scale=args.guidance_scale, max_batch=args.max_batch)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     try:
-        pipe = LMDPipeline.from_pretrained(
-            model,
-            device=args.device or settings.device,
-            dtype=args.dtype or settings.dtype,
-            scheduler=args.scheduler or settings.scheduler,
-            sam_checkpoint=sam_checkpoint,
-            sam_model_type=args.sam_model_type or settings.sam_model_type,
+        pipe = wiring.load_pipeline(
+            settings, model=args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
+            sam_checkpoint=args.sam_checkpoint, sam_model_type=args.sam_model_type,
         )
     except (GroundedSDError, RuntimeError) as exc:
         raise CLIError(str(exc).splitlines()[0]) from None
 
     bars = _StageBars(enabled=not args.quiet)
     try:
-        result = pipe(
+        return pipe(
             layout, seed=seed, options=options, variant=args.variant or settings.variant, width=args.width, height=args.height,
             negative_prompt=args.negative, progress=bars,
         )
@@ -190,11 +174,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     finally:
         bars.close()
-    try:
-        out = result.save(args.out)
-    except OSError as exc:
-        raise CLIError(f"cannot write to {args.out}: {exc}") from None
 
+
+def _print_summary(result, out: Path, seed: int) -> None:
     report = result.report
     print(f"wrote {out}/image.png, overlay.png, masks/ ({len(result.masks)}), layout.json, report.json")
     print(f"seed {seed}, variant {report.variant}, {report.steps} steps, {report.wall_s:.1f} s on {report.device} ({report.dtype})")
@@ -208,4 +190,3 @@ def run_generate(args: argparse.Namespace) -> int:
         print(line)
     for note in report.notes:
         print(f"  note: {note}")
-    return 0

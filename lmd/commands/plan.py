@@ -17,31 +17,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from lmd.cli import CLIError
+from lmd.evaluation.layouts import layout_key
 
 # The benchmark data ships with the repository, not the package: resolve it from the repo root.
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PROMPTS = REPO_ROOT / "benchmarks" / "data" / "prompts.jsonl"
-
-
-def llm_config_from_settings(settings):
-    """The planner's ``LLMConfig`` from the service-wide ``Settings`` (the stages never read settings)."""
-    from layout_planner import LLMConfig
-
-    return LLMConfig(
-        base_url=settings.llm_base_url,
-        model=settings.llm_model,
-        api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
-        mode=settings.llm_mode,
-        structured_output=settings.llm_structured_output,
-        temperature=settings.llm_temperature,
-        max_tokens=settings.llm_max_tokens,
-        timeout_s=settings.llm_timeout_s,
-        max_attempts=settings.llm_max_attempts,
-        max_reasks=settings.llm_max_reasks,
-        backoff_s=settings.llm_backoff_s,
-        max_retry_after_s=settings.llm_max_retry_after_s,
-        max_prompt_chars=settings.max_prompt_chars,
-    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,13 +65,9 @@ def _planner(say=None):
     """The planner from settings; ``say`` prints one line of progress (a transport retry) to stderr."""
     from layout_planner import Planner
     from layout_planner.client import needs_api_key
-    from lmd.settings import Settings
+    from lmd import wiring
 
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        raise CLIError(f"invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
-    config = llm_config_from_settings(settings)
+    config = wiring.llm_config(wiring.load_settings())
     if needs_api_key(config):
         raise CLIError(
             f"no API key for {config.base_url}: set LMD_LLM_API_KEY or OPENAI_API_KEY, "
@@ -190,13 +166,13 @@ def _batch_items(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]
             raise CLIError(f"{path}: prompt line {number} has no \"prompt\" string")
         sample = seen[prompt]
         seen[prompt] += 1
-        key = f"index:{row['index']}" if "index" in row else f"prompt:{prompt}#{sample}"
+        key = layout_key(row, sample)
         items.append({"key": key, "row": row, "sample_index": sample})
     return items
 
 
 def _line_key(line: dict[str, Any]) -> str:
-    return f"index:{line['index']}" if "index" in line else f"prompt:{line.get('prompt')}#{line.get('sample_index', 0)}"
+    return layout_key(line, line.get("sample_index", 0))
 
 
 def _drop_torn_last_line(path: Path) -> None:
@@ -291,156 +267,32 @@ def _load_prompts(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _tally(results: list[tuple[str, bool]]) -> dict[str, dict[str, float]]:
-    table: dict[str, dict[str, float]] = {}
-    for task in sorted({t for t, _ in results}, key=lambda t: (t not in _TASK_ORDER, _TASK_ORDER.get(t, 0), t)):
-        passed = sum(ok for t, ok in results if t == task)
-        total = sum(1 for t, _ in results if t == task)
-        table[task] = {"passed": passed, "total": total, "accuracy": round(100 * passed / total, 1)}
-    passed, total = sum(ok for _, ok in results), len(results)
-    table["overall"] = {"passed": passed, "total": total, "accuracy": round(100 * passed / total, 1) if total else 0.0}
-    return table
-
-
-_TASK_ORDER = {"negation": 0, "numeracy": 1, "attribution": 2, "spatial": 3}
+def _read_responses(path: Path) -> dict[str, list[str]]:
+    try:
+        responses = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path} is not JSON ({exc.msg})") from None
+    if not isinstance(responses, dict):
+        raise CLIError(f"{path}: expected {{prompt: [answer, ...]}}")
+    return responses
 
 
 def run_eval_layouts(args: argparse.Namespace) -> int:
-    from layout_planner import Layout, LayoutParseError
-    from layout_planner.benchmark import (
-        BenchmarkPromptError,
-        answer_detections,
-        evaluate,
-        layout_detections,
-        parse_benchmark_prompt,
-        strict_checks,
-    )
-    from layout_planner.parse import build_layout, parse_answer
+    from lmd.evaluation.layouts import LayoutEvalError, format_report, score_layouts, score_responses
 
     prompts = _load_prompts(args.prompts)
-    published: list[tuple[str, bool]] = []
-    repaired: list[tuple[str, bool]] = []
-    strict: Counter = Counter()
-    failures: list[dict[str, Any]] = []
-    readings: Counter = Counter()  # answers read with an uncertain reading, by tag (truncated, scale, ...)
-    errors = missing = 0
-
-    if args.responses:
-        try:
-            responses = json.loads(args.responses.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise CLIError(f"cannot read {args.responses}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise CLIError(f"{args.responses} is not JSON ({exc.msg})") from None
-        if not isinstance(responses, dict):
-            raise CLIError(f"{args.responses}: expected {{prompt: [answer, ...]}}")
-        used: Counter = Counter()
-    else:
-        lines = _read_jsonl(args.layouts, "layouts")
-        by_key = {_line_key(line): line for line in lines}  # the last line of a key wins (resumed runs)
-
-    seen: Counter = Counter()
-    for number, row in enumerate(prompts):
-        prompt, task = row["prompt"], row.get("task")
-        sample = seen[prompt]
-        seen[prompt] += 1
-        try:
-            spec = parse_benchmark_prompt(prompt, task)
-        except BenchmarkPromptError as exc:
-            raise CLIError(f"{args.prompts}: line {number + 1}: {exc}") from None
-        detections = None
-
-        def record_failure(reason: str) -> None:
-            """A prompt without a usable layout fails both scores."""
-            failures.append({"index": row.get("index", number), "task": spec.task, "prompt": prompt, "reason": reason})
-            published.append((spec.task, False))
-            repaired.append((spec.task, False))
-
+    thresholds = {"prompts_label": str(args.prompts), "max_iou": args.max_iou, "min_box_px": args.min_box_px}
+    try:
         if args.responses:
-            answers = responses.get(prompt.strip().rstrip(".")) or responses.get(prompt) or []
-            if used[prompt] >= len(answers):
-                missing += 1
-                continue
-            text = answers[used[prompt]]
-            used[prompt] += 1
-            try:
-                answer = parse_answer(text)
-                readings.update({note.split(":")[0] for note in answer.notes})
-                detections = answer_detections(answer)
-                fixed = layout_detections(build_layout(answer))
-            except (LayoutParseError, ValidationError) as exc:
-                errors += 1
-                record_failure(f"parse error: {exc}")
-                continue
+            scores = score_responses(prompts, _read_responses(args.responses), **thresholds)
         else:
-            key = f"index:{row['index']}" if "index" in row else f"prompt:{prompt}#{sample}"
-            line = by_key.get(key)
-            if line is None:
-                missing += 1
-                continue
-            if "layout" not in line:
-                errors += 1
-                record_failure(f"planning failed: {line.get('error')}")
-                continue
-            try:
-                layout = Layout.model_validate(line["layout"])
-            except ValidationError as exc:
-                raise CLIError(f"{args.layouts}: the layout of {key} is invalid: {exc.errors()[0]['msg']}") from None
-            detections = fixed = layout_detections(layout)
-        result = evaluate(spec, detections)
-        published.append((spec.task, result.passed))
-        repaired.append((spec.task, evaluate(spec, fixed).passed))
-        if not result.passed:
-            failures.append({"index": row.get("index", number), "task": spec.task, "prompt": prompt, "reason": result.detail})
-        checks = strict_checks(detections, max_iou=args.max_iou, min_box_px=args.min_box_px)
-        if args.layouts:  # stored layouts are repaired already: their warnings tell what was outside
-            checks["inside_canvas"] = not any(w.startswith(("clipped:", "dropped:")) and "canvas" in w for w in layout.warnings)
-        strict.update(name for name, ok in checks.items() if ok)
-        strict["all"] += all(checks.values())
-        strict["scored"] += 1
-
-    if not published:
-        raise CLIError("nothing to score: no prompt of the prompts file has a layout or a response")
-    scored = strict.pop("scored", 0)
-    report = {
-        "source": str(args.responses or args.layouts),
-        "published": _tally(published),
-        "after_repair": _tally(repaired),
-        "strict": {
-            name: {"passed": strict[name], "total": scored, "rate": round(100 * strict[name] / scored, 1) if scored else 0.0}
-            for name in ("inside_canvas", "overlap", "min_size", "all")
-        },
-        "strict_thresholds": {"max_iou": args.max_iou, "min_box_px": args.min_box_px},
-        "uncertain_readings": dict(sorted(readings.items())),
-        "parse_or_plan_errors": errors,
-        "missing": missing,
-        "failures": failures,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"LMD layout-level accuracy of {report['source']} (published rules)")
-    print(f"{'task':<12} {'passed':>7} {'total':>6} {'accuracy':>9} {'after repair':>13}")
-    for task, row in report["published"].items():
-        after = report["after_repair"][task]["accuracy"]
-        print(f"{task:<12} {row['passed']:>7} {row['total']:>6} {row['accuracy']:>8.1f}% {after:>12.1f}%")
-    print(f"stricter checks (not in the published score; over {scored} scored layouts):")
-    labels = {
-        "inside_canvas": "boxes inside the canvas before repair",
-        "overlap": f"no pair of boxes with IoU > {args.max_iou:g}",
-        "min_size": f"every box side >= {args.min_box_px} px of 512",
-        "all": "all of the above",
-    }
-    for name, row in report["strict"].items():
-        print(f"  {labels[name]:<40} {row['passed']:>4}/{row['total']:<4} {row['rate']:>6.1f}%")
-    if readings:
-        listed = ", ".join(f"{tag} {count}" for tag, count in report["uncertain_readings"].items())
-        print(f"answers read with a warning (layout warnings say how): {listed}")
-    if errors or missing:
-        print(f"parse/plan errors: {errors}; prompts without a layout or response: {missing}")
-    if args.show_failures:
-        for failure in failures:
-            print(f"  FAIL [{failure['task']}] #{failure['index']} {failure['prompt']!r}: {failure['reason']}")
-    elif failures:
-        print(f"{len(failures)} failed prompts (--show-failures lists them)")
+            lines = _read_jsonl(args.layouts, "layouts")
+            by_key = {_line_key(line): line for line in lines}  # the last line of a key wins (resumed runs)
+            scores = score_layouts(prompts, by_key, layouts_label=str(args.layouts), **thresholds)
+        report = scores.report(str(args.responses or args.layouts))
+    except LayoutEvalError as exc:
+        raise CLIError(str(exc)) from None
+    print(json.dumps(report, indent=2) if args.json else format_report(report, show_failures=args.show_failures))
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from lmd.wiring import load_settings
+
 DEFAULT_CONCURRENCY = {"plan": 2, "render": 1}
 
 
@@ -29,25 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.set_defaults(handler=_worker)
 
 
-def _settings():
-    from pydantic import ValidationError
-
-    from lmd.cli import CLIError
-    from lmd.settings import get_settings
-
-    try:
-        return get_settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = "_".join(map(str, first["loc"])).upper()
-        where = f"setting LMD_{field}" if field else "settings"
-        raise CLIError(f"invalid {where}: {first['msg'].removeprefix('Value error, ')}") from None
-
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    settings = _settings()
+    settings = load_settings(cached=True)
     uvicorn.run(
         "api.main:create_app",
         factory=True,
@@ -73,7 +60,7 @@ def _worker(args: argparse.Namespace) -> int:
     if "render" in queues and concurrency != 1:
         raise CLIError("a render worker runs one process per GPU: start one `lmd worker --queues render` "
                        "per GPU (LMD_DEVICE=cuda:N) instead of --concurrency > 1")
-    settings = _settings()
+    settings = load_settings(cached=True)
     app = create_celery(settings)
     app.conf.lmd_preload_pipeline = "render" in queues  # worker.tasks loads it in each pool child
     name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"

@@ -218,115 +218,21 @@ def run_benchmark(
     ``results.json`` is written in every case, with the prompts finished so far, and
     ``incomplete`` naming what is left; finished layouts and images stay on disk.
     """
-    from PIL import Image
-
-    from grounded_sd.errors import InvalidLayoutError
-    from layout_planner.errors import LLMUnavailable
-
     lock = hold_run_lock(out)
     try:
         prepare_output(out, settings)
-    except BaseException:
+        run = _BenchmarkRun(prompts, out, settings, layout_source, make_generator, detector, on_prompt)
+        try:
+            for prompt in prompts:
+                run.prompt(prompt)
+        except BaseException as exc:
+            stopped = f"stopped by {type(exc).__name__}: {exc}".splitlines()[0]
+            write_results(out, run.results(detector_config, options, environment, stopped=stopped))
+            raise
+        final = run.results(detector_config, options, environment)
+        write_results(out, final)
+    finally:
         lock.close()
-        raise
-    counters = RunCounters()
-    generator: ImageGenerator | None = None
-    outcomes: list[PromptOutcome] = []
-    pending: list[str] = []
-    unavailable_in_a_row = 0
-
-    def results(stopped: str | None = None) -> EvalResults:
-        done = {o.index for o in outcomes}
-        left = [p.index for p in prompts if p.index not in done]
-        return EvalResults(
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            settings=settings,
-            detector=detector_config,
-            options=options or {},
-            environment=environment or {},
-            scores=summarise((o.task, o.passed) for o in outcomes if o.scored),
-            generated=counters.generated,
-            replaced=counters.replaced,
-            errors=len(counters.errors),
-            incomplete=Incomplete(prompts=sorted(left + [o.index for o in outcomes if not o.scored]), reason=stopped or pending[-1])
-            if left or pending
-            else None,
-            prompts=outcomes,
-        )
-
-    try:
-        for prompt in prompts:
-            seed = settings.seed + prompt.index
-            spec = parse_benchmark_prompt(prompt.prompt, prompt.task)
-            queries = detector_queries(spec)
-            image_path = out / "images" / f"{prompt.index:03d}.png"
-
-            def failed(detail: str, exc: Exception, scored: bool = True) -> None:
-                outcomes.append(
-                    PromptOutcome(index=prompt.index, task=prompt.task, prompt=prompt.prompt, seed=seed, queries=queries,
-                                  passed=False, scored=scored, detail=detail, error=f"{type(exc).__name__}: {exc}")
-                )  # fmt: skip
-
-            try:
-                layout = _layout_for(prompt, out, layout_source)
-            except LLMBadOutput as exc:
-                unavailable_in_a_row = 0
-                failed("no layout", exc)
-                counters.errors.append(f"{prompt.index}: {exc}")
-                if on_prompt:
-                    on_prompt(prompt, "failed")
-                continue
-            except LLMUnavailable as exc:
-                unavailable_in_a_row += 1
-                failed("no layout yet: the LLM is unavailable", exc, scored=False)
-                pending.append(f"the LLM is unavailable ({exc})")
-                if on_prompt:
-                    on_prompt(prompt, "pending")
-                if unavailable_in_a_row >= MAX_CONSECUTIVE_UNAVAILABLE:
-                    raise
-                continue
-            unavailable_in_a_row = 0
-
-            if _complete_image(image_path, (settings.width, settings.height)):
-                what = "skipped"
-                counters.skipped += 1
-            else:  # missing, or cut short/corrupt (a file copied in, a crash before the data reached the disk)
-                replacing = image_path.exists()
-                if generator is None:
-                    generator = make_generator()
-                try:
-                    with _atomic_path(image_path) as partial:
-                        generator(layout, seed).save(partial, format="PNG")
-                except InvalidLayoutError as exc:
-                    failed("layout refused by the controller", exc)
-                    counters.errors.append(f"{prompt.index}: {exc}")
-                    if on_prompt:
-                        on_prompt(prompt, "failed")
-                    continue
-                what = "generated"
-                counters.generated += 1
-                counters.replaced += replacing
-
-            with Image.open(image_path) as image:
-                detections = detector(image.convert("RGB"), queries)
-            rule = evaluate(spec, [d.as_rule_input() for d in detections])
-            outcomes.append(
-                PromptOutcome(
-                    index=prompt.index, task=prompt.task, prompt=prompt.prompt, seed=seed,
-                    image=str(image_path.relative_to(out)), objects=len(layout.objects), queries=queries,
-                    detections=detections, passed=rule.passed, detail=rule.detail,
-                )
-            )  # fmt: skip
-            if on_prompt:
-                on_prompt(prompt, what)
-    except BaseException as exc:
-        write_results(out, results(stopped=f"stopped by {type(exc).__name__}: {exc}".splitlines()[0]))
-        lock.close()
-        raise
-
-    final = results()
-    write_results(out, final)
-    lock.close()
     if final.incomplete:
         raise EvalIncomplete(
             f"{len(final.incomplete.prompts)} prompt(s) have no layout yet ({final.incomplete.reason}); "
@@ -334,6 +240,132 @@ def run_benchmark(
             final,
         )
     return final
+
+
+@dataclass
+class _BenchmarkRun:
+    """One pass over the prompts: what each prompt came to, and what the run counted."""
+
+    prompts: list[BenchmarkPrompt]
+    out: Path
+    settings: RunSettings
+    layout_source: LayoutSource
+    make_generator: Callable[[], ImageGenerator]
+    detector: Detector
+    on_prompt: Callable[[BenchmarkPrompt, str], None] | None
+    counters: RunCounters = field(default_factory=RunCounters)
+    generator: ImageGenerator | None = None
+    outcomes: list[PromptOutcome] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    unavailable_in_a_row: int = 0
+
+    def results(self, detector_config: DetectorConfig, options: dict[str, Any] | None,
+                environment: dict[str, str | None] | None, stopped: str | None = None) -> EvalResults:
+        done = {o.index for o in self.outcomes}
+        left = [p.index for p in self.prompts if p.index not in done]
+        unscored = [o.index for o in self.outcomes if not o.scored]
+        return EvalResults(
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            settings=self.settings,
+            detector=detector_config,
+            options=options or {},
+            environment=environment or {},
+            scores=summarise((o.task, o.passed) for o in self.outcomes if o.scored),
+            generated=self.counters.generated,
+            replaced=self.counters.replaced,
+            errors=len(self.counters.errors),
+            incomplete=Incomplete(prompts=sorted(left + unscored), reason=stopped or self.pending[-1])
+            if left or self.pending
+            else None,
+            prompts=self.outcomes,
+        )
+
+    def prompt(self, prompt: BenchmarkPrompt) -> None:
+        """Layout, image (generated unless whole on disk), detections and the rule for one prompt."""
+        seed = self.settings.seed + prompt.index
+        spec = parse_benchmark_prompt(prompt.prompt, prompt.task)
+        queries = detector_queries(spec)
+        layout = self._layout(prompt, seed, queries)
+        if layout is None:
+            return
+        image_path = self.out / "images" / f"{prompt.index:03d}.png"
+        what = self._image(prompt, layout, seed, queries, image_path)
+        if what is None:
+            return
+        self._score(prompt, spec, layout, seed, queries, image_path)
+        self._told(prompt, what)
+
+    def _layout(self, prompt: BenchmarkPrompt, seed: int, queries: list[str]) -> Layout | None:
+        """The prompt's layout; None when it has none (recorded as failed, or pending while the LLM is down)."""
+        from layout_planner.errors import LLMUnavailable
+
+        try:
+            layout = _layout_for(prompt, self.out, self.layout_source)
+        except LLMBadOutput as exc:
+            self.unavailable_in_a_row = 0
+            self._failed(prompt, seed, queries, "no layout", exc)
+            self.counters.errors.append(f"{prompt.index}: {exc}")
+            self._told(prompt, "failed")
+            return None
+        except LLMUnavailable as exc:
+            self.unavailable_in_a_row += 1
+            self._failed(prompt, seed, queries, "no layout yet: the LLM is unavailable", exc, scored=False)
+            self.pending.append(f"the LLM is unavailable ({exc})")
+            self._told(prompt, "pending")
+            if self.unavailable_in_a_row >= MAX_CONSECUTIVE_UNAVAILABLE:
+                raise
+            return None
+        self.unavailable_in_a_row = 0
+        return layout
+
+    def _image(self, prompt: BenchmarkPrompt, layout: Layout, seed: int, queries: list[str], path: Path) -> str | None:
+        """``skipped`` (whole on disk) or ``generated``; None when the controller refused the layout."""
+        from grounded_sd.errors import InvalidLayoutError
+
+        if _complete_image(path, (self.settings.width, self.settings.height)):
+            self.counters.skipped += 1
+            return "skipped"
+        # missing, or cut short/corrupt (a file copied in, a crash before the data reached the disk)
+        replacing = path.exists()
+        if self.generator is None:
+            self.generator = self.make_generator()
+        try:
+            with _atomic_path(path) as partial:
+                self.generator(layout, seed).save(partial, format="PNG")
+        except InvalidLayoutError as exc:
+            self._failed(prompt, seed, queries, "layout refused by the controller", exc)
+            self.counters.errors.append(f"{prompt.index}: {exc}")
+            self._told(prompt, "failed")
+            return None
+        self.counters.generated += 1
+        self.counters.replaced += replacing
+        return "generated"
+
+    def _score(self, prompt: BenchmarkPrompt, spec: BenchmarkSpec, layout: Layout, seed: int, queries: list[str],
+               path: Path) -> None:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            detections = self.detector(image.convert("RGB"), queries)
+        rule = evaluate(spec, [d.as_rule_input() for d in detections])
+        self.outcomes.append(
+            PromptOutcome(
+                index=prompt.index, task=prompt.task, prompt=prompt.prompt, seed=seed,
+                image=str(path.relative_to(self.out)), objects=len(layout.objects), queries=queries,
+                detections=detections, passed=rule.passed, detail=rule.detail,
+            )
+        )  # fmt: skip
+
+    def _failed(self, prompt: BenchmarkPrompt, seed: int, queries: list[str], detail: str, exc: Exception,
+                scored: bool = True) -> None:
+        self.outcomes.append(
+            PromptOutcome(index=prompt.index, task=prompt.task, prompt=prompt.prompt, seed=seed, queries=queries,
+                          passed=False, scored=scored, detail=detail, error=f"{type(exc).__name__}: {exc}")
+        )  # fmt: skip
+
+    def _told(self, prompt: BenchmarkPrompt, what: str) -> None:
+        if self.on_prompt:
+            self.on_prompt(prompt, what)
 
 
 def environment_versions(device: str) -> dict[str, str | None]:

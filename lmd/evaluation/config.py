@@ -1,0 +1,75 @@
+"""What one ``lmd eval`` run is asked to do: a typed config checked before anything loads.
+
+The CLI fills it from its arguments (``None``: the setting's value, ``LMD_SD_MODEL``...); a
+bad value is a ``ValidationError`` whose message the CLI prefixes with the option's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from grounded_sd.names import Dtype, Preset, SamModelType, Variant
+from lmd.evaluation.detection import DEFAULT_DETECTOR
+from lmd.evaluation.prompts import DEFAULT_PROMPTS
+
+
+class EvalConfig(BaseModel):
+    """One image-level benchmark run; field order is the order in which problems are reported."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path
+    responses: Path | None = None
+    baseline: Literal["sd"] | None = None
+    variant: Variant = "lmd"
+    preset: Preset = "reference"
+    size: int = 512
+    steps: int | None = None
+    max_batch: int | None = None
+    limit: int | None = None
+    seed: int = 0
+    model: str | None = None
+    device: str | None = None
+    dtype: Dtype | None = None
+    sam_checkpoint: Path | None = None
+    sam_model_type: SamModelType | None = None
+    detector: str = DEFAULT_DETECTOR
+    score_threshold: float = 0.15
+    nms_iou: float = 0.15
+    prompts: Path = DEFAULT_PROMPTS
+    method: str | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: int) -> int:
+        if size < 64 or size % 8:
+            raise ValueError(f"must be a multiple of 8 of at least 64, got {size}")
+        return size
+
+    @field_validator("steps", "max_batch", "limit")
+    @classmethod
+    def _at_least_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @field_validator("score_threshold", "nms_iou")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must lie in 0..1")
+        return value
+
+    @model_validator(mode="after")
+    def _baseline_alone(self) -> "EvalConfig":
+        if self.baseline and self.variant != "lmd":
+            raise ValueError("--baseline sd renders the prompt without a layout; it does not combine with --variant")
+        return self
+
+    @property
+    def rendered_variant(self) -> Variant:
+        """The variant stage 2 runs: the SD baseline renders plain SD."""
+        return "sd" if self.baseline else self.variant

@@ -1,0 +1,143 @@
+"""Settings in, objects out: the one place that turns ``lmd.settings.Settings`` into the stages' parts.
+
+The stages take typed configs and never read settings; every process that runs them (the CLI
+commands, the workers, ``lmd bench``, ``lmd eval``) builds them here, so a setting means the
+same thing everywhere:
+
+- :func:`load_settings`: the settings, or a one-line :class:`SettingsError` naming the
+  ``LMD_`` variable at fault;
+- :func:`llm_config` and :func:`planner`: stage 1's LLM client config and planner;
+- :func:`pipeline_arguments` and :func:`load_pipeline`: stage 2's pipeline (torch threads,
+  quiet library progress bars, ``from_pretrained`` arguments);
+- :func:`render_options`: the options of a preset by name with a request's overrides and
+  ``LMD_MAX_BATCH``.
+
+torch, diffusers and the LLM client are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from lmd.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from grounded_sd import LMDOptions, LMDPipeline
+    from layout_planner import LLMConfig, Planner
+
+
+class SettingsError(ValueError):
+    """A setting (environment variable or .env line) is invalid; the message is one line."""
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """The first problem of a settings validation, naming its ``LMD_`` variable when it has one."""
+    first = exc.errors()[0]
+    field = "_".join(map(str, first["loc"])).upper()
+    where = f"setting LMD_{field}" if field else "settings"
+    return f"invalid {where}: {first['msg'].removeprefix('Value error, ')}"
+
+
+def load_settings(cached: bool = False) -> Settings:
+    """The settings of this process (``cached``: the per-process copy the service shares)."""
+    try:
+        return get_settings() if cached else Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(exc)) from None
+
+
+# --- stage 1 --------------------------------------------------------------------------------------
+def llm_config(settings: Settings) -> "LLMConfig":
+    """The planner's ``LLMConfig`` from the ``LMD_LLM_*`` settings and the prompt length limit."""
+    from layout_planner import LLMConfig
+
+    return LLMConfig(
+        base_url=settings.llm_base_url,
+        model=settings.llm_model,
+        api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else None,
+        mode=settings.llm_mode,
+        structured_output=settings.llm_structured_output,
+        temperature=settings.llm_temperature,
+        max_tokens=settings.llm_max_tokens,
+        timeout_s=settings.llm_timeout_s,
+        max_attempts=settings.llm_max_attempts,
+        max_reasks=settings.llm_max_reasks,
+        backoff_s=settings.llm_backoff_s,
+        max_retry_after_s=settings.llm_max_retry_after_s,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
+
+
+def planner(settings: Settings, **kwargs: Any) -> "Planner":
+    """A stage 1 planner on :func:`llm_config`; ``kwargs`` go to ``Planner`` (cache, on_retry, max_objects)."""
+    from layout_planner import Planner
+
+    return Planner(llm_config(settings), **kwargs)
+
+
+# --- stage 2 --------------------------------------------------------------------------------------
+def quiet_library_progress_bars() -> None:
+    """Our own progress (bars, job progress) shows the stages; the libraries' weight-loading bars are noise."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def use_torch_threads(threads: int | None, cpu_default: int | None = None) -> None:
+    """Set torch's CPU threads to ``threads``; without it, to ``cpu_default`` when no GPU is present.
+
+    A render worker passes ``cpu_default=1``: it shares the machine with the other workers.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    elif cpu_default and not torch.cuda.is_available():
+        torch.set_num_threads(cpu_default)
+
+
+def pipeline_arguments(settings: Settings, *, use_sam: bool = True, **overrides: Any) -> dict[str, Any]:
+    """``LMDPipeline.from_pretrained``'s arguments from the settings; an override that is not None wins.
+
+    Overrides: ``model``, ``device``, ``dtype``, ``scheduler``, ``sam_checkpoint``,
+    ``sam_model_type``. ``use_sam=False`` loads no SAM checkpoint (plain SD needs none).
+    """
+    arguments: dict[str, Any] = {
+        "model": settings.sd_model,
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "scheduler": settings.scheduler,
+        "sam_checkpoint": settings.sam_checkpoint,
+        "sam_model_type": settings.sam_model_type,
+    }
+    unknown = set(overrides) - set(arguments)
+    if unknown:
+        raise TypeError(f"unknown pipeline arguments: {sorted(unknown)}")
+    arguments.update({k: v for k, v in overrides.items() if v is not None})
+    checkpoint = arguments["sam_checkpoint"]
+    arguments["sam_checkpoint"] = str(checkpoint) if checkpoint and use_sam else None
+    return arguments
+
+
+def load_pipeline(settings: Settings, *, cpu_threads: int | None = None, use_sam: bool = True,
+                  **overrides: Any) -> "LMDPipeline":
+    """Stage 2's pipeline as the settings (and ``overrides``, see :func:`pipeline_arguments`) describe it."""
+    from grounded_sd import LMDPipeline
+
+    use_torch_threads(settings.torch_threads, cpu_default=cpu_threads)
+    quiet_library_progress_bars()
+    arguments = pipeline_arguments(settings, use_sam=use_sam, **overrides)
+    return LMDPipeline.from_pretrained(arguments.pop("model"), **arguments)
+
+
+def render_options(settings: Settings, preset: str, **overrides: Any) -> "LMDOptions":
+    """The options of ``preset`` with the overrides that are not None; ``max_batch`` defaults to LMD_MAX_BATCH."""
+    from grounded_sd import LMDOptions
+
+    chosen = {"max_batch": settings.max_batch, **{k: v for k, v in overrides.items() if v is not None}}
+    return LMDOptions.preset(preset, **{k: v for k, v in chosen.items() if v is not None})
+
