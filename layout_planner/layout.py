@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,6 +22,41 @@ Box = Annotated[
     tuple[float, float, float, float],
     Field(description="normalised [x0, y0, x1, y1] in 0..1, origin top-left"),
 ]
+
+WarningTag = Literal[
+    # repairs of the answer's objects
+    "dropped", "clipped", "split", "count", "capped", "phrase", "text", "id",
+    # readings that were not certain
+    "truncated", "ambiguous", "background", "box", "scale",
+    # a revision answer that left objects out
+    "kept",
+]
+WARNING_TAGS: tuple[str, ...] = get_args(WarningTag)
+
+
+class LayoutWarning(BaseModel):
+    """One thing the planner changed, or was unsure of, while turning an answer into a layout.
+
+    Code decides on ``tag``; ``text`` is for people. ``str()`` gives the one-line form
+    ``"tag: text"`` the CLI prints; that line is also accepted as input (layouts saved before
+    warnings had fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tag: WarningTag
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_line(cls, value: object) -> object:
+        if isinstance(value, str):
+            tag, _, text = value.partition(": ")
+            return {"tag": tag, "text": text}
+        return value
+
+    def __str__(self) -> str:
+        return f"{self.tag}: {self.text}"
+
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
@@ -103,7 +138,7 @@ class Layout(BaseModel):
     objects: list[LayoutObject] = Field(default_factory=list, max_length=MAX_OBJECTS)
     background: str = Field(default=DEFAULT_BACKGROUND, max_length=1000)
     negative: str = Field(default="", max_length=1000)
-    warnings: list[str] = Field(default_factory=list, description="what repair changed, one line each")
+    warnings: list[LayoutWarning] = Field(default_factory=list, description="what reading and repair changed or were unsure of")
 
     @field_validator("background")
     @classmethod

@@ -30,6 +30,7 @@ from layout_planner.layout import (
     MAX_PHRASE_CHARS,
     Layout,
     LayoutObject,
+    LayoutWarning,
     next_object_id,
     xywh_to_xyxy,
     xyxy_to_xywh,
@@ -95,7 +96,7 @@ class Answer(BaseModel):
     background: str = DEFAULT_BACKGROUND
     negative: str = ""
     has_ids: bool = False
-    notes: list[str] = Field(default_factory=list)
+    notes: list[LayoutWarning] = Field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def _parse_json_answer(text: str) -> Answer:
     if layouts:
         answer = _answer_from_json(layouts[-1])
         if len({repr(v) for v in layouts}) > 1:
-            answer.notes.insert(0, f"ambiguous: the answer holds {len(layouts)} different layouts; used the last one")
+            answer.notes.insert(0, LayoutWarning(tag="ambiguous", text=f"the answer holds {len(layouts)} different layouts; used the last one"))
         return answer
     if unclosed is not None:
         return _salvage_truncated(unclosed)
@@ -187,10 +188,10 @@ def _holds_objects(value: object) -> bool:
 
 def _answer_from_json(value: object) -> Answer:
     value = _unwrap(value)
-    notes: list[str] = []
+    notes: list[LayoutWarning] = []
     if isinstance(value, list):
         data: dict = {"objects": value}
-        notes.append(f"background: the answer gave no background; used {DEFAULT_BACKGROUND!r}")
+        notes.append(LayoutWarning(tag="background", text=f"the answer gave no background; used {DEFAULT_BACKGROUND!r}"))
     elif isinstance(value, dict):
         data = value
     else:
@@ -221,7 +222,7 @@ def _text_field(data: dict, keys: tuple[str, ...], name: str) -> str:
     return value.strip()
 
 
-def _json_object(item: object, where: str, notes: list[str]) -> AnswerObject:
+def _json_object(item: object, where: str, notes: list[LayoutWarning]) -> AnswerObject:
     if isinstance(item, list | tuple) and len(item) == 2 and isinstance(item[0], str):
         return _answer_object(item[0], item[1], None, where, notes)  # a reference tuple inside JSON
     if not isinstance(item, dict):
@@ -256,7 +257,7 @@ def _parse_reference_text(text: str, backgrounds: list[re.Match]) -> Answer:
     labels = list(_OBJECTS_LABEL.finditer(head))
     if labels:
         head = head[labels[-1].end() :]
-    notes: list[str] = []
+    notes: list[LayoutWarning] = []
     parsed = [_answer_object(p, b, None, f"item {i}", notes) for i, (p, b) in enumerate(_object_items(head))]
     return Answer(
         objects=parsed,
@@ -332,7 +333,7 @@ def _as_items(value: object) -> list[tuple[object, object]] | None:
 
 def _salvage_truncated(fragment: str) -> Answer:
     """An answer cut mid-way: keep its complete objects, say so; nothing complete is an error."""
-    notes: list[str] = []
+    notes: list[LayoutWarning] = []
     if fragment.startswith("{"):
         items = next((found for k in _OBJECTS_KEYS if (found := complete_json_objects(fragment, k))), [])
         if not items:
@@ -348,11 +349,11 @@ def _salvage_truncated(fragment: str) -> Answer:
             raise LayoutParseError("the object list is not closed (truncated answer?)")
         objects = [_answer_object(p, b, None, f"item {i}", notes) for i, (p, b) in enumerate(pairs)]
         background, negative = "", ""
-    notes.insert(
-        0,
-        f"truncated: the answer stops mid-way (cut at max_tokens?); kept its {len(objects)} complete object(s)"
+    notes.insert(0, LayoutWarning(
+        tag="truncated",
+        text=f"the answer stops mid-way (cut at max_tokens?); kept its {len(objects)} complete object(s)"
         + ("" if background else f", background {DEFAULT_BACKGROUND!r}"),
-    )
+    ))
     return Answer(
         objects=objects,
         background=background or DEFAULT_BACKGROUND,
@@ -366,7 +367,7 @@ def _salvage_truncated(fragment: str) -> Answer:
 
 
 def _answer_object(
-    phrase: object, box: object, object_id: object, where: str, notes: list[str], box_key: str = "box"
+    phrase: object, box: object, object_id: object, where: str, notes: list[LayoutWarning], box_key: str = "box"
 ) -> AnswerObject:
     if not isinstance(phrase, str):
         raise LayoutParseError(f"{where}: the phrase must be a string")
@@ -394,7 +395,7 @@ def _number(value: object) -> float | None:
     return None
 
 
-def _read_box(box: object, key: str, where: str, notes: list[str]) -> tuple[tuple[float, ...], bool]:
+def _read_box(box: object, key: str, where: str, notes: list[LayoutWarning]) -> tuple[tuple[float, ...], bool]:
     """``[x, y, w, h]`` from a list, a string of numbers, or named fields; corners are converted."""
     if isinstance(box, dict):
         fields = {str(k).lower(): v for k, v in box.items()}
@@ -423,7 +424,7 @@ def _read_box(box: object, key: str, where: str, notes: list[str]) -> tuple[tupl
         raise LayoutParseError(f"{where}: the box must hold numbers only")
     if key == "box_2d":  # Gemini's convention for this key: [ymin, xmin, ymax, xmax] on a 0..1000 grid
         y0, x0, y1, x1 = (v * GRID / 1000 for v in values)
-        notes.append(f"box: read {where} 'box_2d' {box} as [ymin, xmin, ymax, xmax] on a 0..1000 grid")
+        notes.append(LayoutWarning(tag="box", text=f"read {where} 'box_2d' {box} as [ymin, xmin, ymax, xmax] on a 0..1000 grid"))
         return (x0, y0, x1 - x0, y1 - y0), False
     if key in ("xyxy", "box_xyxy"):
         return (values[0], values[1], values[2] - values[0], values[3] - values[1]), False
@@ -436,7 +437,7 @@ def _read_fractions(answer: Answer) -> Answer:
     if not values or not all(0 <= v <= 1 for v in values) or all(float(v).is_integer() for v in values):
         return answer
     answer.objects = [o.model_copy(update={"box": tuple(v * GRID for v in o.box)}) for o in answer.objects]
-    answer.notes.append(f"scale: every box number lies in 0..1; read them as fractions of the {GRID} x {GRID} canvas")
+    answer.notes.append(LayoutWarning(tag="scale", text=f"every box number lies in 0..1; read them as fractions of the {GRID} x {GRID} canvas"))
     return answer
 
 
@@ -529,37 +530,37 @@ def build_layout(
     With ``previous`` (a revision, §1.7), objects that stayed keep their ids, and an object
     whose phrase and grid box did not change keeps ``previous``'s exact box.
     """
-    warnings: list[str] = list(answer.notes)
+    warnings: list[LayoutWarning] = list(answer.notes)
     pending: list[tuple[str | None, str, tuple[float, float, float, float]]] = []
     objects = answer.objects
     if previous is not None and _gave_corners(objects, previous):
         objects = [o.model_copy(update={"box": _corners_to_xywh(o.box)}) if o.bare_box else o for o in objects]
-        warnings.append(
-            "box: read the boxes as corners [x0, y0, x1, y1]: that way, unlike as [x, y, w, h], "
-            "they repeat boxes of the previous layout"
-        )
+        warnings.append(LayoutWarning(
+            tag="box",
+            text="read the boxes as corners [x0, y0, x1, y1]: that way, unlike as [x, y, w, h], they repeat boxes of the previous layout",
+        ))
     for item in objects:
         phrase = " ".join(item.phrase.split()).rstrip(".")
         if not phrase:
-            warnings.append(f"dropped: an object with an empty phrase (box {_grid_box(item.box)})")
+            warnings.append(LayoutWarning(tag="dropped", text=f"an object with an empty phrase (box {_grid_box(item.box)})"))
             continue
         if len(phrase) > MAX_PHRASE_CHARS:
-            warnings.append(f"phrase: cut {phrase[:40]!r}... to {MAX_PHRASE_CHARS} characters")
+            warnings.append(LayoutWarning(tag="phrase", text=f"cut {phrase[:40]!r}... to {MAX_PHRASE_CHARS} characters"))
             phrase = phrase[:MAX_PHRASE_CHARS].rstrip()
         if is_empty_box(item.box):
-            warnings.append(f"dropped: {phrase!r} has an empty box {_grid_box(item.box)}")
+            warnings.append(LayoutWarning(tag="dropped", text=f"{phrase!r} has an empty box {_grid_box(item.box)}"))
             continue
         if is_full_canvas_box(item.box):
-            warnings.append(f"dropped: {phrase!r} covers the whole canvas {_grid_box(item.box)} (that is the background)")
+            warnings.append(LayoutWarning(tag="dropped", text=f"{phrase!r} covers the whole canvas {_grid_box(item.box)} (that is the background)"))
             continue
         raw = xywh_to_xyxy(item.box)
         box = tuple(min(1.0, max(0.0, v)) for v in raw)
         if box[2] <= box[0] or box[3] <= box[1]:
-            warnings.append(f"dropped: {phrase!r} box {_grid_box(item.box)} lies outside the canvas")
+            warnings.append(LayoutWarning(tag="dropped", text=f"{phrase!r} box {_grid_box(item.box)} lies outside the canvas"))
             continue
         if box != raw:
             hint = " (it would fit as corners [x0, y0, x1, y1])" if item.bare_box and _fits_as_corners(item.box) else ""
-            warnings.append(f"clipped: {phrase!r} box {_grid_box(item.box)} to the canvas as {list(xyxy_to_xywh(box))}{hint}")
+            warnings.append(LayoutWarning(tag="clipped", text=f"{phrase!r} box {_grid_box(item.box)} to the canvas as {list(xyxy_to_xywh(box))}{hint}"))
         counted = _count_in_phrase(phrase)
         if counted and split_counts:
             count, rest = counted
@@ -567,22 +568,22 @@ def build_layout(
             if longer_px / count >= MIN_SPLIT_PX and len(pending) + count <= max_objects:
                 single = singular_phrase(rest)
                 parts = _split_box(box, count)
-                warnings.append(f"split: {phrase!r} into {count} boxes of {single!r} along its longer side")
+                warnings.append(LayoutWarning(tag="split", text=f"{phrase!r} into {count} boxes of {single!r} along its longer side"))
                 pending.append((item.id, single, parts[0]))
                 pending.extend((None, single, part) for part in parts[1:])
                 continue
-            warnings.append(f"count: {phrase!r} names {count} objects in one box; kept as one box (too small or too many to split)")
+            warnings.append(LayoutWarning(tag="count", text=f"{phrase!r} names {count} objects in one box; kept as one box (too small or too many to split)"))
         elif counted:
-            warnings.append(f"count: {phrase!r} names {counted[0]} objects in one box")
+            warnings.append(LayoutWarning(tag="count", text=f"{phrase!r} names {counted[0]} objects in one box"))
         pending.append((item.id, phrase, box))
     if len(pending) > max_objects:
-        warnings.append(f"capped: kept the first {max_objects} of {len(pending)} objects")
+        warnings.append(LayoutWarning(tag="capped", text=f"kept the first {max_objects} of {len(pending)} objects"))
         pending = pending[:max_objects]
     texts = {}
     for name in ("background", "negative"):
         value = getattr(answer, name)
         if len(value) > MAX_TEXT_CHARS:
-            warnings.append(f"text: cut the {name} to {MAX_TEXT_CHARS} characters")
+            warnings.append(LayoutWarning(tag="text", text=f"cut the {name} to {MAX_TEXT_CHARS} characters"))
             value = value[:MAX_TEXT_CHARS].rstrip()
         texts[name] = value
     objects = _assign_ids(pending, previous, answer.has_ids, warnings)
@@ -596,7 +597,7 @@ def _assign_ids(
     pending: list[tuple[str | None, str, tuple[float, float, float, float]]],
     previous: Layout | None,
     trust_ids: bool,
-    warnings: list[str],
+    warnings: list[LayoutWarning],
 ) -> list[LayoutObject]:
     """Ids for the repaired objects: the answer's own, else the previous turn's by match, else new."""
     ids: list[str | None] = [None] * len(pending)
@@ -639,7 +640,7 @@ def _assign_ids(
             ids[i] = given
         else:
             if trust_ids and given:
-                warnings.append(f"id: replaced id {given!r} of {phrase!r} (taken or malformed)")
+                warnings.append(LayoutWarning(tag="id", text=f"replaced id {given!r} of {phrase!r} (taken or malformed)"))
             ids[i] = next_object_id(None, phrase, taken | set(prev))
         taken.add(ids[i])
     objects = []

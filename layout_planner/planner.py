@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from layout_planner.cache import LayoutCache, cache_key
 from layout_planner.client import LLMClient, LLMConfig
 from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput
-from layout_planner.layout import MAX_OBJECTS, Layout, LayoutObject
+from layout_planner.layout import MAX_OBJECTS, Layout, LayoutObject, LayoutWarning
 from layout_planner.parse import build_layout, parse_answer
 from layout_planner.template import CAPTION_PREFIX, INSTRUCTION_PREFIX, TEMPLATE_VERSION, chat_messages, load_template
 from layout_planner.words import head_noun, singular, words_of
@@ -220,8 +220,7 @@ class Planner:
     def _whole_layout(self, text: str, previous: Layout | None) -> Layout:
         """The layout of an answer; an answer cut mid-way is not one (its salvaged part lacks objects)."""
         layout = self._build(text, previous)
-        cut = next((w for w in layout.warnings if w.startswith("truncated:")), None)
-        if cut is not None:
+        if any(w.tag == "truncated" for w in layout.warnings):
             raise LayoutParseError("the answer stops mid-way, before the layout is complete; give a shorter answer")
         return layout
 
@@ -232,11 +231,11 @@ class Planner:
             return layout
         room = max(0, self.max_objects - len(layout.objects))
         warnings = layout.warnings + [
-            f"kept: {o.phrase!r} ({o.id}) unchanged: the LLM left it out although the instruction does not mention it"
+            LayoutWarning(tag="kept", text=f"{o.phrase!r} ({o.id}) unchanged: the LLM left it out although the instruction does not mention it")
             for o in missing[:room]
         ]
         if missing[room:]:
-            warnings.append(f"capped: could not keep {len(missing) - room} left-out object(s) within {self.max_objects}")
+            warnings.append(LayoutWarning(tag="capped", text=f"could not keep {len(missing) - room} left-out object(s) within {self.max_objects}"))
         order = {o.id: index for index, o in enumerate(previous.objects)}
         objects = sorted(layout.objects + missing[:room], key=lambda o: order.get(o.id, len(order)))
         return layout.model_copy(update={"objects": objects, "warnings": warnings})
