@@ -17,12 +17,16 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "LMDPipeline": "grounded_sd.pipeline",
-    "ModelLoadError": "grounded_sd.pipeline",
     "LMDOptions": "grounded_sd.options",
     "GenerationResult": "grounded_sd.report",
     "GenerationReport": "grounded_sd.report",
     "GenerationCanceled": "grounded_sd.errors",
+    "InvalidRequest": "grounded_sd.errors",
     "InvalidLayoutError": "grounded_sd.errors",
+    "InvalidOptions": "grounded_sd.errors",
+    "InvalidSize": "grounded_sd.errors",
+    "UnknownVariant": "grounded_sd.errors",
+    "ModelLoadError": "grounded_sd.errors",
     "VariantUnavailable": "grounded_sd.errors",
     "GroundedSDError": "grounded_sd.errors",
     "NonFiniteLatents": "grounded_sd.errors",
@@ -31,9 +35,20 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from grounded_sd.errors import GenerationCanceled, GroundedSDError, InvalidLayoutError, NonFiniteLatents, VariantUnavailable
+    from grounded_sd.errors import (
+        GenerationCanceled,
+        GroundedSDError,
+        InvalidLayoutError,
+        InvalidOptions,
+        InvalidRequest,
+        InvalidSize,
+        ModelLoadError,
+        NonFiniteLatents,
+        UnknownVariant,
+        VariantUnavailable,
+    )
     from grounded_sd.options import LMDOptions
-    from grounded_sd.pipeline import LMDPipeline, ModelLoadError
+    from grounded_sd.pipeline import LMDPipeline
     from grounded_sd.report import GenerationReport, GenerationResult
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from grounded_sd.errors import MaskInputError, SamCheckpointError
 from grounded_sd.names import SAM_MODEL_TYPES
 
 if TYPE_CHECKING:
@@ -34,14 +35,6 @@ _ENCODER_WIDTH_TO_TYPE = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
 
 MaskSource = Literal["sam", "attention", "box"]
 SamPrompt = Literal["point", "box"]
-
-
-class MaskInputError(ValueError):
-    """The image or the box given to :func:`object_mask` is malformed (a caller bug, not a bad map)."""
-
-
-class SamCheckpointError(RuntimeError):
-    """A SAM checkpoint cannot be loaded: missing file, unknown model type, or weights of another type."""
 
 
 class MaskOptions(BaseModel):

@@ -23,7 +23,7 @@ from grounded_sd.attention import recording_attention, resolve_attention_layers
 from grounded_sd.compose import compose_latents, seeded_noise
 from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbeddings, denoise
-from grounded_sd.errors import GroundedSDError, InvalidLayoutError, VariantUnavailable
+from grounded_sd.errors import InvalidLayoutError, InvalidOptions, InvalidSize, ModelLoadError, UnknownVariant, VariantUnavailable
 from grounded_sd.final_pass import run_final_pass
 from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
@@ -37,10 +37,6 @@ from layout_planner.layout import Layout
 
 GLIGEN_MAX_OBJECTS = 30  # grounding tokens of GLIGEN's position net
 REFERENCE_HEADS = 8  # SD 1.5's heads per cross-attention: the scale of the reference's loss threshold
-
-
-class ModelLoadError(GroundedSDError):
-    """The diffusion model cannot be loaded (missing directory, missing component, unknown scheduler)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -174,7 +170,7 @@ class LMDPipeline:
         try:
             layers = resolve_attention_layers(self.unet, options.attention_layers)
         except ValueError as exc:
-            raise InvalidLayoutError(f"options.attention_layers: {exc}") from exc
+            raise InvalidOptions(f"options.attention_layers: {exc}") from exc
 
         # 2. Encode prompts (§2.3, §2.6)
         groups = group_phrases(layout)
@@ -256,14 +252,14 @@ class LMDPipeline:
 
     # ------------------------------------------------------------------------------------------
     def check_inputs(self, layout: Layout | dict[str, Any], *, options: LMDOptions, variant: str, width: int, height: int) -> Layout:
-        """A valid :class:`Layout`, or an :class:`InvalidLayoutError` that names the problem."""
+        """A valid :class:`Layout`, or the :class:`InvalidRequest` kind that names the problem."""
         if variant not in VARIANTS:
-            raise InvalidLayoutError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise UnknownVariant(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if variant == "lmd_plus" and not self.supports_gligen:
             raise VariantUnavailable("variant lmd_plus needs a GLIGEN UNet (attention_type 'gated'); the loaded model has none")
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or value <= 0 or value % 8 or value % self.vae_scale_factor:
-                raise InvalidLayoutError(f"{name} must be a positive multiple of {max(8, self.vae_scale_factor)}, got {value!r}")
+                raise InvalidSize(f"{name} must be a positive multiple of {max(8, self.vae_scale_factor)}, got {value!r}")
         if not isinstance(layout, Layout):
             try:
                 layout = Layout.model_validate(layout)

@@ -33,8 +33,8 @@ _EXPORTS = {
     "InMemoryCache": "layout_planner.cache",
     "LayoutCache": "layout_planner.cache",
     "cache_key": "layout_planner.cache",
-    "build_layout": "layout_planner.parse",
-    "parse_answer": "layout_planner.parse",
+    "build_layout": "layout_planner.repair",
+    "parse_answer": "layout_planner.read",
     "parse_layout_text": "layout_planner.parse",
     "TEMPLATE_VERSION": "layout_planner.template",
     "LLMConfig": "layout_planner.client",
@@ -50,7 +50,9 @@ if TYPE_CHECKING:
     from layout_planner.client import LLMConfig
     from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput, LLMUnavailable, PlannerError
     from layout_planner.layout import DEFAULT_BACKGROUND, GRID, MAX_OBJECTS, Layout, LayoutObject, next_object_id, xywh_to_xyxy, xyxy_to_xywh
-    from layout_planner.parse import build_layout, parse_answer, parse_layout_text
+    from layout_planner.parse import parse_layout_text
+    from layout_planner.read import parse_answer
+    from layout_planner.repair import build_layout
     from layout_planner.planner import Planner, PlanReport, Turn
     from layout_planner.template import TEMPLATE_VERSION
 

@@ -23,6 +23,7 @@ Box = Annotated[
     Field(description="normalised [x0, y0, x1, y1] in 0..1, origin top-left"),
 ]
 
+
 WarningTag = Literal[
     # repairs of the answer's objects
     "dropped", "clipped", "split", "count", "capped", "phrase", "text", "id",
@@ -58,7 +59,7 @@ class LayoutWarning(BaseModel):
         return f"{self.tag}: {self.text}"
 
 
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 
 def xywh_to_xyxy(box: tuple[float, float, float, float] | list[float], grid: int = GRID) -> tuple[float, float, float, float]:
@@ -74,6 +75,24 @@ def xyxy_to_xywh(box: tuple[float, float, float, float] | list[float], grid: int
     return (x, y, round(x1 * grid) - x, round(y1 * grid) - y)
 
 
+def is_empty_box(box: tuple[float, float, float, float]) -> bool:
+    """An ``[x, y, w, h]`` box without area."""
+    return box[2] <= 0 or box[3] <= 0
+
+
+def is_full_canvas_box(box: tuple[float, float, float, float], grid: int = GRID) -> bool:
+    """An ``[x, y, w, h]`` box at least as large as the canvas is the background, not an object (§1.4)."""
+    return box[2] >= grid and box[3] >= grid
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two xyxy boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
 class LayoutObject(BaseModel):
     """One instance of one object: a phrase and its box."""
 
@@ -86,7 +105,7 @@ class LayoutObject(BaseModel):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        if not _ID_PATTERN.match(value):
+        if not ID_PATTERN.match(value):
             raise ValueError(f"object id {value!r} must be 1-32 characters of letters, digits, '_', '.', '-'")
         return value
 

@@ -19,7 +19,8 @@ from layout_planner.cache import LayoutCache, cache_key
 from layout_planner.client import LLMClient, LLMConfig
 from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput
 from layout_planner.layout import MAX_OBJECTS, Layout, LayoutObject, LayoutWarning
-from layout_planner.parse import build_layout, parse_answer
+from layout_planner.read import parse_answer
+from layout_planner.repair import build_layout
 from layout_planner.template import CAPTION_PREFIX, INSTRUCTION_PREFIX, TEMPLATE_VERSION, chat_messages, load_template
 from layout_planner.words import head_noun, singular, words_of
 

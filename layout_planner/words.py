@@ -17,6 +17,13 @@ _IRREGULAR = {
 }  # fmt: skip
 _UNCHANGED_ENDINGS = ("ss", "us", "is")
 
+# Counts a phrase may start with ("two red chairs"); digits 2-20 count too.
+NUMBER_WORDS = {
+    "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
+    "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
+    "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
+}  # fmt: skip
+
 # Words after which a noun phrase's modifiers begin ("a dog with a red collar" -> head "dog").
 _PHRASE_BREAKS = {
     "with", "on", "in", "of", "at", "near", "next", "beside", "behind", "under", "over", "above", "below",
@@ -98,3 +105,13 @@ def singular_phrase(noun_phrase: str) -> str:
     rest = " ".join(tokens)
     article = "an" if rest[:1].lower() in "aeiou" else "a"
     return f"{article} {rest}"
+
+
+def count_in_phrase(phrase: str) -> tuple[int, str] | None:
+    """``("two red chairs")`` -> ``(2, "red chairs")``; None when the phrase carries no count above one."""
+    match = re.match(r"^\s*(\w+)\s+(.+)$", phrase)
+    if not match:
+        return None
+    word, rest = match.group(1).lower(), match.group(2)
+    count = NUMBER_WORDS.get(word) or (int(word) if word.isdigit() and 2 <= int(word) <= 20 else None)
+    return (count, rest) if count else None

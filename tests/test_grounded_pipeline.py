@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from grounded_sd import GenerationCanceled, InvalidLayoutError, LMDOptions, LMDPipeline, VariantUnavailable
+from grounded_sd import (
+    GenerationCanceled,
+    InvalidLayoutError,
+    InvalidOptions,
+    InvalidSize,
+    LMDOptions,
+    LMDPipeline,
+    UnknownVariant,
+    VariantUnavailable,
+)
 from layout_planner.layout import Layout
 
 SIZE = 64
@@ -213,18 +222,18 @@ def test_bad_inputs_are_typed_errors_that_name_the_problem(tiny_pipeline):
     too_many = {"objects": [{"id": f"o{i}", "phrase": "a cat", "box": [0.0, 0.0, 0.5, 0.5]} for i in range(4)]}
     with pytest.raises(InvalidLayoutError, match="4 objects; at most 3"):
         generate(tiny_pipeline, layout=too_many, options=opts(max_objects=3))
-    with pytest.raises(InvalidLayoutError, match="width"):
+    with pytest.raises(InvalidSize, match="width"):
         tiny_pipeline(LAYOUT, seed=1, width=60, height=64, options=opts())
-    with pytest.raises(InvalidLayoutError, match="height"):
+    with pytest.raises(InvalidSize, match="height"):
         tiny_pipeline(LAYOUT, seed=1, width=64, height=0, options=opts())
     bad_box = {"objects": [{"id": "cat", "phrase": "a cat", "box": [0.5, 0.5, 0.5, 0.9]}]}
     with pytest.raises(InvalidLayoutError, match=r"objects\.0\.box.*zero area"):
         generate(tiny_pipeline, layout=bad_box)
     with pytest.raises(VariantUnavailable, match="GLIGEN"):
         generate(tiny_pipeline, variant="lmd_plus")
-    with pytest.raises(InvalidLayoutError, match="unknown variant"):
+    with pytest.raises(UnknownVariant, match="unknown variant"):
         generate(tiny_pipeline, variant="sdxl")
-    with pytest.raises(InvalidLayoutError, match="not cross-attention modules"):
+    with pytest.raises(InvalidOptions, match="not cross-attention modules"):
         generate(tiny_pipeline, options=opts(attention_layers=["up_blocks.9.attentions.0.transformer_blocks.0.attn2"]))
 
 

@@ -14,7 +14,7 @@ from layout_planner import (
     parse_layout_text,
     xywh_to_xyxy,
 )
-from layout_planner.parse import Answer, AnswerObject
+from layout_planner.read import Answer, AnswerObject
 
 RESPONSES = Path(__file__).parent / "data" / "llm_responses_gpt-3.5-turbo.json"
 

@@ -260,11 +260,11 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     if isinstance(exc, SoftTimeLimitExceeded):
         return "timeout", f"the {stage} stage ran past LMD_TASK_SOFT_TIME_LIMIT_S; use fewer steps or a smaller size"
     if stage == "render":
-        from grounded_sd import GenerationCanceled, InvalidLayoutError, ModelLoadError, VariantUnavailable
+        from grounded_sd import GenerationCanceled, InvalidRequest, ModelLoadError, VariantUnavailable
 
         if isinstance(exc, GenerationCanceled):
             return "canceled", "canceled while rendering"
-        if isinstance(exc, InvalidLayoutError):
+        if isinstance(exc, InvalidRequest):  # the API checks variant and size first: in practice the layout
             return "invalid_layout", str(exc)
         if isinstance(exc, VariantUnavailable):
             return "variant_unavailable", str(exc)

@@ -120,7 +120,8 @@ def score_responses(prompts: list[dict[str, Any]], responses: dict[str, list[str
     """Replay raw LLM answers ``{prompt: [answer, ...]}``: the n-th occurrence of a prompt takes the n-th answer."""
     from layout_planner import LayoutParseError
     from layout_planner.benchmark import answer_detections, layout_detections
-    from layout_planner.parse import build_layout, parse_answer
+    from layout_planner.read import parse_answer
+    from layout_planner.repair import build_layout
 
     scores = LayoutScores(max_iou=max_iou, min_box_px=min_box_px)
     used: Counter = Counter()

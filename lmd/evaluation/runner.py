@@ -320,7 +320,7 @@ class _BenchmarkRun:
 
     def _image(self, prompt: BenchmarkPrompt, layout: Layout, seed: int, queries: list[str], path: Path) -> str | None:
         """``skipped`` (whole on disk) or ``generated``; None when the controller refused the layout."""
-        from grounded_sd.errors import InvalidLayoutError
+        from grounded_sd.errors import InvalidRequest
 
         if _complete_image(path, (self.settings.width, self.settings.height)):
             self.counters.skipped += 1
@@ -332,7 +332,7 @@ class _BenchmarkRun:
         try:
             with _atomic_path(path) as partial:
                 self.generator(layout, seed).save(partial, format="PNG")
-        except InvalidLayoutError as exc:
+        except InvalidRequest as exc:
             self._failed(prompt, seed, queries, "layout refused by the controller", exc)
             self.counters.errors.append(f"{prompt.index}: {exc}")
             self._told(prompt, "failed")
