@@ -66,3 +66,8 @@ class ConditioningUnavailable(GroundedSDError):
 class CheckpointMismatch(ConditioningUnavailable):
     """A conditioning checkpoint does not match the module strictly: a missing, unexpected or
     renamed key, a wrong shape, or a pickle holding more than plain tensors. Names the key."""
+
+
+class ConnectorError(ConditioningUnavailable, ValueError):
+    """A text connector or its training cannot be set up (unknown or unsuitable model, bad
+    data, a size the model cannot take); raised before any weights load where possible."""

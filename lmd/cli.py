@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "lmd.commands.evaluate",
     "lmd.commands.generate",
     "lmd.commands.bench",
+    "lmd.commands.train_connector",
 )
 
 

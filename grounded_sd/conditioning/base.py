@@ -15,6 +15,9 @@ Two ways to combine a conditioning with guidance:
   token indices unchanged) while the denoising forwards use the conditioning's tokens.
 - ``concat``: the conditioning's tokens are put before CLIP's, and guidance and denoising
   both use the concatenation; phrase indices shift by :attr:`Conditioned.token_offset`.
+- ``tokens`` (per-token connectors trained with ``lmd train-connector``): no CLIP at all;
+  guidance reads each phrase on the connector's own tokens, found from the phrase's
+  characters (:meth:`Conditioned.guidance_tokens`).
 
 A :class:`Conditioning` is loaded once per process and reused; :meth:`Conditioning.prepare`
 runs its text encoders once per generation; :meth:`Conditioned.denoising` computes what
@@ -35,7 +38,7 @@ ConditioningName = Literal["clip", "ella", "gluenet"]
 CONDITIONINGS: tuple[str, ...] = ("clip", "ella", "gluenet")
 Pass = Literal["per_box", "final"]
 """``per_box``: one row per object; ``final``: the scene prompt (also the ``sd`` baseline)."""
-Mode = Literal["replace", "concat"]
+Mode = Literal["replace", "concat", "tokens"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,12 @@ class Conditioned(ABC):
             self._step[which] = cached
         return cached[1]
 
+    def guidance_tokens(self, which: Pass, row: int, clip_indices: tuple[int, ...], span: tuple[int, int]) -> tuple[int, ...]:
+        """Positions guidance reads for a phrase: ``prompt[span[0]:span[1]]`` of prompt ``row`` of
+        ``which`` (the scene prompt, or box prompt ``row``), whose CLIP positions are
+        ``clip_indices``. Default: the CLIP positions, shifted by :attr:`token_offset`."""
+        return tuple(i + self.token_offset for i in clip_indices)
+
     def guidance(self, which: Pass, timestep: torch.Tensor | int) -> torch.Tensor:
         """The cond embeddings guidance's forward uses: CLIP (replace), or the same
         concatenation the denoising uses (concat)."""
@@ -120,6 +129,11 @@ class Conditioning(ABC):
     @property
     def output_dim(self) -> int | None:
         return None
+
+    @property
+    def default_mode(self) -> Mode:
+        """The mode used when the caller names none."""
+        return self.modes[0]
 
     def check_mode(self, mode: Mode) -> None:
         if mode not in self.modes:

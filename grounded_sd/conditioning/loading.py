@@ -40,6 +40,10 @@ def load_conditioning(name: str, config: ConditioningConfig, *, device: str | to
     names = config.settings_names
     if name == "clip":
         return ClipConditioning()
+    if name.startswith("connector:"):  # an export of lmd train-connector
+        from grounded_sd.conditioning.connector import PREFIX, ConnectorConditioning
+
+        return ConnectorConditioning.from_path(name.removeprefix(PREFIX), device=device, dtype=dtype)
     if name == "ella":
         from grounded_sd.conditioning.ella import ELLAConditioning
 
@@ -57,4 +61,4 @@ def load_conditioning(name: str, config: ConditioningConfig, *, device: str | to
             checkpoints, config.gluenet_xlmr, device=device, dtype=dtype,
             checkpoints_setting=names["gluenet_checkpoints"], encoder_setting=names["gluenet_xlmr"],
         )
-    raise ConditioningUnavailable(f"unknown conditioning {name!r}; choose one of {', '.join(CONDITIONINGS)}")
+    raise ConditioningUnavailable(f"unknown conditioning {name!r}; choose one of {', '.join(CONDITIONINGS)} or connector:PATH")
