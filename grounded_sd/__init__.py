@@ -1,4 +1,4 @@
-"""Stage 2: the layout-grounded controller over a frozen Stable Diffusion (METHOD.md §2).
+"""Stage 2: the layout-grounded controller over a frozen Stable Diffusion (docs/method.md §2).
 
 The entry point is ``LMDPipeline`` (pipeline.py), whose call reads as numbered steps; each
 step of the grounded run has its own module: per_box.py (the per-box pass), segment.py (the

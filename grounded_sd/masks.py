@@ -1,4 +1,4 @@
-"""Object masks from cross-attention, refined with segment-anything (METHOD.md §2.4).
+"""Object masks from cross-attention, refined with segment-anything (docs/method.md §2.4).
 
 Each object of a layout has its own per-box generation (§2.3). Its mask decides which
 pixels of that generation are pasted into the composition (§2.5). We start from the
@@ -38,7 +38,7 @@ SamPrompt = Literal["point", "box"]
 
 
 class MaskOptions(BaseModel):
-    """How an object's mask is made (METHOD.md §2.4); defaults are the reference's."""
+    """How an object's mask is made (docs/method.md §2.4); defaults are the reference's."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -157,7 +157,7 @@ def object_mask(
     prompt: SamPrompt = "point",
     options: MaskOptions | None = None,
 ) -> MaskResult:
-    """The mask of one object on its per-box image (METHOD.md §2.4).
+    """The mask of one object on its per-box image (docs/method.md §2.4).
 
     ``image``: (H, W, 3) uint8, the decoded per-box generation. ``attention``: (h, w), the
     object token's aggregated cross-attention at any resolution; zeros, NaN and inf are

@@ -1,4 +1,4 @@
-"""Every knob of the layout-grounded controller, with the reference defaults (METHOD.md §2).
+"""Every knob of the layout-grounded controller, with the reference defaults (docs/method.md §2).
 
 Step counts that the reference states "of 50" (guidance steps, the iteration schedule, the
 first step of mask aggregation) are kept on that 50-step scale here and scaled to the actual
@@ -107,7 +107,7 @@ class LMDOptions(BaseModel):
 
     @classmethod
     def reference(cls, **overrides) -> "LMDOptions":
-        """METHOD.md's reference defaults (the published implementation's numbers)."""
+        """docs/method.md's reference defaults (the published implementation's numbers)."""
         return cls(**overrides)
 
     @classmethod

@@ -1,4 +1,4 @@
-"""The layout-grounded controller over a frozen Stable Diffusion (METHOD.md §2).
+"""The layout-grounded controller over a frozen Stable Diffusion (docs/method.md §2).
 
 ``LMDPipeline.__call__`` reads top to bottom as numbered steps: 1 check inputs, 2 encode
 prompts, 3 prepare noise, 4 the per-box pass (per_box.py, §2.3), 5 masks (segment.py, §2.4),

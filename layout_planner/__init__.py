@@ -1,4 +1,4 @@
-"""Stage 1: an LLM turns a prompt into a layout (METHOD.md §1).
+"""Stage 1: an LLM turns a prompt into a layout (docs/method.md §1).
 
 The layout (layout.py: the typed layout, its box helpers and the object cap) is the contract
 between the stages; importing it never imports the LLM client. The rest: the prompt template

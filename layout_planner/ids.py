@@ -1,4 +1,4 @@
-"""Object ids across turns (METHOD.md §1.7): an object that stays keeps its id.
+"""Object ids across turns (docs/method.md §1.7): an object that stays keeps its id.
 
 :func:`assign_ids` gives each repaired object, in order of evidence: the id the answer gave
 when it names an object of the previous turn; the previous id of the same phrase with the

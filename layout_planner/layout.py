@@ -1,6 +1,6 @@
 """The layout: the contract between stage 1 (the planner) and stage 2 (the controller).
 
-METHOD.md §0. Boxes are stored as normalised corners ``[x0, y0, x1, y1]`` in 0..1 with
+docs/method.md §0. Boxes are stored as normalised corners ``[x0, y0, x1, y1]`` in 0..1 with
 the origin at the top left. LLMs speak ``[x, y, width, height]`` on a 512x512 grid; the
 conversions below are the only place that grid appears.
 """

@@ -1,4 +1,4 @@
-"""An LLM answer to a layout: read it (read.py), then repair it (repair.py) (METHOD.md §1.3, §1.4).
+"""An LLM answer to a layout: read it (read.py), then repair it (repair.py) (docs/method.md §1.3, §1.4).
 
 The two steps stay apart so that the benchmark can score answers exactly as the LLM gave
 them (``parse_answer`` alone) and the planner can re-ask with the reading's error.

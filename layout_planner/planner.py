@@ -1,4 +1,4 @@
-"""The planner: prompt -> layout, and multi-turn revision (METHOD.md §1).
+"""The planner: prompt -> layout, and multi-turn revision (docs/method.md §1).
 
 ``Planner.plan`` validates the prompt, looks in the cache, asks the LLM (transport retries in
 ``LLMClient``), parses and repairs the answer, and re-asks with the parse error appended

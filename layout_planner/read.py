@@ -1,4 +1,4 @@
-"""Reading an LLM answer: the objects as written, before any repair (METHOD.md §1.3).
+"""Reading an LLM answer: the objects as written, before any repair (docs/method.md §1.3).
 
 ``parse_answer(text) -> Answer`` finds a JSON object or the reference text format
 (``[('a cat', [x, y, w, h]), ...]`` then ``Background prompt: ...``) inside the wrapping real

@@ -1,4 +1,4 @@
-"""Repairing a read answer into a valid layout (METHOD.md §1.4).
+"""Repairing a read answer into a valid layout (docs/method.md §1.4).
 
 ``build_layout(answer, previous=None) -> Layout`` drops what cannot be an object (an empty
 phrase, an empty box, a whole-canvas box, a box outside the canvas), clips boxes to the

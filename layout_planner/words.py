@@ -1,6 +1,6 @@
 """Small English word helpers: singular nouns and the head noun of a phrase.
 
-Used by the repair step (``"two chairs"`` -> ``"a chair"``, METHOD.md §1.4) and by the
+Used by the repair step (``"two chairs"`` -> ``"a chair"``, docs/method.md §1.4) and by the
 benchmark rules to decide which object a box names. Rules, not a dictionary: they are
 right for ordinary count nouns and a short list of irregular plurals.
 """

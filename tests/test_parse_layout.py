@@ -1,4 +1,4 @@
-"""Parsing LLM answers (JSON and the reference text format) and repairing layouts (METHOD.md §1.3-1.4)."""
+"""Parsing LLM answers (JSON and the reference text format) and repairing layouts (docs/method.md §1.3-1.4)."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Multi-turn revision: untouched objects keep their ids and their exact boxes (METHOD.md §1.7, §2.7)."""
+"""Multi-turn revision: untouched objects keep their ids and their exact boxes (docs/method.md §1.7, §2.7)."""
 
 import json
 
