@@ -8,11 +8,7 @@ import pytest
 
 from grounded_sd import LMDOptions
 from lmd import wiring
-from lmd.settings import Settings
-
-
-def _settings(**fields) -> Settings:
-    return Settings(_env_file=None, **fields)
+from tests.support.builders import plain_settings as _settings
 
 
 def test_a_bad_setting_names_its_variable(monkeypatch):

@@ -8,17 +8,16 @@ import pytest
 
 from jobs import transitions as t
 from jobs.records import JobRecord, Progress
-from layout_planner.layout import Layout
+from tests.support.builders import job_record, layout
 
 NOW = 1_000_000.0
 LOST_AFTER_S = 60.0
-LAYOUT = Layout.model_validate(
-    {"objects": [{"id": "cat", "phrase": "a cat", "box": [0.1, 0.1, 0.6, 0.6]}], "background": "a room"})
+LAYOUT = layout()
 
 
 def _job(**fields) -> JobRecord:
     at = datetime.fromtimestamp(NOW, UTC)
-    return JobRecord(job_id="j", session_id="s", prompt="a cat", seed=1, created_at=at, updated_at=at, **fields)
+    return job_record(created_at=at, updated_at=at, **fields)
 
 
 def _held(state="rendering", worker="host-a:1", beat_age_s=1.0, **fields) -> JobRecord:

@@ -16,12 +16,13 @@ import pytest
 import redis
 
 from jobs.queue import create_celery, enqueue, redelivery_after_s
-from jobs.records import JobRecord, SessionRecord, new_id, utcnow
+from jobs.records import new_id
 from jobs.store import Store, connect
 from worker.runtime import Heartbeat, Maintenance
+from tests.support.builders import job_record, layout_data, session_record
 from tests.support.service import service_settings
 
-LAYOUT = {"objects": [{"id": "cat", "phrase": "a cat", "box": [0.1, 0.1, 0.6, 0.6]}], "background": "a room"}
+LAYOUT = layout_data()
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,8 @@ def maintenance(settings):
 
 
 def _new_job(store: Store, layout: dict | None = LAYOUT) -> str:
-    now = utcnow()
-    session = SessionRecord(session_id=new_id(), seed=1, created_at=now, updated_at=now)
-    job = JobRecord(job_id=new_id(), session_id=session.session_id, prompt="a cat", seed=1,
-                    layout=layout, layout_given=layout is not None, created_at=now, updated_at=now)
+    session = session_record()
+    job = job_record(job_id=new_id(), session_id=session.session_id, layout=layout, layout_given=layout is not None)
     store.create_job(job, session)
     return job.job_id
 

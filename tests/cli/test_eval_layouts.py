@@ -19,7 +19,7 @@ from layout_planner.benchmark import (
 )
 from lmd.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ROOT / "benchmarks" / "data" / "prompts.jsonl"
 RESPONSES = ROOT / "tests" / "data" / "llm_responses_gpt-3.5-turbo.json"
 

@@ -17,6 +17,7 @@ import pytest
 import redis
 from PIL import Image
 
+from tests.support.builders import box_object, layout_data
 from tests.support.fake_llm import FakeLLM
 from tests.support.service import APIProcess, WorkerProcess, service_settings, settings_env, wait_for_job
 from tests.support.tiny_sd import tiny_sd_path  # noqa: F401  (the session fixture)
@@ -31,15 +32,8 @@ FIRST = {
     "background": "a realistic living room",
     "negative": "",
 }
-REVISED = {
-    "objects": [
-        {"id": "cat", "phrase": "a cat", "box": [40, 200, 200, 200]},
-        {"id": "dog", "phrase": "a dog", "box": [300, 20, 180, 200]},
-    ],
-    "background": "a realistic living room",
-    "negative": "",
-}
-GIVEN_LAYOUT = {"objects": [{"id": "ball", "phrase": "a red ball", "box": [0.2, 0.2, 0.7, 0.7]}], "background": "a park"}
+REVISED = {**FIRST, "objects": [FIRST["objects"][0], {"id": "dog", "phrase": "a dog", "box": [300, 20, 180, 200]}]}
+GIVEN_LAYOUT = layout_data(box_object("ball", "a red ball", [0.2, 0.2, 0.7, 0.7]), background="a park")
 
 
 class Stack:

@@ -22,7 +22,7 @@ from lmd.evaluation.prompts import (
 from lmd.evaluation.runner import detector_queries
 from lmd.evaluation.scoring import accuracy, markdown_table, summarise, wilson_interval
 
-RESPONSES = Path(__file__).parent / "data" / "llm_responses_gpt-3.5-turbo.json"
+RESPONSES = Path(__file__).parents[1] / "data" / "llm_responses_gpt-3.5-turbo.json"
 LEFT, RIGHT = (0.05, 0.3, 0.35, 0.7), (0.6, 0.3, 0.95, 0.7)
 TOP, BOTTOM = (0.3, 0.05, 0.7, 0.35), (0.3, 0.6, 0.7, 0.95)
 

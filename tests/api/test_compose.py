@@ -14,7 +14,7 @@ import yaml
 
 from lmd.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _compose() -> dict:

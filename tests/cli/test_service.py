@@ -30,7 +30,7 @@ def test_the_api_and_the_worker_main_process_do_not_import_torch():
     """No CUDA state can exist in a parent before it forks the render child."""
     code = "import sys, api.main, worker.tasks, lmd.commands.service; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from lmd.settings import Settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_env_prefix_and_openai_key_fallback(monkeypatch):

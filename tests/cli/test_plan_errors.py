@@ -14,7 +14,7 @@ import pytest
 from layout_planner import Layout
 from lmd.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

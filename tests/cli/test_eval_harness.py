@@ -25,7 +25,7 @@ from lmd.evaluation.runner import RESULTS_SCHEMA, load_results
 
 torch.set_num_threads(1)
 
-RESPONSES = Path(__file__).parent / "data" / "llm_responses_gpt-3.5-turbo.json"
+RESPONSES = Path(__file__).parents[1] / "data" / "llm_responses_gpt-3.5-turbo.json"
 
 
 def _eval(out: Path, sd: Path, detector: Path, *extra: str) -> int:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from jobs.records import JobRecord, utcnow
-from lmd.settings import Settings
+from tests.support.builders import job_record, plain_settings
 from worker.runtime import describe_failure, render_options
 
 
-def _job(**fields) -> JobRecord:
-    now = utcnow()
-    return JobRecord(job_id="j", session_id="s", prompt="a cat", seed=1, created_at=now, updated_at=now, **fields)
-
-
 def test_reference_preset_with_the_requests_steps_and_guidance():
-    options = render_options(_job(steps=7, guidance_scale=3.0), Settings(_env_file=None))
+    options = render_options(job_record(steps=7, guidance_scale=3.0), plain_settings())
     assert (options.steps, options.guidance_scale, options.max_batch, options.per_box_full_pass) == (7, 3.0, None, True)
 
 
 def test_fast_preset_and_the_workers_max_batch():
     from grounded_sd import LMDOptions
 
-    options = render_options(_job(preset="fast", steps=20), Settings(_env_file=None, max_batch=2))
+    options = render_options(job_record(preset="fast", steps=20), plain_settings(max_batch=2))
     assert options == LMDOptions.fast(steps=20, max_batch=2)
     assert options != LMDOptions.reference(steps=20, max_batch=2)
 

@@ -11,14 +11,13 @@ from PIL import Image
 
 from layout_planner import Layout
 from lmd.cli import main
+from tests.support.builders import box_object, layout_data
 
-LAYOUT = {
-    "objects": [
-        {"id": "cat", "phrase": "a red cat", "box": [0.05, 0.1, 0.45, 0.6]},
-        {"id": "dog", "phrase": "a dog", "box": [0.5, 0.4, 0.95, 0.95]},
-    ],
-    "background": "a realistic park",
-}
+LAYOUT = layout_data(
+    box_object("cat", "a red cat", [0.05, 0.1, 0.45, 0.6]),
+    box_object("dog", "a dog", [0.5, 0.4, 0.95, 0.95]),
+    background="a realistic park",
+)
 FAST = ["--steps", "4", "--width", "64", "--height", "64", "--quiet", "--device", "cpu"]
 
 
@@ -91,7 +90,7 @@ def test_generate_errors_are_one_line(clean_env, tiny_sd_path, capsys, args, mes
 
 
 def test_bad_layout_json_names_the_field(clean_env, tiny_sd_path, capsys):
-    bad = {"objects": [{"id": "cat", "phrase": "a cat", "box": [0.2, 0.2, 1.4, 0.5]}]}
+    bad = {"objects": [box_object(box=[0.2, 0.2, 1.4, 0.5])]}
     layout_path = clean_env / "bad.json"
     layout_path.write_text(json.dumps(bad))
     assert main(["generate", "--layout", str(layout_path), "--out", str(clean_env / "out"), "--model", str(tiny_sd_path), *FAST]) == 2

@@ -13,12 +13,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from tests.support.builders import box_object, layout_data
 from tests.support.service import RedisServer, service_settings
 
-LAYOUT = {
-    "objects": [{"id": "cat", "phrase": "a cat", "box": [0.1, 0.2, 0.5, 0.8]}],
-    "background": "a living room",
-}
+LAYOUT = layout_data(box_object(box=[0.1, 0.2, 0.5, 0.8]), background="a living room")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +47,7 @@ def _fields(response) -> list[str]:
         ({"prompt": "a cat", "variant": "dalle"}, "variant", "lmd"),
         ({"prompt": "a cat", "preset": "slow"}, "preset", "reference"),
         ({"layout": {**LAYOUT, "objects": []}}, "layout", "empty"),
-        ({"layout": {"objects": [{"id": "a", "phrase": "a cat", "box": [0.5, 0.5, 0.2, 0.9]}]}}, "layout.objects.0.box", "zero area"),
+        ({"layout": {"objects": [box_object("a", box=[0.5, 0.5, 0.2, 0.9])]}}, "layout.objects.0.box", "zero area"),
     ],
 )
 def test_invalid_generate_bodies_are_422_naming_the_field(client, body, field, words):
@@ -254,7 +252,7 @@ def test_values_json_cannot_echo_or_store_are_422_not_500(client, raw, field):
 
 def test_a_422_echoes_a_huge_value_shortened_and_a_404_a_huge_id_shortened(client):
     phrase = "x" * 100_000
-    response = client.post("/generate", json={"layout": {"objects": [{"id": "c", "phrase": phrase, "box": [0.1, 0.1, 0.3, 0.4]}]}})
+    response = client.post("/generate", json={"layout": {"objects": [box_object("c", phrase, [0.1, 0.1, 0.3, 0.4])]}})
     assert _fields(response) == ["layout.objects.0.phrase"]
     assert len(response.content) < 2000
     missing = client.get("/jobs/" + "y" * 5000)
