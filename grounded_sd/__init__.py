@@ -3,8 +3,11 @@
 The entry point is ``LMDPipeline`` (pipeline.py), whose call reads as numbered steps; each
 step of the grounded run has its own module: per_box.py (the per-box pass), segment.py (the
 masks, with masks.py segmenting one object), compose.py (noise and composition) and
-final_pass.py (the final pass), all running the one denoising loop of denoise.py. The
-options are in options.py, the returned report in report.py, the errors in errors.py.
+final_pass.py (the final pass), all running the one denoising loop of denoise.py, with
+attention capture in attention.py and the energy and backward guidance in guidance.py. The
+options are in options.py, the names shared with the service and the CLI (variants,
+presets, dtypes; no torch) in names.py, the returned report in report.py, the errors in
+errors.py, optional text conditioning in conditioning/.
 
 Heavy imports (torch, diffusers) happen on first use of a name, so ``import grounded_sd``
 stays cheap for callers that only need, say, the options.

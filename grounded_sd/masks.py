@@ -170,35 +170,13 @@ def object_mask(
     if prompt not in ("point", "box"):
         raise MaskInputError(f"unknown SAM prompt {prompt!r}; choose 'point' or 'box'")
     height, width = _check_image(image)
-    x0, y0, x1, y1 = _box_pixels(box, width, height)
-    in_box = np.zeros((height, width), dtype=bool)
-    in_box[y0:y1, x0:x1] = True
-
-    heat, problem = _attention_heatmap(attention, height, width, options.smooth_sigma)
-    coarse = None
-    if heat is not None:
-        box_heat = np.where(in_box, heat, 0.0)
-        peak = float(box_heat.max())
-        if peak > 0.0:
-            coarse = box_heat >= options.attention_threshold * peak
-        else:
-            problem = "attention is zero inside the box"
-
-    if coarse is not None:
-        fallback = MaskResult(coarse, "attention", f"attention >= {options.attention_threshold:g} x its peak inside the box")
-        reference = coarse
-        peak_row, peak_col = np.unravel_index(int(np.argmax(box_heat)), box_heat.shape)
-        point = (int(peak_col), int(peak_row))
-    else:
-        fallback = MaskResult(in_box.copy(), "box", f"the layout box ({problem})")
-        reference = in_box
-        point = ((x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2)
-
+    pixels = _box_pixels(box, width, height)
+    fallback, reference, point = _attention_mask(attention, pixels, height, width, options)
     if predictor is None:
         fallback.detail += "; SAM not configured"
         return fallback
 
-    sam_prompt = (x0, y0, x1, y1) if prompt == "box" else point
+    sam_prompt = pixels if prompt == "box" else point
     fallback.sam_prompt = sam_prompt
     try:
         predictor.set_image(image)
@@ -211,28 +189,57 @@ def object_mask(
     except RuntimeError as exc:  # e.g. out of memory: a mask never fails the job
         fallback.detail += f"; SAM failed ({type(exc).__name__}: {exc})"
         return fallback
-
     candidates = _judge_candidates(np.asarray(sam_masks, dtype=bool), np.asarray(sam_scores, dtype=np.float64), reference, options)
+    margin = options.sam_box_margin
+    grown = _grown_box(box, width, height, margin) if margin is not None else None
+    return _best_candidate(sam_masks, candidates, fallback, grown, prompt)
+
+
+def _attention_mask(
+    attention: object, pixels: tuple[int, int, int, int], height: int, width: int, options: MaskOptions
+) -> tuple[MaskResult, np.ndarray, tuple[int, int]]:
+    """The mask without SAM (the thresholded attention inside the box, else the box), the
+    reference SAM's candidates are judged against, and the attention's peak as SAM's point."""
+    x0, y0, x1, y1 = pixels
+    in_box = np.zeros((height, width), dtype=bool)
+    in_box[y0:y1, x0:x1] = True
+    heat, problem = _attention_heatmap(attention, height, width, options.smooth_sigma)
+    if heat is not None:
+        box_heat = np.where(in_box, heat, 0.0)
+        peak = float(box_heat.max())
+        if peak > 0.0:
+            coarse = box_heat >= options.attention_threshold * peak
+            fallback = MaskResult(coarse, "attention", f"attention >= {options.attention_threshold:g} x its peak inside the box")
+            peak_row, peak_col = np.unravel_index(int(np.argmax(box_heat)), box_heat.shape)
+            return fallback, coarse, (int(peak_col), int(peak_row))
+        problem = "attention is zero inside the box"
+    fallback = MaskResult(in_box.copy(), "box", f"the layout box ({problem})")
+    return fallback, in_box, ((x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2)
+
+
+def _best_candidate(
+    sam_masks, candidates: list[MaskCandidate], fallback: MaskResult, grown_box: np.ndarray | None, prompt: SamPrompt
+) -> MaskResult:
+    """The largest accepted SAM candidate (cut to the grown box when set), else the fallback saying why."""
     accepted = [c for c in candidates if c.rejected is None]
     if not accepted:
         reasons = "; ".join(f"{c.index}: {c.rejected}" for c in candidates)
         fallback.detail += f"; all {len(candidates)} SAM candidates rejected ({reasons})"
         fallback.candidates = candidates
         return fallback
-
     best = max(accepted, key=lambda c: (c.area, c.predicted_iou))
     mask = np.asarray(sam_masks[best.index], dtype=bool)
-    if options.sam_box_margin is not None:
-        mask = mask & _grown_box(box, width, height, options.sam_box_margin)
+    if grown_box is not None:
+        mask = mask & grown_box
     if not mask.any():
         fallback.detail += f"; SAM candidate {best.index} is empty inside the grown box"
         fallback.candidates = candidates
         return fallback
     detail = (
         f"sam candidate {best.index} ({prompt} prompt), predicted IoU {best.predicted_iou:.2f}, "
-        f"IoU with {'coarse' if coarse is not None else 'box'} {best.coarse_iou:.2f}"
+        f"IoU with {'coarse' if fallback.source == 'attention' else 'box'} {best.coarse_iou:.2f}"
     )
-    return MaskResult(mask, "sam", detail, candidates, sam_prompt)
+    return MaskResult(mask, "sam", detail, candidates, fallback.sam_prompt)
 
 
 def _judge_candidates(

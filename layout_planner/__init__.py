@@ -1,11 +1,14 @@
-"""Stage 1: an LLM turns a prompt into a layout (docs/method.md §1).
+"""Stage 1: an LLM turns a prompt into a layout (docs/method.md §0-§1).
 
-The layout (layout.py: the typed layout, its box helpers and the object cap) is the contract
-between the stages; importing it never imports the LLM client. The rest: the prompt template
-(template.py), the LLM client with retries and timeouts (client.py), reading an answer
-(parse.py, with lenient.py for text that is not quite JSON), the planner that plans and
-revises over a cache (planner.py, cache.py), drawing a layout (draw.py), the layout benchmark
-(benchmark.py) and the errors (errors.py).
+The layout (layout.py: the typed layout, its warnings, the box helpers and the object cap)
+is the contract between the stages; importing it never imports the LLM client. The rest,
+in the order a prompt meets it: the prompt template (template.py), the LLM client with
+bounded retries and timeouts (client.py), reading the answer (read.py, with lenient.py for
+text that is not quite JSON), repairing it into a valid layout (repair.py, with ids.py for
+the ids across turns; parse.py joins the two), the planner that plans and revises over a
+cache (planner.py, cache.py), and beside it drawing a layout (draw.py), the layout-level
+benchmark rules (benchmark.py), word helpers (words.py, language.py) and the errors
+(errors.py).
 
 Names are imported on first use, so ``from layout_planner import Layout`` does not load
 ``openai``; only the client, the planner and what needs them do.

@@ -160,18 +160,10 @@ class Planner:
         answer that comes again keeps the left-out objects unchanged, with a ``kept:`` warning.
         """
         report = PlanReport()
-        if self.cache is not None:
-            cached = self.cache.get(key)
-            if isinstance(cached, bytes):  # a Redis client without decode_responses
-                cached = cached.decode("utf-8", errors="replace")
-            if cached is not None:
-                try:
-                    layout = self._whole_layout(cached, previous)
-                except LayoutParseError:
-                    pass  # a stale or foreign entry: ask again and overwrite it
-                else:
-                    report.cached = True
-                    return self._keep_left_out(layout, previous, instruction), report
+        cached = self._cached(key, previous)
+        if cached is not None:
+            report.cached = True
+            return self._keep_left_out(cached, previous, instruction), report
         conversation = list(messages)
         text = ""
         partial_reasked = False
@@ -189,25 +181,19 @@ class Planner:
                 if completion.finish_reason == "length":
                     error += f" (the answer was cut at max_tokens={self.config.max_tokens})"
                 report.parse_errors.append(error)
-                conversation = conversation + [
-                    {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That answer could not be used: {error}. Reply again with only the layout JSON."},
-                ]
+                conversation = conversation + _reply(text, f"That answer could not be used: {error}. Reply again with only the layout JSON.")
                 continue
             missing = left_out(previous, layout, instruction) if previous is not None and instruction else []
             if missing and not partial_reasked and report.asks < self.config.max_reasks:
                 partial_reasked = True
                 names = ", ".join(f"{o.id!r} ({o.phrase})" for o in missing)
                 report.parse_errors.append(f"the answer left out {names}, which the instruction does not mention")
-                conversation = conversation + [
-                    {"role": "assistant", "content": text},
-                    {
-                        "role": "user",
-                        "content": f"Your answer left out {names}, which the instruction does not mention. Answer with "
-                        "the whole updated layout: every object of the previous layout stays, with its id, phrase "
-                        "and box, unless the instruction changes or removes it.",
-                    },
-                ]
+                conversation = conversation + _reply(
+                    text,
+                    f"Your answer left out {names}, which the instruction does not mention. Answer with the whole "
+                    "updated layout: every object of the previous layout stays, with its id, phrase and box, unless "
+                    "the instruction changes or removes it.",
+                )
                 continue
             if self.cache is not None:
                 self.cache.set(key, text)
@@ -217,6 +203,20 @@ class Planner:
             asks=report.asks,
             last_text=text,
         )
+
+    def _cached(self, key: str, previous: Layout | None) -> Layout | None:
+        """The cached answer's layout; None when there is none or it no longer reads (then it is asked again and overwritten)."""
+        if self.cache is None:
+            return None
+        cached = self.cache.get(key)
+        if isinstance(cached, bytes):  # a Redis client without decode_responses
+            cached = cached.decode("utf-8", errors="replace")
+        if cached is None:
+            return None
+        try:
+            return self._whole_layout(cached, previous)
+        except LayoutParseError:
+            return None  # a stale or foreign entry
 
     def _whole_layout(self, text: str, previous: Layout | None) -> Layout:
         """The layout of an answer; an answer cut mid-way is not one (its salvaged part lacks objects)."""
@@ -240,3 +240,8 @@ class Planner:
         order = {o.id: index for index, o in enumerate(previous.objects)}
         objects = sorted(layout.objects + missing[:room], key=lambda o: order.get(o.id, len(order)))
         return layout.model_copy(update={"objects": objects, "warnings": warnings})
+
+
+def _reply(answer: str, feedback: str) -> list[dict[str, str]]:
+    """The turns that show the model its unusable answer and what to do instead."""
+    return [{"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]

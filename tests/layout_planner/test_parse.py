@@ -16,7 +16,7 @@ from layout_planner import (
 )
 from layout_planner.read import Answer, AnswerObject
 
-RESPONSES = Path(__file__).parent / "data" / "llm_responses_gpt-3.5-turbo.json"
+RESPONSES = Path(__file__).parents[1] / "data" / "llm_responses_gpt-3.5-turbo.json"
 
 
 def test_bare_json_answer_keeps_ids_and_converts_boxes():

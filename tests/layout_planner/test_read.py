@@ -14,7 +14,7 @@ import pytest
 from layout_planner import LayoutParseError, Layout, parse_answer, parse_layout_text
 from lmd.cli import main
 
-SYNTHETIC = Path(__file__).parent / "data" / "llm_responses_synthetic.json"
+SYNTHETIC = Path(__file__).parents[1] / "data" / "llm_responses_synthetic.json"
 PREFIX = "A realistic photo of a scene "
 
 # (prompt after PREFIX, boxes as written, passes the published rule, passes after repair, what the answer does)
