@@ -11,9 +11,9 @@ import unicodedata
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from grounded_sd.names import Preset, Variant
+from grounded_sd.names import ConditioningName, Preset, Variant
 from jobs.records import JobError, JobRecord, JobState, Progress, SessionRecord
 from layout_planner.layout import Layout
 from lmd.settings import Settings
@@ -34,6 +34,17 @@ class GenerateRequest(BaseModel):
     session_id: str | None = Field(None, description="add this generate to an existing session")
     variant: Variant | None = Field(None, description="lmd, lmd_plus (GLIGEN model needed), sd (plain baseline); unset: LMD_VARIANT")
     preset: Preset | None = Field(None, description="stage 2 options: reference (docs/method.md) or fast; unset: LMD_PRESET")
+    conditioning: ConditioningName | None = Field(
+        None, description="what the denoising is conditioned on: clip, ella, gluenet (docs/conditioning.md); unset: LMD_CONDITIONING"
+    )
+    language: str | None = Field(None, description="ISO 639-1 code of the prompt (gluenet); unset: detected")
+
+    @field_validator("language")
+    @classmethod
+    def _language_code(cls, value: str | None) -> str | None:
+        from layout_planner.language import normalize_language
+
+        return normalize_language(value) if value is not None else None
 
 
 class InstructRequest(BaseModel):
@@ -74,6 +85,8 @@ class JobView(BaseModel):
     negative_prompt: str | None
     variant: str
     preset: str
+    conditioning: str
+    language: str | None
     error: JobError | None
     cancel_requested: bool
     deliveries: int

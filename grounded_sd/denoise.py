@@ -17,6 +17,7 @@ import torch
 
 from grounded_sd.attention import AttentionRecorder, ForwardStopped
 from grounded_sd.compose import step_noise_seed
+from grounded_sd.conditioning.base import Conditioned, Pass
 from grounded_sd.counters import UNetCounter
 from grounded_sd.errors import GenerationCanceled, NonFiniteLatents
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, LossFn, guidance_step_size, guide_latents, object_energy, transfer_loss
@@ -52,10 +53,23 @@ class Run:
 
 @dataclass
 class TextEmbeddings:
-    """The conditional and unconditional text embeddings of a pass: one row, or one per latent row."""
+    """A pass's view of the generation's text conditioning (grounded_sd.conditioning): the
+    embeddings guidance's forwards read (CLIP, where the phrase token positions are) and those
+    the classifier-free guided forward denoises with, at each timestep."""
 
-    cond: torch.Tensor
-    uncond: torch.Tensor
+    conditioned: Conditioned
+    which: Pass
+
+    def guidance(self, t) -> torch.Tensor:
+        return self.conditioned.guidance(self.which, t)
+
+    def denoising(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond): one row, or one per latent row (cond); computed once per step."""
+        return self.conditioned.denoising(self.which, t)
+
+    def maps_from_denoising(self, t) -> bool:
+        """Whether the CFG forward attends to the guidance embeddings (phrase maps can be read from it)."""
+        return self.conditioned.denoises_with_guidance_embeddings(self.which, t)
 
 
 @dataclass
@@ -71,7 +85,8 @@ class Guidance:
 
 @dataclass
 class MapCapture:
-    """Which layers to capture at a step, and what to do with the captured maps."""
+    """Which layers to capture at a step, and what to do with the captured maps (the
+    conditional rows', one per latent row)."""
 
     layers_at: Callable[[int], list[str]]
     collect: Callable[[int, LayerMaps], None]
@@ -125,14 +140,21 @@ def denoise(
 
         # a. backward guidance toward the boxes
         if guidance is not None and options.iterations_at(i):
-            latents = _guide_step(run, scheduler, i, t, latents, text.cond, step_gligen, guidance, final=stage == "final")
+            latents = _guide_step(run, scheduler, i, t, latents, text.guidance(t), step_gligen, guidance, final=stage == "final")
 
-        # b. classifier-free guided noise prediction, capturing maps where asked
-        with run.recorder.capture(capture.layers_at(i) if capture else []):
-            noise = predict_noise(run, scheduler, latents, t, text.cond, text.uncond, step_gligen)
-            if capture is not None:
-                capture.collect(i, run.recorder.maps())
+        # b. classifier-free guided noise prediction, capturing the conditional rows' maps where asked
+        cond, uncond = text.denoising(t)
+        layers = capture.layers_at(i) if capture else []
+        from_denoising = not layers or text.maps_from_denoising(t)
+        with run.recorder.capture(layers if from_denoising else []):
+            noise = predict_noise(run, scheduler, latents, t, cond, uncond, step_gligen)
+            if capture is not None and layers and from_denoising:
+                capture.collect(i, {layer: probs[latents.shape[0] :] for layer, probs in run.recorder.maps().items()})
         run.recorder.clear()
+        if capture is not None and not from_denoising:
+            # the CFG forward attended to the conditioning's tokens, which have no phrase positions: masks and
+            # attention transfer read a CLIP-conditioned forward instead (stopped after the last guided layer)
+            capture.collect(i, _guidance_maps(run, scheduler, t, latents, text.guidance(t), step_gligen))
 
         # c. scheduler step, then the frozen foreground of the composition
         step = scheduler.step(noise, t, latents, **step_kwargs)
@@ -170,6 +192,15 @@ def _guide_step(run: Run, scheduler, i: int, t, latents, cond, gligen, guidance:
         if i == last_guided:
             guidance.trace.last.update(measured)
     return latents
+
+
+def _guidance_maps(run: Run, scheduler, t, latents: torch.Tensor, cond: torch.Tensor, gligen) -> LayerMaps:
+    """The guided layers' maps of every row under the guidance embeddings, chunked by ``max_batch``."""
+    forward = attention_forward(run, t, scheduler, cond, gligen)
+    rows = latents.shape[0]
+    chunk = run.options.max_batch or rows
+    parts = [forward(latents[s : s + chunk], list(range(s, min(s + chunk, rows)))) for s in range(0, rows, chunk)]
+    return {layer: torch.cat([part[layer] for part in parts]) for layer in parts[0]}
 
 
 def _measure_energy(latents: torch.Tensor, forward: AttentionForward, loss_fn: LossFn, max_batch: int | None) -> dict[str, float]:

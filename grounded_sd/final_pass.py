@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from grounded_sd.conditioning.base import shift_targets
 from grounded_sd.denoise import FrozenForeground, Guidance, Run, TextEmbeddings, denoise, pass_energies
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace
 from grounded_sd.per_box import PerBoxResult
@@ -41,7 +42,7 @@ def run_final_pass(
     """The final latent, and the pass's guidance trace."""
     options, objects = run.options, layout.objects
     transfer = options.transfer_weight > 0 and options.guided_steps() > 0
-    targets = scene_targets(pipe.tokenizer, layout)
+    targets = shift_targets(scene_targets(pipe.tokenizer, layout), text.conditioned.token_offset)
     trace = GuidanceTrace()
     guidance = Guidance(targets, trace, pipe.energy_threshold(options, run.layers), per_box.reference_maps if transfer else None)
     gligen = pipe._gligen_inputs([[o.box for o in objects]], [[o.phrase for o in objects]]) if plus else None

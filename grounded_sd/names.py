@@ -1,4 +1,4 @@
-"""The names every layer shares: variants, option presets, dtypes, SAM model types.
+"""The names every layer shares: variants, option presets, dtypes, SAM model types, conditionings.
 
 Defined once here and used by the pipeline, the settings, the CLI's choices, the API schema,
 bench and eval. Nothing here imports torch or the LLM client, so reading a name is cheap.
@@ -29,3 +29,8 @@ DTYPES: tuple[str, ...] = get_args(Dtype)
 SamModelType = Literal["vit_h", "vit_l", "vit_b"]
 """Architectures of the published SAM checkpoints (mask refinement)."""
 SAM_MODEL_TYPES: tuple[str, ...] = get_args(SamModelType)
+
+ConditioningName = Literal["clip", "ella", "gluenet"]
+"""What the render denoises with: CLIP (the model's own encoder), ELLA or GlueNet
+(grounded_sd/conditioning/; a trained connector is named ``connector:PATH`` on top of these)."""
+CONDITIONINGS: tuple[str, ...] = get_args(ConditioningName)

@@ -7,6 +7,8 @@ step count by :meth:`LMDOptions.scaled`, so that ``steps=20`` keeps the same sha
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from grounded_sd.masks import MaskOptions
@@ -68,6 +70,14 @@ class LMDOptions(BaseModel):
         ),
     )
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call; None: all objects x CFG in one call")
+    conditioning_mode: Literal["replace", "concat", "tokens"] = Field(
+        "replace",
+        description=(
+            "with a conditioning other than clip: replace (guidance on CLIP, denoising on the conditioning's tokens), "
+            "concat (ELLA: its tokens before CLIP's for guidance and denoising, phrase indices shifted) or tokens "
+            "(per-token connectors: guidance on the connector's own tokens)"
+        ),
+    )
 
     # --- masks (§2.4) ------------------------------------------------------------------------
     mask_from_step: int = Field(10, ge=0, le=REFERENCE_STEPS, description="aggregate attention from this step on, of 50 (ref 10)")

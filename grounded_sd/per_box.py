@@ -15,6 +15,7 @@ import torch
 
 from grounded_sd.attention import box_mask, map_shape, token_maps
 from grounded_sd.compose import box_noise, object_seed, seeded_noise
+from grounded_sd.conditioning.base import shift_targets
 from grounded_sd.denoise import Guidance, LayerMaps, MapCapture, Run, TextEmbeddings, denoise, pass_energies
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace
 from grounded_sd.options import LMDOptions
@@ -24,6 +25,16 @@ from layout_planner.layout import Layout
 
 if TYPE_CHECKING:
     from grounded_sd.pipeline import LMDPipeline
+
+
+def box_prompts(layout: Layout) -> tuple[str, ...]:
+    """One prompt per object, "<background> with <phrase>" (§2.3)."""
+    return tuple(object_prompt(layout.background, o.phrase) for o in layout.objects)
+
+
+def box_negative(layout: Layout, options: LMDOptions) -> str:
+    """The per-box negative prompt: single-object words, the layout's negative, the default."""
+    return join_negative(options.single_object_negative, layout.negative, options.default_negative)
 
 
 def per_box_steps(options: LMDOptions) -> int:
@@ -65,11 +76,9 @@ class _PerBoxMaps:
         return self.run.layers if (self.transfer and step < self.guided) or step >= self.mask_first else []
 
     def collect(self, step: int, maps: LayerMaps) -> None:
-        n = len(self.targets)
-        cond_maps = {layer: probs[n:] for layer, probs in maps.items()}  # rows: uncond..., cond...
-        per_object = {
+        per_object = {  # maps: the conditional rows, one per object
             layer: torch.stack([token_maps(probs[i], [t.object_token if t.object_token is not None else 0]) for i, t in enumerate(self.targets)])
-            for layer, probs in cond_maps.items()
+            for layer, probs in maps.items()
         }
         if self.transfer and step < self.guided:
             self.reference[step] = per_object
@@ -91,20 +100,19 @@ def mask_layer_mean(per_object: LayerMaps, latent_hw: tuple[int, int]) -> torch.
 
 
 def run_per_box_pass(
-    pipe: LMDPipeline, run: Run, layout: Layout, background: torch.Tensor, *, plus: bool,
+    pipe: LMDPipeline, run: Run, layout: Layout, background: torch.Tensor, text: TextEmbeddings, *, plus: bool,
     report: GenerationReport, intermediates: Intermediates,
 ) -> PerBoxResult:
-    """Denoise every object alone in its box; GLIGEN grounds it instead of guidance in lmd_plus."""
+    """Denoise every object alone in its box; GLIGEN grounds it instead of guidance in lmd_plus.
+    ``text``: the per-box prompts' conditioning (:func:`box_prompts` and :func:`box_negative`)."""
     options, objects = run.options, layout.objects
     n, (h, w) = len(objects), run.latent_hw
     steps = per_box_steps(options)
     report.per_box_steps = steps
 
-    prompts = [object_prompt(layout.background, o.phrase) for o in objects]
-    report.per_box_prompts = {o.id: p for o, p in zip(objects, prompts)}
-    negative = join_negative(options.single_object_negative, layout.negative, options.default_negative)
-    text = TextEmbeddings(pipe._encode(prompts), pipe._encode([negative]).expand(n, -1, -1))
+    report.per_box_prompts = {o.id: p for o, p in zip(objects, box_prompts(layout))}
     targets = [EnergyTarget(o.id, object_token_indices(pipe.tokenizer, layout.background, o.phrase), o.box, (o.box,)) for o in objects]
+    targets = shift_targets(targets, text.conditioned.token_offset)
     foreground = torch.cat([seeded_noise((1, *background.shape[1:]), object_seed(run.seed, o.id), pipe.device, pipe.dtype) for o in objects])
     box_masks = torch.stack([box_mask(o.box, h, w, pipe.device) for o in objects])[:, None]
     initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * run.init_sigma

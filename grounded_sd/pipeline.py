@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from grounded_sd.attention import recording_attention, resolve_attention_layers
 from grounded_sd.compose import compose_latents, seeded_noise
+from grounded_sd.conditioning.base import ClipConditioning, ClipEmbeddings, Conditioned, Conditioning, TextInputs
 from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbeddings, denoise
 from grounded_sd.errors import InvalidLayoutError, InvalidOptions, InvalidSize, ModelLoadError, UnknownVariant, VariantUnavailable
@@ -28,7 +29,7 @@ from grounded_sd.final_pass import run_final_pass
 from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
-from grounded_sd.per_box import per_box_steps, run_per_box_pass
+from grounded_sd.per_box import box_negative, box_prompts, per_box_steps, run_per_box_pass
 from grounded_sd.prompts import group_phrases, join_negative, scene_prompt
 from grounded_sd.report import GenerationReport, GenerationResult, Intermediates, ObjectReport, StageReport
 from grounded_sd.segment import segment_objects
@@ -159,9 +160,17 @@ class LMDPipeline:
         negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        conditioning: Conditioning | None = None,
+        source_prompt: str | None = None,
+        language: str | None = None,
     ) -> GenerationResult:
+        """``conditioning`` (default: CLIP) decides what the denoising forwards see; guidance
+        reads CLIP attention either way (docs/conditioning.md). ``source_prompt`` is the user's
+        own prompt and ``language`` its ISO 639-1 code (detected when unset): GlueNet denoises
+        the final pass with it."""
         started = time.perf_counter()
         options = options or LMDOptions.reference()
+        conditioning = conditioning or ClipConditioning()
 
         # 1. Check inputs
         layout = self.check_inputs(layout, options=options, variant=variant, width=width, height=height)
@@ -172,17 +181,28 @@ class LMDPipeline:
         except ValueError as exc:
             raise InvalidOptions(f"options.attention_layers: {exc}") from exc
 
-        # 2. Encode prompts (§2.3, §2.6)
+        conditioning.check_mode(options.conditioning_mode)
+        conditioning.check_unet(self.unet)
+
+        # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
         groups = group_phrases(layout)
         prompt = scene_prompt(layout.background, groups)
         negative = join_negative(layout.negative, negative_prompt, options.default_negative)
-        text = TextEmbeddings(self._encode([prompt]), self._encode([negative]))
+        prompts = box_prompts(layout) if variant != "sd" else ()
+        clip = ClipEmbeddings(
+            self._encode([prompt]), self._encode([negative]),
+            self._encode(list(prompts)) if prompts else self._encode([prompt])[:0], self._encode([box_negative(layout, options)]),
+        )
+        texts = TextInputs(prompt, prompts, negative, box_negative(layout, options), source_prompt=source_prompt, language=language)
+        conditioned = conditioning.prepare(texts, clip, mode=options.conditioning_mode)
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            options=options.model_dump(mode="json"),
+            options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=options.conditioning_mode,
+            source_prompt=source_prompt, language=conditioned.language,
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )
+        report.notes += conditioned.notes
         if variant != "sd" and not layout.objects:
             report.notes.append(f"the layout has no objects: rendered the background as plain SD instead of {variant}")
 
@@ -198,10 +218,10 @@ class LMDPipeline:
             )
             intermediates = Intermediates(object_ids=[o.id for o in layout.objects])
             if variant == "sd" or not layout.objects:
-                final_latents, masks = self._plain_sd(run, background, text, intermediates), {}
+                final_latents, masks = self._plain_sd(run, background, TextEmbeddings(conditioned, "final"), intermediates), {}
             else:
                 final_latents, masks = self._grounded(
-                    run, layout, background, text, plus=variant == "lmd_plus", report=report, intermediates=intermediates
+                    run, layout, background, conditioned, plus=variant == "lmd_plus", report=report, intermediates=intermediates
                 )
 
             # 8. Decode, overlay, report
@@ -221,12 +241,14 @@ class LMDPipeline:
         return out.trajectory[-1]
 
     def _grounded(
-        self, run: Run, layout: Layout, background: torch.Tensor, text: TextEmbeddings, *, plus: bool,
+        self, run: Run, layout: Layout, background: torch.Tensor, conditioned: Conditioned, *, plus: bool,
         report: GenerationReport, intermediates: Intermediates,
     ) -> tuple[torch.Tensor, dict[str, Image.Image]]:
         """Steps 4-7 of ``__call__`` for ``lmd`` and ``lmd_plus``."""
         # 4. Per-box pass: all objects x CFG in one batch per step (§2.3)
-        per_box = run_per_box_pass(self, run, layout, background, plus=plus, report=report, intermediates=intermediates)
+        per_box = run_per_box_pass(
+            self, run, layout, background, TextEmbeddings(conditioned, "per_box"), plus=plus, report=report, intermediates=intermediates
+        )
 
         # 5. Masks: aggregated attention refined by SAM, with fallbacks (§2.4)
         with self._stage(run, "masks", len(layout.objects)):
@@ -240,7 +262,7 @@ class LMDPipeline:
         # 7. Final pass: frozen foreground, guidance on all objects, attention transfer (§2.6)
         frozen = FrozenForeground(composed, owner > 0, frozen_steps)
         final_latents, final_trace = run_final_pass(
-            self, run, layout, text, frozen, per_box, plus=plus, report=report, intermediates=intermediates
+            self, run, layout, TextEmbeddings(conditioned, "final"), frozen, per_box, plus=plus, report=report, intermediates=intermediates
         )
         for name, trace in (("per-box", per_box.trace), ("final", final_trace)):
             if trace.nonfinite_rows:

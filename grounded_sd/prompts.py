@@ -108,3 +108,23 @@ def scene_token_indices(tokenizer, background: str, groups: list[PhraseGroup]) -
         result[group.phrase] = token_indices(tokenizer, prefix, group.text)
         prefix += f" {group.text}"
     return result
+
+
+def object_phrase_span(background: str, phrase: str) -> tuple[int, int]:
+    """Characters of ``phrase`` in :func:`object_prompt` (for connectors that map characters to tokens)."""
+    start = len(object_prompt(background, ""))
+    return start, start + len(phrase)
+
+
+def scene_phrase_spans(background: str, groups: list[PhraseGroup]) -> dict[str, tuple[int, int]]:
+    """Group phrase -> the characters of its text in :func:`scene_prompt` (count words excluded),
+    found by building the prompt piece by piece, never by searching (phrases may repeat)."""
+    spans: dict[str, tuple[int, int]] = {}
+    position = len(f"{background} with ")
+    for index, group in enumerate(groups):
+        if index > 0:
+            position += len(" and ") if index == len(groups) - 1 else len(", ")
+        start = position + (len(group.count_word) + 1 if group.count_word else 0)
+        spans[group.phrase] = (start, start + len(group.text))
+        position += len(f"{group.count_word} {group.text}".strip())
+    return spans

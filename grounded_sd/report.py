@@ -57,6 +57,10 @@ class GenerationReport(BaseModel):
     prompt: str
     negative_prompt: str
     per_box_prompts: dict[str, str] = Field(default_factory=dict)
+    conditioning: str = Field("clip", description="what the denoising forwards were conditioned on (docs/conditioning.md)")
+    conditioning_mode: str = Field("replace", description="replace: guidance on CLIP, denoising on the conditioning; concat: both on [its tokens, CLIP]")
+    source_prompt: str | None = Field(None, description="the user's own prompt (GlueNet denoises the final pass with it)")
+    language: str | None = Field(None, description="the language GlueNet read the source prompt in")
     attention_layers: list[str] = Field(default_factory=list)
     objects: list[ObjectReport] = Field(default_factory=list)
     stages: list[StageReport] = Field(default_factory=list)

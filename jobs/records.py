@@ -70,6 +70,9 @@ class JobRecord(BaseModel):
     negative_prompt: str | None = None
     variant: str = "lmd"
     preset: Preset = "reference"
+    conditioning: str = Field("clip", description="what the render denoises with: clip, ella, gluenet (docs/conditioning.md)")
+    language: str | None = Field(None, description="ISO 639-1 code of source_prompt named by the request; None: detected")
+    source_prompt: str | None = Field(None, description="the user's own prompt (an instruct keeps its session's)")
     state: JobState = "queued"
     progress: Progress = Field(default_factory=Progress)
     error: JobError | None = None

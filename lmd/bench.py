@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from grounded_sd.names import GROUNDED_VARIANTS, PRESETS, GroundedVariant, Preset
 from layout_planner.layout import Layout, LayoutObject
@@ -46,6 +46,20 @@ class BenchConfig(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
+    conditioning: str = Field(
+        "clip",
+        description=(
+            "other than clip: every LMD run is measured again with this conditioning (its cost over CLIP); with the "
+            "random model, random encoders of the same structure are built (timings only)"
+        ),
+    )
+
+    @field_validator("objects")
+    @classmethod
+    def _object_counts(cls, counts: list[int]) -> list[int]:
+        if any(n < 1 or n > len(BENCH_OBJECTS) for n in counts):
+            raise ValueError(f"each count must be between 1 and {len(BENCH_OBJECTS)}")
+        return counts
 
 
 class MachineInfo(BaseModel):
@@ -69,6 +83,7 @@ class StageCost(BaseModel):
 class BenchRun(BaseModel):
     variant: str
     preset: str | None
+    conditioning: str = "clip"
     objects: int
     wall_s: float
     ratio_to_sd: float | None
@@ -155,13 +170,17 @@ class PeakMemory:
             self._thread.join()
 
 
-def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, config: BenchConfig, device: str) -> BenchRun:
+def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, config: BenchConfig, device: str,
+             conditioning=None) -> BenchRun:
     from grounded_sd import LMDOptions
+    from grounded_sd.prompts import group_phrases, scene_prompt
 
     options = LMDOptions.preset(preset or "reference", steps=config.steps)
+    source = scene_prompt(layout.background, group_phrases(layout))  # what GlueNet reads (in "en" on the random model)
     with PeakMemory(device) as memory:
         started = time.perf_counter()
-        result = pipe(layout, seed=config.seed, options=options, variant=variant, width=config.width, height=config.height)
+        result = pipe(layout, seed=config.seed, options=options, variant=variant, width=config.width, height=config.height,
+                      conditioning=conditioning, source_prompt=source)
         wall = time.perf_counter() - started
     stages = {
         s.name: StageCost(
@@ -173,7 +192,7 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
     total = result.report.unet_total
     unet_s = total.forward_s + total.backward_s
     return BenchRun(
-        variant=variant, preset=preset, objects=len(layout.objects), wall_s=wall, ratio_to_sd=None,
+        variant=variant, preset=preset, conditioning=result.report.conditioning, objects=len(layout.objects), wall_s=wall, ratio_to_sd=None,
         peak_memory_mib=memory.peak_bytes / 2**20, stages=stages, forward_samples=total.forward_samples,
         backward_samples=total.backward_samples, outside_unet_fraction=max(0.0, 1.0 - unet_s / wall),
     )
@@ -210,6 +229,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             label = "sd" if variant == "lmd" else "sd (GLIGEN model)"
             # Warm-up: first calls pay for allocator growth and lazy initialisation.
             pipe(bench_layout(1), seed=config.seed, options=_warmup_options(), variant=variant, width=config.width, height=config.height)
+            conditioning = None
+            if config.conditioning != "clip":
+                conditioning = _bench_conditioning(config, pipe, Path(scratch))
+                pipe(bench_layout(1), seed=config.seed, options=_warmup_options(), variant=variant, width=config.width,
+                     height=config.height, conditioning=conditioning, source_prompt="a cat")
             progress(label)
             baseline = _measure(pipe, bench_layout(3), variant="sd", preset=None, config=config, device=device)
             baseline.variant = label
@@ -221,12 +245,38 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                     run = _measure(pipe, bench_layout(n_objects), variant=variant, preset=preset, config=config, device=device)
                     run.ratio_to_sd = run.wall_s / baseline.wall_s
                     runs.append(run)
+                    if conditioning is not None:
+                        progress(f"{variant} {preset} {n_objects} object(s) {config.conditioning}")
+                        run = _measure(pipe, bench_layout(n_objects), variant=variant, preset=preset, config=config, device=device,
+                                       conditioning=conditioning)
+                        run.ratio_to_sd = run.wall_s / baseline.wall_s
+                        runs.append(run)
             del pipe
 
     return BenchResult(
         machine=machine_info(device), model=config.model or "random:sd", model_label=model_label,
         memory_kind="cuda_allocated" if device.startswith("cuda") else "rss", config=config, runs=runs, notes=notes,
     )
+
+
+def _bench_conditioning(config: BenchConfig, pipe, scratch: Path):
+    """The conditioning to measure: from the settings' files with a given model; random encoders
+    sized to the random model (timings only) without one."""
+    from grounded_sd.conditioning import ConditioningCache, ConditioningConfig
+    from grounded_sd.conditioning import random_encoders as rnd
+    from lmd import wiring
+
+    if config.model is not None:
+        cache = ConditioningCache(wiring.conditioning_config(wiring.load_settings()), device=pipe.device, dtype=pipe.dtype)
+        return cache.get(config.conditioning)
+    width = pipe.unet.config.cross_attention_dim
+    files = ConditioningConfig(
+        ella_checkpoint=str(rnd.write_random_ella(scratch / "ella.safetensors", rnd.tiny_ella_config(width, width))),
+        ella_t5=str(rnd.build_random_t5(scratch / "t5", d_model=width)),
+        gluenet_checkpoints={"en": str(rnd.write_random_gluenet(scratch / "gluenet.ckpt", rnd.tiny_gluenet_config(width, width)))},
+        gluenet_xlmr=str(rnd.build_random_xlmr(scratch / "xlmr", hidden=width)),
+    )
+    return ConditioningCache(files, device=pipe.device, dtype=pipe.dtype).get(config.conditioning)
 
 
 def _warmup_options():
@@ -249,6 +299,8 @@ def format_table(result: BenchResult) -> str:
     ]
     for run in result.runs:
         name = run.variant if run.preset is None else f"{run.variant} {run.preset}"
+        if run.conditioning != "clip":
+            name += f" +{run.conditioning}"
         per_box, final = run.stages.get("per_box"), run.stages.get("final")
         fwd = f"{run.forward_samples}" + (f" ({per_box.forward_samples}/{final.forward_samples})" if per_box and final else "")
         bwd = f"{run.backward_samples}" + (f" ({per_box.backward_samples}/{final.backward_samples})" if per_box and final else "")

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from grounded_sd.names import Dtype, Preset, SamModelType, Variant
+from grounded_sd.names import ConditioningName, Dtype, Preset, SamModelType, Variant
 from layout_planner.layout import MAX_OBJECTS
 
 
@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     variant: Variant = Field(
         "lmd", description="method of a service request that names none: lmd, sd (plain baseline), lmd_plus (GLIGEN model)"
     )
+    conditioning: ConditioningName = Field(
+        "clip", description="text conditioning of the denoising of a request that names none: clip, ella, gluenet (docs/conditioning.md)"
+    )
+    ella_checkpoint: str = Field(
+        "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors", description="ELLA's connector: a .safetensors file, or owner/repo/file on the hub"
+    )
+    ella_t5: str = Field("google/flan-t5-xl", description="ELLA's T5 encoder: hub id or local directory (fp16 on CUDA)")
+    gluenet_checkpoints: dict[str, str] = Field(
+        default_factory=dict, description='JSON object, language -> GlueNet checkpoint file, e.g. {"zh": "/w/gluenet_Chinese_clip_overnorm_over3_noln.ckpt"}'
+    )
+    gluenet_xlmr: str = Field("FacebookAI/xlm-roberta-large", description="GlueNet's XLM-RoBERTa-large encoder: hub id or local directory")
 
     # --- service -------------------------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="broker, results, records, LLM cache")

@@ -25,6 +25,7 @@ from lmd.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from grounded_sd import LMDOptions, LMDPipeline
+    from grounded_sd.conditioning import ConditioningCache, ConditioningConfig
     from layout_planner import LLMConfig, Planner
 
 
@@ -132,6 +133,23 @@ def load_pipeline(settings: Settings, *, cpu_threads: int | None = None, use_sam
     quiet_library_progress_bars()
     arguments = pipeline_arguments(settings, use_sam=use_sam, **overrides)
     return LMDPipeline.from_pretrained(arguments.pop("model"), **arguments)
+
+
+def conditioning_config(settings: Settings) -> "ConditioningConfig":
+    """Where ELLA's and GlueNet's files are (``LMD_ELLA_*``, ``LMD_GLUENET_*``)."""
+    from grounded_sd.conditioning import ConditioningConfig
+
+    return ConditioningConfig(
+        ella_checkpoint=settings.ella_checkpoint, ella_t5=settings.ella_t5,
+        gluenet_checkpoints=settings.gluenet_checkpoints, gluenet_xlmr=settings.gluenet_xlmr,
+    )
+
+
+def conditionings(settings: Settings, pipe: "LMDPipeline") -> "ConditioningCache":
+    """The process's conditionings beside ``pipe``: each loaded the first time it is asked for."""
+    from grounded_sd.conditioning import ConditioningCache
+
+    return ConditioningCache(conditioning_config(settings), device=pipe.device, dtype=pipe.dtype)
 
 
 def render_options(settings: Settings, preset: str, **overrides: Any) -> "LMDOptions":

@@ -96,6 +96,7 @@ class WorkerRuntime:
         self._planner = None
         self._pipeline = None
         self._pipeline_lock = threading.Lock()
+        self._conditionings = None
 
     @property
     def max_deliveries(self) -> int:
@@ -129,6 +130,17 @@ class WorkerRuntime:
             log.info("pipeline loaded in %.1f s (pid %d)", time.monotonic() - started, os.getpid())
             self._pipeline = pipeline
         return self._pipeline
+
+    def conditioning(self, name: str):
+        """The conditioning ``name``, loaded beside the pipeline the first time a job asks for it
+        (ELLA's T5-XL ~2.5 GB, GlueNet's XLM-R ~1.1 GB in fp16; docs/conditioning.md), then kept."""
+        pipe = self.pipeline()
+        with self._pipeline_lock:
+            if self._conditionings is None:
+                self._conditionings = wiring.conditionings(self.settings, pipe)
+            if name not in self._conditionings.loaded:
+                log.info("loading conditioning %s (pid %d)", name, os.getpid())
+            return self._conditionings.get(name)
 
     # --- stage 1 -----------------------------------------------------------------------------------
     def run_plan(self, job_id: str) -> str:
@@ -192,6 +204,7 @@ class WorkerRuntime:
     def _render(self, job: JobRecord, heartbeat: Heartbeat):
         pipe = self.pipeline()
         options = render_options(job, self.settings)
+        conditioning = self.conditioning(job.conditioning)
 
         def progress(stage: str, step: int, total: int) -> None:
             try:
@@ -214,6 +227,9 @@ class WorkerRuntime:
             negative_prompt=job.negative_prompt,
             progress=progress,
             should_cancel=should_cancel,
+            conditioning=conditioning,
+            source_prompt=job.source_prompt,
+            language=job.language,
         )
 
     # --- endings -----------------------------------------------------------------------------------
@@ -261,6 +277,7 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
         return "timeout", f"the {stage} stage ran past LMD_TASK_SOFT_TIME_LIMIT_S; use fewer steps or a smaller size"
     if stage == "render":
         from grounded_sd import GenerationCanceled, InvalidRequest, ModelLoadError, VariantUnavailable
+        from grounded_sd.errors import ConditioningUnavailable
 
         if isinstance(exc, GenerationCanceled):
             return "canceled", "canceled while rendering"
@@ -268,6 +285,8 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
             return "invalid_layout", str(exc)
         if isinstance(exc, VariantUnavailable):
             return "variant_unavailable", str(exc)
+        if isinstance(exc, ConditioningUnavailable):  # the message names the setting (or the language) to fix
+            return "model_unavailable", f"the render worker cannot use the requested conditioning: {exc}"
         if isinstance(exc, ModelLoadError):
             return "model_unavailable", f"the render worker cannot load its model: {exc}. Check LMD_SD_MODEL and LMD_SCHEDULER."
         import torch

@@ -59,6 +59,9 @@ def generate(
         negative_prompt=body.negative_prompt,
         variant=body.variant or settings.variant,
         preset=body.preset or settings.preset,
+        conditioning=body.conditioning or settings.conditioning,
+        language=body.language,
+        source_prompt=(body.prompt or "").strip() or None,
         created_at=now,
         updated_at=now,
     )

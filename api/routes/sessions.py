@@ -68,10 +68,11 @@ def instruct(
 
 
 def _render_settings_of_latest(session, jobs: dict[str, JobRecord]) -> dict:
-    """An edit renders like the turn it edits: same size, steps, guidance, variant, preset, negative prompt."""
+    """An edit renders like the turn it edits: same size, steps, guidance, variant, preset, negative prompt,
+    conditioning (and the prompt and language GlueNet reads: the session's first words)."""
     for t in reversed(session.turns):
         job = jobs.get(t.job_id)
         if job is not None and job.state == "succeeded":
             return {k: getattr(job, k) for k in ("steps", "guidance_scale", "width", "height", "negative_prompt",
-                                                   "variant", "preset")}
+                                                   "variant", "preset", "conditioning", "language", "source_prompt")}
     return {}

@@ -26,6 +26,7 @@ depends on the timestep once per step (the result is reused by every forward of 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -33,9 +34,6 @@ from typing import ClassVar, Literal
 import torch
 
 from grounded_sd.errors import ConditioningUnavailable
-
-ConditioningName = Literal["clip", "ella", "gluenet"]
-CONDITIONINGS: tuple[str, ...] = ("clip", "ella", "gluenet")
 Pass = Literal["per_box", "final"]
 """``per_box``: one row per object; ``final``: the scene prompt (also the ``sd`` baseline)."""
 Mode = Literal["replace", "concat", "tokens"]
@@ -75,6 +73,7 @@ class Conditioned(ABC):
         self.clip = clip
         self.mode = mode
         self.notes: list[str] = []  # what the report should say about this conditioning
+        self.language: str | None = None  # the language the conditioning read the prompt in, if it reads one
         self._step: dict[Pass, tuple[object, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
@@ -104,6 +103,12 @@ class Conditioned(ABC):
         if self.mode == "concat":
             return self.denoising(which, timestep)[0]
         return self.clip.pair(which)[0]
+
+    def denoises_with_guidance_embeddings(self, which: Pass, timestep: torch.Tensor | int) -> bool:
+        """True when the denoising forward attends to what guidance reads (clip, concat,
+        GlueNet's per-box pass), so phrase attention maps can be taken from it; False when a
+        CLIP-conditioned forward must be run for them (replace mode)."""
+        return self.guidance(which, timestep) is self.denoising(which, timestep)[0]
 
     @abstractmethod
     def _compute(self, which: Pass, timestep: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +162,14 @@ class ClipConditioning(Conditioning):
     def prepare(self, texts: TextInputs, clip: ClipEmbeddings, *, mode: Mode = "replace") -> Conditioned:
         self.check_mode(mode)
         return ClipConditioned(clip, mode)
+
+
+def shift_targets(targets: list, offset: int) -> list:
+    """Energy targets with their phrase token positions moved by ``offset`` (concat mode puts
+    the conditioning's tokens before CLIP's)."""
+    if not offset:
+        return targets
+    return [dataclasses.replace(t, token_indices=tuple(i + offset for i in t.token_indices)) for t in targets]
 
 
 def concat_tokens(extra: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:

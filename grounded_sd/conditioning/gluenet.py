@@ -206,7 +206,7 @@ class GlueNetConditioning(Conditioning):
         return self.loaded[language]
 
     def prepare(self, texts: TextInputs, clip: ClipEmbeddings, *, mode: Mode = "replace") -> Conditioned:
-        from layout_planner.language import detect_language
+        from layout_planner.language import detect_language, normalize_language
 
         self.check_mode(mode)
         if not texts.source_prompt:
@@ -214,7 +214,10 @@ class GlueNetConditioning(Conditioning):
                 "gluenet denoises with the user's prompt in its own language; this generation has none "
                 "(a layout was given without the prompt it came from)"
             )
-        language = texts.language or detect_language(texts.source_prompt)
+        try:
+            language = normalize_language(texts.language) if texts.language else detect_language(texts.source_prompt)
+        except ValueError as exc:
+            raise ConditioningUnavailable(f"gluenet: {exc}") from exc
         translator = self.translator(language)
         if translator.config.out_dim != clip.scene.shape[-1]:
             raise ConditioningUnavailable(
@@ -224,6 +227,7 @@ class GlueNetConditioning(Conditioning):
             hidden = self.encoder.encode([texts.source_prompt, ""]).to(self.dtype)
             native, native_negative = translator(hidden).to(clip.scene.device, clip.scene.dtype).chunk(2)
         conditioned = GlueNetConditioned(clip, native, native_negative)
+        conditioned.language = language
         conditioned.notes.append(
             f"gluenet ({language}): the final pass denoised with the prompt in its own language and GlueNet's empty-prompt "
             "negative; guidance and the per-box pass used CLIP of the English layout"

@@ -4,12 +4,16 @@ per process and name, then reuse the result)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, Field
 
-from grounded_sd.conditioning.base import CONDITIONINGS, ClipConditioning, Conditioning
+from grounded_sd.conditioning.base import ClipConditioning, Conditioning
 from grounded_sd.errors import ConditioningUnavailable
+from grounded_sd.names import CONDITIONINGS
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ELLA_CHECKPOINT = "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors"
 DEFAULT_T5 = "google/flan-t5-xl"
@@ -62,3 +66,17 @@ def load_conditioning(name: str, config: ConditioningConfig, *, device: str | to
             checkpoints_setting=names["gluenet_checkpoints"], encoder_setting=names["gluenet_xlmr"],
         )
     raise ConditioningUnavailable(f"unknown conditioning {name!r}; choose one of {', '.join(CONDITIONINGS)} or connector:PATH")
+
+
+class ConditioningCache:
+    """Each conditioning loaded the first time a generation asks for it, then reused: one
+    cache per process (the CLI's run, a render worker process), beside the loaded pipeline."""
+
+    def __init__(self, config: ConditioningConfig, *, device: "str | torch.device", dtype: "torch.dtype") -> None:
+        self.config, self.device, self.dtype = config, device, dtype
+        self.loaded: dict[str, Conditioning] = {"clip": ClipConditioning()}
+
+    def get(self, name: str) -> Conditioning:
+        if name not in self.loaded:
+            self.loaded[name] = load_conditioning(name, self.config, device=self.device, dtype=self.dtype)
+        return self.loaded[name]

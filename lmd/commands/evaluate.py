@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--variant", choices=VARIANTS, default="lmd",
                         help="stage 2: lmd (training-free), lmd_plus (needs a GLIGEN model), sd (plain SD with the layout's prompt); default lmd")
     parser.add_argument("--preset", choices=PRESETS, default="reference", help="controller options (default reference)")
+    parser.add_argument("--conditioning", default="clip",
+                        help="denoising conditioning: clip, ella, connector:PATH (gluenet needs the prompt in its own language; "
+                             "docs/conditioning.md); default clip")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's, 50)")
     parser.add_argument("--max-batch", type=int, metavar="N",
                         help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once); lower it on out-of-memory")
@@ -132,6 +135,7 @@ def _run_settings(config, settings, options, layouts_label: str, method: str):
         method=config.method or method,
         variant=variant,
         preset=config.preset,
+        conditioning=config.conditioning,
         steps=options.steps,
         model=str(config.model or settings.sd_model),
         scheduler=settings.scheduler,
@@ -192,12 +196,13 @@ def _generator_factory(config, settings, options, run_settings, progress: _EvalP
                 settings, model=config.model, device=config.device, dtype=run_settings.dtype,
                 sam_checkpoint=config.sam_checkpoint, sam_model_type=config.sam_model_type, use_sam=variant != "sd",
             )
+            conditioning = wiring.conditionings(settings, pipe).get(config.conditioning)
         except (GroundedSDError, SamCheckpointError) as exc:
             raise CLIError(str(exc)) from None
 
         def generate(layout, seed):
             return pipe(layout, seed=seed, options=options, variant=variant, width=size, height=size,
-                        progress=progress.stage).image
+                        progress=progress.stage, conditioning=conditioning).image
 
         return generate
 

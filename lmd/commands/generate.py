@@ -50,8 +50,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")
     parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default 512)")
     parser.add_argument("--max-batch", type=int, help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once)")
+    add_conditioning_arguments(parser)
+    parser.add_argument("--language", metavar="CODE", help="ISO 639-1 language of PROMPT for gluenet (default: detected)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_generate)
+
+
+def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--conditioning`` and ``--conditioning-mode`` (generate, eval, bench)."""
+    parser.add_argument(
+        "--conditioning", metavar="NAME",
+        help="what the denoising is conditioned on: clip, ella, gluenet, connector:PATH (default LMD_CONDITIONING, clip; docs/conditioning.md)",
+    )
+    parser.add_argument(
+        "--conditioning-mode", choices=("replace", "concat", "tokens"),
+        help="replace (guidance on CLIP; default), concat (ELLA tokens before CLIP's), tokens (per-token connectors)",
+    )
 
 
 def _read_layout(path: Path):
@@ -138,6 +152,13 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise CLIError(f"--{name} must be a positive multiple of 8, got {value}")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
+    if args.language:
+        from layout_planner.language import normalize_language
+
+        try:
+            args.language = normalize_language(args.language)
+        except ValueError as exc:
+            raise CLIError(f"--language: {exc}") from None
 
 
 def _render(args: argparse.Namespace, settings, layout, seed: int):
@@ -148,7 +169,8 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
 
     try:
         options = wiring.render_options(settings, args.preset or settings.preset, steps=args.steps,
-                                        guidance_scale=args.guidance_scale, max_batch=args.max_batch)
+                                        guidance_scale=args.guidance_scale, max_batch=args.max_batch,
+                                        conditioning_mode=args.conditioning_mode)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
@@ -162,9 +184,10 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
 
     bars = _StageBars(enabled=not args.quiet)
     try:
+        conditioning = wiring.conditionings(settings, pipe).get(args.conditioning or settings.conditioning)
         return pipe(
             layout, seed=seed, options=options, variant=args.variant or settings.variant, width=args.width, height=args.height,
-            negative_prompt=args.negative, progress=bars,
+            negative_prompt=args.negative, progress=bars, conditioning=conditioning, source_prompt=args.prompt, language=args.language,
         )
     except GenerationCanceled:
         raise CLIError("canceled") from None

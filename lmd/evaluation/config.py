@@ -26,6 +26,7 @@ class EvalConfig(BaseModel):
     baseline: Literal["sd"] | None = None
     variant: Variant = "lmd"
     preset: Preset = "reference"
+    conditioning: str = "clip"
     size: int = 512
     steps: int | None = None
     max_batch: int | None = None

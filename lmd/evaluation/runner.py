@@ -56,6 +56,7 @@ class RunSettings(BaseModel):
     method: str = Field(description="row name of the table, e.g. 'lmd (responses gpt-3.5-turbo)'")
     variant: Variant
     preset: Preset
+    conditioning: str = Field("clip", description="what the denoising was conditioned on (docs/conditioning.md)")
     steps: int = Field(description="denoising steps (the preset's unless --steps)")
     model: str
     scheduler: str = Field(description="diffusers scheduler class (LMD_SCHEDULER)")

@@ -35,3 +35,21 @@ def test_bench_counts_unet_work_per_run(tiny_sd_path, tmp_path, capsys):
 def test_bench_rejects_bad_arguments(args, message, capsys):
     assert main(["bench", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_measures_a_conditioning_over_clip(tiny_sd_path, tiny_conditioning_files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LMD_ELLA_CHECKPOINT", str(tiny_conditioning_files["ella"]))
+    monkeypatch.setenv("LMD_ELLA_T5", str(tiny_conditioning_files["t5"]))
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--model", str(tiny_sd_path), "--steps", "2", "--width", "32", "--height", "32", "--objects", "2",
+        "--presets", "fast", "--variants", "lmd", "--threads", "1", "--conditioning", "ella", "--out", str(out),
+    ])
+    assert code == 0
+    assert "| lmd fast +ella | 2 |" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["variant"], r["conditioning"]) for r in runs] == [("sd", "clip"), ("lmd", "clip"), ("lmd", "ella")]
+    clip, ella = runs[1], runs[2]
+    # replace mode: the per-box pass reads the masks' attention from extra CLIP forwards (stopped early)
+    assert ella["stages"]["per_box"]["forward_samples"] > clip["stages"]["per_box"]["forward_samples"]
+    assert ella["stages"]["final"]["forward_samples"] == clip["stages"]["final"]["forward_samples"]

@@ -99,3 +99,44 @@ def test_sdxl_connector_also_makes_the_pooled_embedding(qwen):
     out = module([encoded.features], [encoded.mask], [encoded.n_instruction], torch.tensor([1, 999]))
     assert out.hidden_states.shape == (2, 24, 48) and out.pooled.shape == (2, 16)
     assert not torch.allclose(out.pooled[0], out.pooled[1])
+
+
+def test_connector_conditioning_guides_each_phrase_on_its_own_tokens(tiny_llm_path, tmp_path):
+    from grounded_sd.conditioning import ClipEmbeddings, TextInputs
+    from grounded_sd.conditioning.connector import ConnectorConditioning
+    from grounded_sd.prompts import group_phrases, object_phrase_span, object_prompt, scene_phrase_spans, scene_prompt
+    from layout_planner.layout import Layout
+
+    spec = ConnectorSpec(kind="lidit", encoders=[EncoderSpec(model=str(tiny_llm_path), max_tokens=40)], in_dims=[32], cross_attention_dim=32)
+    save_connector(tmp_path / "c", spec, build_module(spec))
+    conditioning = ConnectorConditioning.from_path(tmp_path / "c")
+    assert conditioning.default_mode == "tokens"
+    layout = Layout.model_validate({
+        "background": "a room, with a red cat",
+        "objects": [
+            {"id": "c1", "phrase": "a red cat", "box": [0.0, 0.5, 0.3, 0.9]},
+            {"id": "c2", "phrase": "a red cat", "box": [0.6, 0.5, 0.9, 0.9]},
+            {"id": "b", "phrase": "a ball (blue)", "box": [0.3, 0.1, 0.6, 0.4]},
+            {"id": "d", "phrase": "a dog", "box": [0.1, 0.1, 0.3, 0.3]},
+        ],
+    })
+    groups = group_phrases(layout)
+    scene = scene_prompt(layout.background, groups)
+    boxes = tuple(object_prompt(layout.background, o.phrase) for o in layout.objects)
+    clip = ClipEmbeddings(torch.zeros(1, 77, 32), torch.zeros(1, 77, 32), torch.zeros(4, 77, 32), torch.zeros(1, 77, 32))
+    conditioned = conditioning.prepare(TextInputs(scene, boxes, "", ""), clip)
+    encoded = conditioned._encode("final")
+    for group in groups:  # "two red cats", "a ball (blue)", "a dog": the phrase's own tokens, not the background's "a red cat"
+        start, end = scene_phrase_spans(layout.background, groups)[group.phrase]
+        assert scene[start:end] == group.text
+        tokens = conditioned.guidance_tokens("final", 0, (), (start, end))
+        assert tokens and "".join(scene[slice(*encoded[0].offsets[0][i])] for i in tokens).replace(" ", "") == group.text.replace(" ", "")
+        assert min(encoded[0].offsets[0][i][0] for i in tokens) >= len(layout.background)
+    for row, obj in enumerate(layout.objects):
+        start, end = object_phrase_span(layout.background, obj.phrase)
+        assert boxes[row][start:end] == obj.phrase and conditioned.guidance_tokens("per_box", row, (), (start, end))
+    cond, uncond = conditioned.denoising("final", 500)
+    assert cond.shape == (1, 40, 32) and uncond.shape == (1, 40, 32)
+    assert torch.equal(conditioned.guidance("final", 500), cond)  # tokens mode: guidance reads the connector's keys
+    replace = conditioning.prepare(TextInputs(scene, boxes, "", ""), clip, mode="replace")
+    assert replace.guidance("final", 500) is clip.scene and replace.guidance_tokens("final", 0, (3, 4), (0, 1)) == (3, 4)
