@@ -15,9 +15,10 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from kombu.exceptions import OperationalError
 
-from api.routes import generate, health, jobs, metrics, sessions
+from api.routes import generate, health, jobs, metrics, sessions, studio
 from jobs.queue import create_celery
 from jobs.store import Store, StoreConflict
 from lmd.settings import Settings
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(OperationalError, unavailable)
     app.add_exception_handler(StoreConflict, conflict)
 
-    for module in (generate, jobs, sessions, health, metrics):
+    for module in (generate, jobs, sessions, health, metrics, studio):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=studio.STATIC_DIR), name="static")
     return app

@@ -9,29 +9,29 @@ from __future__ import annotations
 
 import unicodedata
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from grounded_sd.names import ConditioningName, Preset, Variant
-from jobs.records import JobError, JobRecord, JobState, Progress, SessionRecord
+from jobs.records import JobError, JobKind, JobRecord, JobState, Progress, SessionRecord
 from layout_planner.layout import Layout
 from lmd.settings import Settings
 
 
 
-class GenerateRequest(BaseModel):
+class _RenderSettings(BaseModel):
+    """What POST /plan and POST /generate share: the session and how its image is (or will be) rendered."""
+
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, description="the scene in words; optional when layout is given")
     seed: int | None = Field(None, description="0..LMD_MAX_SEED; unset: the session's seed (a new session draws one)")
     steps: int | None = Field(None, description="denoising steps; unset: the reference 50")
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0, description="classifier-free guidance; unset: 7.5")
     width: int = Field(512, description="pixels, a multiple of 8 in LMD_MIN_SIZE..LMD_MAX_SIZE")
     height: int = Field(512, description="pixels, a multiple of 8 in LMD_MIN_SIZE..LMD_MAX_SIZE")
     negative_prompt: str | None = Field(None, max_length=1000, description="added to the layout's negative prompt")
-    layout: Layout | None = Field(None, description="skip stage 1 and render this layout")
-    session_id: str | None = Field(None, description="add this generate to an existing session")
+    session_id: str | None = Field(None, description="add this job to an existing session (unset: a new session)")
     variant: Variant | None = Field(None, description="lmd, lmd_plus (GLIGEN model needed), sd (plain baseline); unset: LMD_VARIANT")
     preset: Preset | None = Field(None, description="stage 2 options: reference (docs/method.md) or fast; unset: LMD_PRESET")
     conditioning: ConditioningName | None = Field(
@@ -47,11 +47,25 @@ class GenerateRequest(BaseModel):
         return normalize_language(value) if value is not None else None
 
 
+class GenerateRequest(_RenderSettings):
+    prompt: str | None = Field(None, description="the scene in words; optional when layout is given")
+    layout: Layout | None = Field(None, description="skip stage 1 and render this layout")
+    previews: bool = Field(False, description="write a live preview every few steps (GET /jobs/{id}/preview)")
+
+
+class PlanRequest(_RenderSettings):
+    """Stage 1 alone: the job ends ``succeeded`` with its layout and renders nothing. The render
+    settings are kept on the session's turn, so an instruct after it renders with them."""
+
+    prompt: str = Field(description="the scene in words")
+
+
 class InstructRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     instruction: str = Field(description="what to change in the session's latest layout")
     seed: int | None = Field(None, description="unset: the session's seed, so unchanged objects stay put")
+    previews: bool = Field(False, description="write a live preview every few steps (GET /jobs/{id}/preview)")
 
 
 class Accepted(BaseModel):
@@ -66,13 +80,15 @@ class Accepted(BaseModel):
 class JobResult(BaseModel):
     image_url: str
     overlay_url: str
+    report_url: str = Field(description="report.json: per object mask source, IoU, energies; per stage times")
+    masks: dict[str, str] = Field(description="object id -> URL of its mask PNG (none for the sd variant)")
 
 
 class JobView(BaseModel):
     job_id: str
     session_id: str
     turn: int
-    kind: Literal["generate", "instruct"]
+    kind: JobKind
     state: JobState
     progress: Progress
     prompt: str
@@ -87,24 +103,30 @@ class JobView(BaseModel):
     preset: str
     conditioning: str
     language: str | None
+    previews: bool
     error: JobError | None
     cancel_requested: bool
     deliveries: int
-    result: JobResult | None
+    result: JobResult | None = Field(description="the files of a succeeded render (null for a plan job: its result is the layout)")
+    preview_url: str | None = Field(description="the latest live preview while rendering (progress.preview says which)")
     created_at: datetime
     updated_at: datetime
 
     @classmethod
     def of(cls, job: JobRecord) -> "JobView":
+        base = f"/jobs/{job.job_id}"
         result = None
-        if job.state == "succeeded":
-            result = JobResult(image_url=f"/jobs/{job.job_id}/image", overlay_url=f"/jobs/{job.job_id}/overlay")
-        return cls(result=result, **job.model_dump(exclude={"owner", "layout_given", "worker", "heartbeat_at"}))
+        if job.state == "succeeded" and job.kind != "plan":
+            masks = {} if job.variant == "sd" or job.layout is None else {o.id: f"{base}/masks/{o.id}" for o in job.layout.objects}
+            result = JobResult(image_url=f"{base}/image", overlay_url=f"{base}/overlay", report_url=f"{base}/report", masks=masks)
+        preview_url = f"{base}/preview" if job.progress.preview is not None and not job.terminal else None
+        return cls(result=result, preview_url=preview_url,
+                   **job.model_dump(exclude={"owner", "layout_given", "worker", "heartbeat_at"}))
 
 
 class TurnView(BaseModel):
     turn: int
-    kind: Literal["generate", "instruct"]
+    kind: JobKind
     text: str
     layout: Layout | None = Field(description="the turn's planned layout; null until planned")
     job_id: str
@@ -144,10 +166,50 @@ class WorkerView(BaseModel):
     seen_at: float
 
 
+class PlannerView(BaseModel):
+    """Which layout planner the settings select (``LMD_PLANNER``) and why."""
+
+    kind: Literal["remote", "local"]
+    model: str
+    endpoint: str | None = None
+    reason: str
+
+
 class Readiness(BaseModel):
     redis: Literal["ok"]
     workers: list[WorkerView]
     queues_without_workers: list[str]
+    planner: PlannerView
+
+
+class Limits(BaseModel):
+    """What a request may ask for (GET /limits): a client can show the limits before it meets a 422."""
+
+    max_prompt_chars: int
+    max_instruction_chars: int
+    max_objects: int
+    max_steps: int
+    min_size: int
+    max_size: int
+    size_multiple: int = Field(8, description="width and height must be multiples of this")
+    max_seed: int
+    default_size: int = 512
+    default_steps: int = Field(50, description="the steps of a request that names none (the reference's)")
+    presets: list[str]
+    preset: str = Field(description="the preset of a request that names none (LMD_PRESET)")
+    variants: list[str]
+    variant: str = Field(description="the variant of a request that names none (LMD_VARIANT)")
+    auth: bool = Field(description="true when the service wants an API key (LMD_API_KEYS is set)")
+
+    @classmethod
+    def of(cls, settings: Settings) -> "Limits":
+        return cls(
+            max_prompt_chars=settings.max_prompt_chars, max_instruction_chars=settings.max_instruction_chars,
+            max_objects=settings.max_objects, max_steps=settings.max_steps, min_size=settings.min_size,
+            max_size=settings.max_size, max_seed=settings.max_seed, presets=list(get_args(Preset)),
+            preset=settings.preset, variants=list(get_args(Variant)), variant=settings.variant,
+            auth=bool(settings.api_keys),
+        )
 
 
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
@@ -186,7 +248,7 @@ def _error(field: str, message: str, value: object) -> dict:
     return {"loc": ("body", field), "msg": message, "type": "value_error", "input": value}
 
 
-def limit_errors(body: GenerateRequest | InstructRequest, settings: Settings) -> list[dict]:
+def limit_errors(body: GenerateRequest | PlanRequest | InstructRequest, settings: Settings) -> list[dict]:
     """Every limit of ``settings`` that ``body`` breaks, in FastAPI's 422 error format."""
     errors: list[dict] = text_errors(body.model_dump(exclude_defaults=True), ())
     seed = body.seed
@@ -201,8 +263,9 @@ def limit_errors(body: GenerateRequest | InstructRequest, settings: Settings) ->
                                  f"{settings.max_instruction_chars} (LMD_MAX_INSTRUCTION_CHARS)", len(text)))
         return errors
 
+    layout = getattr(body, "layout", None)
     if body.prompt is None or not body.prompt.strip():
-        if body.layout is None:
+        if layout is None:
             errors.append(_error("prompt", "prompt is required (and not blank) unless a layout is given", body.prompt))
     elif len(body.prompt.strip()) > settings.max_prompt_chars:
         errors.append(_error("prompt", f"prompt has {len(body.prompt.strip())} characters; at most "
@@ -216,10 +279,10 @@ def limit_errors(body: GenerateRequest | InstructRequest, settings: Settings) ->
                                  "(LMD_MIN_SIZE, LMD_MAX_SIZE)", value))
         elif value % 8:
             errors.append(_error(field, f"{field} must be a multiple of 8 (the latent is 1/8 of the image)", value))
-    if body.layout is not None:
-        if not body.layout.objects:
+    if layout is not None:
+        if not layout.objects:
             errors.append(_error("layout", "layout.objects is empty: give at least one object, or a prompt instead", None))
-        elif len(body.layout.objects) > settings.max_objects:
-            errors.append(_error("layout", f"layout has {len(body.layout.objects)} objects; at most "
-                                 f"{settings.max_objects} (LMD_MAX_OBJECTS)", len(body.layout.objects)))
+        elif len(layout.objects) > settings.max_objects:
+            errors.append(_error("layout", f"layout has {len(layout.objects)} objects; at most "
+                                 f"{settings.max_objects} (LMD_MAX_OBJECTS)", len(layout.objects)))
     return errors

@@ -33,6 +33,9 @@ _EXPORTS = {
     "VariantUnavailable": "grounded_sd.errors",
     "GroundedSDError": "grounded_sd.errors",
     "NonFiniteLatents": "grounded_sd.errors",
+    "NoImageParameters": "grounded_sd.errors",
+    "ImageParameters": "grounded_sd.image_parameters",
+    "read_parameters": "grounded_sd.image_parameters",
 }
 
 __all__ = list(_EXPORTS)
@@ -46,10 +49,12 @@ if TYPE_CHECKING:
         InvalidRequest,
         InvalidSize,
         ModelLoadError,
+        NoImageParameters,
         NonFiniteLatents,
         UnknownVariant,
         VariantUnavailable,
     )
+    from grounded_sd.image_parameters import ImageParameters, read_parameters
     from grounded_sd.options import LMDOptions
     from grounded_sd.pipeline import LMDPipeline
     from grounded_sd.report import GenerationReport, GenerationResult

@@ -22,6 +22,7 @@ from grounded_sd.counters import UNetCounter
 from grounded_sd.errors import GenerationCanceled, NonFiniteLatents
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, LossFn, guidance_step_size, guide_latents, object_energy, transfer_loss
 from grounded_sd.options import LMDOptions
+from grounded_sd.previews import PreviewFn, per_box_preview, preview_interval, scene_preview
 from grounded_sd.report import PassEnergy, StageReport
 
 ProgressFn = Callable[[str, int, int], None]
@@ -45,6 +46,8 @@ class Run:
     stages: list[StageReport] = field(default_factory=list)
     seed: int = 0
     init_sigma: float = 1.0  # the scheduler's initial noise scale at ``options.steps`` steps
+    preview: PreviewFn | None = None  # live previews, only when the caller asked for them
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # where per-box previews show each object
 
     def check_cancel(self) -> None:
         if self.should_cancel():
@@ -159,6 +162,7 @@ def denoise(
         # c. scheduler step, then the frozen foreground of the composition
         step = scheduler.step(noise, t, latents, **step_kwargs)
         pred_x0 = getattr(step, "pred_original_sample", None)
+        shown = pred_x0 if pred_x0 is not None else step.prev_sample
         if pred_x0 is None and i == n_steps - 1:  # only the last step's is used (fast preset's masks)
             pred_x0 = x0_prediction(scheduler, latents, noise, t)
         latents = step.prev_sample.to(dtype)
@@ -166,6 +170,9 @@ def denoise(
             latents = torch.where(frozen.foreground, frozen.composed[i + 1], latents)
         trajectory.append(latents)
         run.progress(stage, i + 1, n_steps)
+        if run.preview is not None and ((i + 1) % preview_interval(n_steps) == 0 or i + 1 == n_steps):
+            image = per_box_preview(shown, run.boxes) if stage == "per_box" else scene_preview(shown[0])
+            run.preview(stage, i + 1, n_steps, image)
     if not bool(torch.isfinite(latents).all()):
         hint = "use dtype float32 or bfloat16" if dtype == torch.float16 else "check the model's weights"
         raise NonFiniteLatents(f"the {stage} pass produced NaN or infinite latents in {str(dtype).removeprefix('torch.')}; {hint}")

@@ -71,3 +71,7 @@ class CheckpointMismatch(ConditioningUnavailable):
 class ConnectorError(ConditioningUnavailable, ValueError):
     """A text connector or its training cannot be set up (unknown or unsuitable model, bad
     data, a size the model cannot take); raised before any weights load where possible."""
+
+
+class NoImageParameters(GroundedSDError):
+    """A PNG carries no (or unreadable) generation parameters: not written by this project, or stripped."""

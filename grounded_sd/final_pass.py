@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from grounded_sd.conditioning.base import shift_targets
+from grounded_sd.conditioning.base import guidance_targets
 from grounded_sd.denoise import FrozenForeground, Guidance, Run, TextEmbeddings, denoise, pass_energies
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace
 from grounded_sd.per_box import PerBoxResult
-from grounded_sd.prompts import group_phrases, scene_token_indices
+from grounded_sd.prompts import group_phrases, scene_phrase_spans, scene_token_indices
 from grounded_sd.report import GenerationReport, Intermediates
 from layout_planner.layout import Layout
 
@@ -42,7 +42,10 @@ def run_final_pass(
     """The final latent, and the pass's guidance trace."""
     options, objects = run.options, layout.objects
     transfer = options.transfer_weight > 0 and options.guided_steps() > 0
-    targets = shift_targets(scene_targets(pipe.tokenizer, layout), text.conditioned.token_offset)
+    groups = group_phrases(layout)
+    spans = scene_phrase_spans(layout.background, groups)  # where each phrase is, for per-token connectors
+    group_of = {oid: g.phrase for g in groups for oid in g.object_ids}
+    targets = guidance_targets(text.conditioned, "final", scene_targets(pipe.tokenizer, layout), [0] * len(objects), [spans[group_of[o.id]] for o in objects])
     trace = GuidanceTrace()
     guidance = Guidance(targets, trace, pipe.energy_threshold(options, run.layers), per_box.reference_maps if transfer else None)
     gligen = pipe._gligen_inputs([[o.box for o in objects]], [[o.phrase for o in objects]]) if plus else None

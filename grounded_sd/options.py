@@ -70,12 +70,13 @@ class LMDOptions(BaseModel):
         ),
     )
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call; None: all objects x CFG in one call")
-    conditioning_mode: Literal["replace", "concat", "tokens"] = Field(
-        "replace",
+    conditioning_mode: Literal["replace", "concat", "tokens"] | None = Field(
+        None,
         description=(
             "with a conditioning other than clip: replace (guidance on CLIP, denoising on the conditioning's tokens), "
             "concat (ELLA: its tokens before CLIP's for guidance and denoising, phrase indices shifted) or tokens "
-            "(per-token connectors: guidance on the connector's own tokens)"
+            "(per-token connectors: guidance on the connector's own tokens); None: the conditioning's default "
+            "(tokens for LI-DiT connectors, replace otherwise)"
         ),
     )
 

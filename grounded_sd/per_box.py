@@ -15,11 +15,11 @@ import torch
 
 from grounded_sd.attention import box_mask, map_shape, token_maps
 from grounded_sd.compose import box_noise, object_seed, seeded_noise
-from grounded_sd.conditioning.base import shift_targets
+from grounded_sd.conditioning.base import guidance_targets
 from grounded_sd.denoise import Guidance, LayerMaps, MapCapture, Run, TextEmbeddings, denoise, pass_energies
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace
 from grounded_sd.options import LMDOptions
-from grounded_sd.prompts import join_negative, object_prompt, object_token_indices
+from grounded_sd.prompts import join_negative, object_phrase_span, object_prompt, object_token_indices
 from grounded_sd.report import GenerationReport, Intermediates
 from layout_planner.layout import Layout
 
@@ -112,7 +112,8 @@ def run_per_box_pass(
 
     report.per_box_prompts = {o.id: p for o, p in zip(objects, box_prompts(layout))}
     targets = [EnergyTarget(o.id, object_token_indices(pipe.tokenizer, layout.background, o.phrase), o.box, (o.box,)) for o in objects]
-    targets = shift_targets(targets, text.conditioned.token_offset)
+    spans = [object_phrase_span(layout.background, o.phrase) for o in objects]  # where each phrase is, for per-token connectors
+    targets = guidance_targets(text.conditioned, "per_box", targets, list(range(n)), spans)
     foreground = torch.cat([seeded_noise((1, *background.shape[1:]), object_seed(run.seed, o.id), pipe.device, pipe.dtype) for o in objects])
     box_masks = torch.stack([box_mask(o.box, h, w, pipe.device) for o in objects])[:, None]
     initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * run.init_sigma

@@ -30,6 +30,7 @@ from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
 from grounded_sd.per_box import box_negative, box_prompts, per_box_steps, run_per_box_pass
+from grounded_sd.previews import PreviewFn, composed_preview
 from grounded_sd.prompts import group_phrases, join_negative, scene_prompt
 from grounded_sd.report import GenerationReport, GenerationResult, Intermediates, ObjectReport, StageReport
 from grounded_sd.segment import segment_objects
@@ -95,6 +96,7 @@ class LMDPipeline:
         self.scheduler = scheduler
         self.sam_predictor = sam_predictor
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.model_name = ""  # the hub id or directory it was loaded from (``from_pretrained`` sets it)
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +147,9 @@ class LMDPipeline:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the diffusion model {source!r}: {exc}".splitlines()[0]) from exc
         predictor = load_sam_predictor(sam_checkpoint, sam_model_type, str(torch_device)) if sam_checkpoint else None
-        return cls(unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, noise_scheduler, predictor)
+        pipeline = cls(unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, noise_scheduler, predictor)
+        pipeline.model_name = str(model)
+        return pipeline
 
     # ------------------------------------------------------------------------------------------
     def __call__(
@@ -163,11 +167,14 @@ class LMDPipeline:
         conditioning: Conditioning | None = None,
         source_prompt: str | None = None,
         language: str | None = None,
+        preview: PreviewFn | None = None,
     ) -> GenerationResult:
         """``conditioning`` (default: CLIP) decides what the denoising forwards see; guidance
         reads CLIP attention either way (docs/conditioning.md). ``source_prompt`` is the user's
         own prompt and ``language`` its ISO 639-1 code (detected when unset): GlueNet denoises
-        the final pass with it."""
+        the final pass with it. ``progress(stage, step, total)`` is called after every step;
+        ``preview(stage, step, total, image)``, when given, every few steps with a cheap
+        latent-to-RGB picture (``grounded_sd.previews``); nothing is computed for it otherwise."""
         started = time.perf_counter()
         options = options or LMDOptions.reference()
         conditioning = conditioning or ClipConditioning()
@@ -181,7 +188,8 @@ class LMDPipeline:
         except ValueError as exc:
             raise InvalidOptions(f"options.attention_layers: {exc}") from exc
 
-        conditioning.check_mode(options.conditioning_mode)
+        mode = options.conditioning_mode or conditioning.default_mode
+        conditioning.check_mode(mode)
         conditioning.check_unet(self.unet)
 
         # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
@@ -194,11 +202,12 @@ class LMDPipeline:
             self._encode(list(prompts)) if prompts else self._encode([prompt])[:0], self._encode([box_negative(layout, options)]),
         )
         texts = TextInputs(prompt, prompts, negative, box_negative(layout, options), source_prompt=source_prompt, language=language)
-        conditioned = conditioning.prepare(texts, clip, mode=options.conditioning_mode)
+        conditioned = conditioning.prepare(texts, clip, mode=mode)
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=options.conditioning_mode,
+            model=self.model_name, scheduler=type(self.scheduler).__name__,
+            options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=mode,
             source_prompt=source_prompt, language=conditioned.language,
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )
@@ -215,6 +224,7 @@ class LMDPipeline:
                 options=options, latent_hw=latent_hw, layers=layers, recorder=recorder, counter=UNetCounter(self.unet),
                 progress=progress or (lambda stage, step, total: None), should_cancel=should_cancel or (lambda: False),
                 seed=seed, init_sigma=float(self._scheduler(options.steps).init_noise_sigma),
+                preview=preview, boxes=[o.box for o in layout.objects],
             )
             intermediates = Intermediates(object_ids=[o.id for o in layout.objects])
             if variant == "sd" or not layout.objects:
@@ -257,6 +267,9 @@ class LMDPipeline:
         # 6. Composition: largest mask first, so small objects end on top (§2.5)
         frozen_steps = run.options.frozen_steps()
         composed, owner = compose_latents(per_box.latents[: frozen_steps + 1], latent_masks, background * run.init_sigma)
+        if run.preview is not None:
+            shown = per_box.last_pred_x0 if per_box.last_pred_x0 is not None else per_box.latents[-1]
+            run.preview("compose", 1, 1, composed_preview(shown, owner))
         intermediates.composed, intermediates.owner = composed.float().cpu(), owner.cpu()
 
         # 7. Final pass: frozen foreground, guidance on all objects, attention transfer (§2.6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -12,6 +13,9 @@ from pydantic import BaseModel, Field
 
 from grounded_sd.counters import UNetCalls
 from layout_planner.layout import Layout
+
+if TYPE_CHECKING:
+    from grounded_sd.image_parameters import ImageParameters
 
 
 class PassEnergy(BaseModel):
@@ -58,7 +62,7 @@ class GenerationReport(BaseModel):
     negative_prompt: str
     per_box_prompts: dict[str, str] = Field(default_factory=dict)
     conditioning: str = Field("clip", description="what the denoising forwards were conditioned on (docs/conditioning.md)")
-    conditioning_mode: str = Field("replace", description="replace: guidance on CLIP, denoising on the conditioning; concat: both on [its tokens, CLIP]")
+    conditioning_mode: str = Field("replace", description="replace: guidance on CLIP, denoising on the conditioning; concat: both on [its tokens, CLIP]; tokens: both on a per-token connector's tokens")
     source_prompt: str | None = Field(None, description="the user's own prompt (GlueNet denoises the final pass with it)")
     language: str | None = Field(None, description="the language GlueNet read the source prompt in")
     attention_layers: list[str] = Field(default_factory=list)
@@ -68,6 +72,8 @@ class GenerationReport(BaseModel):
     wall_s: float = 0.0
     device: str = ""
     dtype: str = ""
+    model: str = Field("", description="the hub id or directory the model was loaded from")
+    scheduler: str = Field("", description="the diffusers scheduler class")
     notes: list[str] = Field(default_factory=list)
     options: dict = Field(default_factory=dict)
 
@@ -100,14 +106,34 @@ class GenerationResult:
     report: GenerationReport
     intermediates: Intermediates = field(default_factory=Intermediates)
 
-    def save(self, out_dir: Path | str) -> Path:
-        """Write image.png, overlay.png, masks/<id>.png, layout.json and report.json."""
+    def parameters(self, *, prompt: str | None = None, preset: str | None = None,
+                   negative_prompt: str | None = None) -> "ImageParameters":
+        """The PNG parameters of this result; the caller adds what the pipeline cannot know (the
+        request's prompt, the preset's name, the request's extra negative prompt)."""
+        from grounded_sd.image_parameters import Conditioning, ImageParameters
+
+        report = self.report
+        return ImageParameters(
+            prompt=prompt if prompt is not None else "; ".join(self.layout.phrases()),
+            layout=self.layout, seed=report.seed, steps=report.steps,
+            guidance_scale=float(report.options.get("guidance_scale", 0.0)),
+            width=report.width, height=report.height, variant=report.variant, preset=preset or "custom",
+            model=report.model, scheduler=report.scheduler, negative_prompt=negative_prompt,
+            conditioning=Conditioning(name=report.conditioning, mode=report.conditioning_mode, language=report.language,
+                                      prompt=report.prompt, negative_prompt=report.negative_prompt,
+                                      per_box_prompts=report.per_box_prompts),
+        )
+
+    def save(self, out_dir: Path | str, parameters: "ImageParameters | None" = None) -> Path:
+        """Write image.png, overlay.png, masks/<id>.png (each PNG carrying ``parameters``, by
+        default :meth:`parameters`), layout.json and report.json."""
         out = Path(out_dir)
         (out / "masks").mkdir(parents=True, exist_ok=True)
-        self.image.save(out / "image.png")
-        self.overlay.save(out / "overlay.png")
+        info = (parameters or self.parameters()).png_info()
+        self.image.save(out / "image.png", pnginfo=info)
+        self.overlay.save(out / "overlay.png", pnginfo=info)
         for object_id, mask in self.masks.items():
-            mask.save(out / "masks" / f"{object_id}.png")
+            mask.save(out / "masks" / f"{object_id}.png", pnginfo=info)
         (out / "layout.json").write_text(self.layout.model_dump_json(indent=2))
         (out / "report.json").write_text(json.dumps(self.report.model_dump(mode="json"), indent=2))
         return out

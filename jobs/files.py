@@ -24,8 +24,17 @@ def job_dir(data_dir: Path, job_id: str) -> Path:
 
 
 def result_file(data_dir: Path, job_id: str, name: str) -> Path:
-    """One of the PNGs the API serves: ``image`` or ``overlay``."""
+    """One of the PNGs the API serves: ``image``, ``overlay`` or ``preview`` (the latest live preview)."""
     return job_dir(data_dir, job_id) / f"{name}.png"
+
+
+def mask_file(data_dir: Path, job_id: str, object_id: str) -> Path:
+    """One object's mask (object ids are letters, digits, '_', '.', '-': safe as file names)."""
+    return job_dir(data_dir, job_id) / "masks" / f"{object_id}.png"
+
+
+def report_file(data_dir: Path, job_id: str) -> Path:
+    return job_dir(data_dir, job_id) / "report.json"
 
 
 def drop_old_job_dirs(data_dir: Path, retention_s: float) -> int:

@@ -38,12 +38,25 @@ ErrorCode = Literal[
 ]
 
 
+JobKind = Literal["generate", "instruct", "plan"]
+
+
+class PreviewInfo(BaseModel):
+    """The latest live preview of a render (``GET /jobs/{id}/preview``): which one, and of which step."""
+
+    count: int = Field(description="previews written so far; a new one is there when it grows")
+    stage: str = Field(description="per_box, compose, final or sd")
+    step: int
+    total: int
+
+
 class Progress(BaseModel):
-    """Where a job is: a stage name and a step count within it."""
+    """Where a job is: a stage name and a step count within it, and its latest preview if it asked for them."""
 
     stage: str = "queued"
     step: int = 0
     total: int = 0
+    preview: PreviewInfo | None = None
 
 
 class JobError(BaseModel):
@@ -57,7 +70,7 @@ class JobRecord(BaseModel):
     job_id: str
     session_id: str
     owner: str | None = None
-    kind: Literal["generate", "instruct"] = "generate"
+    kind: JobKind = "generate"
     turn: int = 1
     prompt: str
     layout: Layout | None = None
@@ -73,6 +86,7 @@ class JobRecord(BaseModel):
     conditioning: str = Field("clip", description="what the render denoises with: clip, ella, gluenet (docs/conditioning.md)")
     language: str | None = Field(None, description="ISO 639-1 code of source_prompt named by the request; None: detected")
     source_prompt: str | None = Field(None, description="the user's own prompt (an instruct keeps its session's)")
+    previews: bool = Field(False, description="write a live preview every few steps of the render")
     state: JobState = "queued"
     progress: Progress = Field(default_factory=Progress)
     error: JobError | None = None
@@ -90,7 +104,7 @@ class JobRecord(BaseModel):
 
 class SessionTurn(BaseModel):
     turn: int
-    kind: Literal["generate", "instruct"]
+    kind: JobKind
     text: str
     job_id: str
 

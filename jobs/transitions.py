@@ -112,7 +112,11 @@ def held_update(job: JobRecord, worker: str, update: dict) -> JobRecord | None:
 
 
 def planned(job: JobRecord, worker: str, layout: Layout) -> JobRecord | None:
-    """Stage 1 is done: store the layout and leave the job, unheld, waiting for a render worker."""
+    """Stage 1 is done: store the layout and leave the job, unheld, waiting for a render worker;
+    a ``plan`` job (POST /plan) ends ``succeeded`` here, its layout being its result."""
+    if job.kind == "plan":
+        return held_update(job, worker, {"state": "succeeded", "layout": layout, "worker": None,
+                                         "progress": Progress(stage="planned", step=1, total=1)})
     return held_update(job, worker, {
         "state": "rendering", "layout": layout, "worker": None, "heartbeat_at": None,
         "deliveries": 0, "progress": Progress(stage="waiting"),

@@ -20,7 +20,7 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from layout_planner.errors import LLMUnavailable
+from layout_planner.errors import LLMUnavailable, PlanCanceled
 from layout_planner.template import COMPLETION_STOP, LAYOUT_JSON_SCHEMA, completion_prompt
 
 
@@ -47,11 +47,12 @@ class LLMConfig(BaseModel):
 
 @dataclass
 class CallRecord:
-    """What one ``complete`` call did: transport attempts and the waits between them (seconds)."""
+    """What one ``complete`` call did: transport attempts, the waits between them (seconds), tokens generated (local)."""
 
     attempts: int = 0
     waits: list[float] = field(default_factory=list)
     structured: bool = False
+    tokens: int | None = None
 
 
 @dataclass
@@ -143,8 +144,14 @@ class LLMClient:
             return min(asked, self.config.max_retry_after_s)
         return self._backoff(retry_state)
 
-    def complete(self, messages: list[dict[str, str]]) -> Completion:
-        """Ask once (with transport retries); raise ``LLMUnavailable`` naming the last cause."""
+    def complete(
+        self, messages: list[dict[str, str]], should_cancel: Callable[[], bool] | None = None, seed: int = 0
+    ) -> Completion:
+        """Ask once (with transport retries); raise ``LLMUnavailable`` naming the last cause.
+
+        ``should_cancel`` is checked before each attempt (a request in flight runs to its end);
+        ``seed`` is for the local client's sampling and unused here.
+        """
         record = CallRecord()
 
         def note_wait(state: RetryCallState) -> None:
@@ -168,6 +175,8 @@ class LLMClient:
         )
 
         def attempt() -> Completion:
+            if should_cancel is not None and should_cancel():
+                raise PlanCanceled("planning canceled before the LLM answered")
             record.attempts += 1
             return self._request(messages, record)
 

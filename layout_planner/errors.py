@@ -19,6 +19,18 @@ class LLMUnavailable(PlannerError):
         self.attempts = attempts
 
 
+class LocalModelUnavailable(LLMUnavailable):
+    """The local planner's model cannot be found, downloaded or loaded (a missing directory, offline)."""
+
+
+class PlanCanceled(PlannerError):
+    """The caller's ``should_cancel`` said stop; ``tokens`` counts the answer's tokens generated until then."""
+
+    def __init__(self, message: str, tokens: int = 0):
+        super().__init__(message)
+        self.tokens = tokens
+
+
 class LLMBadOutput(PlannerError):
     """The endpoint answered, but never with a layout we could parse."""
 

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from layout_planner.cache import LayoutCache, cache_key
 from layout_planner.client import LLMClient, LLMConfig
-from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput
+from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput, PlanCanceled
 from layout_planner.layout import MAX_OBJECTS, Layout, LayoutObject, LayoutWarning
+from layout_planner.local import LocalLLMClient, LocalLLMConfig
 from layout_planner.read import parse_answer
 from layout_planner.repair import build_layout
 from layout_planner.template import CAPTION_PREFIX, INSTRUCTION_PREFIX, TEMPLATE_VERSION, chat_messages, load_template
@@ -48,6 +49,7 @@ class PlanReport:
     cached: bool = False
     structured: bool = False
     parse_errors: list[str] = field(default_factory=list)
+    tokens: int = 0  # answer tokens a local model generated, all asks together
 
 
 def validate_text(text: str, what: str, max_chars: int) -> str:
@@ -86,12 +88,15 @@ def left_out(previous: Layout, layout: Layout, instruction: str) -> list[LayoutO
 class Planner:
     """Turns prompts into layouts with an LLM. Holds a client, a cache, the template; nothing else.
 
-    ``on_retry``: told in one line about each transport retry (``LLMClient``), for progress output.
+    ``config`` picks the client: ``LLMConfig`` an OpenAI-compatible endpoint (``LLMClient``),
+    ``LocalLLMConfig`` a model in this process (``LocalLLMClient``, loaded on first use).
+    ``on_retry``: told in one line about each transport retry, or the local model's download
+    and loading, for progress output.
     """
 
     def __init__(
         self,
-        config: LLMConfig,
+        config: LLMConfig | LocalLLMConfig,
         cache: LayoutCache | None = None,
         template_version: str = TEMPLATE_VERSION,
         max_objects: int = MAX_OBJECTS,
@@ -101,26 +106,34 @@ class Planner:
         self.cache = cache
         self.template = load_template(template_version)
         self.max_objects = max_objects
-        self.client = LLMClient(config, on_retry=on_retry)
+        if isinstance(config, LocalLLMConfig):
+            self.client = LocalLLMClient(config, max_objects=max_objects, say=on_retry)
+        else:
+            self.client = LLMClient(config, on_retry=on_retry)
 
     # --- public ----------------------------------------------------------------------------
 
-    def plan(self, prompt: str, sample_index: int = 0) -> Layout:
-        """The layout for ``prompt``. ``sample_index`` tells repeated samples apart in the cache."""
-        return self.plan_with_report(prompt, sample_index)[0]
+    def plan(self, prompt: str, sample_index: int = 0, should_cancel: Callable[[], bool] | None = None) -> Layout:
+        """The layout for ``prompt``. ``sample_index`` tells repeated samples apart in the cache;
+        ``should_cancel`` (checked between asks, and between tokens of a local model) raises ``PlanCanceled``."""
+        return self.plan_with_report(prompt, sample_index, should_cancel)[0]
 
-    def revise(self, turns: list[Turn], instruction: str) -> Layout:
+    def revise(self, turns: list[Turn], instruction: str, should_cancel: Callable[[], bool] | None = None) -> Layout:
         """The layout after ``instruction``; ``turns[0]`` is the first caption and its layout."""
-        return self.revise_with_report(turns, instruction)[0]
+        return self.revise_with_report(turns, instruction, should_cancel)[0]
 
-    def plan_with_report(self, prompt: str, sample_index: int = 0) -> tuple[Layout, PlanReport]:
+    def plan_with_report(
+        self, prompt: str, sample_index: int = 0, should_cancel: Callable[[], bool] | None = None
+    ) -> tuple[Layout, PlanReport]:
         prompt = validate_text(prompt, "prompt", self.config.max_prompt_chars)
         if sample_index < 0:
             raise InvalidPrompt(f"sample_index must be >= 0, got {sample_index}")
         messages = chat_messages(self.template, [], CAPTION_PREFIX + prompt)
-        return self._ask(messages, self._key(prompt, sample_index), previous=None)
+        return self._ask(messages, self._key(prompt, sample_index), previous=None, should_cancel=should_cancel)
 
-    def revise_with_report(self, turns: list[Turn], instruction: str) -> tuple[Layout, PlanReport]:
+    def revise_with_report(
+        self, turns: list[Turn], instruction: str, should_cancel: Callable[[], bool] | None = None
+    ) -> tuple[Layout, PlanReport]:
         if not turns:
             raise InvalidPrompt("a revision needs the conversation so far: at least the first prompt and its layout")
         instruction = validate_text(instruction, "instruction", self.config.max_prompt_chars)
@@ -130,7 +143,8 @@ class Planner:
             text = validate_text(turn.text, "instruction", self.config.max_prompt_chars)
             exchanges.append((INSTRUCTION_PREFIX + text, turn.layout.to_llm_json()))
         messages = chat_messages(self.template, exchanges, INSTRUCTION_PREFIX + instruction)
-        return self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout, instruction=instruction)
+        return self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout, instruction=instruction,
+                         should_cancel=should_cancel)
 
     def close(self) -> None:
         self.client.close()
@@ -150,7 +164,12 @@ class Planner:
             raise LayoutParseError(f"the layout is invalid: {exc.errors()[0]['msg']}") from None
 
     def _ask(
-        self, messages: list[dict[str, str]], key: str, previous: Layout | None, instruction: str | None = None
+        self,
+        messages: list[dict[str, str]],
+        key: str,
+        previous: Layout | None,
+        instruction: str | None = None,
+        should_cancel: Callable[[], bool] | None = None,
     ) -> tuple[Layout, PlanReport]:
         """Ask until an answer is a whole layout, at most ``max_reasks`` times (§1.5).
 
@@ -167,12 +186,16 @@ class Planner:
         conversation = list(messages)
         text = ""
         partial_reasked = False
-        for _ in range(self.config.max_reasks):
+        for ask in range(self.config.max_reasks):
+            if should_cancel is not None and should_cancel():
+                raise PlanCanceled(f"planning canceled after {report.asks} asks")
             report.asks += 1
-            completion = self.client.complete(conversation)
+            # The seed of a local model's sampling: fixed per cache key and ask, so an answer repeats.
+            completion = self.client.complete(conversation, should_cancel=should_cancel, seed=int(key[-8:], 16) + ask)
             report.attempts += completion.record.attempts
             report.waits.extend(completion.record.waits)
             report.structured = completion.record.structured
+            report.tokens += completion.record.tokens or 0
             text = completion.text
             try:
                 layout = self._whole_layout(text, previous)
@@ -180,6 +203,8 @@ class Planner:
                 error = str(exc)
                 if completion.finish_reason == "length":
                     error += f" (the answer was cut at max_tokens={self.config.max_tokens})"
+                elif completion.finish_reason == "time":
+                    error += f" (the answer was cut at the time limit of {self.config.timeout_s:g} s)"
                 report.parse_errors.append(error)
                 conversation = conversation + _reply(text, f"That answer could not be used: {error}. Reply again with only the layout JSON.")
                 continue

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from layout_planner.layout import GRID
+
 TEMPLATE_VERSION = "layout_v1"
 
 CAPTION_PREFIX = "Caption: "
@@ -45,6 +47,49 @@ LAYOUT_JSON_SCHEMA: dict = {
     "required": ["objects", "background", "negative"],
     "additionalProperties": False,
 }
+
+
+
+
+def constrained_layout_schema(max_objects: int) -> dict:
+    """A tighter answer schema for constrained decoding (the local planner): every answer it allows
+    is a usable layout, and its length is bounded.
+
+    On top of ``LAYOUT_JSON_SCHEMA``: at most ``max_objects`` objects; ids as the template
+    writes them; a phrase starts with a letter; a box is [x, y, w, h] with x, y in 0..496 and
+    w, h in 16..512 (repair clips what overhangs the canvas); the texts have length caps.
+    Strings hold no escapes (set by the grammar options), so no control characters.
+    """
+    coordinate = {"type": "integer", "minimum": 0, "maximum": GRID - 16}
+    size = {"type": "integer", "minimum": 16, "maximum": GRID}
+    return {
+        "type": "object",
+        "properties": {
+            "objects": {
+                "type": "array",
+                "maxItems": max_objects,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,23}$"},
+                        "phrase": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9 ,.'()&/-]{0,79}$"},
+                        "box": {
+                            "type": "array",
+                            "prefixItems": [coordinate, coordinate, size, size],
+                            "items": False,
+                            "minItems": 4,
+                        },
+                    },
+                    "required": ["id", "phrase", "box"],
+                    "additionalProperties": False,
+                },
+            },
+            "background": {"type": "string", "maxLength": 300},
+            "negative": {"type": "string", "maxLength": 200},
+        },
+        "required": ["objects", "background", "negative"],
+        "additionalProperties": False,
+    }
 
 
 @dataclass(frozen=True)

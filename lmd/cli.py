@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "lmd.commands.generate",
     "lmd.commands.bench",
     "lmd.commands.train_connector",
+    "lmd.commands.info",
 )
 
 

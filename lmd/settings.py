@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from grounded_sd.names import ConditioningName, Dtype, Preset, SamModelType, Variant
+from grounded_sd.names import Dtype, Preset, SamModelType, Variant
 from layout_planner.layout import MAX_OBJECTS
 
 
@@ -39,6 +39,19 @@ class Settings(BaseSettings):
     llm_max_reasks: int = Field(3, ge=1, le=10, description="asks per layout when the answer does not parse")
     llm_backoff_s: float = Field(1.0, ge=0, description="first backoff; doubles each retry, with jitter")
     llm_max_retry_after_s: float = Field(60.0, ge=0, description="cap on an endpoint's Retry-After before a retry")
+    planner: Literal["auto", "remote", "local"] = Field(
+        "auto", description="stage 1's LLM: remote (the LMD_LLM_* endpoint), local (LMD_LOCAL_LLM_MODEL in process), "
+        "auto: remote when LMD_LLM_BASE_URL or a key is set, else local"
+    )
+    local_llm_model: str = Field(
+        "Qwen/Qwen2.5-1.5B-Instruct", description="local planner: hub id (downloaded on first use) or directory of a chat model"
+    )
+    local_llm_device: str = Field("auto", description="local planner: auto (cuda when available), cpu, cuda, cuda:N")
+    local_llm_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="local planner: auto: bf16 (fp16 without bf16) on CUDA, fp32 on CPU"
+    )
+    local_llm_max_new_tokens: int = Field(900, ge=16, le=32768, description="local planner: most tokens of one answer")
+    local_llm_timeout_s: float = Field(120.0, gt=0, description="local planner: most seconds of one answer")
 
     # --- stage 2: the grounded diffusion controller ----------------------------------------
     sd_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local diffusers directory")
@@ -55,8 +68,10 @@ class Settings(BaseSettings):
     variant: Variant = Field(
         "lmd", description="method of a service request that names none: lmd, sd (plain baseline), lmd_plus (GLIGEN model)"
     )
-    conditioning: ConditioningName = Field(
-        "clip", description="text conditioning of the denoising of a request that names none: clip, ella, gluenet (docs/conditioning.md)"
+    conditioning: str = Field(
+        "clip",
+        pattern=r"^(clip|ella|gluenet|connector:.+)$",
+        description="text conditioning of the denoising of a request that names none: clip, ella, gluenet, connector:PATH (docs/conditioning.md, docs/training.md)",
     )
     ella_checkpoint: str = Field(
         "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors", description="ELLA's connector: a .safetensors file, or owner/repo/file on the hub"

@@ -6,7 +6,9 @@ same thing everywhere:
 
 - :func:`load_settings`: the settings, or a one-line :class:`SettingsError` naming the
   ``LMD_`` variable at fault;
-- :func:`llm_config` and :func:`planner`: stage 1's LLM client config and planner;
+- :func:`choose_planner`, :func:`llm_config`, :func:`local_llm_config` and :func:`planner`:
+  which stage 1 planner answers (``LMD_PLANNER``: an endpoint, or a model in the process)
+  and why, its config, and the planner;
 - :func:`pipeline_arguments` and :func:`load_pipeline`: stage 2's pipeline (torch threads,
   quiet library progress bars, ``from_pretrained`` arguments);
 - :func:`render_options`: the options of a preset by name with a request's overrides and
@@ -17,7 +19,9 @@ torch, diffusers and the LLM client are imported inside the functions that need 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from grounded_sd import LMDOptions, LMDPipeline
     from grounded_sd.conditioning import ConditioningCache, ConditioningConfig
     from layout_planner import LLMConfig, Planner
+    from layout_planner.local import LocalLLMConfig
 
 
 class SettingsError(ValueError):
@@ -71,11 +76,88 @@ def llm_config(settings: Settings) -> "LLMConfig":
     )
 
 
+# Appended to a local model that cannot be found or loaded: what to change.
+LOCAL_MODEL_HINT = (
+    "set LMD_LOCAL_LLM_MODEL to a local model directory (or run once online to download it), "
+    "or LMD_PLANNER=remote with LMD_LLM_BASE_URL / LMD_LLM_API_KEY"
+)
+
+
+@dataclass(frozen=True)
+class PlannerChoice:
+    """``kind`` of planner, its ``model`` (and ``endpoint`` when remote), and the ``reason`` it was chosen."""
+
+    kind: Literal["remote", "local"]
+    model: str
+    reason: str
+    endpoint: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "local":
+            return f"local layout model {self.model}, run in this process ({self.reason})"
+        return f"layout model {self.model} at {self.endpoint} ({self.reason})"
+
+
+def choose_planner(settings: Settings) -> PlannerChoice:
+    """The planner ``settings`` select, with the reason in a few words naming the settings."""
+    if settings.planner == "auto":
+        if settings.llm_api_key is not None:
+            kind, reason = "remote", "LMD_PLANNER=auto and an LLM API key is set"
+        elif "llm_base_url" in settings.model_fields_set:
+            kind, reason = "remote", "LMD_PLANNER=auto and LMD_LLM_BASE_URL is set"
+        else:
+            kind, reason = "local", "LMD_PLANNER=auto and no LLM endpoint or key is configured"
+    else:
+        kind, reason = settings.planner, f"LMD_PLANNER={settings.planner}"
+    if kind == "local":
+        return PlannerChoice("local", settings.local_llm_model, reason)
+    return PlannerChoice("remote", settings.llm_model, reason, endpoint=settings.llm_base_url)
+
+
+def local_llm_config(settings: Settings) -> "LocalLLMConfig":
+    """The local planner's config from the ``LMD_LOCAL_LLM_*`` settings (temperature and re-asks as for remote)."""
+    from layout_planner.local import LocalLLMConfig
+
+    return LocalLLMConfig(
+        model=settings.local_llm_model,
+        device=settings.local_llm_device,
+        dtype=settings.local_llm_dtype,
+        temperature=settings.llm_temperature,
+        max_tokens=settings.local_llm_max_new_tokens,
+        timeout_s=settings.local_llm_timeout_s,
+        max_reasks=settings.llm_max_reasks,
+        max_prompt_chars=settings.max_prompt_chars,
+    )
+
+
 def planner(settings: Settings, **kwargs: Any) -> "Planner":
-    """A stage 1 planner on :func:`llm_config`; ``kwargs`` go to ``Planner`` (cache, on_retry, max_objects)."""
+    """A stage 1 planner, remote or local as :func:`choose_planner` says; ``kwargs`` go to ``Planner``
+    (cache, on_retry, max_objects). A local model loads on first use."""
     from layout_planner import Planner
 
-    return Planner(llm_config(settings), **kwargs)
+    local = choose_planner(settings).kind == "local"
+    return Planner(local_llm_config(settings) if local else llm_config(settings), **kwargs)
+
+
+def ready_planner(settings: Settings, say: Callable[[str], None] | None = None, **kwargs: Any) -> "Planner":
+    """:func:`planner`, with a local model announced to ``say`` (which, and why) and loaded now
+    (downloading it first, with its size said), so that a missing model fails before any work.
+
+    Raises ``LocalModelUnavailable`` whose message ends with what to change (the settings).
+    """
+    from layout_planner.errors import LocalModelUnavailable
+
+    choice = choose_planner(settings)
+    if choice.kind == "remote":
+        return planner(settings, on_retry=say, **kwargs)
+    if say is not None:
+        say(choice.describe())
+    local = planner(settings, on_retry=say, **kwargs)
+    try:
+        local.client.load()
+    except LocalModelUnavailable as exc:
+        raise LocalModelUnavailable(f"{exc}; {LOCAL_MODEL_HINT}") from exc
+    return local
 
 
 # --- stage 2 --------------------------------------------------------------------------------------

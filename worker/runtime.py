@@ -22,9 +22,9 @@ from collections.abc import Callable
 import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
-from jobs.files import drop_old_job_dirs, job_dir
+from jobs.files import drop_old_job_dirs, job_dir, result_file
 from jobs.queue import redelivery_after_s
-from jobs.records import ErrorCode, JobRecord, Progress
+from jobs.records import ErrorCode, JobRecord, PreviewInfo, Progress
 from jobs.store import Store, this_worker
 from jobs.transitions import delivery_limit
 from layout_planner.layout import MAX_OBJECTS
@@ -104,9 +104,12 @@ class WorkerRuntime:
 
     # --- the parts, loaded once per process --------------------------------------------------
     def planner(self):
+        """The planner, built on the first plan job; a local model loads (or downloads) then, once per process."""
         if self._planner is None:
             cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
-            self._planner = wiring.planner(self.settings, cache=cache, max_objects=min(self.settings.max_objects, MAX_OBJECTS))
+            log.info("planner: %s (pid %d)", wiring.choose_planner(self.settings).describe(), os.getpid())
+            self._planner = wiring.ready_planner(self.settings, say=log.info, cache=cache,
+                                                 max_objects=min(self.settings.max_objects, MAX_OBJECTS))
         return self._planner
 
     def preload_pipeline(self) -> None:
@@ -150,7 +153,7 @@ class WorkerRuntime:
             return "skipped"
         with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
             try:
-                layout = self._plan(job)
+                layout = self._plan(job, should_cancel=lambda: heartbeat.lost or self._cancel_requested(job_id))
             except Exception as exc:  # every failure ends the job with a code; nothing escapes to Celery
                 return self._fail(job_id, exc, stage="plan")
             if layout is None:
@@ -163,16 +166,17 @@ class WorkerRuntime:
             handed = self.store.hand_to_render(job_id, self.worker, layout)
         return "planned" if handed else "lost"
 
-    def _plan(self, job: JobRecord):
+    def _plan(self, job: JobRecord, should_cancel):
+        """The job's layout; ``should_cancel`` is checked between asks and, for a local model, between tokens."""
         from layout_planner import Turn
 
         planner = self.planner()
-        if job.kind == "generate":
-            return planner.plan(job.prompt)
+        if job.kind in ("generate", "plan"):
+            return planner.plan(job.prompt, should_cancel=should_cancel)
         history = [Turn(text=text, layout=layout) for text, layout in self.store.conversation(job.session_id, job.turn)]
         if not history:
             return None
-        return planner.revise(history, job.prompt)
+        return planner.revise(history, job.prompt, should_cancel=should_cancel)
 
     # --- stage 2 -----------------------------------------------------------------------------------
     def run_render(self, job_id: str) -> str:
@@ -187,7 +191,8 @@ class WorkerRuntime:
                 out = job_dir(self.settings.data_dir, job_id)
                 if out.exists():
                     shutil.rmtree(out)  # what an earlier, killed delivery left
-                result.save(out)
+                result.save(out, result.parameters(prompt=job.prompt, preset=job.preset,
+                                                   negative_prompt=job.negative_prompt))
             except Exception as exc:
                 if heartbeat.lost:
                     return "lost"
@@ -206,13 +211,32 @@ class WorkerRuntime:
         options = render_options(job, self.settings)
         conditioning = self.conditioning(job.conditioning)
 
-        def progress(stage: str, step: int, total: int) -> None:
+        current = {"progress": Progress(stage="loading")}  # what was last written: a preview keeps the step
+
+        def write_progress(update: Progress) -> None:
+            current["progress"] = update
             try:
-                self.store.held_update(job.job_id, self.worker, {
-                    "progress": Progress(stage=stage, step=step, total=total), "heartbeat_at": time.time(),
-                })
+                self.store.held_update(job.job_id, self.worker, {"progress": update, "heartbeat_at": time.time()})
             except redis.RedisError as exc:
                 log.warning("progress of job %s not recorded: %s", job.job_id, exc)
+
+        def progress(stage: str, step: int, total: int) -> None:
+            write_progress(Progress(stage=stage, step=step, total=total, preview=current["progress"].preview))
+
+        def preview(stage: str, step: int, total: int, image) -> None:
+            """Write the preview (replacing the last one whole, so the API never serves half a file)."""
+            path = result_file(self.settings.data_dir, job.job_id, "preview")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(".partial")
+                image.save(partial, format="PNG", compress_level=1)  # speed over size: written every few steps
+                os.replace(partial, path)
+            except OSError as exc:  # a preview is a nicety: never a failed job
+                log.warning("preview of job %s not written: %s", job.job_id, exc)
+                return
+            last = current["progress"]
+            count = last.preview.count + 1 if last.preview else 1
+            write_progress(last.model_copy(update={"preview": PreviewInfo(count=count, stage=stage, step=step, total=total)}))
 
         def should_cancel() -> bool:
             return heartbeat.lost or self._cancel_requested(job.job_id)
@@ -230,6 +254,7 @@ class WorkerRuntime:
             conditioning=conditioning,
             source_prompt=job.source_prompt,
             language=job.language,
+            preview=preview if job.previews else None,
         )
 
     # --- endings -----------------------------------------------------------------------------------
@@ -266,9 +291,14 @@ CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     """A typed failure's code and a message a person can act on (docs/service.md "Job lifecycle")."""
     from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
+    from layout_planner.errors import LocalModelUnavailable, PlanCanceled
 
     if isinstance(exc, InvalidPrompt):
         return "invalid_prompt", str(exc)
+    if isinstance(exc, PlanCanceled):
+        return "canceled", f"canceled while planning, after {exc.tokens} generated tokens"
+    if isinstance(exc, LocalModelUnavailable):
+        return "llm_unavailable", f"the plan worker cannot load its layout model: {exc}"
     if isinstance(exc, LLMUnavailable):
         return "llm_unavailable", f"the layout LLM could not be reached: {exc}. Check LMD_LLM_BASE_URL and the key, or retry later."
     if isinstance(exc, LLMBadOutput | PlannerError):

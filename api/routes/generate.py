@@ -1,4 +1,4 @@
-"""POST /generate: a prompt (or a layout) becomes a queued job in a session."""
+"""POST /generate and POST /plan: a prompt (or a layout) becomes a queued job in a session."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from fastapi import APIRouter, Header
 from fastapi.exceptions import RequestValidationError
 
 from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned_session
-from api.schemas import Accepted, GenerateRequest, limit_errors
-from jobs.records import JobRecord, SessionRecord, new_id, utcnow
+from api.schemas import Accepted, GenerateRequest, PlanRequest, limit_errors
 from api.submit import replay, submit
+from jobs.records import JobKind, JobRecord, SessionRecord, new_id, utcnow
+from jobs.store import Store
+from lmd.settings import Settings
 
 router = APIRouter(tags=["generate"])
 
@@ -27,14 +29,37 @@ def generate(
 ) -> Accepted:
     """Queue a generation: plan the prompt with the LLM (skipped when ``layout`` is given), then render.
 
-    A retry with the same ``Idempotency-Key`` and body returns the same job; the same key
+    With ``layout`` and ``session_id`` this renders an (edited) layout as the session's next
+    turn. A retry with the same ``Idempotency-Key`` and body returns the same job; the same key
     with another body is a 409.
     """
+    return _queue("generate", body, settings, store, celery, owner, idempotency_key)
+
+
+@router.post("/plan", status_code=202, response_model=Accepted)
+def plan(
+    body: PlanRequest,
+    settings: SettingsDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Accepted:
+    """Queue stage 1 alone: the job (kind ``plan``) ends ``succeeded`` with its ``layout`` and no image.
+
+    It is a turn of its session like any other, so the layout can be edited and rendered with
+    POST /generate (``layout`` + ``session_id``), or revised with POST /sessions/{id}/instruct.
+    """
+    return _queue("plan", body, settings, store, celery, owner, idempotency_key)
+
+
+def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, settings: Settings, store: Store, celery,
+           owner: str | None, idempotency_key: str | None) -> Accepted:
     errors = limit_errors(body, settings)
     if errors:
         raise RequestValidationError(errors)
     payload = body.model_dump(mode="json")
-    if (earlier := replay(store, owner, "generate", payload, idempotency_key)) is not None:
+    if (earlier := replay(store, owner, kind, payload, idempotency_key)) is not None:
         return earlier
     now = utcnow()
     if body.session_id is not None:
@@ -42,15 +67,16 @@ def generate(
     else:
         seed = body.seed if body.seed is not None else secrets.randbelow(settings.max_seed + 1)
         session = SessionRecord(session_id=new_id(), owner=owner, seed=seed, created_at=now, updated_at=now)
-    text = (body.prompt or "").strip() or "; ".join(body.layout.phrases())
+    layout = getattr(body, "layout", None)
+    text = (body.prompt or "").strip() or "; ".join(layout.phrases())
     job = JobRecord(
         job_id=new_id(),
         session_id=session.session_id,
         owner=owner,
-        kind="generate",
+        kind=kind,
         prompt=text,
-        layout=body.layout,
-        layout_given=body.layout is not None,
+        layout=layout,
+        layout_given=layout is not None,
         seed=body.seed if body.seed is not None else session.seed,
         steps=body.steps,
         guidance_scale=body.guidance_scale,
@@ -62,7 +88,8 @@ def generate(
         conditioning=body.conditioning or settings.conditioning,
         language=body.language,
         source_prompt=(body.prompt or "").strip() or None,
+        previews=getattr(body, "previews", False),
         created_at=now,
         updated_at=now,
     )
-    return submit(store, celery, job, session, "generate", payload, idempotency_key, settings)
+    return submit(store, celery, job, session, kind, payload, idempotency_key, settings)

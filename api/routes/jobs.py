@@ -1,4 +1,4 @@
-"""Jobs: state and progress, the image and its overlay, cancel, and a stream of events."""
+"""Jobs: state and progress, the image, its overlay, masks and report, live previews, cancel, and a stream of events."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import json
 import redis
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.deps import JobDep, SettingsDep, StoreDep
 from api.schemas import JobView
-from jobs.files import result_file
+from jobs.files import mask_file, report_file, result_file
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -43,6 +43,48 @@ def get_image(job: JobDep, settings: SettingsDep) -> FileResponse:
 def get_overlay(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The image with the layout's boxes and phrases drawn on it."""
     return _result_file(job, settings, "overlay")
+
+
+@router.get("/{job_id}/masks/{object_id}", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+def get_mask(job: JobDep, object_id: str, settings: SettingsDep) -> FileResponse:
+    """One object's mask (white = the object) as the render used it; the report says its source."""
+    if job.state != "succeeded" or job.kind == "plan":
+        raise HTTPException(409, f"job {job.job_id} is {job.state}; its masks exist once its render has succeeded")
+    if job.layout is None or object_id not in {o.id for o in job.layout.objects}:
+        raise HTTPException(404, f"job {job.job_id} has no object {object_id[:64]!r}")
+    path = mask_file(settings.data_dir, job.job_id, object_id)
+    if not path.is_file():
+        raise HTTPException(404, f"no mask for {object_id!r}: the sd variant makes none, or the files are gone (retention)")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.get("/{job_id}/report", response_class=FileResponse, responses={200: {"content": {"application/json": {}}}})
+def get_report(job: JobDep, settings: SettingsDep) -> FileResponse:
+    """The render's report (grounded_sd.report.GenerationReport): per object its mask source, area,
+    mask/box IoU and energies; per stage its wall time and UNet calls."""
+    if job.state != "succeeded" or job.kind == "plan":
+        raise HTTPException(409, f"job {job.job_id} is {job.state}; its report exists once its render has succeeded")
+    path = report_file(settings.data_dir, job.job_id)
+    if not path.is_file():
+        raise HTTPException(404, f"the report of job {job.job_id} is gone (retention LMD_RETENTION_S passed)")
+    return FileResponse(path, media_type="application/json")
+
+
+@router.get("/{job_id}/preview", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+def get_preview(job: JobDep, settings: SettingsDep) -> Response:
+    """The latest live preview of a render that asked for them (``previews: true``): a cheap
+    latent-to-RGB picture; ``progress.preview`` says its stage and step. 404 until the first one.
+
+    Read whole before answering: the worker replaces the file every few steps."""
+    missing = HTTPException(404, f"job {job.job_id} has no preview now (it did not ask for previews, "
+                                 "has not reached stage 2, or has finished)")
+    if job.progress.preview is None or job.terminal:
+        raise missing
+    try:
+        content = result_file(settings.data_dir, job.job_id, "preview").read_bytes()
+    except OSError:
+        raise missing from None
+    return Response(content, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobView)

@@ -60,6 +60,7 @@ def instruct(
         kind="instruct",
         prompt=body.instruction.strip(),
         seed=body.seed if body.seed is not None else session.seed,
+        previews=body.previews,
         **_render_settings_of_latest(session, jobs),
         created_at=now,
         updated_at=now,

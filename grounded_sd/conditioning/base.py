@@ -164,12 +164,13 @@ class ClipConditioning(Conditioning):
         return ClipConditioned(clip, mode)
 
 
-def shift_targets(targets: list, offset: int) -> list:
-    """Energy targets with their phrase token positions moved by ``offset`` (concat mode puts
-    the conditioning's tokens before CLIP's)."""
-    if not offset:
-        return targets
-    return [dataclasses.replace(t, token_indices=tuple(i + offset for i in t.token_indices)) for t in targets]
+def guidance_targets(conditioned: "Conditioned", which: Pass, targets: list, rows: list[int], spans: list[tuple[int, int]]) -> list:
+    """Energy targets with the positions guidance reads (:meth:`Conditioned.guidance_tokens`):
+    target ``k`` is the phrase ``spans[k]`` (characters) of prompt ``rows[k]`` of ``which``."""
+    return [
+        dataclasses.replace(t, token_indices=conditioned.guidance_tokens(which, row, t.token_indices, span))
+        for t, row, span in zip(targets, rows, spans)
+    ]
 
 
 def concat_tokens(extra: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:

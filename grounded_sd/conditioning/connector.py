@@ -78,15 +78,17 @@ class ConnectorConditioning(Conditioning):
 
     name = "connector"
 
-    def __init__(self, connector: TrainedConnector) -> None:
+    def __init__(self, connector: TrainedConnector, source: str | Path | None = None) -> None:
         self.connector = connector
+        if source is not None:
+            self.name = f"{PREFIX}{source}"  # what reports and job records show
         self.modes = ("tokens", "replace", "concat") if connector.spec.per_token else ("replace", "concat")
         if connector.spec.per_token and connector.spec.guidance == "clip":
             self.modes = ("replace", "tokens", "concat")
 
     @classmethod
     def from_path(cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "ConnectorConditioning":
-        return cls(TrainedConnector.load(path, device=device, dtype=dtype))
+        return cls(TrainedConnector.load(path, device=device, dtype=dtype), path)
 
     @property
     def output_dim(self) -> int:

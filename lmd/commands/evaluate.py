@@ -273,9 +273,10 @@ def _layout_source(config, settings, all_prompts, responses):
 
     planner = wiring.planner(settings)
     llm = planner.config
+    endpoint = wiring.choose_planner(settings).endpoint
     samples = occurrence_numbers(all_prompts)
     label = (
-        f"planner {llm.model} at {llm.base_url} (temperature {llm.temperature}, "
+        f"planner {llm.model} {f'at {endpoint}' if endpoint else 'in process'} (temperature {llm.temperature}, "
         f"template {planner.template.sha256[:12]}, {llm.mode})"
     )
     return (lambda prompt: planner.plan(prompt.prompt, sample_index=samples[prompt.index])), label, f"{config.variant} ({llm.model})"

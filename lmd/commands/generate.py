@@ -88,9 +88,13 @@ def _read_layout(path: Path):
 
 
 def _plan(prompt: str, settings):
+    """Stage 1; a local planner says which model and why, and its first download, on stderr."""
     from layout_planner import PlannerError
 
-    planner = wiring.planner(settings)
+    try:
+        planner = wiring.ready_planner(settings, say=lambda line: print(f"lmd generate: {line}", file=sys.stderr, flush=True))
+    except PlannerError as exc:
+        raise CLIError(str(exc)) from None
     try:
         return planner.plan(prompt)
     except PlannerError as exc:
@@ -136,7 +140,8 @@ def run_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     result = _render(args, settings, layout, seed)
     try:
-        out = result.save(args.out)
+        parameters = result.parameters(prompt=args.prompt, preset=args.preset or settings.preset, negative_prompt=args.negative)
+        out = result.save(args.out, parameters)
     except OSError as exc:
         raise CLIError(f"cannot write to {args.out}: {exc}") from None
     _print_summary(result, out, seed)

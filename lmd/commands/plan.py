@@ -62,19 +62,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _planner(say=None):
-    """The planner from settings; ``say`` prints one line of progress (a transport retry) to stderr."""
-    from layout_planner import Planner
+    """The planner from settings (``LMD_PLANNER``); ``say`` prints one line of progress to stderr: a
+    transport retry, or which local model plans and why, its download and loading (done here)."""
+    from layout_planner import PlannerError
     from layout_planner.client import needs_api_key
     from lmd import wiring
 
-    config = wiring.llm_config(wiring.load_settings())
+    settings = wiring.load_settings()
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    if wiring.choose_planner(settings).kind == "local":
+        try:
+            return wiring.ready_planner(settings, say=lambda message: say(f"lmd plan: {message}"))
+        except PlannerError as exc:
+            raise CLIError(str(exc)) from None
+    config = wiring.llm_config(settings)
     if needs_api_key(config):
         raise CLIError(
             f"no API key for {config.base_url}: set LMD_LLM_API_KEY or OPENAI_API_KEY, "
             "or LMD_LLM_BASE_URL to a server that needs none"
         )
-    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    return Planner(config, on_retry=lambda message: say(f"lmd plan: {config.base_url}: {message}"))
+    return wiring.planner(settings, on_retry=lambda message: say(f"lmd plan: {config.base_url}: {message}"))
 
 
 def _check_draw_path(path: Path) -> None:

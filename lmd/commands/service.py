@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lmd.wiring import load_settings
+from lmd.wiring import choose_planner, load_settings
 
 DEFAULT_CONCURRENCY = {"plan": 2, "render": 1}
 
@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--queues", required=True,
                         help="plan (LLM calls, CPU), render (one process per GPU), or plan,render")
     worker.add_argument("--concurrency", type=int,
-                        help="processes of the pool; default 2 for plan, 1 for render (1 is the only choice for render)")
+                        help="processes of the pool; default 2 for plan (1 with the local planner: one model copy "
+                             "per process), 1 for render (1 is the only choice for render)")
     worker.add_argument("--name", help="Celery node name; default <queues>-<pid>@<host>")
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(handler=_worker)
@@ -54,13 +55,16 @@ def _worker(args: argparse.Namespace) -> int:
     unknown = [q for q in queues if q not in QUEUES]
     if not queues or unknown:
         raise CLIError(f"--queues must name plan, render or both (comma-separated); got {args.queues!r}")
+    settings = load_settings(cached=True)
+    local_planner = "plan" in queues and choose_planner(settings).kind == "local"
     concurrency = args.concurrency if args.concurrency is not None else min(DEFAULT_CONCURRENCY[q] for q in queues)
+    if args.concurrency is None and local_planner:
+        concurrency = 1  # each pool process loads its own copy of the local planner's model
     if concurrency < 1:
         raise CLIError("--concurrency must be at least 1")
     if "render" in queues and concurrency != 1:
         raise CLIError("a render worker runs one process per GPU: start one `lmd worker --queues render` "
                        "per GPU (LMD_DEVICE=cuda:N) instead of --concurrency > 1")
-    settings = load_settings(cached=True)
     app = create_celery(settings)
     app.conf.lmd_preload_pipeline = "render" in queues  # worker.tasks loads it in each pool child
     name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"

@@ -304,7 +304,7 @@ def test_every_field_of_the_service_contract_is_there_by_name(client):
     job = client.get(accepted["status_url"]).json()
     assert {"job_id", "session_id", "state", "progress", "prompt", "layout", "seed", "error", "result",
             "created_at", "updated_at"} <= job.keys()
-    assert set(job["progress"]) == {"stage", "step", "total"}
+    assert set(job["progress"]) == {"stage", "step", "total", "preview"}
     session = client.get(f"/sessions/{accepted['session_id']}").json()
     assert {"session_id", "turns"} <= session.keys()
     assert {"turn", "kind", "text", "layout", "job_id"} <= session["turns"][0].keys()

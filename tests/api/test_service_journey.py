@@ -5,6 +5,8 @@ One stack per module, as deployed without docker: a private Redis, ``lmd serve``
 generate -> poll -> image and overlay -> instruct -> session with two turns; progress seen
 to advance and a running job canceled; a planner failure with its code; and last, a render
 worker SIGKILLed mid-job whose job is re-enqueued by the reaper and finished by a new worker.
+Before the worker is killed, ``conditioning``: a generate with ella end to end (its instruct keeps
+it), an unknown value is a 422, a missing GlueNet checkpoint ends the job model_unavailable.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import time
 
 import pytest
 import redis
+
 from PIL import Image
+
+from jobs.files import job_dir
 
 from tests.support.builders import box_object, layout_data
 from tests.support.fake_llm import FakeLLM
@@ -52,7 +57,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
+def stack(private_redis, tiny_sd_path, tiny_conditioning_files, tmp_path_factory):  # noqa: F811
     tmp = tmp_path_factory.mktemp("service")
     llm = FakeLLM()
     settings = service_settings(
@@ -67,6 +72,10 @@ def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
         reaper_interval_s=0.5,
         max_redeliveries=2,
         max_batch=2,
+        # tiny ELLA files for tests/api/test_conditioning_service.py, which shares this stack; no GlueNet checkpoint
+        ella_checkpoint=str(tiny_conditioning_files["ella"]),
+        ella_t5=str(tiny_conditioning_files["t5"]),
+        gluenet_xlmr=str(tiny_conditioning_files["xlmr"]),
     )
     env = {**settings_env(settings), **llm.env()}
     api = APIProcess(env, tmp / "api.log")
@@ -206,6 +215,47 @@ def test_an_unreachable_llm_fails_the_job_with_its_code(api, stack):
     job = wait_for_job(api, accepted.json()["job_id"], {"succeeded", "failed", "canceled"})
     assert job["state"] == "failed" and job["error"]["code"] == "llm_unavailable", job
     assert "LMD_LLM_BASE_URL" in job["error"]["message"]
+
+
+# --- conditioning (docs/conditioning.md): the stack's settings name tiny ELLA files and no GlueNet checkpoint ---
+BALL_LAYOUT = layout_data(box_object("ball", "a red ball", [0.2, 0.2, 0.7, 0.7]), background="a park")
+BALL_MOVED = {"objects": [{"id": "ball", "phrase": "a red ball", "box": [200, 40, 250, 250]}], "background": "a park", "negative": ""}
+ENDED = {"succeeded", "failed", "canceled"}
+
+
+def test_unknown_conditioning_and_language_are_422(stack):
+    client = stack.client
+    for body, where in (({"conditioning": "t5"}, "conditioning"), ({"conditioning": "gluenet", "language": "French"}, "language")):
+        answer = client.post("/generate", json={"prompt": "a red ball in a park", **body})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"][0]["loc"][-1] == where
+
+
+def test_ella_end_to_end_and_instruct_keeps_it(stack):
+    client, llm, settings, workers = stack.client, stack.llm, stack.settings, list(stack.workers.values())
+    accepted = client.post("/generate", json={"layout": BALL_LAYOUT, "conditioning": "ella", "width": 64, "height": 64, "steps": 3})
+    assert accepted.status_code == 202, accepted.text
+    job = wait_for_job(client, accepted.json()["job_id"], ENDED)
+    assert job["state"] == "succeeded", (job, [w.log() for w in workers])
+    assert job["conditioning"] == "ella"
+    report = json.loads((job_dir(settings.data_dir, job["job_id"]) / "report.json").read_text())
+    assert report["conditioning"] == "ella" and [s["name"] for s in report["stages"]] == ["per_box", "masks", "final"]
+
+    llm.enqueue(BALL_MOVED)
+    turn2 = client.post(f"/sessions/{job['session_id']}/instruct", json={"instruction": "move the ball right"})
+    assert turn2.status_code == 202, turn2.text
+    second = wait_for_job(client, turn2.json()["job_id"], ENDED)
+    assert second["state"] == "succeeded" and second["conditioning"] == "ella", (second, [w.log() for w in workers])
+
+
+def test_a_missing_checkpoint_ends_the_job_model_unavailable_naming_the_setting(stack):
+    client, workers = stack.client, list(stack.workers.values())
+    accepted = client.post("/generate", json={"layout": BALL_LAYOUT, "prompt": "une balle rouge dans un parc", "conditioning": "gluenet",
+                                              "width": 64, "height": 64, "steps": 2})
+    assert accepted.status_code == 202, accepted.text
+    job = wait_for_job(client, accepted.json()["job_id"], ENDED)
+    assert job["state"] == "failed" and job["error"]["code"] == "model_unavailable", (job, [w.log() for w in workers])
+    assert "LMD_GLUENET_CHECKPOINTS" in job["error"]["message"]
 
 
 def test_a_render_worker_killed_mid_job_is_replaced_and_the_job_completes(api, stack):

@@ -4,7 +4,6 @@ LLM server, and one-line errors."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from PIL import Image
@@ -19,16 +18,6 @@ LAYOUT = layout_data(
     background="a realistic park",
 )
 FAST = ["--steps", "4", "--width", "64", "--height", "64", "--quiet", "--device", "cpu"]
-
-
-@pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    """No stray LMD_* variables or .env file; one torch thread."""
-    monkeypatch.chdir(tmp_path)
-    for name in [n for n in os.environ if n.startswith("LMD_") or n == "OPENAI_API_KEY"]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("LMD_TORCH_THREADS", "1")
-    return tmp_path
 
 
 def test_generate_from_a_layout_writes_every_output(clean_env, tiny_sd_path, capsys):

@@ -8,11 +8,11 @@ import json
 import pytest
 
 from lmd.cli import main
-from tests.cli.test_generate import FAST, LAYOUT, clean_env  # noqa: F401  (the fixture)
+from tests.cli.test_generate import FAST, LAYOUT
 
 
 @pytest.fixture
-def conditioning_env(clean_env, monkeypatch, tiny_conditioning_files):  # noqa: F811
+def conditioning_env(clean_env, monkeypatch, tiny_conditioning_files):
     files = tiny_conditioning_files
     monkeypatch.setenv("LMD_ELLA_CHECKPOINT", str(files["ella"]))
     monkeypatch.setenv("LMD_ELLA_T5", str(files["t5"]))

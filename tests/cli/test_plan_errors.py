@@ -40,6 +40,7 @@ def _closed_port() -> int:
 
 
 def test_no_api_key_for_openai_fails_at_once_in_one_line(clean_env, capsys):
+    clean_env.setenv("LMD_PLANNER", "remote")  # auto would pick the local planner without a key
     assert main(["plan", "a cat"]) == 2  # default base URL: api.openai.com, no key anywhere
     err = capsys.readouterr().err
     assert err == (

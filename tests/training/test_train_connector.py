@@ -119,7 +119,7 @@ def test_sdxl_shaped_unet_gets_sequence_and_pooled_embedding(tmp_path, tiny_llm_
     out = tmp_path / "xl"
     config = write_config(
         tmp_path / "x.yaml", model=sdxl, encoder=tiny_llm_path, images=shapes, out=out,
-        training={"steps": 1, "batch_size": 2, "checkpoint_every": 1}, validation={"every": 1, "steps": 2},
+        training={"steps": 1, "batch_size": 2, "checkpoint_every": 1, "gradient_checkpointing": True}, validation={"every": 1, "steps": 2},
     )
     assert main(["train-connector", "--config", str(config), "--quiet"]) == 0
     spec = json.loads((out / "connector" / "connector.json").read_text())

@@ -1,0 +1,355 @@
+"""The studio page in a real browser (Debian's Chromium driven by Playwright) against the real service.
+
+One stack for the module: a private Redis, ``lmd serve`` with an API key, a plan and a render
+worker (the tiny local model, the fake LLM). One browser for the module, a fresh page per test.
+Each browser test saves a screenshot under ``test-output/screenshots/`` (ignored by git); with
+``LMD_TEST_UPDATE_SCREENSHOT=1`` the journey also rewrites ``docs/screenshots/studio.png``, the
+README's picture (a tracked file, so an ordinary test run leaves the checkout clean).
+
+The first test is the API-only part of the same features (no browser), so a client script
+can do everything the page does.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import time
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+
+from grounded_sd.image_parameters import Conditioning, ImageParameters, read_parameters
+from layout_planner.layout import Layout
+from tests.support.fake_llm import FakeLLM
+from tests.support.service import REPO, APIProcess, RedisServer, WorkerProcess, service_settings, settings_env, wait_for_job
+from tests.support.tiny_sd import tiny_sd_path  # noqa: F401  (the session fixture)
+
+pytestmark = pytest.mark.slow
+
+KEY = "studio-key"
+SCREENSHOTS = REPO / "test-output" / "screenshots"
+README_SCREENSHOT = REPO / "docs" / "screenshots" / "studio.png"
+PLANNED = {  # the fake LLM's layout: xywh on the 512 grid
+    "objects": [
+        {"id": "cat", "phrase": "a grey cat", "box": [32, 192, 192, 256]},
+        {"id": "dog", "phrase": "a brown dog", "box": [288, 160, 192, 288]},
+    ],
+    "background": "a realistic living room",
+    "negative": "birds",
+}
+REVISED = {**PLANNED, "objects": [PLANNED["objects"][0], {**PLANNED["objects"][1], "box": [288, 32, 192, 256]}]}
+SMALL = {"width": 64, "height": 64, "steps": 4, "preset": "fast"}
+
+
+class Stack:
+    def __init__(self, redis_server: RedisServer, api: APIProcess, llm: FakeLLM):
+        self.redis_server, self.api, self.llm = redis_server, api, llm
+        self.workers: list[WorkerProcess] = []
+        self.client = httpx.Client(base_url=api.base_url, timeout=30, headers={"Authorization": f"Bearer {KEY}"})
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.name}\n{w.log()}" for w in self.workers)
+
+
+@pytest.fixture(scope="module")
+def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("studio")
+    llm = FakeLLM()
+    llm.default_reply = json.dumps(PLANNED)
+    settings = service_settings(private_redis.url, tmp / "data", sd_model=str(tiny_sd_path), device="cpu",
+                                dtype="float32", torch_threads=1, api_keys=[KEY], events_poll_s=0.05)
+    env = {**settings_env(settings), **llm.env()}
+    api = APIProcess(env, tmp / "api.log")
+    s = Stack(private_redis, api, llm)
+    r = redis.Redis(port=private_redis.port)
+    try:
+        api.wait_ready()
+        for queue in ("plan", "render"):
+            worker = WorkerProcess(queue, env, tmp / f"{queue}.log")
+            s.workers.append(worker)
+        for worker in s.workers:
+            worker.wait_ready(r)
+        yield s
+    finally:
+        for worker in s.workers:
+            worker.stop()
+        s.client.close()
+        api.stop()
+        llm.close()
+
+
+def test_the_api_the_page_uses_plan_previews_masks_report_parameters(stack):
+    api = stack.client
+    limits = httpx.get(f"{stack.api.base_url}/limits").json()  # open: no key needed
+    assert limits["auth"] is True and (limits["min_size"], limits["max_size"], limits["max_steps"]) == (32, 128, 400)
+    assert limits["presets"] == ["reference", "fast"] and "lmd" in limits["variants"]
+
+    accepted = api.post("/plan", json={"prompt": "a cat and a dog", **SMALL}).json()
+    planned = wait_for_job(api, accepted["job_id"], {"succeeded", "failed"})
+    assert planned["state"] == "succeeded", planned
+    assert planned["kind"] == "plan" and planned["result"] is None
+    assert [o["id"] for o in planned["layout"]["objects"]] == ["cat", "dog"]
+    session = api.get(f"/sessions/{accepted['session_id']}").json()
+    assert [(t["kind"], t["state"]) for t in session["turns"]] == [("plan", "succeeded")]
+
+    layout = planned["layout"]
+    layout["objects"][0]["box"] = [0.0, 0.5, 0.4, 0.9]  # edited by hand
+    job_id = api.post("/generate", json={"layout": layout, "session_id": accepted["session_id"], "previews": True,
+                                         "prompt": "a cat and a dog", **SMALL}).json()["job_id"]
+    previews, served = set(), 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        view = api.get(f"/jobs/{job_id}").json()
+        if view["progress"]["preview"] is not None and view["preview_url"]:
+            previews.add((view["progress"]["preview"]["stage"], view["progress"]["preview"]["count"]))
+            response = api.get(view["preview_url"])
+            if response.status_code == 200:
+                assert response.headers["content-type"] == "image/png"
+                served += Image.open(io.BytesIO(response.content)).size == (256, 256)
+        if view["state"] in ("succeeded", "failed", "canceled"):
+            break
+        time.sleep(0.02)
+    assert view["state"] == "succeeded", (view, stack.logs())
+    assert previews and served, "no preview was seen while rendering"
+    assert view["preview_url"] is None and api.get(f"/jobs/{job_id}/preview").status_code == 404
+
+    result = view["result"]
+    assert set(result["masks"]) == {"cat", "dog"}
+    mask = Image.open(io.BytesIO(api.get(result["masks"]["cat"]).content))
+    assert mask.mode == "L" and mask.size == (64, 64)
+    assert api.get(f"/jobs/{job_id}/masks/horse").status_code == 404
+    report = api.get(result["report_url"]).json()
+    assert [o["id"] for o in report["objects"]] == ["cat", "dog"] and report["objects"][0]["mask_source"]
+    assert [s["name"] for s in report["stages"]] == ["per_box", "masks", "final"]
+
+    image_path = stack.api.log_path.parent / "served.png"
+    image_path.write_bytes(api.get(result["image_url"]).content)
+    params = read_parameters(image_path)
+    assert params.layout.objects[0].box == (0.0, 0.5, 0.4, 0.9) and params.seed == view["seed"]
+    assert (params.steps, params.preset, params.prompt, params.width) == (4, "fast", "a cat and a dog", 64)
+    assert api.get(f"/jobs/{accepted['job_id']}/report").status_code == 409  # a plan has no render
+
+
+# ------------------------------------------------------------------------------ the browser ------
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (scripts/test installs Debian's package)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, stack, request):
+    context = browser.new_context(viewport={"width": 1500, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+    stack.llm.replies.clear()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def open_studio(page, stack, key: str = KEY, query: str = "") -> None:
+    page.goto(f"{stack.api.base_url}/{query}")
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", key)
+    page.click("#key-save")
+    for field, value in SMALL.items():
+        page.select_option(f"#{field}", value) if field == "preset" else page.fill(f"#{field}", str(value))
+
+
+def plan(page, prompt: str = "a cat and a dog") -> None:
+    page.fill("#prompt", prompt)
+    page.click("#plan-button")
+    page.wait_for_selector("#editor .box >> nth=1")
+
+
+def render_request(page, click: str = "#render-button") -> dict:
+    with page.expect_request(lambda r: r.url.endswith("/generate") and r.method == "POST") as request:
+        page.click(click)
+    return request.value.post_data_json
+
+
+def wait_done(page) -> None:
+    page.wait_for_function("!document.getElementById('cancel-button').disabled", timeout=10_000)
+    page.wait_for_function("document.getElementById('cancel-button').disabled")
+
+
+def test_plan_drag_render_previews_result_refine_compare(page, stack):
+    open_studio(page, stack, key="wrong-key")
+    page.fill("#seed", "7")
+    page.fill("#prompt", "a cat and a dog")
+    page.click("#plan-button")
+    page.wait_for_selector("#key-dialog[open]")  # the 401 asks for the key again
+    assert "refused" in page.inner_text("#key-reason")
+    page.fill("#key-input", KEY)
+    page.click("#key-save")
+    plan(page)
+    assert page.locator("#editor .box").count() == 2
+    assert page.input_value("#background") == "a realistic living room" and page.input_value("#negative") == "birds"
+
+    editor = page.locator("#editor").bounding_box()
+    assert abs(editor["width"] - editor["height"]) < 2  # drawn at the image's aspect ratio (64x64)
+    cat = page.locator("#editor .box[data-id=cat]").bounding_box()
+    x, y = cat["x"] + cat["width"] / 2, cat["y"] + cat["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + editor["width"] * 0.2, y - editor["height"] * 0.1, steps=6)
+    page.mouse.up()
+
+    body = render_request(page)
+    objects = {o["id"]: o for o in body["layout"]["objects"]}
+    assert list(objects) == ["cat", "dog"] and body["previews"] is True and body["session_id"]
+    assert objects["cat"]["box"][0] == pytest.approx(32 / 512 + 0.2, abs=0.01)
+    assert objects["cat"]["box"][1] == pytest.approx(192 / 512 - 0.1, abs=0.01)
+    assert objects["dog"]["box"] == pytest.approx([288 / 512, 160 / 512, 480 / 512, 448 / 512], abs=1e-3)
+    assert (body["width"], body["steps"], body["preset"], body["seed"]) == (64, 4, "fast", 7)
+
+    page.wait_for_function("Number(document.getElementById('preview').dataset.count || 0) >= 1")
+    page.wait_for_function("document.getElementById('report-stages').rows.length === 5")  # the last thing shown
+    assert "Done" in page.inner_text("#progress-text") and page.is_visible("#result")
+    assert page.get_attribute("#result-image", "src").startswith("blob:")
+    assert page.get_attribute("#download", "download").endswith(".png")
+    assert page.locator("#report-objects tr").count() == 3 and page.locator("#report-stages tr").count() == 5
+
+    page.uncheck("#overlay-toggle")
+    assert "hidden" in page.get_attribute("#result-overlay", "class")
+    page.check("#overlay-toggle")
+    page.hover("#result-overlay .box[data-id=dog]")
+    page.wait_for_selector("#mask-image:not([hidden])")
+    assert "dog" in page.inner_text("#mask-info") and "mask from" in page.inner_text("#mask-info")
+
+    stack.llm.enqueue(REVISED)
+    page.fill("#instruction", "move the dog up")
+    page.click("#instruct-button")
+    page.wait_for_selector("#timeline .turn >> nth=2")
+    page.wait_for_function("document.querySelectorAll('#timeline .turn img').length === 2")
+    dog = page.locator("#editor .box[data-id=dog]")
+    assert dog.get_attribute("aria-label").startswith("dog: a brown dog; left 56%, top 6%")  # the revised layout
+
+    page.check("[aria-label='Compare turn 2']")
+    page.check("[aria-label='Compare turn 3']")
+    page.click("#compare-button")
+    page.wait_for_selector("#compare:not([hidden]) #compare-side")
+    assert page.get_attribute("#compare-a", "src").startswith("blob:") and "Turn 3" in page.inner_text("#compare-b-caption")
+    page.check("#compare-slider")
+    page.wait_for_selector("#compare-swipe:not([hidden])")
+    page.fill("#swipe-range", "30")
+    assert "30%" in page.get_attribute("#swipe-clip", "style")
+    page.uncheck("#compare-slider")
+
+    page.click("#timeline .turn >> nth=1 >> button")  # back to turn 2: its layout and image
+    page.wait_for_function("document.querySelector('#timeline .turn.current') === document.querySelectorAll('#timeline .turn')[1]")
+    assert page.locator("#editor .box[data-id=dog]").get_attribute("aria-label").startswith("dog: a brown dog; left 56%, top 31%")
+    if os.environ.get("LMD_TEST_UPDATE_SCREENSHOT") == "1":
+        page.screenshot(path=str(README_SCREENSHOT), full_page=True)
+
+
+def test_keyboard_only_editing(page, stack):
+    open_studio(page, stack)
+    plan(page)
+    page.wait_for_function("document.activeElement.dataset.id === 'cat'")  # planning focuses the first box
+    layout = lambda: page.evaluate("window.studio.layout")  # noqa: E731
+    start = layout()["objects"][0]["box"]
+    for key in ("ArrowRight", "ArrowRight", "ArrowDown", "Shift+ArrowRight", "ArrowLeft"):
+        page.keyboard.press(key)
+    box = layout()["objects"][0]["box"]
+    assert box == pytest.approx([start[0] + 0.01, start[1] + 0.01, start[2] + 0.02, start[3] + 0.01], abs=2e-3)
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.dataset.id") == "dog"
+    page.keyboard.press("Delete")
+    assert [o["id"] for o in layout()["objects"]] == ["cat"]
+    page.keyboard.press("Control+z")
+    assert [o["id"] for o in layout()["objects"]] == ["cat", "dog"]
+    page.keyboard.press("Control+Shift+z")
+    assert [o["id"] for o in layout()["objects"]] == ["cat"]
+    page.keyboard.press("Control+z")
+    page.keyboard.press("Enter")  # on the focused box: edit its phrase
+    assert page.evaluate("document.activeElement.id").startswith("phrase-")
+    focused = page.evaluate("document.activeElement.id").removeprefix("phrase-")
+    page.keyboard.press("Control+a")
+    page.keyboard.type("a spotted dog")
+    page.keyboard.press("Tab")
+    assert next(o for o in layout()["objects"] if o["id"] == focused)["phrase"] == "a spotted dog"
+    assert page.get_attribute("#undo", "disabled") is None
+    assert page.inner_text("#status")  # the live region a screen reader reads out
+    # every control the editor needs has a name a screen reader reads
+    for selector in ("#editor .box", "#objects input", "#objects button", "#background", "#negative", "#add-box"):
+        for element in page.locator(selector).all():
+            assert element.evaluate("e => e.getAttribute('aria-label') || (e.labels && e.labels.length && e.labels[0].textContent) || e.textContent").strip(), selector
+    page.click("#add-box")
+    page.wait_for_function("document.activeElement.dataset.id === 'object3'")
+    assert [o["id"] for o in layout()["objects"]] == ["cat", "dog", "object3"]
+
+
+def test_a_dropped_png_restores_its_prompt_settings_and_layout(page, stack):
+    layout = Layout.model_validate({"objects": [{"id": "lamp", "phrase": "a red lamp", "box": [0.1, 0.2, 0.3, 0.9]}],
+                                    "background": "a café at night", "negative": "people"})
+    params = ImageParameters(prompt="a red lamp in a café", layout=layout, seed=1234, steps=12, guidance_scale=7.5,
+                             width=96, height=64, variant="sd", preset="reference", model="m", scheduler="DDIMScheduler",
+                             conditioning=Conditioning(prompt="p", negative_prompt="n"))
+    png = io.BytesIO()
+    Image.new("RGB", (96, 64)).save(png, format="PNG", pnginfo=params.png_info())
+    open_studio(page, stack)
+    page.evaluate('''([data]) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "lamp.png", {type: "image/png"}));
+        document.getElementById("editor-wrap").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
+    }''', [base64.b64encode(png.getvalue()).decode()])
+    page.wait_for_selector("#editor .box[data-id=lamp]")
+    assert page.input_value("#prompt") == "a red lamp in a café" and page.input_value("#seed") == "1234"
+    assert (page.input_value("#width"), page.input_value("#height"), page.input_value("#steps")) == ("96", "64", "12")
+    assert page.input_value("#variant") == "sd" and page.input_value("#background") == "a café at night"
+    editor = page.locator("#editor").bounding_box()
+    assert editor["width"] / editor["height"] == pytest.approx(96 / 64, rel=0.02)  # drawn at the image's aspect ratio
+
+
+def test_cancel_a_render_with_polling(page, stack):
+    open_studio(page, stack, query="?transport=poll")
+    page.fill("#steps", "400")
+    page.select_option("#preset", "reference")
+    plan(page)
+    render_request(page)
+    page.wait_for_function("/step \\d+ of/.test(document.getElementById('progress-text').textContent)")
+    page.click("#cancel-button")
+    page.wait_for_function("document.getElementById('alert').textContent.includes('Canceled')")
+    page.wait_for_selector("#timeline .turn >> nth=1")
+    assert "canceled" in page.inner_text("#timeline .turn >> nth=1")
+
+
+def test_a_422_and_a_503_in_plain_words(page, stack):
+    open_studio(page, stack)
+    page.fill("#width", "100")
+    page.fill("#prompt", "a cat")
+    page.click("#plan-button")
+    page.wait_for_selector("#alert:not([hidden])")
+    assert "multiple of 8" in page.inner_text("#err-width") and page.get_attribute("#width", "aria-invalid") == "true"
+    assert "refused" in page.inner_text("#alert")
+    assert page.inner_text("#hint-size") == "Width and height: 32–128 px, multiples of 8."
+
+    page.fill("#width", "64")
+    stack.redis_server.stop()  # the service loses Redis: every call that needs it is a 503
+    try:
+        page.click("#plan-button")
+        page.wait_for_function("document.getElementById('alert').textContent.includes('recovering')")
+        assert "Try again in 2 s" in page.inner_text("#alert")
+        assert page.inner_text("#err-width") == ""
+    finally:
+        stack.redis_server.start()
