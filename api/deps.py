@@ -31,6 +31,22 @@ def owner_of(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+def _sent_key(request: Request) -> str | None:
+    """The key in ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``."""
+    key = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if key is None and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    return key or None
+
+
+def _known(key: str, keys: list[str]) -> bool:
+    return any(hmac.compare_digest(key.encode(), k.encode()) for k in keys)
+
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
 def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> str | None:
     """The caller's identity: None when API keys are off; 401 when they are on and the key is wrong.
 
@@ -38,22 +54,39 @@ def get_owner(request: Request, settings: Annotated[Settings, Depends(get_settin
     """
     if not settings.api_keys:
         return None
-    key = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if key is None and auth.lower().startswith("bearer "):
-        key = auth[7:].strip()
-    challenge = {"WWW-Authenticate": "Bearer"}
+    key = _sent_key(request)
     if not key:
-        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", challenge)
-    if not any(hmac.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
-        raise HTTPException(401, "invalid API key", challenge)
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", _CHALLENGE)
+    if not _known(key, settings.api_keys):
+        raise HTTPException(401, "invalid API key", _CHALLENGE)
     return owner_of(key)
+
+
+def is_operator(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> bool:
+    """Whether the caller may see operator details (/metrics, the workers in /readyz).
+
+    With ``LMD_OPS_KEYS`` set, only those keys may; otherwise any ``LMD_API_KEYS`` key; with no
+    keys configured at all the service is open (to everyone who can reach it) and so are these.
+    """
+    keys = settings.ops_keys or settings.api_keys
+    if not keys:
+        return True
+    key = _sent_key(request)
+    return key is not None and _known(key, keys)
+
+
+def require_operator(operator: Annotated[bool, Depends(is_operator)]) -> None:
+    """401 unless :func:`is_operator`."""
+    if not operator:
+        raise HTTPException(401, "this endpoint needs an operator key (LMD_OPS_KEYS, or any LMD_API_KEYS key "
+                                 "when LMD_OPS_KEYS is empty)", _CHALLENGE)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 OwnerDep = Annotated[str | None, Depends(get_owner)]
+OperatorDep = Annotated[bool, Depends(is_operator)]
 
 
 def _shown(record_id: str) -> str:

@@ -14,9 +14,14 @@ from contextlib import asynccontextmanager
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from kombu.exceptions import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.errors import ErrorBody, code_of
+from api.openapi import complete_openapi
 
 from api.routes import generate, health, jobs, metrics, sessions, studio
 from jobs.queue import create_celery
@@ -68,11 +73,43 @@ def invalid_request(request: Request, exc: RequestValidationError) -> JSONRespon
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Every HTTP error as ``{"code", "detail"}`` (api.errors), with the exception's headers."""
+    body = ErrorBody(code=code_of(exc), detail=str(exc.detail))
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def store_is_full(exc: Exception) -> bool:
+    """Redis refused a write because it reached ``maxmemory`` (with ``noeviction``, as compose runs it)."""
+    return isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc)
+
+
+def warn_without_persistence(store: Store) -> str | None:
+    """Log (and return) a warning when Redis would lose the records on a restart (docs/service.md)."""
+    try:
+        mode = store.persistence()
+    except redis.RedisError as exc:
+        log.warning("could not ask Redis whether it persists its data: %s", exc)
+        return None
+    if mode == "aof":
+        return None
+    warning = {
+        "none": "Redis runs without persistence: a restart loses every job, session and queued message "
+                "(in-flight jobs become 404); start it with --appendonly yes",
+        "rdb": "Redis keeps only RDB snapshots: a restart loses the jobs written since the last one; "
+               "start it with --appendonly yes",
+        "unknown": "could not tell whether Redis persists its data (CONFIG refused); make sure AOF is on",
+    }[mode]
+    log.warning(warning)
+    return warning
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings(cached=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        warn_without_persistence(app.state.store)
         yield
         app.state.store.redis.close()
 
@@ -89,15 +126,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
-        return JSONResponse(
-            {"detail": "the service's Redis is unreachable; retry shortly"},
-            status_code=503,
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
+        body = ErrorBody(code="unavailable", detail="the service's Redis is unreachable; retry shortly")
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
 
     def conflict(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+        body = ErrorBody(code="unavailable", detail="the record changed too often while being updated; retry")
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
+    def store_error(request: Request, exc: redis.ResponseError) -> JSONResponse:
+        if not store_is_full(exc):
+            return unavailable(request, exc)
+        log.error("%s %s: Redis is full (maxmemory reached): %s", request.method, request.url.path, exc)
+        body = ErrorBody(code="store_full", detail="the service's store is full; retry later")
+        return JSONResponse(body.model_dump(), status_code=507, headers={"Retry-After": str(settings.retry_after_s)})
+
+    app.add_exception_handler(redis.ResponseError, store_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(redis.RedisError, unavailable)
     app.add_exception_handler(OperationalError, unavailable)
@@ -105,5 +150,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in (generate, jobs, sessions, health, metrics, studio):
         app.include_router(module.router)
+    app.openapi = lambda: complete_openapi(app, settings)
+    if settings.cors_origins:
+        # Off by default: only the operator's listed origins may call the API from a browser page.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     app.mount("/static", StaticFiles(directory=studio.STATIC_DIR), name="static")
     return app

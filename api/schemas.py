@@ -7,7 +7,6 @@ setting in each message so a 422 says what to change.
 
 from __future__ import annotations
 
-import unicodedata
 from datetime import datetime
 from typing import Literal, get_args
 
@@ -15,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from grounded_sd.names import ConditioningName, Preset, Variant
 from jobs.records import JobError, JobKind, JobRecord, JobState, Progress, SessionRecord
+from layout_planner.errors import InvalidPrompt
 from layout_planner.layout import Layout
+from layout_planner.text import bad_character, validate_text
 from lmd.settings import Settings
 
 
@@ -38,6 +39,9 @@ class _RenderSettings(BaseModel):
         None, description="what the denoising is conditioned on: clip, ella, gluenet (docs/conditioning.md); unset: LMD_CONDITIONING"
     )
     language: str | None = Field(None, description="ISO 639-1 code of the prompt (gluenet); unset: detected")
+    refine: bool | None = Field(
+        None, description="finish with the SDXL refiner (LMD_REFINER): true needs one configured (422 otherwise), false skips it; unset: refine when configured"
+    )
 
     @field_validator("language")
     @classmethod
@@ -104,6 +108,7 @@ class JobView(BaseModel):
     conditioning: str
     language: str | None
     previews: bool
+    refine: bool | None
     error: JobError | None
     cancel_requested: bool
     deliveries: int
@@ -136,14 +141,17 @@ class TurnView(BaseModel):
 class SessionView(BaseModel):
     session_id: str
     seed: int
-    turns: list[TurnView]
+    total_turns: int
+    turns: list[TurnView] = Field(description="the page of turns asked for (offset, limit)")
+    next_offset: int | None = Field(description="offset of the next page; null when this page is the last")
     created_at: datetime
     updated_at: datetime
 
     @classmethod
-    def of(cls, session: SessionRecord, jobs: dict[str, JobRecord]) -> "SessionView":
+    def of(cls, session: SessionRecord, jobs: dict[str, JobRecord], offset: int = 0, limit: int = 50) -> "SessionView":
         turns = []
-        for t in session.turns:
+        page = session.turns[offset: offset + limit]
+        for t in page:
             job = jobs.get(t.job_id)
             turns.append(
                 TurnView(
@@ -155,7 +163,9 @@ class SessionView(BaseModel):
                     state=job.state if job else None,
                 )
             )
-        return cls(session_id=session.session_id, seed=session.seed, turns=turns,
+        more = offset + limit < len(session.turns)
+        return cls(session_id=session.session_id, seed=session.seed, total_turns=len(session.turns), turns=turns,
+                   next_offset=offset + limit if more else None,
                    created_at=session.created_at, updated_at=session.updated_at)
 
 
@@ -177,9 +187,13 @@ class PlannerView(BaseModel):
 
 class Readiness(BaseModel):
     redis: Literal["ok"]
-    workers: list[WorkerView]
+    persistence: Literal["aof", "rdb", "none", "unknown"] = Field(
+        description="how Redis keeps the records over a restart; anything but aof loses jobs (docs/service.md)"
+    )
+    worker_counts: dict[str, int] = Field(description="workers that beat recently, per queue")
+    workers: list[WorkerView] | None = Field(description="their names and pids; null unless the caller is an operator")
     queues_without_workers: list[str]
-    planner: PlannerView
+    planner: PlannerView | None = Field(description="the layout planner the settings select; null unless the caller is an operator")
 
 
 class Limits(BaseModel):
@@ -224,19 +238,18 @@ def _bad_character(text: str) -> tuple[int, str] | None:
 
 
 def text_errors(value: object, loc: tuple) -> list[dict]:
-    """422 errors for every string in ``value`` (nested) holding a control character or a lone surrogate.
+    """422 errors for every string in ``value`` (nested) that the planner's text rule refuses.
 
     Such text reaches the LLM, the tokenizer, logs and JSON records; a lone surrogate cannot
-    even be stored as UTF-8. It is refused at the edge with the field's path.
+    even be stored as UTF-8. It is refused at the edge with the field's path, by the same
+    function (``layout_planner.text.bad_character``) the planner applies later.
     """
     if isinstance(value, str):
-        found = _bad_character(value)
-        if found is None:
+        problem = bad_character(value)
+        if problem is None:
             return []
-        i, ch = found
-        kind = "a lone surrogate" if unicodedata.category(ch) == "Cs" else "a control character"
-        return [{"loc": ("body", *loc), "msg": f"{loc[-1] if loc else 'body'} contains {kind} "
-                 f"(U+{ord(ch):04X}) at position {i}; remove it", "type": "value_error", "input": ascii(value)[:200]}]
+        return [{"loc": ("body", *loc), "msg": f"{loc[-1] if loc else 'body'} contains {problem}; remove it",
+                 "type": "value_error", "input": ascii(value)[:200]}]
     if isinstance(value, dict):
         return [e for k, v in value.items() for e in text_errors(v, (*loc, k))]
     if isinstance(value, list):
@@ -248,6 +261,20 @@ def _error(field: str, message: str, value: object) -> dict:
     return {"loc": ("body", field), "msg": message, "type": "value_error", "input": value}
 
 
+def _planner_text_errors(field: str, text: str, max_chars: int, limit_name: str) -> list[dict]:
+    """The planner's own check of a prompt or instruction (``validate_text``), as a 422 error.
+
+    The character rule was already reported by ``text_errors``; this adds emptiness and length.
+    """
+    if bad_character(text) is not None:
+        return []
+    try:
+        validate_text(text, field, max_chars, limit_name)
+    except InvalidPrompt as exc:
+        return [_error(field, str(exc), len(text))]
+    return []
+
+
 def limit_errors(body: GenerateRequest | PlanRequest | InstructRequest, settings: Settings) -> list[dict]:
     """Every limit of ``settings`` that ``body`` breaks, in FastAPI's 422 error format."""
     errors: list[dict] = text_errors(body.model_dump(exclude_defaults=True), ())
@@ -255,21 +282,16 @@ def limit_errors(body: GenerateRequest | PlanRequest | InstructRequest, settings
     if seed is not None and not 0 <= seed <= settings.max_seed:
         errors.append(_error("seed", f"seed must be in 0..{settings.max_seed} (LMD_MAX_SEED)", seed))
     if isinstance(body, InstructRequest):
-        text = body.instruction.strip()
-        if not text:
-            errors.append(_error("instruction", "instruction is empty", body.instruction))
-        elif len(text) > settings.max_instruction_chars:
-            errors.append(_error("instruction", f"instruction has {len(text)} characters; at most "
-                                 f"{settings.max_instruction_chars} (LMD_MAX_INSTRUCTION_CHARS)", len(text)))
+        errors += _planner_text_errors("instruction", body.instruction, settings.max_instruction_chars,
+                                       "LMD_MAX_INSTRUCTION_CHARS")
         return errors
 
     layout = getattr(body, "layout", None)
     if body.prompt is None or not body.prompt.strip():
         if layout is None:
             errors.append(_error("prompt", "prompt is required (and not blank) unless a layout is given", body.prompt))
-    elif len(body.prompt.strip()) > settings.max_prompt_chars:
-        errors.append(_error("prompt", f"prompt has {len(body.prompt.strip())} characters; at most "
-                             f"{settings.max_prompt_chars} (LMD_MAX_PROMPT_CHARS)", len(body.prompt)))
+    else:
+        errors += _planner_text_errors("prompt", body.prompt, settings.max_prompt_chars, "LMD_MAX_PROMPT_CHARS")
     if body.steps is not None and not 1 <= body.steps <= settings.max_steps:
         errors.append(_error("steps", f"steps must be in 1..{settings.max_steps} (LMD_MAX_STEPS)", body.steps))
     for field in ("width", "height"):
@@ -279,6 +301,8 @@ def limit_errors(body: GenerateRequest | PlanRequest | InstructRequest, settings
                                  "(LMD_MIN_SIZE, LMD_MAX_SIZE)", value))
         elif value % 8:
             errors.append(_error(field, f"{field} must be a multiple of 8 (the latent is 1/8 of the image)", value))
+    if getattr(body, "refine", None) and not settings.refiner:
+        errors.append(_error("refine", "refine needs an SDXL refiner: this service has none (LMD_REFINER is unset)", True))
     if layout is not None:
         if not layout.objects:
             errors.append(_error("layout", "layout.objects is empty: give at least one object, or a prompt instead", None))

@@ -9,16 +9,19 @@ never receives a job it cannot read.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import redis
 from celery import Celery
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
 
+from api.errors import ApiError
 from api.schemas import Accepted
 from jobs.queue import enqueue
 from jobs.records import IdempotencyRecord, JobRecord, SessionRecord, body_hash
-from jobs.store import Store
+from jobs.store import Refused, Store
 from lmd.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,9 +29,9 @@ log = logging.getLogger(__name__)
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
-class IdempotencyConflict(HTTPException):
+class IdempotencyConflict(ApiError):
     def __init__(self) -> None:
-        super().__init__(409, "Idempotency-Key was already used with a different request body; use a new key")
+        super().__init__(409, "idempotency_conflict", "Idempotency-Key was already used with a different request body; use a new key")
 
 
 def replay(store: Store, owner: str | None, route: str, payload: dict, idempotency_key: str | None) -> Accepted | None:
@@ -68,8 +71,13 @@ def submit(
     payload: dict,
     idempotency_key: str | None,
     settings: Settings,
+    guard: Callable[[SessionRecord, dict[str, JobRecord]], None] | None = None,
 ) -> Accepted:
-    """Store ``job`` as the next turn of ``session`` and enqueue it; replay an earlier answer for a reused key."""
+    """Store ``job`` as the next turn of ``session`` and enqueue it; replay an earlier answer for a reused key.
+
+    The per-key request rate is counted first; the caps (active jobs, per key, turns) and
+    ``guard`` are checked by the store in the transaction that writes the job.
+    """
     claim = None
     if idempotency_key is not None:
         _check_key(idempotency_key)
@@ -77,10 +85,18 @@ def submit(
                                    session_id=session.session_id, turn=0)
         claim = (store.idempotency_key(job.owner, route, idempotency_key), record)
 
-    if store.active_count() >= settings.max_active_jobs and not (claim and store.idempotency_used(claim[0])):
-        raise HTTPException(429, f"{settings.max_active_jobs} jobs are already queued or running "
-                                 "(LMD_MAX_ACTIVE_JOBS); retry later", {"Retry-After": str(settings.retry_after_s)})
-    created, earlier = store.create_job(job, session, claim)
+    wait_s = store.hit_rate(job.owner, settings.rate_limit_per_min)
+    if wait_s is not None:
+        raise ApiError(429, "rate_limited", f"more than {settings.rate_limit_per_min} jobs a minute from this key "
+                       "(LMD_RATE_LIMIT_PER_MIN); retry later", {"Retry-After": str(wait_s)})
+    try:
+        created, earlier = store.create_job(job, session, claim, max_active=settings.max_active_jobs,
+                                            max_active_per_key=settings.max_active_jobs_per_key,
+                                            max_turns=settings.max_turns, guard=guard)
+    except Refused as exc:
+        if exc.code == "too_many_active_jobs":
+            raise ApiError(429, exc.code, str(exc), {"Retry-After": str(settings.retry_after_s)}) from None
+        raise ApiError(409, exc.code, str(exc)) from None
     if earlier is not None:
         if earlier.body_hash != claim[1].body_hash:
             raise IdempotencyConflict()
@@ -91,9 +107,15 @@ def submit(
         enqueue(celery, created.job_id, "render" if created.layout_given else "plan")
     except OperationalError as exc:
         log.warning("could not enqueue job %s: %s", created.job_id, exc)
-        store.mark_enqueue_failed(created.job_id)
-        if claim is not None:
-            store.forget_idempotency(claim[0])
-        raise HTTPException(503, "the job queue is unreachable; retry shortly", {"Retry-After": str(settings.retry_after_s)}) from exc
+        try:
+            store.mark_enqueue_failed(created.job_id)
+            if claim is not None:
+                store.forget_idempotency(claim[0])
+        except redis.RedisError as again:
+            log.warning("could not mark job %s enqueue_failed: %s", created.job_id, again)
+        retry = {"Retry-After": str(settings.retry_after_s)}
+        if "maxmemory" in str(exc):
+            raise ApiError(507, "store_full", "the service's store is full; retry later", retry) from exc
+        raise HTTPException(503, "the job queue is unreachable; retry shortly", retry) from exc
     return Accepted(job_id=created.job_id, session_id=created.session_id, turn=created.turn,
                     status_url=f"/jobs/{created.job_id}")

@@ -33,6 +33,8 @@ _EXPORTS = {
     "VariantUnavailable": "grounded_sd.errors",
     "GroundedSDError": "grounded_sd.errors",
     "NonFiniteLatents": "grounded_sd.errors",
+    "Refiner": "grounded_sd.refiner",
+    "RefinerOptions": "grounded_sd.refiner",
     "NoImageParameters": "grounded_sd.errors",
     "ImageParameters": "grounded_sd.image_parameters",
     "read_parameters": "grounded_sd.image_parameters",
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     from grounded_sd.image_parameters import ImageParameters, read_parameters
     from grounded_sd.options import LMDOptions
     from grounded_sd.pipeline import LMDPipeline
+    from grounded_sd.refiner import Refiner, RefinerOptions
     from grounded_sd.report import GenerationReport, GenerationResult
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -46,22 +47,101 @@ def mask_to_latent(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return cells if cells.any() else coverage > 0
 
 
-def compose_latents(per_box: torch.Tensor, masks: torch.Tensor, background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_box(mask: torch.Tensor, margin: int = 1) -> torch.Tensor:
+    """The bounding box of a (h, w) bool mask, grown by ``margin`` cells per side, as a mask."""
+    box = torch.zeros_like(mask)
+    rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+    if len(rows) == 0:
+        return box
+    r0, r1 = max(0, int(rows.min()) - margin), int(rows.max()) + margin + 1
+    c0, c1 = max(0, int(cols.min()) - margin), int(cols.max()) + margin + 1
+    box[r0:r1, c0:c1] = True
+    return box
+
+
+def compose_latents(
+    per_box: torch.Tensor, masks: torch.Tensor, background: torch.Tensor, *, step0: str = "mask_box"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste every object's latent inside its mask, largest mask first (small ones end on top) (§2.5).
 
     ``per_box`` (steps+1, N, C, h, w): each object's latent before step 0 and after every step;
     ``masks`` (N, h, w) bool; ``background`` (1, C, h, w) the background noise.
     Returns ``composed`` (steps+1, 1, C, h, w) and ``owner`` (h, w) long: 0 for background,
-    ``k+1`` where object ``k`` is on top. Step 0 starts from the background noise; later
-    steps hold only foreground (their background cells are never read).
+    ``k+1`` where object ``k`` is on top. Step 0 starts from the background noise with each
+    object's initial noise pasted in its mask's bounding box grown by one cell
+    (``step0="mask_box"``, the reference) or in its mask only (``"mask"``); later steps hold only
+    foreground (their background cells are never read).
     """
+    if step0 not in ("mask_box", "mask"):
+        raise ValueError(f"unknown step0 {step0!r}; choose 'mask_box' or 'mask'")
     steps_plus_one, n = per_box.shape[:2]
     composed = torch.zeros((steps_plus_one, 1, *per_box.shape[2:]), dtype=per_box.dtype, device=per_box.device)
     composed[0] = background
     owner = torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
     areas = masks.flatten(1).sum(dim=1)
-    for k in torch.argsort(areas, descending=True, stable=True).tolist():
+    order = torch.argsort(areas, descending=True, stable=True).tolist()
+    if step0 == "mask_box":
+        for k in order:
+            cells = mask_box(masks[k])
+            composed[0, 0, :, cells] = per_box[0, k, :, cells]
+    for k in order:
         cells = masks[k]
         composed[:, 0, :, cells] = per_box[:, k, :, cells]
         owner[cells] = k + 1
     return composed, owner
+
+
+# --- per-box placement (the reference's centred per-box generation, §2.3, §2.5) -----------------
+FLOOR_PADDING = 0.2
+"""A centred object's box ends this far above the bottom edge (the reference's floor padding)."""
+
+Box = tuple[float, float, float, float]
+
+
+def centred_box(box: Box) -> Box:
+    """Where an object is generated in the per-box pass with ``per_box_placement="centred"``: the
+    layout box's size, centred horizontally, its bottom ``FLOOR_PADDING`` above the canvas's
+    (moved down as far as needed for a box taller than that leaves room for)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    bottom = max(1.0 - FLOOR_PADDING, h)
+    return (0.5 - w / 2, bottom - h, 0.5 + w / 2, bottom)
+
+
+def placement_shift(cells: torch.Tensor, box: Box, grid: tuple[int, int]) -> tuple[int, int]:
+    """The shift (columns, rows of ``grid``) that moves a mask's centre of mass onto the centre of
+    ``box``: whole cells of the coarsest attention map, so latents, masks and every attention map
+    move by whole cells of their own grids. ``cells`` (h, w) bool; an empty mask does not move."""
+    if not bool(cells.any()):
+        return 0, 0
+    h, w = cells.shape
+    weights = cells.float()
+    total = weights.sum()
+    x = float((weights.sum(dim=0) * (torch.arange(w, device=cells.device) + 0.5)).sum() / total) / w
+    y = float((weights.sum(dim=1) * (torch.arange(h, device=cells.device) + 0.5)).sum() / total) / h
+    gh, gw = grid
+    shift_x, shift_y = round(((box[0] + box[2]) / 2 - x) * gw), round(((box[1] + box[3]) / 2 - y) * gh)
+    # rounding to whole grid cells must not push the mask off the canvas (a box at the edge)
+    rows, cols = cells.any(dim=1).nonzero().flatten(), cells.any(dim=0).nonzero().flatten()
+    return _clamp_shift(shift_x, int(cols.min()), int(cols.max()), w, gw), _clamp_shift(shift_y, int(rows.min()), int(rows.max()), h, gh)
+
+
+def _clamp_shift(shift: int, first: int, last: int, size: int, grid: int) -> int:
+    """``shift`` (grid cells) limited so that cells ``first..last`` of ``size`` stay on the canvas."""
+    per_cell = size / grid
+    lowest, highest = math.ceil(-first / per_cell), math.floor((size - 1 - last) / per_cell)
+    return min(max(shift, lowest), highest) if lowest <= highest else shift
+
+
+def shift_cells(tensor: torch.Tensor, shift: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """``tensor`` (..., H, W) moved by ``shift`` cells of ``grid`` (scaled to H, W); what leaves the
+    canvas is dropped and what enters is zero."""
+    height, width = tensor.shape[-2:]
+    dx, dy = round(shift[0] * width / grid[1]), round(shift[1] * height / grid[0])
+    out = torch.zeros_like(tensor)
+    if abs(dx) >= width or abs(dy) >= height:
+        return out
+    src_y, dst_y = slice(max(0, -dy), height - max(0, dy)), slice(max(0, dy), height - max(0, -dy))
+    src_x, dst_x = slice(max(0, -dx), width - max(0, dx)), slice(max(0, dx), width - max(0, -dx))
+    out[..., dst_y, dst_x] = tensor[..., src_y, src_x]
+    return out

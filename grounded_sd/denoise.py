@@ -20,7 +20,16 @@ from grounded_sd.compose import step_noise_seed
 from grounded_sd.conditioning.base import Conditioned, Pass
 from grounded_sd.counters import UNetCounter
 from grounded_sd.errors import GenerationCanceled, NonFiniteLatents
-from grounded_sd.guidance import EnergyTarget, GuidanceTrace, LossFn, guidance_step_size, guide_latents, object_energy, transfer_loss
+from grounded_sd.guidance import (
+    EnergyTarget,
+    GuidanceTrace,
+    LossFn,
+    grouped_mean,
+    guidance_step_size,
+    guide_latents,
+    object_energy,
+    transfer_loss,
+)
 from grounded_sd.options import LMDOptions
 from grounded_sd.previews import PreviewFn, per_box_preview, preview_interval, scene_preview
 from grounded_sd.report import PassEnergy, StageReport
@@ -189,7 +198,7 @@ def _guide_step(run: Run, scheduler, i: int, t, latents, cond, gligen, guidance:
     latents = guide_latents(
         latents, iterations=options.iterations_at(i), step_size=guidance_step_size(scheduler, t, i), scale=options.loss_scale,
         threshold=guidance.threshold, forward=forward, loss_fn=loss_fn, counter=run.counter,
-        max_batch=options.max_batch, trace=guidance.trace, check_cancel=run.check_cancel,
+        max_batch=options.max_batch, trace=guidance.trace, stop=options.guidance_stop, check_cancel=run.check_cancel,
     )
     last_guided = options.guided_steps() - 1
     if options.energy_checks and i in (0, last_guided):
@@ -270,10 +279,13 @@ def energy_loss(run: Run, targets: list[EnergyTarget], reference: LayerMaps | No
             return torch.stack(energies), [{targets[row].object_id: float(e.detach())} for row, e in zip(rows, energies)]
         probs = {l: maps[l][0] for l in layers}
         energies = [energy_of(probs, target) for target in targets]
-        loss = torch.stack(energies).mean()
+        loss = grouped_mean(energies, targets)
         if reference is not None:
-            moved = [transfer_loss(probs[l], target, reference[l][k], hw) for k, target in enumerate(targets) for l in layers]
-            loss = loss + options.transfer_weight * torch.stack(moved).mean()
+            moved = [
+                torch.stack([transfer_loss(probs[l], target, reference[l][k], hw) for l in layers]).mean()
+                for k, target in enumerate(targets)
+            ]
+            loss = loss + options.transfer_weight * grouped_mean(moved, targets)
         return loss[None], [{t.object_id: float(e.detach()) for t, e in zip(targets, energies)}]
 
     return loss_fn

@@ -23,14 +23,19 @@ if TYPE_CHECKING:
     from grounded_sd.pipeline import LMDPipeline
 
 
-def scene_targets(tokenizer, layout: Layout) -> list[EnergyTarget]:
+def scene_targets(tokenizer, layout: Layout, *, by_group: bool = True) -> list[EnergyTarget]:
     """One energy target per object: its group's tokens in the scene prompt, its own box, and
-    the boxes of every object of its group (a group's phrase may attend to any of them)."""
+    the boxes of every object of its group (a group's phrase may attend to any of them).
+    ``by_group`` (``phrase_groups="group"``, the reference): the tokens include the group's count
+    word and the loss weighs each group once (:func:`grounded_sd.guidance.grouped_mean`)."""
     groups = group_phrases(layout)
-    group_tokens = scene_token_indices(tokenizer, layout.background, groups)
+    group_tokens = scene_token_indices(tokenizer, layout.background, groups, count_words=by_group)
     group_of = {oid: g for g in groups for oid in g.object_ids}
     return [
-        EnergyTarget(o.id, group_tokens[group_of[o.id].phrase], o.box, tuple(layout.object(i).box for i in group_of[o.id].object_ids))
+        EnergyTarget(
+            o.id, group_tokens[group_of[o.id].phrase], o.box, tuple(layout.object(i).box for i in group_of[o.id].object_ids),
+            group=group_of[o.id].phrase if by_group else "",
+        )
         for o in layout.objects
     ]
 
@@ -45,7 +50,7 @@ def run_final_pass(
     groups = group_phrases(layout)
     spans = scene_phrase_spans(layout.background, groups)  # where each phrase is, for per-token connectors
     group_of = {oid: g.phrase for g in groups for oid in g.object_ids}
-    targets = guidance_targets(text.conditioned, "final", scene_targets(pipe.tokenizer, layout), [0] * len(objects), [spans[group_of[o.id]] for o in objects])
+    targets = guidance_targets(text.conditioned, "final", scene_targets(pipe.tokenizer, layout, by_group=options.phrase_groups == "group"), [0] * len(objects), [spans[group_of[o.id]] for o in objects])
     trace = GuidanceTrace()
     guidance = Guidance(targets, trace, pipe.energy_threshold(options, run.layers), per_box.reference_maps if transfer else None)
     gligen = pipe._gligen_inputs([[o.box for o in objects]], [[o.phrase for o in objects]]) if plus else None

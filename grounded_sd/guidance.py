@@ -3,8 +3,10 @@ guidance (§2.2): move the latent down the energy's gradient before a denoising 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -23,6 +25,9 @@ class EnergyTarget:
     token_indices: tuple[int, ...]
     box: Box
     boxes: tuple[Box, ...]
+    group: str = ""
+    """The phrase group (identical phrases) the object belongs to, in the final pass; "" when
+    objects are weighed one by one."""
 
     @property
     def object_token(self) -> int | None:
@@ -93,10 +98,23 @@ class GuidanceTrace:
     iterations: int = 0
     nonfinite_rows: int = 0
     """Row updates skipped because the gradient was not finite (fp16 overflow): the latent is kept."""
+    carried: dict[int, float] = field(default_factory=dict)
+    """Row -> the energy its last guidance iteration computed in this pass: what the ``"pass"``
+    early-stop rule checks before the next iteration (the reference's carried-over loss)."""
 
     def record(self, per_object: dict[str, float]) -> None:
         for key, value in per_object.items():
             self.first.setdefault(key, value)
+
+
+def grouped_mean(values: list[torch.Tensor], targets: list["EnergyTarget"]) -> torch.Tensor:
+    """The mean over phrase groups of the mean within each group (targets with ``group`` set), or
+    over objects when no target has a group: a phrase written "three apples" counts once, as any
+    other phrase, not three times (the reference's normalisation)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    for value, target in zip(values, targets):
+        groups.setdefault(target.group or target.object_id, []).append(value)
+    return torch.stack([torch.stack(members).mean() for members in groups.values()]).mean()
 
 
 LossFn = Callable[[dict[str, torch.Tensor], list[int]], tuple[torch.Tensor, list[dict[str, float]]]]
@@ -112,6 +130,15 @@ def guidance_step_size(scheduler, timestep: torch.Tensor, step_index: int) -> fl
     return float((1.0 - alpha_bar) ** 0.5)
 
 
+GuidanceStop = Literal["pass", "step"]
+"""When a row's guidance stops (§2.2). ``"pass"`` (the reference): each iteration is gated by the
+energy the row's previous iteration computed (carried over between steps; none at the pass's start),
+so the update computed at the first energy at or under the threshold is still applied, and the row
+then gets no guidance for the rest of the pass. ``"step"``: the energy is computed afresh at every
+guided step; a row at or under the threshold gets no update at that step, and guidance resumes at a
+later step if its energy rises again."""
+
+
 def guide_latents(
     latents: torch.Tensor,
     *,
@@ -124,17 +151,27 @@ def guide_latents(
     counter: UNetCounter,
     max_batch: int | None,
     trace: GuidanceTrace | None = None,
+    stop: GuidanceStop = "step",
     check_cancel: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
     """Up to ``iterations`` rounds of ``z -= scale * step_size * dE/dz`` per row (§2.2).
 
-    A row leaves once its energy is no longer above ``threshold`` (the reference's
-    ``while E > threshold``); the remaining rows run as one batch (chunked by ``max_batch``).
-    Gradients are taken w.r.t. the latent only; the update is computed in fp32, and a row whose
-    gradient is not finite (fp16/bf16 overflow) keeps its latent instead of turning into NaN.
+    Which rows move, and when they stop, follows ``stop`` (see :data:`GuidanceStop`; ``"pass"``
+    needs the pass's ``trace``, which carries each row's last energy from step to step). The
+    moving rows run as one batch (chunked by ``max_batch``). Gradients are taken w.r.t. the
+    latent only; the update is computed in fp32, and a row whose gradient is not finite
+    (fp16/bf16 overflow) keeps its latent and leaves the step instead of turning into NaN.
     """
+    if stop not in ("pass", "step"):
+        raise ValueError(f"unknown guidance stop rule {stop!r}; choose 'pass' or 'step'")
+    if stop == "pass" and trace is None:
+        raise ValueError("the 'pass' stop rule carries energies between steps in the pass's GuidanceTrace; give one")
     latents = latents.detach().clone()
-    active = list(range(latents.shape[0]))
+    rows_all = range(latents.shape[0])
+    if stop == "pass":
+        active = [row for row in rows_all if trace.carried.get(row, math.inf) > threshold]
+    else:
+        active = list(rows_all)
     for _ in range(iterations):
         check_cancel()
         if not active:
@@ -147,12 +184,15 @@ def guide_latents(
             with torch.enable_grad():
                 maps = forward(z, rows)
                 loss, per_object = loss_fn(maps, rows)
-                above = [i for i, value in enumerate(loss.detach().tolist()) if value > threshold]
-                objective = loss[above].sum() * scale
+                values = loss.detach().tolist()
+                above = [i for i, value in enumerate(values) if value > threshold]
+                moving = list(range(len(rows))) if stop == "pass" else above
+                objective = loss[moving].sum() * scale
             if trace is not None:
                 for energies in per_object:
                     trace.record(energies)
-            if not above or not objective.requires_grad:  # nothing to move (e.g. every phrase truncated away)
+                trace.carried.update({row: value for row, value in zip(rows, values)})
+            if not moving or not objective.requires_grad:  # nothing to move (e.g. every phrase truncated away)
                 continue
             grad = counter.grad(objective, z, batch=len(rows)).float()
             finite = grad.flatten(1).isfinite().all(dim=1)

@@ -59,6 +59,8 @@ class ImageParameters(BaseModel):
     scheduler: str
     negative_prompt: str | None = Field(None, description="the request's extra negative prompt")
     conditioning: Conditioning
+    refiner: str | None = Field(None, description="the SDXL refiner that finished the image (grounded_sd.refiner); None: none")
+    refiner_strength: float | None = Field(None, description="the refiner pass's strength")
     version: str = Field(default_factory=project_version, description="lmd-service version that wrote it")
 
     def png_info(self) -> PngImagePlugin.PngInfo:

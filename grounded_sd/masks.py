@@ -38,7 +38,11 @@ SamPrompt = Literal["point", "box"]
 
 
 class MaskOptions(BaseModel):
-    """How an object's mask is made (docs/method.md §2.4); defaults are the reference's."""
+    """How an object's mask is made (docs/method.md §2.4).
+
+    The SAM thresholds and the smoothing sigma are the reference's values; the coarse mask's
+    rule (a fraction of the peak *inside the box*) and the cut to the grown box are ours, see
+    docs/masks.md ("Differences from the reference")."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -52,14 +56,21 @@ class MaskOptions(BaseModel):
         0.25, gt=0.0, le=1.0, description="coarse mask = smoothed attention >= this fraction of its maximum inside the box (ref 0.25)"
     )
     smooth_sigma: float = Field(
-        1.0, ge=0.0, le=16.0, description="gaussian smoothing of the attention map, in attention-map pixels; 0 turns it off"
+        1.5,
+        ge=0.0,
+        le=16.0,
+        description=(
+            "gaussian sigma in pixels of the attention map as captured (16x16 on SD at 512 px), before any "
+            "resizing (ref 1.5 with a point prompt); 0 turns it off"
+        ),
     )
     sam_box_margin: float | None = Field(
         0.1,
         ge=0.0,
         description=(
             "the chosen SAM mask is cut to the layout box grown by this fraction of its width/height on each "
-            "side, so an object cannot spill far outside the place the layout gave it; None: no cut"
+            "side, so an object cannot spill far outside the place the layout gave it; None: no cut (the "
+            "reference does not cut)"
         ),
     )
 
@@ -71,7 +82,9 @@ class MaskCandidate(BaseModel):
 
     index: int
     predicted_iou: float = Field(description="SAM's own quality estimate")
-    coarse_iou: float = Field(description="IoU with the coarse attention mask (inside the box)")
+    coarse_iou: float = Field(
+        description="IoU with what SAM's answer is judged against: the coarse attention mask (point prompt), the box (box prompt, or no usable attention)"
+    )
     area: float = Field(description="fraction of the image covered by the candidate")
     rejected: str | None = Field(None, description="why it was rejected; None for acceptable candidates")
 
@@ -170,14 +183,38 @@ def object_mask(
     if prompt not in ("point", "box"):
         raise MaskInputError(f"unknown SAM prompt {prompt!r}; choose 'point' or 'box'")
     height, width = _check_image(image)
-    pixels = _box_pixels(box, width, height)
-    fallback, reference, point = _attention_mask(attention, pixels, height, width, options)
+    x0, y0, x1, y1 = _box_pixels(box, width, height)
+    in_box = np.zeros((height, width), dtype=bool)
+    in_box[y0:y1, x0:x1] = True
+
+    heat, problem = _attention_heatmap(attention, height, width, options.smooth_sigma)
+    coarse = None
+    if heat is not None:
+        box_heat = np.where(in_box, heat, 0.0)
+        peak = float(box_heat.max())
+        if peak > 0.0:
+            coarse = box_heat >= options.attention_threshold * peak
+        else:
+            problem = "attention is zero inside the box"
+
+    if coarse is not None:
+        fallback = MaskResult(coarse, "attention", f"attention >= {options.attention_threshold:g} x its peak inside the box")
+        reference = coarse
+        peak_row, peak_col = np.unravel_index(int(np.argmax(box_heat)), box_heat.shape)
+        point = (int(peak_col), int(peak_row))
+    else:
+        fallback = MaskResult(in_box.copy(), "box", f"the layout box ({problem})")
+        reference = in_box
+        point = ((x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2)
+
     if predictor is None:
         fallback.detail += "; SAM not configured"
         return fallback
 
-    sam_prompt = pixels if prompt == "box" else point
+    sam_prompt = (x0, y0, x1, y1) if prompt == "box" else point
     fallback.sam_prompt = sam_prompt
+    if prompt == "box":  # LMD+ (as the reference): SAM was asked about the box, so its answers are judged against the box
+        reference = in_box
     try:
         predictor.set_image(image)
         if prompt == "box":
@@ -189,63 +226,38 @@ def object_mask(
     except RuntimeError as exc:  # e.g. out of memory: a mask never fails the job
         fallback.detail += f"; SAM failed ({type(exc).__name__}: {exc})"
         return fallback
-    candidates = _judge_candidates(np.asarray(sam_masks, dtype=bool), np.asarray(sam_scores, dtype=np.float64), reference, options)
-    margin = options.sam_box_margin
-    grown = _grown_box(box, width, height, margin) if margin is not None else None
-    return _best_candidate(sam_masks, candidates, fallback, grown, prompt)
 
-
-def _attention_mask(
-    attention: object, pixels: tuple[int, int, int, int], height: int, width: int, options: MaskOptions
-) -> tuple[MaskResult, np.ndarray, tuple[int, int]]:
-    """The mask without SAM (the thresholded attention inside the box, else the box), the
-    reference SAM's candidates are judged against, and the attention's peak as SAM's point."""
-    x0, y0, x1, y1 = pixels
-    in_box = np.zeros((height, width), dtype=bool)
-    in_box[y0:y1, x0:x1] = True
-    heat, problem = _attention_heatmap(attention, height, width, options.smooth_sigma)
-    if heat is not None:
-        box_heat = np.where(in_box, heat, 0.0)
-        peak = float(box_heat.max())
-        if peak > 0.0:
-            coarse = box_heat >= options.attention_threshold * peak
-            fallback = MaskResult(coarse, "attention", f"attention >= {options.attention_threshold:g} x its peak inside the box")
-            peak_row, peak_col = np.unravel_index(int(np.argmax(box_heat)), box_heat.shape)
-            return fallback, coarse, (int(peak_col), int(peak_row))
-        problem = "attention is zero inside the box"
-    fallback = MaskResult(in_box.copy(), "box", f"the layout box ({problem})")
-    return fallback, in_box, ((x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2)
-
-
-def _best_candidate(
-    sam_masks, candidates: list[MaskCandidate], fallback: MaskResult, grown_box: np.ndarray | None, prompt: SamPrompt
-) -> MaskResult:
-    """The largest accepted SAM candidate (cut to the grown box when set), else the fallback saying why."""
+    against = "box" if reference is in_box else "coarse"
+    candidates = _judge_candidates(
+        np.asarray(sam_masks, dtype=bool), np.asarray(sam_scores, dtype=np.float64), reference, against, options
+    )
     accepted = [c for c in candidates if c.rejected is None]
     if not accepted:
         reasons = "; ".join(f"{c.index}: {c.rejected}" for c in candidates)
         fallback.detail += f"; all {len(candidates)} SAM candidates rejected ({reasons})"
         fallback.candidates = candidates
         return fallback
+
     best = max(accepted, key=lambda c: (c.area, c.predicted_iou))
     mask = np.asarray(sam_masks[best.index], dtype=bool)
-    if grown_box is not None:
-        mask = mask & grown_box
+    if options.sam_box_margin is not None:
+        mask = mask & _grown_box(box, width, height, options.sam_box_margin)
     if not mask.any():
         fallback.detail += f"; SAM candidate {best.index} is empty inside the grown box"
         fallback.candidates = candidates
         return fallback
     detail = (
         f"sam candidate {best.index} ({prompt} prompt), predicted IoU {best.predicted_iou:.2f}, "
-        f"IoU with {'coarse' if fallback.source == 'attention' else 'box'} {best.coarse_iou:.2f}"
+        f"IoU with {against} {best.coarse_iou:.2f}"
     )
-    return MaskResult(mask, "sam", detail, candidates, fallback.sam_prompt)
+    return MaskResult(mask, "sam", detail, candidates, sam_prompt)
 
 
 def _judge_candidates(
-    masks: np.ndarray, scores: np.ndarray, reference: np.ndarray, options: MaskOptions
+    masks: np.ndarray, scores: np.ndarray, reference: np.ndarray, against: str, options: MaskOptions
 ) -> list[MaskCandidate]:
-    """Score every SAM candidate against SAM's own estimate and the attention's coarse mask."""
+    """Score every SAM candidate against SAM's own estimate and ``reference`` (the attention's
+    coarse mask, or the box; ``against`` names it in the rejection reasons)."""
     judged = []
     for index, (mask, score) in enumerate(zip(masks, scores)):
         union = np.logical_or(mask, reference).sum()
@@ -256,7 +268,7 @@ def _judge_candidates(
         elif not score >= options.sam_min_predicted_iou:
             rejected = f"predicted IoU {score:.2f} < {options.sam_min_predicted_iou:g}"
         elif coarse_iou < options.sam_min_coarse_iou:
-            rejected = f"IoU with coarse {coarse_iou:.2f} < {options.sam_min_coarse_iou:g}"
+            rejected = f"IoU with {against} {coarse_iou:.2f} < {options.sam_min_coarse_iou:g}"
         judged.append(
             MaskCandidate(
                 index=index, predicted_iou=float(score), coarse_iou=coarse_iou, area=float(mask.mean()), rejected=rejected

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from grounded_sd.guidance import GuidanceStop
 from grounded_sd.masks import MaskOptions
 from layout_planner.layout import MAX_OBJECTS
 
@@ -38,7 +39,15 @@ class LMDOptions(BaseModel):
         description="(until step, of 50; iterations per step) in order: ref 4 for 0-4, 3 for 5-9, 2 for 10-19, 1 for 20-29",
     )
     loss_scale: float = Field(5.0, ge=0.0, description="z -= scale * sqrt(1 - alpha_bar_t) * dE/dz (ref 5)")
-    loss_threshold: float = Field(5.0, ge=0.0, description="stop a step's iterations once E < threshold (ref 5.0)")
+    loss_threshold: float = Field(5.0, ge=0.0, description="guidance stops once E is at or under this (ref 5.0); when, see guidance_stop")
+    guidance_stop: GuidanceStop = Field(
+        "pass",
+        description=(
+            "'pass' (reference): the update computed at the first energy at or under the threshold is applied, then "
+            "the row is not guided again in that pass; 'step' (fast preset): the energy is checked afresh at every "
+            "guided step, rows under the threshold are not moved, and guidance resumes if the energy rises"
+        ),
+    )
     topk_fraction: float = Field(0.2, gt=0.0, le=1.0, description="k = fraction of the mask's pixels (ref 0.2)")
     background_weight: float = Field(4.0, ge=0.0, description="w: weight of attention outside the box (ref 4)")
     transfer_weight: float = Field(2.0, ge=0.0, description="attention transfer from the per-box pass (§2.6, ref 2.0)")
@@ -69,6 +78,14 @@ class LMDOptions(BaseModel):
             "decoded x0-prediction of that step"
         ),
     )
+    per_box_placement: Literal["centred", "in_place"] = Field(
+        "centred",
+        description=(
+            "lmd: generate each object centred (bottom 20% above the canvas's), then move its latents, mask and "
+            "attention to its box (reference); 'in_place': generate it in its box. lmd_plus always generates in place, "
+            "as the reference does"
+        ),
+    )
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call; None: all objects x CFG in one call")
     conditioning_mode: Literal["replace", "concat", "tokens"] | None = Field(
         None,
@@ -86,6 +103,21 @@ class LMDOptions(BaseModel):
 
     # --- composition and the final pass (§2.5, §2.6) ----------------------------------------
     frozen_ratio: float = Field(0.5, ge=0.0, le=1.0, description="fraction of steps whose foreground is the composed latent (ref 0.5)")
+    compose_step0: Literal["mask_box", "mask"] = Field(
+        "mask_box",
+        description=(
+            "where each object's initial noise goes into the final pass's starting latent: its mask's bounding box "
+            "grown by one latent cell (reference), or its mask only"
+        ),
+    )
+    phrase_groups: Literal["group", "object"] = Field(
+        "group",
+        description=(
+            "final-pass guidance of identical phrases: one energy term per phrase group over the union of its boxes, "
+            "reading its count word too ('two apples'), and attention transfer averaged within the group, then over "
+            "groups (reference); 'object': one term per object, count word not read, everything averaged over objects"
+        ),
+    )
 
     # --- LMD+ (§2.8) ------------------------------------------------------------------------
     gligen_ratio: float = Field(0.4, ge=0.0, le=1.0, description="fraction of steps with GLIGEN adapters on (lmd_plus)")
@@ -137,6 +169,7 @@ class LMDOptions(BaseModel):
             iteration_schedule=[(10, 1)],
             per_box_full_pass=False,
             energy_checks=False,
+            guidance_stop="step",
         )
         values.update(overrides)
         return cls(**values)

@@ -8,13 +8,14 @@ masks (§2.4) read, and returns each object's latents at every step for composit
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from grounded_sd.attention import box_mask, map_shape, token_maps
-from grounded_sd.compose import box_noise, object_seed, seeded_noise
+from grounded_sd.compose import Box, box_noise, centred_box, object_seed, seeded_noise, shift_cells
 from grounded_sd.conditioning.base import guidance_targets
 from grounded_sd.denoise import Guidance, LayerMaps, MapCapture, Run, TextEmbeddings, denoise, pass_energies
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace
@@ -56,6 +57,9 @@ class PerBoxResult:
     attention: torch.Tensor  # (N, h, w): each object's cross-attention, averaged over the mask steps (§2.4)
     trace: GuidanceTrace  # the pass's guidance energies
     reference_maps: dict[int, LayerMaps] = field(default_factory=dict)  # step -> layer -> (N, heads, h*w), for transfer
+    boxes: list[Box] = field(default_factory=list)  # where each object was generated (centred, or its layout box)
+    centred: bool = False  # objects were generated centred and must be moved to their boxes (align_to_layout)
+    grid: tuple[int, int] = (1, 1)  # the coarsest captured attention map's (h, w): the unit of that move
 
 
 class _PerBoxMaps:
@@ -69,8 +73,9 @@ class _PerBoxMaps:
         self.transfer = options.transfer_weight > 0 and self.guided > 0
         self.mask_first = min(options.mask_first_step(), n_steps - 1)
         self.reference: dict[int, LayerMaps] = {}
-        self.mask_sum = torch.zeros(len(targets), *run.latent_hw, device=device)
+        self.mask_sum: torch.Tensor | float = 0.0  # (N, h, w) at the attention map's own resolution
         self.mask_count = 0
+        self.grid = run.latent_hw  # the coarsest map seen
 
     def layers_at(self, step: int) -> list[str]:
         return self.run.layers if (self.transfer and step < self.guided) or step >= self.mask_first else []
@@ -80,6 +85,8 @@ class _PerBoxMaps:
             layer: torch.stack([token_maps(probs[i], [t.object_token if t.object_token is not None else 0]) for i, t in enumerate(self.targets)])
             for layer, probs in maps.items()
         }
+        for probs in per_object.values():
+            self.grid = min(self.grid, map_shape(probs.shape[-1], self.run.latent_hw))
         if self.transfer and step < self.guided:
             self.reference[step] = per_object
         if step >= self.mask_first:
@@ -91,12 +98,12 @@ class _PerBoxMaps:
 
 
 def mask_layer_mean(per_object: LayerMaps, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Mean over heads and over the highest-resolution guided layers, resized to the latent (§2.4)."""
+    """Mean over heads and over the highest-resolution guided layers, at that resolution (§2.4):
+    the mask code smooths in these pixels (the unit of ``MaskOptions.smooth_sigma``) before resizing."""
     cells = max(maps.shape[-1] for maps in per_object.values())
     chosen = [maps for maps in per_object.values() if maps.shape[-1] == cells]
     h, w = map_shape(cells, latent_hw)
-    mean = torch.stack(chosen).mean(dim=0).mean(dim=1).float().view(-1, 1, h, w)
-    return torch.nn.functional.interpolate(mean, size=latent_hw, mode="bilinear", align_corners=False)[:, 0]
+    return torch.stack(chosen).mean(dim=0).mean(dim=1).float().view(-1, h, w)
 
 
 def run_per_box_pass(
@@ -111,11 +118,13 @@ def run_per_box_pass(
     report.per_box_steps = steps
 
     report.per_box_prompts = {o.id: p for o, p in zip(objects, box_prompts(layout))}
-    targets = [EnergyTarget(o.id, object_token_indices(pipe.tokenizer, layout.background, o.phrase), o.box, (o.box,)) for o in objects]
+    centred = options.per_box_placement == "centred" and not plus  # the reference centres for LMD, not for LMD+
+    boxes = [centred_box(o.box) if centred else o.box for o in objects]
+    targets = [EnergyTarget(o.id, object_token_indices(pipe.tokenizer, layout.background, o.phrase), b, (b,)) for o, b in zip(objects, boxes)]
     spans = [object_phrase_span(layout.background, o.phrase) for o in objects]  # where each phrase is, for per-token connectors
     targets = guidance_targets(text.conditioned, "per_box", targets, list(range(n)), spans)
     foreground = torch.cat([seeded_noise((1, *background.shape[1:]), object_seed(run.seed, o.id), pipe.device, pipe.dtype) for o in objects])
-    box_masks = torch.stack([box_mask(o.box, h, w, pipe.device) for o in objects])[:, None]
+    box_masks = torch.stack([box_mask(b, h, w, pipe.device) for b in boxes])[:, None]
     initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * run.init_sigma
 
     maps = _PerBoxMaps(run, targets, steps, pipe.device)
@@ -133,4 +142,21 @@ def run_per_box_pass(
         obj.per_box_energy, obj.token_count = energy, len(target.token_indices)
         if not target.token_indices:
             run.notes.append(f"{obj.id}: the phrase falls past the tokenizer's limit; no guidance, box-like mask")
-    return PerBoxResult(latents, out.last_pred_x0, steps, maps.attention(), trace, maps.reference)
+        obj.per_box_box = tuple(target.box)
+    return PerBoxResult(latents, out.last_pred_x0, steps, maps.attention(), trace, maps.reference, boxes, centred, maps.grid)
+
+
+def align_to_layout(per_box: PerBoxResult, shifts: list[tuple[int, int]]) -> PerBoxResult:
+    """Move each centred object's latents (every step) and its per-box attention maps (attention
+    transfer's reference) by its shift in cells of ``per_box.grid`` (the reference's alignment
+    with the layout boxes, §2.5); the masks are moved where they are made (segment.py)."""
+    latents = torch.stack([shift_cells(per_box.latents[:, k], shift, per_box.grid) for k, shift in enumerate(shifts)], dim=1)
+    reference: dict[int, LayerMaps] = {}
+    for step, layers in per_box.reference_maps.items():
+        reference[step] = {}
+        for layer, maps in layers.items():  # (N, heads, h*w)
+            hw = map_shape(maps.shape[-1], tuple(per_box.latents.shape[-2:]))
+            grids = maps.view(*maps.shape[:2], *hw)
+            moved = torch.stack([shift_cells(grids[k], shift, per_box.grid) for k, shift in enumerate(shifts)])
+            reference[step][layer] = moved.flatten(2)
+    return dataclasses.replace(per_box, latents=latents, reference_maps=reference, centred=False)

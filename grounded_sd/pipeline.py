@@ -29,7 +29,7 @@ from grounded_sd.final_pass import run_final_pass
 from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
-from grounded_sd.per_box import box_negative, box_prompts, per_box_steps, run_per_box_pass
+from grounded_sd.per_box import align_to_layout, box_negative, box_prompts, per_box_steps, run_per_box_pass
 from grounded_sd.previews import PreviewFn, composed_preview
 from grounded_sd.prompts import group_phrases, join_negative, scene_prompt
 from grounded_sd.report import GenerationReport, GenerationResult, Intermediates, ObjectReport, StageReport
@@ -262,11 +262,15 @@ class LMDPipeline:
 
         # 5. Masks: aggregated attention refined by SAM, with fallbacks (§2.4)
         with self._stage(run, "masks", len(layout.objects)):
-            masks, latent_masks = segment_objects(self, run, layout, per_box, plus=plus, report=report, intermediates=intermediates)
+            masks, latent_masks, shifts = segment_objects(self, run, layout, per_box, plus=plus, report=report, intermediates=intermediates)
+        if per_box.centred:  # move each centred object's latents and maps to its layout box (§2.5)
+            per_box = align_to_layout(per_box, shifts)
 
         # 6. Composition: largest mask first, so small objects end on top (§2.5)
         frozen_steps = run.options.frozen_steps()
-        composed, owner = compose_latents(per_box.latents[: frozen_steps + 1], latent_masks, background * run.init_sigma)
+        composed, owner = compose_latents(
+            per_box.latents[: frozen_steps + 1], latent_masks, background * run.init_sigma, step0=run.options.compose_step0
+        )
         if run.preview is not None:
             shown = per_box.last_pred_x0 if per_box.last_pred_x0 is not None else per_box.latents[-1]
             run.preview("compose", 1, 1, composed_preview(shown, owner))

@@ -96,17 +96,23 @@ def object_token_indices(tokenizer, background: str, phrase: str) -> tuple[int, 
     return token_indices(tokenizer, f"{background} with", phrase)
 
 
-def scene_token_indices(tokenizer, background: str, groups: list[PhraseGroup]) -> dict[str, tuple[int, ...]]:
-    """Group phrase -> its token positions in :func:`scene_prompt` (count words excluded)."""
+def scene_token_indices(
+    tokenizer, background: str, groups: list[PhraseGroup], *, count_words: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Group phrase -> its token positions in :func:`scene_prompt`; with ``count_words`` a
+    group's count word ("two" of "two apples") is one of them, as in the reference."""
     result: dict[str, tuple[int, ...]] = {}
     prefix = f"{background} with"
     for index, group in enumerate(groups):
         if index > 0:
             prefix += " and" if index == len(groups) - 1 else ","
-        if group.count_word:
+        text = group.text
+        if group.count_word and count_words:
+            text = f"{group.count_word} {group.text}"
+        elif group.count_word:
             prefix += f" {group.count_word}"
-        result[group.phrase] = token_indices(tokenizer, prefix, group.text)
-        prefix += f" {group.text}"
+        result[group.phrase] = token_indices(tokenizer, prefix, text)
+        prefix += f" {text}"
     return result
 
 

@@ -157,3 +157,43 @@ def build_random_sd(path: Path | str, *, shape: Shape = "tiny", gligen: bool = F
     pipeline_class = "StableDiffusionGLIGENPipeline" if gligen else "StableDiffusionPipeline"
     (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, **components}, indent=2))
     return path
+
+
+def build_random_sdxl_refiner(path: Path | str, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight model shaped like the SDXL refiner to ``path``: what
+    ``StableDiffusionXLImg2ImgPipeline.from_pretrained`` loads (only the second text encoder,
+    ``CLIPTextModelWithProjection``; a UNet with ``text_time`` added conditions that include the
+    aesthetic score, ``requires_aesthetics_score=True``). Its images are noise."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    hidden, time_dim = 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden, attention_head_dim=4, norm_num_groups=32,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=hidden + 5 * time_dim,  # pooled text + (size, crop, aesthetic score)
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    tokenizer = write_clip_tokenizer(path / "tokenizer_2")
+    vocab = tokenizer.get_vocab()
+    text_encoder = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=hidden,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=text_encoder, tokenizer=None, tokenizer_2=tokenizer, unet=unet,
+        scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(path)
+    return path

@@ -40,6 +40,12 @@ class ObjectReport(BaseModel):
     mask_detail: str = ""
     mask_area: float | None = Field(None, description="fraction of the image covered by the mask")
     mask_box_iou: float | None = Field(None, description="IoU of the mask and the object's box")
+    per_box_box: tuple[float, float, float, float] | None = Field(
+        None, description="where the per-box pass generated the object (centred, or its layout box)"
+    )
+    placement_shift: tuple[float, float] | None = Field(
+        None, description="(dx, dy) in image fractions by which the object's latents, mask and maps moved to its box"
+    )
     per_box_energy: PassEnergy = Field(default_factory=PassEnergy)
     final_energy: PassEnergy = Field(default_factory=PassEnergy)
 
@@ -49,6 +55,20 @@ class StageReport(BaseModel):
     wall_s: float
     steps: int
     unet: UNetCalls
+
+
+class RefinerReport(BaseModel):
+    """What the refiner pass did (``report.json``'s ``refiner``)."""
+
+    model: str
+    strength: float
+    steps: int = Field(description="refiner steps actually run (strength x schedule)")
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    negative_prompt: str
+    wall_s: float
 
 
 class GenerationReport(BaseModel):
@@ -76,6 +96,7 @@ class GenerationReport(BaseModel):
     scheduler: str = Field("", description="the diffusers scheduler class")
     notes: list[str] = Field(default_factory=list)
     options: dict = Field(default_factory=dict)
+    refiner: RefinerReport | None = Field(None, description="the SDXL refiner pass, when one ran (grounded_sd.refiner)")
 
 
 @dataclass
@@ -122,6 +143,8 @@ class GenerationResult:
             conditioning=Conditioning(name=report.conditioning, mode=report.conditioning_mode, language=report.language,
                                       prompt=report.prompt, negative_prompt=report.negative_prompt,
                                       per_box_prompts=report.per_box_prompts),
+            refiner=report.refiner.model if report.refiner else None,
+            refiner_strength=report.refiner.strength if report.refiner else None,
         )
 
     def save(self, out_dir: Path | str, parameters: "ImageParameters | None" = None) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from grounded_sd.compose import mask_to_latent
+from grounded_sd.compose import mask_to_latent, placement_shift, shift_cells
 from grounded_sd.denoise import Run
 from grounded_sd.masks import object_mask
 from grounded_sd.per_box import PerBoxResult
@@ -27,12 +27,15 @@ if TYPE_CHECKING:
 def segment_objects(
     pipe: LMDPipeline, run: Run, layout: Layout, per_box: PerBoxResult, *, plus: bool,
     report: GenerationReport, intermediates: Intermediates,
-) -> tuple[dict[str, Image.Image], torch.Tensor]:
-    """Image-size masks by object id, and the latent masks ``(N, h, w)`` bool in layout order."""
+) -> tuple[dict[str, Image.Image], torch.Tensor, list[tuple[int, int]]]:
+    """Image-size masks by object id, the latent masks ``(N, h, w)`` bool in layout order, and
+    each object's shift in cells of ``per_box.grid``. Objects generated centred are segmented
+    where they were generated, then their masks move so that each mask's centre of mass lands on
+    its layout box's centre (the reference's alignment); otherwise the shifts are zero."""
     options, objects = run.options, layout.objects
     h, w = run.latent_hw
     masks: dict[str, Image.Image] = {}
-    latent_masks = []
+    latent_masks, shifts = [], []
     shortened = per_box.steps < options.steps
     images_source = per_box.last_pred_x0 if shortened and per_box.last_pred_x0 is not None else per_box.latents[-1]
     if shortened:
@@ -43,21 +46,28 @@ def segment_objects(
         run.check_cancel()
         attention = per_box.attention[index].float().cpu()
         result = object_mask(
-            np.asarray(image), attention.numpy(), obj.box,
+            np.asarray(image), attention.numpy(), per_box.boxes[index] if per_box.boxes else obj.box,
             predictor=pipe.sam_predictor, prompt="box" if plus else "point", options=options.masks,
         )
-        masks[obj.id] = Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L")
-        cells = mask_to_latent(torch.from_numpy(result.mask), h, w).to(pipe.device)
+        mask = torch.from_numpy(result.mask)
+        cells = mask_to_latent(mask, h, w).to(pipe.device)
+        shift = placement_shift(cells, obj.box, per_box.grid) if per_box.centred else (0, 0)
+        if per_box.centred:
+            cells, mask = shift_cells(cells, shift, per_box.grid), shift_cells(mask, shift, per_box.grid)
+        shifts.append(shift)
+        mask_np = mask.numpy()
+        masks[obj.id] = Image.fromarray(mask_np.astype(np.uint8) * 255, mode="L")
         latent_masks.append(cells)
         entry = report.objects[index]
         entry.mask_source, entry.mask_detail = result.source, result.detail
-        entry.mask_area = float(result.mask.mean())
-        entry.mask_box_iou = box_iou(result.mask, obj.box)
+        entry.mask_area = float(mask_np.mean())
+        entry.mask_box_iou = box_iou(mask_np, obj.box)
+        entry.placement_shift = (shift[0] / per_box.grid[1], shift[1] / per_box.grid[0])
         intermediates.per_box_images[obj.id] = image
         intermediates.attention[obj.id] = attention
         intermediates.latent_masks[obj.id] = cells.cpu()
         run.progress("masks", index + 1, len(objects))
-    return masks, torch.stack(latent_masks)
+    return masks, torch.stack(latent_masks), shifts
 
 
 def box_iou(mask: np.ndarray, box: tuple[float, float, float, float]) -> float:

@@ -83,6 +83,7 @@ class JobRecord(BaseModel):
     negative_prompt: str | None = None
     variant: str = "lmd"
     preset: Preset = "reference"
+    refine: bool | None = Field(None, description="SDXL refiner pass: None as the worker's LMD_REFINER says, False off, True required")
     conditioning: str = Field("clip", description="what the render denoises with: clip, ella, gluenet (docs/conditioning.md)")
     language: str | None = Field(None, description="ISO 639-1 code of source_prompt named by the request; None: detected")
     source_prompt: str | None = Field(None, description="the user's own prompt (an instruct keeps its session's)")

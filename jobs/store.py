@@ -33,6 +33,34 @@ class StoreConflict(RuntimeError):
     """A record kept changing under us for too many attempts (bounded optimistic locking)."""
 
 
+class Refused(Exception):
+    """A new job was not admitted; ``code`` says why (``api.errors`` maps it to an HTTP answer)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+# Admission and creation in one step, run inside the MULTI of ``Store.create_job`` (so only when
+# the WATCHed session and Idempotency-Key are unchanged): the active-jobs caps are checked and
+# the records written by one script, so a burst of concurrent requests cannot all pass the check.
+# KEYS: job, session, active, owner's active, [idempotency]; ARGV: job json, session json,
+# retention, global cap, per-key cap, [idempotency json]. Returns "ok", "full" or "key_full".
+_CREATE = """
+local active = redis.call('SCARD', KEYS[3])
+if active >= tonumber(ARGV[4]) then return 'full' end
+if redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[5]) then return 'key_full' end
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
+redis.call('SADD', KEYS[3], ARGV[6])
+redis.call('SADD', KEYS[4], ARGV[6])
+redis.call('EXPIRE', KEYS[4], ttl)
+if KEYS[5] then redis.call('SET', KEYS[5], ARGV[7], 'EX', ttl) end
+return 'ok'
+"""
+
+
 def this_worker() -> str:
     """The identity a worker process writes into the jobs it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -68,18 +96,36 @@ def connect(url: str, timeout_s: float) -> redis.Redis:
     )
 
 
+# One open event stream of a key: a member of the key's sorted set, scored by when its lease ends.
+# KEYS: the key's streams; ARGV: now, stream id, most streams, lease seconds. 1: opened, 0: too many.
+_OPEN_STREAM = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])) + 1)
+return 1
+"""
+
+
 class Store:
     """Typed access to the service's records in one Redis database."""
 
-    def __init__(self, client: redis.Redis, retention_s: int, prefix: str = "lmd"):
+    def __init__(self, client: redis.Redis, retention_s: int, prefix: str = "lmd",
+                 ended_retention_s: int | None = None):
         self.redis = client
         self.retention_s = retention_s
+        # Failed and canceled jobs are kept shorter: they cost the same memory and are worth less.
+        self.ended_retention_s = min(ended_retention_s or retention_s, retention_s)
         self.prefix = prefix
+        self._create = client.register_script(_CREATE)
+        self._open_stream = client.register_script(_OPEN_STREAM)
 
     @classmethod
     def from_settings(cls, settings) -> "Store":
-        """The store of ``LMD_REDIS_URL`` with the service's timeouts and retention."""
-        return cls(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s)
+        """The store of ``LMD_REDIS_URL`` with the service's timeouts and retentions."""
+        return cls(connect(settings.redis_url, settings.redis_timeout_s), settings.retention_s,
+                   ended_retention_s=settings.failed_retention_s)
 
     # --- keys ----------------------------------------------------------------------------------
     def job_key(self, job_id: str) -> str:
@@ -99,6 +145,16 @@ class Store:
     def active_key(self) -> str:
         """A set of the ids of jobs not yet finished: what the reaper scans."""
         return f"{self.prefix}:active"
+
+    def owner_active_key(self, owner: str | None) -> str:
+        """A set of one API key's unfinished jobs (``-``: no keys configured)."""
+        return f"{self.prefix}:active:{owner or '-'}"
+
+    def rate_key(self, owner: str | None, window: int) -> str:
+        return f"{self.prefix}:rate:{owner or '-'}:{window}"
+
+    def streams_key(self, owner: str | None) -> str:
+        return f"{self.prefix}:streams:{owner or '-'}"
 
     def worker_key(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
@@ -138,12 +194,22 @@ class Store:
         job: JobRecord,
         session: SessionRecord,
         idempotency: tuple[str, IdempotencyRecord] | None = None,
+        *,
+        max_active: int = 10**9,
+        max_active_per_key: int = 10**9,
+        max_turns: int = 10**9,
+        guard: Callable[[SessionRecord, dict[str, JobRecord]], None] | None = None,
     ) -> tuple[JobRecord | None, IdempotencyRecord | None]:
-        """Store a new job and append its turn to ``session``, atomically with the idempotency claim.
+        """Store a new job and append its turn to ``session``, atomically with every check that admits it.
 
         ``session`` is the session as the caller read it (or a new one). The turn number is
         assigned here. Returns ``(job, None)`` on success, or ``(None, earlier)`` when the
-        Idempotency-Key was already used: nothing is written then.
+        Idempotency-Key was already used: nothing is written then. Raises :class:`Refused` when
+        the session has ``max_turns`` turns, when ``guard(session, its jobs)`` raises it (an
+        instruct's "the latest turn has finished"), or when ``max_active`` unfinished jobs (or
+        ``max_active_per_key`` of this key's) exist. The checks and the writes happen in one
+        transaction: the session, its latest job and the key are WATCHed and the caps are
+        checked by the script that writes, so concurrent requests cannot all pass a check.
         """
         skey = self.session_key(session.session_id)
         watches = [skey] + ([idempotency[0]] if idempotency else [])
@@ -155,6 +221,14 @@ class Store:
                     return None, IdempotencyRecord.model_validate_json(raw)
             raw_session = pipe.get(skey)
             current = SessionRecord.model_validate_json(raw_session) if raw_session else session
+            if len(current.turns) >= max_turns:
+                raise Refused("too_many_turns", f"the session has {len(current.turns)} turns, the most allowed "
+                                                "(LMD_MAX_TURNS); start a new session")
+            if guard is not None:
+                job_keys = [self.job_key(t.job_id) for t in current.turns]
+                if job_keys:
+                    pipe.watch(*job_keys)  # a turn finishing (or starting) meanwhile retries the check
+                guard(current, self.get_jobs_via(pipe, [t.job_id for t in current.turns]))
             turn = len(current.turns) + 1
             created = job.model_copy(update={"turn": turn})
             updated = current.model_copy(
@@ -163,18 +237,72 @@ class Store:
                     "updated_at": utcnow(),
                 }
             )
+            keys = [self.job_key(job.job_id), skey, self.active_key, self.owner_active_key(job.owner)]
+            args = [created.model_dump_json(), updated.model_dump_json(), self.retention_s, max_active,
+                    max_active_per_key, job.job_id]
+            if idempotency:
+                keys.append(idempotency[0])
+                args.append(idempotency[1].model_copy(update={"turn": turn}).model_dump_json())
             pipe.multi()
-            pipe.set(self.job_key(job.job_id), created.model_dump_json(), ex=self.retention_s)
-            pipe.set(skey, updated.model_dump_json(), ex=self.retention_s)
+            self._create(keys=keys, args=args, client=pipe)
             for earlier in current.turns:  # a session's turns expire together
                 pipe.expire(self.job_key(earlier.job_id), self.retention_s)
-            pipe.sadd(self.active_key, job.job_id)
-            if idempotency:
-                claim = idempotency[1].model_copy(update={"turn": turn})
-                pipe.set(idempotency[0], claim.model_dump_json(), ex=self.retention_s)
             return created, None
 
-        return self._transaction(attempt, *watches)
+        outcome, admitted = self._transaction(attempt, *watches, with_results=True)
+        if outcome[1] is None and admitted is not None and admitted[0] != "ok":
+            if admitted[0] == "full":
+                raise Refused("too_many_active_jobs", f"{max_active} jobs are already queued or running "
+                                                      "(LMD_MAX_ACTIVE_JOBS); retry later")
+            raise Refused("too_many_active_jobs", f"this API key has {max_active_per_key} jobs queued or running "
+                                                  "(LMD_MAX_ACTIVE_JOBS_PER_KEY); retry once some have finished")
+        return outcome
+
+    def get_jobs_via(self, pipe: redis.client.Pipeline, job_ids: list[str]) -> dict[str, JobRecord]:
+        """``get_jobs`` through a pipeline in WATCH mode (commands run at once)."""
+        if not job_ids:
+            return {}
+        raws = pipe.mget([self.job_key(j) for j in job_ids])
+        return {j: JobRecord.model_validate_json(r) for j, r in zip(job_ids, raws) if r}
+
+    def hit_rate(self, owner: str | None, per_minute: int) -> int | None:
+        """Count one request of ``owner`` in this minute; the seconds to wait when past ``per_minute``."""
+        now = time.time()
+        window = int(now // 60)
+        key = self.rate_key(owner, window)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count, _ = pipe.execute()
+        return None if count <= per_minute else max(1, int((window + 1) * 60 - now) + 1)
+
+    # --- event streams ---------------------------------------------------------------------------
+    def open_stream(self, owner: str | None, stream_id: str, max_streams: int, lease_s: float) -> bool:
+        """Count a new event stream of ``owner``; False when it already has ``max_streams`` open.
+
+        Each stream holds a lease it renews while open (:meth:`renew_stream`), so the streams of an
+        API process that died stop counting after ``lease_s``.
+        """
+        return bool(self._open_stream(keys=[self.streams_key(owner)], args=[time.time(), stream_id, max_streams, lease_s]))
+
+    def renew_stream(self, owner: str | None, stream_id: str, lease_s: float) -> None:
+        self.redis.zadd(self.streams_key(owner), {stream_id: time.time() + lease_s}, xx=True)
+
+    def close_stream(self, owner: str | None, stream_id: str) -> None:
+        self.redis.zrem(self.streams_key(owner), stream_id)
+
+    # --- persistence -----------------------------------------------------------------------------
+    def persistence(self) -> str:
+        """How Redis keeps its data over a restart: ``aof`` (append-only file), ``rdb`` (snapshots
+        only: the writes since the last one are lost), ``none``, or ``unknown`` (CONFIG refused,
+        as on some managed services)."""
+        if int(self.redis.info("persistence").get("aof_enabled", 0)):
+            return "aof"
+        try:
+            save = self.redis.config_get("save").get("save", "")
+        except redis.ResponseError:
+            return "unknown"
+        return "rdb" if save.strip() else "none"
 
     def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         raw = self.redis.get(key)
@@ -203,10 +331,12 @@ class Store:
             if new is None:
                 return job
             new = new.model_copy(update={"updated_at": utcnow()})
+            ttl = self.ended_retention_s if new.state in ("failed", "canceled") else self.retention_s
             pipe.multi()
-            pipe.set(key, new.model_dump_json(), ex=self.retention_s)
+            pipe.set(key, new.model_dump_json(), ex=ttl)
             if new.terminal:
                 pipe.srem(self.active_key, job_id)
+                pipe.srem(self.owner_active_key(new.owner), job_id)
                 pipe.delete(self.cancel_key(job_id))
             for counter in transitions.counters(job, new):
                 pipe.hincrby(self.stats_key, counter, 1)
@@ -334,15 +464,18 @@ class Store:
         self.update_job(job_id, attempt)
         return applied[0] if applied else None
 
-    def _transaction(self, attempt: Callable, *keys: str):
+    def _transaction(self, attempt: Callable, *keys: str, with_results: bool = False):
+        """Run ``attempt`` under WATCH until its MULTI/EXEC goes through (bounded).
+
+        ``with_results``: return ``(outcome, results of the EXEC)`` (None when nothing was queued).
+        """
         for _ in range(_CONFLICT_ATTEMPTS):
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
                     pipe.watch(*keys)
                     outcome = attempt(pipe)
-                    if pipe.explicit_transaction:
-                        pipe.execute()
-                    return outcome
+                    results = pipe.execute() if pipe.explicit_transaction else None
+                    return (outcome, results) if with_results else outcome
                 except redis.WatchError:
                     continue
         raise StoreConflict(f"records {list(keys)} changed {_CONFLICT_ATTEMPTS} times while being updated")

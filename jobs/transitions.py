@@ -13,7 +13,8 @@ The rules, in one place:
 - the *redelivery bound*: a job already started ``1 + LMD_MAX_REDELIVERIES`` times ends
   ``failed`` with ``worker_lost`` instead of running again;
 - every write of a running job is conditional on the writer still holding it;
-- a cancel ends a job nobody holds at once, and only raises a flag on a held one;
+- a cancel ends a job nobody holds at once, and only raises a flag on a held one; a held job
+  that then fails ends ``canceled`` all the same (the cancel came first);
 - the reaper releases a job whose worker stopped beating (or sends a message again for a job
   nobody holds that has not moved for the broker's redelivery period).
 """
@@ -128,6 +129,9 @@ def finish(job: JobRecord, worker: str, state: JobState, code: ErrorCode | None 
     """End a held job: ``succeeded`` (progress completed), or ``failed``/``canceled`` with a code."""
     if job.terminal or job.worker != worker:
         return None
+    if code is not None and state == "failed" and job.cancel_requested:
+        # A requested cancel wins over a failure that came after it (an LLM call that hung, then failed).
+        return ended(job, "canceled", "canceled", "canceled (the stage then failed too; the cancel came first)")
     if code is not None:
         return ended(job, state, code, message)
     done = job.progress.model_copy(update={"step": job.progress.total})
@@ -135,8 +139,13 @@ def finish(job: JobRecord, worker: str, state: JobState, code: ErrorCode | None 
 
 
 def fail(job: JobRecord, code: ErrorCode, message: str) -> JobRecord | None:
-    """End an unfinished job ``failed`` whoever holds it (a hard time limit killed its worker)."""
-    return None if job.terminal else ended(job, "failed", code, message)
+    """End an unfinished job ``failed`` whoever holds it (a hard time limit killed its worker);
+    ``canceled`` when its cancel was requested first."""
+    if job.terminal:
+        return None
+    if job.cancel_requested:
+        return ended(job, "canceled", "canceled", "canceled (the stage then failed too; the cancel came first)")
+    return ended(job, "failed", code, message)
 
 
 def enqueue_failed(job: JobRecord) -> JobRecord:

@@ -33,6 +33,7 @@ _EXPORTS = {
     "LLMBadOutput": "layout_planner.errors",
     "LLMUnavailable": "layout_planner.errors",
     "PlannerError": "layout_planner.errors",
+    "PlanCanceled": "layout_planner.errors",
     "InMemoryCache": "layout_planner.cache",
     "LayoutCache": "layout_planner.cache",
     "cache_key": "layout_planner.cache",
@@ -51,7 +52,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from layout_planner.cache import InMemoryCache, LayoutCache, cache_key
     from layout_planner.client import LLMConfig
-    from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput, LLMUnavailable, PlannerError
+    from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput, LLMUnavailable, PlanCanceled, PlannerError
     from layout_planner.layout import DEFAULT_BACKGROUND, GRID, MAX_OBJECTS, Layout, LayoutObject, next_object_id, xywh_to_xyxy, xyxy_to_xywh
     from layout_planner.parse import parse_layout_text
     from layout_planner.read import parse_answer

@@ -43,6 +43,9 @@ class LLMConfig(BaseModel):
     max_backoff_s: float = Field(30.0, ge=0, description="cap of one exponential backoff wait")
     max_retry_after_s: float = Field(60.0, ge=0, description="cap on a server's Retry-After")
     max_prompt_chars: int = Field(2000, ge=1)
+    deadline_s: float | None = Field(
+        None, gt=0, description="bound on one plan/revise call, all attempts, waits and re-asks together; None: none"
+    )
 
 
 @dataclass
@@ -145,14 +148,28 @@ class LLMClient:
         return self._backoff(retry_state)
 
     def complete(
-        self, messages: list[dict[str, str]], should_cancel: Callable[[], bool] | None = None, seed: int = 0
+        self, messages: list[dict[str, str]], should_cancel: Callable[[], bool] | None = None, seed: int = 0,
+        deadline: float | None = None,
     ) -> Completion:
         """Ask once (with transport retries); raise ``LLMUnavailable`` naming the last cause.
 
         ``should_cancel`` is checked before each attempt (a request in flight runs to its end);
         ``seed`` is for the local client's sampling and unused here.
+        
+        ``deadline`` (a ``time.monotonic()`` value) bounds the whole call: each request's timeout
+        and each wait are cut to what is left, and no attempt starts after it (``LLMUnavailable``).
         """
         record = CallRecord()
+
+        def left_s() -> float:
+            return float("inf") if deadline is None else deadline - time.monotonic()
+
+        def sleep(seconds: float) -> None:  # a wait that a cancel or the deadline cuts short
+            end = time.monotonic() + min(seconds, max(0.0, left_s()))
+            while (remaining := end - time.monotonic()) > 0:
+                if should_cancel is not None and should_cancel():
+                    return
+                time.sleep(min(remaining, 0.25))
 
         def note_wait(state: RetryCallState) -> None:
             wait = state.next_action.sleep if state.next_action else 0.0
@@ -171,14 +188,19 @@ class LLMClient:
             wait=self.wait_s,
             retry=retry_if_exception(_is_transient),
             before_sleep=note_wait,
+            sleep=sleep,
             reraise=True,
         )
 
         def attempt() -> Completion:
             if should_cancel is not None and should_cancel():
                 raise PlanCanceled("planning canceled before the LLM answered")
+            if left_s() <= 0:
+                raise LLMUnavailable(f"LLM endpoint {self.config.base_url} (model {self.config.model}): the planning "
+                                     f"deadline of {self.config.deadline_s:g} s passed after {record.attempts} "
+                                     "attempt(s)", attempts=record.attempts)
             record.attempts += 1
-            return self._request(messages, record)
+            return self._request(messages, record, timeout=min(self.config.timeout_s, left_s()))
 
         try:
             return retrying(attempt)
@@ -213,13 +235,13 @@ class LLMClient:
             return f"LLM endpoint {where} refused the request with HTTP {exc.status_code}: {detail}{hint}"
         return f"LLM endpoint {where} sent a malformed response {tries}: {exc}"
 
-    def _request(self, messages: list[dict[str, str]], record: CallRecord) -> Completion:
+    def _request(self, messages: list[dict[str, str]], record: CallRecord, timeout: float) -> Completion:
         try:
-            return self._send(messages, record)
+            return self._send(messages, record, timeout)
         except json.JSONDecodeError as exc:  # a 200 whose body is not JSON
             raise _MalformedResponse(f"the body is not JSON ({exc.msg})") from exc
 
-    def _send(self, messages: list[dict[str, str]], record: CallRecord) -> Completion:
+    def _send(self, messages: list[dict[str, str]], record: CallRecord, timeout: float) -> Completion:
         cfg = self.config
         if cfg.mode == "completions":
             response = self._openai.completions.create(
@@ -228,10 +250,11 @@ class LLMClient:
                 temperature=cfg.temperature,
                 max_tokens=cfg.max_tokens,
                 stop=COMPLETION_STOP,
+                timeout=timeout,
             )
             choice = self._first_choice(response)
             return Completion(text=getattr(choice, "text", None) or "", finish_reason=choice.finish_reason, record=record)
-        kwargs: dict = {"model": cfg.model, "messages": messages, self._token_param: cfg.max_tokens}
+        kwargs: dict = {"model": cfg.model, "messages": messages, self._token_param: cfg.max_tokens, "timeout": timeout}
         if self._send_temperature:
             kwargs["temperature"] = cfg.temperature
         if self._structured_ok is not False:

@@ -42,3 +42,4 @@ class LLMBadOutput(PlannerError):
 
 class LayoutParseError(LLMBadOutput):
     """One answer is not a layout; the message says why (it is sent back to the LLM on a re-ask)."""
+

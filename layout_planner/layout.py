@@ -17,6 +17,11 @@ GRID = 512
 DEFAULT_BACKGROUND = "a realistic scene"
 MAX_OBJECTS = 30
 MAX_PHRASE_CHARS = 200
+MAX_TEXT_CHARS = 1000  # background and negative prompt
+# Warnings are bounded like every other stored field: an LLM answer with thousands of broken
+# objects (or a client's layout) must not make a record of hundreds of kB.
+MAX_WARNINGS = 40
+MAX_WARNING_CHARS = 300
 
 Box = Annotated[
     tuple[float, float, float, float],
@@ -57,6 +62,16 @@ class LayoutWarning(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.tag}: {self.text}"
+
+
+def bounded_warnings(warnings: list[LayoutWarning]) -> list[LayoutWarning]:
+    """``warnings`` within ``MAX_WARNINGS`` of ``MAX_WARNING_CHARS`` characters of text: long texts
+    are cut, and the warnings past the limit become one closing ``capped`` warning that counts them."""
+    cut = [w if len(w.text) <= MAX_WARNING_CHARS else w.model_copy(update={"text": w.text[: MAX_WARNING_CHARS - 3] + "..."}) for w in warnings]
+    if len(cut) <= MAX_WARNINGS:
+        return cut
+    kept = cut[: MAX_WARNINGS - 1]
+    return kept + [LayoutWarning(tag="capped", text=f"... and {len(cut) - len(kept)} more warnings")]
 
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
@@ -155,9 +170,19 @@ class Layout(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     objects: list[LayoutObject] = Field(default_factory=list, max_length=MAX_OBJECTS)
-    background: str = Field(default=DEFAULT_BACKGROUND, max_length=1000)
-    negative: str = Field(default="", max_length=1000)
-    warnings: list[LayoutWarning] = Field(default_factory=list, description="what reading and repair changed or were unsure of")
+    background: str = Field(default=DEFAULT_BACKGROUND, max_length=MAX_TEXT_CHARS)
+    negative: str = Field(default="", max_length=MAX_TEXT_CHARS)
+    warnings: list[LayoutWarning] = Field(
+        default_factory=list, max_length=MAX_WARNINGS, description="what reading and repair changed or were unsure of"
+    )
+
+    @field_validator("warnings")
+    @classmethod
+    def _bounded_warnings(cls, warnings: list[LayoutWarning]) -> list[LayoutWarning]:
+        long = next((w for w in warnings if len(w.text) > MAX_WARNING_CHARS), None)
+        if long is not None:
+            raise ValueError(f"a warning's text has {len(long.text)} characters; at most {MAX_WARNING_CHARS} are allowed")
+        return warnings
 
     @field_validator("background")
     @classmethod

@@ -174,11 +174,13 @@ class LocalLLMClient:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def complete(
-        self, messages: list[dict[str, str]], should_cancel: Callable[[], bool] | None = None, seed: int = 0
+        self, messages: list[dict[str, str]], should_cancel: Callable[[], bool] | None = None, seed: int = 0,
+        deadline: float | None = None,
     ) -> Completion:
         """One answer, constrained to the layout grammar. ``finish_reason``: ``stop`` (the JSON is
         complete), ``length`` (``max_tokens``) or ``time`` (``timeout_s``); ``PlanCanceled`` when
-        ``should_cancel`` returned True (checked before each token). ``seed`` makes sampling repeatable."""
+        ``should_cancel`` returned True (checked before each token). ``seed`` makes sampling repeatable.
+        ``deadline`` is the remote client's call shape; a local answer is bounded by ``timeout_s``."""
         import llguidance
         import torch
 

@@ -9,7 +9,7 @@ the objects that stayed (§1.7).
 
 from __future__ import annotations
 
-import unicodedata
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,14 +18,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from layout_planner.cache import LayoutCache, cache_key
 from layout_planner.client import LLMClient, LLMConfig
 from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput, PlanCanceled
-from layout_planner.layout import MAX_OBJECTS, Layout, LayoutObject, LayoutWarning
+from layout_planner.layout import MAX_OBJECTS, Layout, LayoutObject, LayoutWarning, bounded_warnings
 from layout_planner.local import LocalLLMClient, LocalLLMConfig
 from layout_planner.read import parse_answer
 from layout_planner.repair import build_layout
+from layout_planner.text import validate_text
 from layout_planner.template import CAPTION_PREFIX, INSTRUCTION_PREFIX, TEMPLATE_VERSION, chat_messages, load_template
 from layout_planner.words import head_noun, singular, words_of
 
-_ALLOWED_CONTROLS = {"\n", "\t"}
 # An instruction with one of these words may touch objects it does not name ("remove everything but the cat").
 _WHOLE_SCENE_WORDS = {"all", "every", "everything", "only", "except", "anything", "nothing", "empty", "clear", "whole", "entire"}
 
@@ -50,24 +50,6 @@ class PlanReport:
     structured: bool = False
     parse_errors: list[str] = field(default_factory=list)
     tokens: int = 0  # answer tokens a local model generated, all asks together
-
-
-def validate_text(text: str, what: str, max_chars: int) -> str:
-    """Strip ``text``; raise ``InvalidPrompt`` if it is empty, too long, or holds control characters."""
-    if not isinstance(text, str):
-        raise InvalidPrompt(f"the {what} must be a string, got {type(text).__name__}")
-    stripped = text.strip()
-    if not stripped:
-        raise InvalidPrompt(f"the {what} is empty")
-    if len(stripped) > max_chars:
-        raise InvalidPrompt(f"the {what} has {len(stripped)} characters; the limit is {max_chars}")
-    for index, char in enumerate(stripped):
-        if unicodedata.category(char) == "Cc" and char not in _ALLOWED_CONTROLS:
-            raise InvalidPrompt(
-                f"the {what} contains the control character U+{ord(char):04X} at position {index}; "
-                "only tabs and newlines are allowed"
-            )
-    return stripped
 
 
 def left_out(previous: Layout, layout: Layout, instruction: str) -> list[LayoutObject]:
@@ -183,6 +165,8 @@ class Planner:
         if cached is not None:
             report.cached = True
             return self._keep_left_out(cached, previous, instruction), report
+        deadline_s = getattr(self.config, "deadline_s", None)  # one bound for the whole call, all asks
+        deadline = None if deadline_s is None else time.monotonic() + deadline_s
         conversation = list(messages)
         text = ""
         partial_reasked = False
@@ -191,7 +175,8 @@ class Planner:
                 raise PlanCanceled(f"planning canceled after {report.asks} asks")
             report.asks += 1
             # The seed of a local model's sampling: fixed per cache key and ask, so an answer repeats.
-            completion = self.client.complete(conversation, should_cancel=should_cancel, seed=int(key[-8:], 16) + ask)
+            completion = self.client.complete(conversation, should_cancel=should_cancel, seed=int(key[-8:], 16) + ask,
+                                              deadline=deadline)
             report.attempts += completion.record.attempts
             report.waits.extend(completion.record.waits)
             report.structured = completion.record.structured
@@ -264,7 +249,7 @@ class Planner:
             warnings.append(LayoutWarning(tag="capped", text=f"could not keep {len(missing) - room} left-out object(s) within {self.max_objects}"))
         order = {o.id: index for index, o in enumerate(previous.objects)}
         objects = sorted(layout.objects + missing[:room], key=lambda o: order.get(o.id, len(order)))
-        return layout.model_copy(update={"objects": objects, "warnings": warnings})
+        return layout.model_copy(update={"objects": objects, "warnings": bounded_warnings(warnings)})
 
 
 def _reply(answer: str, feedback: str) -> list[dict[str, str]]:

@@ -19,9 +19,11 @@ from layout_planner.layout import (
     GRID,
     MAX_OBJECTS,
     MAX_PHRASE_CHARS,
+    MAX_TEXT_CHARS,
     Box,
     Layout,
     LayoutWarning,
+    bounded_warnings,
     is_empty_box,
     is_full_canvas_box,
     xywh_to_xyxy,
@@ -32,7 +34,6 @@ from layout_planner.words import count_in_phrase, singular_phrase
 
 # A count phrase is split only while every part keeps at least this many grid pixels along the split.
 MIN_SPLIT_PX = 24
-MAX_TEXT_CHARS = 1000  # Layout's limit on background and negative
 
 
 def build_layout(
@@ -63,7 +64,7 @@ def build_layout(
     texts = {name: _cut_text(name, getattr(answer, name), warnings) for name in ("background", "negative")}
     layout_objects = assign_ids(pending, previous, answer.has_ids, warnings)
     try:
-        return Layout(objects=layout_objects, warnings=warnings, **texts)
+        return Layout(objects=layout_objects, warnings=bounded_warnings(warnings), **texts)
     except ValidationError as exc:  # a defect repair does not cover: report it like any unusable answer
         raise LayoutParseError(f"the layout is invalid: {exc.errors()[0]['msg']}") from None
 

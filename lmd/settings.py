@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     llm_max_reasks: int = Field(3, ge=1, le=10, description="asks per layout when the answer does not parse")
     llm_backoff_s: float = Field(1.0, ge=0, description="first backoff; doubles each retry, with jitter")
     llm_max_retry_after_s: float = Field(60.0, ge=0, description="cap on an endpoint's Retry-After before a retry")
+    llm_deadline_s: float = Field(
+        240.0, gt=0, description="one planning call (all attempts and re-asks) ends llm_unavailable past this"
+    )
     planner: Literal["auto", "remote", "local"] = Field(
         "auto", description="stage 1's LLM: remote (the LMD_LLM_* endpoint), local (LMD_LOCAL_LLM_MODEL in process), "
         "auto: remote when LMD_LLM_BASE_URL or a key is set, else local"
@@ -62,6 +65,11 @@ class Settings(BaseSettings):
     dtype: Dtype = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call in stage 2; unset: all objects x CFG in one call")
+    refiner: str | None = Field(
+        None, description="SDXL refiner (hub id or local diffusers directory) that finishes every image; unset: none"
+    )
+    refiner_strength: float = Field(0.3, gt=0.0, le=1.0, description="fraction of the refiner's schedule redone (ref 0.3)")
+    refiner_resolution: int = Field(1024, ge=64, le=4096, description="the refiner works at this long side in pixels (ref 1024)")
     preset: Preset = Field(
         "reference", description="stage 2 option preset of a service request that names none: reference (docs/method.md) or fast"
     )
@@ -89,6 +97,12 @@ class Settings(BaseSettings):
     api_keys: list[str] = Field(default_factory=list, description="JSON list; empty: no authentication")
     api_host: str = Field("127.0.0.1", description="address `lmd serve` binds")
     api_port: int = Field(8000, description="port `lmd serve` binds")
+    cors_origins: list[str] = Field(
+        default_factory=list, description='JSON list of origins whose pages may call the API (CORS), e.g. ["https://app.example"]; empty: CORS off'
+    )
+    ops_keys: list[str] = Field(
+        default_factory=list, description="JSON list of keys for /metrics and /readyz's worker details; empty: any LMD_API_KEYS key"
+    )
 
     # --- limits (enforced at the API edge with 422) -----------------------------------------
     max_prompt_chars: int = Field(2000, description="longest prompt (422 above)")
@@ -99,6 +113,11 @@ class Settings(BaseSettings):
     max_size: int = Field(1024, description="largest width/height in pixels (multiples of 8)")
     max_seed: int = Field(2**32 - 1, description="largest seed accepted")
     max_active_jobs: int = Field(1000, ge=1, description="unfinished jobs of all keys together; more -> 429")
+    max_active_jobs_per_key: int = Field(100, ge=1, description="unfinished jobs of one API key; more -> 429")
+    rate_limit_per_min: int = Field(120, ge=1, description="POST /generate and /instruct per API key per minute; more -> 429")
+    max_turns: int = Field(50, ge=1, description="turns of one session; more -> 409 too_many_turns")
+    max_streams_per_key: int = Field(20, ge=1, description="open GET /jobs/{id}/events streams per API key; more -> 429")
+    failed_retention_s: int = Field(24 * 3600, ge=60, description="how long failed and canceled jobs are kept (at most LMD_RETENTION_S)")
 
     # --- workers -------------------------------------------------------------------------
     task_soft_time_limit_s: int = Field(600, description="a task past this ends failed (Celery soft limit)")

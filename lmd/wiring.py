@@ -12,7 +12,8 @@ same thing everywhere:
 - :func:`pipeline_arguments` and :func:`load_pipeline`: stage 2's pipeline (torch threads,
   quiet library progress bars, ``from_pretrained`` arguments);
 - :func:`render_options`: the options of a preset by name with a request's overrides and
-  ``LMD_MAX_BATCH``.
+  ``LMD_MAX_BATCH``;
+- :func:`load_refiner` and :func:`refiner_options`: the optional SDXL refiner pass.
 
 torch, diffusers and the LLM client are imported inside the functions that need them.
 """
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 from lmd.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from grounded_sd import LMDOptions, LMDPipeline
+    from grounded_sd import LMDOptions, LMDPipeline, Refiner, RefinerOptions
     from grounded_sd.conditioning import ConditioningCache, ConditioningConfig
     from layout_planner import LLMConfig, Planner
     from layout_planner.local import LocalLLMConfig
@@ -73,6 +74,7 @@ def llm_config(settings: Settings) -> "LLMConfig":
         backoff_s=settings.llm_backoff_s,
         max_retry_after_s=settings.llm_max_retry_after_s,
         max_prompt_chars=settings.max_prompt_chars,
+        deadline_s=settings.llm_deadline_s,
     )
 
 
@@ -241,3 +243,24 @@ def render_options(settings: Settings, preset: str, **overrides: Any) -> "LMDOpt
     chosen = {"max_batch": settings.max_batch, **{k: v for k, v in overrides.items() if v is not None}}
     return LMDOptions.preset(preset, **{k: v for k, v in chosen.items() if v is not None})
 
+
+
+def load_refiner(settings: Settings, *, model: str | None = None, device: str | None = None,
+                 dtype: str | None = None) -> "Refiner | None":
+    """The SDXL refiner ``model`` (default ``LMD_REFINER``) on the pipeline's device and dtype; None when unset."""
+    from grounded_sd import Refiner
+
+    model = model or settings.refiner
+    if not model:
+        return None
+    quiet_library_progress_bars()
+    return Refiner.from_pretrained(model, device=device or settings.device, dtype=dtype or settings.dtype)
+
+
+def refiner_options(settings: Settings, strength: float | None = None) -> "RefinerOptions":
+    """The refiner pass's options: ``strength`` (default ``LMD_REFINER_STRENGTH``) at ``LMD_REFINER_RESOLUTION``."""
+    from grounded_sd import RefinerOptions
+
+    return RefinerOptions(
+        strength=strength if strength is not None else settings.refiner_strength, resolution=settings.refiner_resolution
+    )

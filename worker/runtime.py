@@ -95,6 +95,7 @@ class WorkerRuntime:
         self.worker = this_worker()
         self._planner = None
         self._pipeline = None
+        self._refiner = None
         self._pipeline_lock = threading.Lock()
         self._conditionings = None
 
@@ -130,7 +131,9 @@ class WorkerRuntime:
             log.info("loading %s on device=%s dtype=%s (pid %d)", s.sd_model, s.device, s.dtype, os.getpid())
             started = time.monotonic()
             pipeline = wiring.load_pipeline(s, cpu_threads=1)  # one thread per render process on a CPU host
-            log.info("pipeline loaded in %.1f s (pid %d)", time.monotonic() - started, os.getpid())
+            self._refiner = wiring.load_refiner(s)  # None without LMD_REFINER; loaded once, like the pipeline
+            log.info("pipeline%s loaded in %.1f s (pid %d)", " and refiner" if self._refiner else "",
+                     time.monotonic() - started, os.getpid())
             self._pipeline = pipeline
         return self._pipeline
 
@@ -152,9 +155,11 @@ class WorkerRuntime:
         if job is None:
             return "skipped"
         with Heartbeat(self.store, job_id, self.worker, self.settings.heartbeat_s) as heartbeat:
-            try:
+            try:  # a cancel (or the job being reaped) stops the planner between LLM requests
                 layout = self._plan(job, should_cancel=lambda: heartbeat.lost or self._cancel_requested(job_id))
             except Exception as exc:  # every failure ends the job with a code; nothing escapes to Celery
+                if heartbeat.lost:
+                    return "lost"
                 return self._fail(job_id, exc, stage="plan")
             if layout is None:
                 return self._end(job_id, "failed", "no_layout", "the session has no succeeded turn to revise; "
@@ -241,7 +246,11 @@ class WorkerRuntime:
         def should_cancel() -> bool:
             return heartbeat.lost or self._cancel_requested(job.job_id)
 
-        return pipe(
+        if job.refine and self._refiner is None:
+            from grounded_sd import ModelLoadError
+
+            raise ModelLoadError("the job asks for the SDXL refiner, but this worker has none (LMD_REFINER is unset)")
+        result = pipe(
             job.layout,
             seed=job.seed,
             options=options,
@@ -256,6 +265,11 @@ class WorkerRuntime:
             language=job.language,
             preview=preview if job.previews else None,
         )
+        if self._refiner is not None and job.refine is not False:  # the refiner pass, after the final pass
+            result = self._refiner.refine(
+                result, options=wiring.refiner_options(self.settings), progress=progress, should_cancel=should_cancel
+            )
+        return result
 
     # --- endings -----------------------------------------------------------------------------------
     def _cancel_requested(self, job_id: str) -> bool:
@@ -273,9 +287,9 @@ class WorkerRuntime:
         if code == "canceled":
             return self._end(job_id, "canceled", code, message)
         if code == "internal":
-            log.exception("job %s failed in %s", job_id, stage, exc_info=exc)
-        else:
-            log.info("job %s failed in %s: %s: %s", job_id, stage, code, message)
+            log.error("job %s failed in %s", job_id, stage, exc_info=exc)
+        else:  # the client's message is plain; the cause, with its internals, is here
+            log.warning("job %s failed in %s: %s: %s: %s", job_id, stage, code, type(exc).__name__, exc)
         return self._end(job_id, "failed", code, message)
 
 
@@ -289,7 +303,12 @@ CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 
 
 def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
-    """A typed failure's code and a message a person can act on (docs/service.md "Job lifecycle")."""
+    """A typed failure's code and a plain message a client can act on (docs/service.md "Job lifecycle").
+
+    The message never carries the exception's own text where that names internals (the LLM
+    endpoint's URL and model, a model path, a traceback): clients get the code and a plain
+    sentence, and ``WorkerRuntime._fail`` writes the exception to the worker's log.
+    """
     from layout_planner import InvalidPrompt, LLMBadOutput, LLMUnavailable, PlannerError
     from layout_planner.errors import LocalModelUnavailable, PlanCanceled
 
@@ -298,11 +317,11 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     if isinstance(exc, PlanCanceled):
         return "canceled", f"canceled while planning, after {exc.tokens} generated tokens"
     if isinstance(exc, LocalModelUnavailable):
-        return "llm_unavailable", f"the plan worker cannot load its layout model: {exc}"
+        return "llm_unavailable", "the plan worker cannot load its layout model (details are in the service's log)"
     if isinstance(exc, LLMUnavailable):
-        return "llm_unavailable", f"the layout LLM could not be reached: {exc}. Check LMD_LLM_BASE_URL and the key, or retry later."
+        return "llm_unavailable", "the layout planner's LLM could not be reached; retry later (details are in the service's log)"
     if isinstance(exc, LLMBadOutput | PlannerError):
-        return "llm_bad_output", f"the layout LLM never answered with a usable layout: {exc}. Rephrase the prompt or use a stronger model."
+        return "llm_bad_output", "the layout planner's LLM never answered with a usable layout; rephrase the prompt"
     if isinstance(exc, SoftTimeLimitExceeded):
         return "timeout", f"the {stage} stage ran past LMD_TASK_SOFT_TIME_LIMIT_S; use fewer steps or a smaller size"
     if stage == "render":
@@ -318,7 +337,7 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
         if isinstance(exc, ConditioningUnavailable):  # the message names the setting (or the language) to fix
             return "model_unavailable", f"the render worker cannot use the requested conditioning: {exc}"
         if isinstance(exc, ModelLoadError):
-            return "model_unavailable", f"the render worker cannot load its model: {exc}. Check LMD_SD_MODEL and LMD_SCHEDULER."
+            return "model_unavailable", "the render worker cannot load its model; the operator must fix its settings"
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):  # the CUDA caching allocator's (torch.cuda.OutOfMemoryError)
@@ -329,7 +348,7 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
         if isinstance(exc, RuntimeError) and CPU_ALLOCATION_FAILED in str(exc):
             return "out_of_memory", ("the render worker ran out of host memory; try a smaller width/height, "
                                      "fewer objects, or LMD_MAX_BATCH")
-    return "internal", f"unexpected {type(exc).__name__} in the {stage} stage: {exc}. See the worker's log."
+    return "internal", f"an unexpected error stopped the {stage} stage (details are in the service's log)"
 
 
 _runtimes: dict[int, WorkerRuntime] = {}

@@ -18,7 +18,7 @@ from lmd.settings import Settings
 router = APIRouter(tags=["generate"])
 
 
-@router.post("/generate", status_code=202, response_model=Accepted)
+@router.post("/generate", status_code=202, response_model=Accepted, operation_id="generate")
 def generate(
     body: GenerateRequest,
     settings: SettingsDep,
@@ -36,7 +36,7 @@ def generate(
     return _queue("generate", body, settings, store, celery, owner, idempotency_key)
 
 
-@router.post("/plan", status_code=202, response_model=Accepted)
+@router.post("/plan", status_code=202, response_model=Accepted, operation_id="plan")
 def plan(
     body: PlanRequest,
     settings: SettingsDep,
@@ -67,8 +67,10 @@ def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, settings: Setting
     else:
         seed = body.seed if body.seed is not None else secrets.randbelow(settings.max_seed + 1)
         session = SessionRecord(session_id=new_id(), owner=owner, seed=seed, created_at=now, updated_at=now)
+    # A given layout's phrases stand in for the prompt; cut to the prompt limit so that an
+    # instruct on this session never fails the planner's check of its first turn.
     layout = getattr(body, "layout", None)
-    text = (body.prompt or "").strip() or "; ".join(layout.phrases())
+    text = (body.prompt or "").strip() or "; ".join(layout.phrases())[: settings.max_prompt_chars].strip()
     job = JobRecord(
         job_id=new_id(),
         session_id=session.session_id,
@@ -85,6 +87,7 @@ def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, settings: Setting
         negative_prompt=body.negative_prompt,
         variant=body.variant or settings.variant,
         preset=body.preset or settings.preset,
+        refine=body.refine,
         conditioning=body.conditioning or settings.conditioning,
         language=body.language,
         source_prompt=(body.prompt or "").strip() or None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.deps import SettingsDep, StoreDep
+from api.deps import OperatorDep, SettingsDep, StoreDep
 from api.schemas import PlannerView, Readiness, WorkerView
 from jobs.queue import QUEUES
 from lmd.wiring import choose_planner
@@ -12,20 +12,24 @@ from lmd.wiring import choose_planner
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", operation_id="healthz")
 def healthz() -> dict[str, str]:
     """The process answers (no dependency is checked)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Readiness)
-def readyz(store: StoreDep, settings: SettingsDep) -> Readiness:
-    """Redis answers (503 otherwise); lists the workers that beat recently, queues nobody serves, and
-    the layout planner the settings select (plan workers share the API's settings) and why."""
+@router.get("/readyz", response_model=Readiness, operation_id="readyz")
+def readyz(store: StoreDep, settings: SettingsDep, operator: OperatorDep) -> Readiness:
+    """Redis answers (503 otherwise) and whether it persists; how many workers beat recently per
+    queue, and queues nobody serves. The workers' names and pids, and the layout planner the
+    settings select (its model and endpoint), only to an operator (``api.deps.is_operator``)."""
     store.ping()
     workers = [WorkerView(**w) for w in store.workers()]
-    served = {q for w in workers for q in w.queues}
-    choice = choose_planner(settings)
-    return Readiness(redis="ok", workers=workers,
-                     queues_without_workers=[q for q in QUEUES if q not in served],
-                     planner=PlannerView(kind=choice.kind, model=choice.model, endpoint=choice.endpoint, reason=choice.reason))
+    counts = {q: sum(q in w.queues for w in workers) for q in QUEUES}
+    planner = None
+    if operator:
+        choice = choose_planner(settings)
+        planner = PlannerView(kind=choice.kind, model=choice.model, endpoint=choice.endpoint, reason=choice.reason)
+    return Readiness(redis="ok", persistence=store.persistence(), worker_counts=counts,
+                     workers=workers if operator else None,
+                     queues_without_workers=[q for q in QUEUES if not counts[q]], planner=planner)

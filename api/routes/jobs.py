@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import redis
 from fastapi import APIRouter, HTTPException, Request
@@ -11,14 +12,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from api.deps import JobDep, SettingsDep, StoreDep
+from api.deps import JobDep, OwnerDep, SettingsDep, StoreDep
+from api.errors import ApiError
 from api.schemas import JobView
 from jobs.files import mask_file, report_file, result_file
+from jobs.records import new_id
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
-@router.get("/{job_id}", response_model=JobView)
+@router.get("/{job_id}", response_model=JobView, operation_id="get_job")
 def get_job(job: JobDep) -> JobView:
     """State, stage and progress, the layout once planned, the seed, and the error of a failed job."""
     return JobView.of(job)
@@ -33,19 +36,19 @@ def _result_file(job, settings, name: str) -> FileResponse:
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/{job_id}/image", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+@router.get("/{job_id}/image", operation_id="get_image", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 def get_image(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The generated image (PNG of the requested size)."""
     return _result_file(job, settings, "image")
 
 
-@router.get("/{job_id}/overlay", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+@router.get("/{job_id}/overlay", operation_id="get_overlay", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 def get_overlay(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The image with the layout's boxes and phrases drawn on it."""
     return _result_file(job, settings, "overlay")
 
 
-@router.get("/{job_id}/masks/{object_id}", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+@router.get("/{job_id}/masks/{object_id}", operation_id="get_mask", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 def get_mask(job: JobDep, object_id: str, settings: SettingsDep) -> FileResponse:
     """One object's mask (white = the object) as the render used it; the report says its source."""
     if job.state != "succeeded" or job.kind == "plan":
@@ -58,7 +61,7 @@ def get_mask(job: JobDep, object_id: str, settings: SettingsDep) -> FileResponse
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/{job_id}/report", response_class=FileResponse, responses={200: {"content": {"application/json": {}}}})
+@router.get("/{job_id}/report", operation_id="get_report", response_class=FileResponse, responses={200: {"content": {"application/json": {}}}})
 def get_report(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The render's report (grounded_sd.report.GenerationReport): per object its mask source, area,
     mask/box IoU and energies; per stage its wall time and UNet calls."""
@@ -70,7 +73,7 @@ def get_report(job: JobDep, settings: SettingsDep) -> FileResponse:
     return FileResponse(path, media_type="application/json")
 
 
-@router.get("/{job_id}/preview", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+@router.get("/{job_id}/preview", operation_id="get_preview", response_class=Response, responses={200: {"content": {"image/png": {}}}})
 def get_preview(job: JobDep, settings: SettingsDep) -> Response:
     """The latest live preview of a render that asked for them (``previews: true``): a cheap
     latent-to-RGB picture; ``progress.preview`` says its stage and step. 404 until the first one.
@@ -87,7 +90,7 @@ def get_preview(job: JobDep, settings: SettingsDep) -> Response:
     return Response(content, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobView)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobView, operation_id="cancel_job")
 def cancel(job: JobDep, store: StoreDep) -> JobView:
     """A queued job ends ``canceled`` now; a running one within one denoising step (its worker checks a flag).
 
@@ -101,35 +104,57 @@ def cancel(job: JobDep, store: StoreDep) -> JobView:
     return JobView.of(updated)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse)
-async def events(job: JobDep, request: Request, store: StoreDep, settings: SettingsDep) -> EventSourceResponse:
+STREAM_LEASE_S = 60.0
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, operation_id="job_events",
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def events(job: JobDep, request: Request, store: StoreDep, settings: SettingsDep,
+                 owner: OwnerDep) -> EventSourceResponse:
     """Server-sent events: ``state`` (the job view) whenever state or progress changes.
 
     When the job has ended, the last ``state`` (the terminal one) is followed by ``end``
     (``{job_id, state}``) and the stream closes; clients should stop listening on ``end``.
+    One API key may hold ``LMD_MAX_STREAMS_PER_KEY`` streams open at once (429 beyond).
     """
+    stream_id = new_id()
+    opened = await run_in_threadpool(store.open_stream, owner, stream_id, settings.max_streams_per_key, STREAM_LEASE_S)
+    if not opened:
+        raise ApiError(429, "too_many_streams", f"this key already has {settings.max_streams_per_key} event streams "
+                       "open (LMD_MAX_STREAMS_PER_KEY); close one or poll GET /jobs/{id}",
+                       {"Retry-After": str(settings.retry_after_s)})
 
     async def stream():
         last = None
         job_id = job.job_id
-        while not await request.is_disconnected():
+        renewed = time.monotonic()
+        try:
+            while not await request.is_disconnected():
+                try:
+                    current = await run_in_threadpool(store.get_job, job_id)
+                    if time.monotonic() - renewed > STREAM_LEASE_S / 3:
+                        await run_in_threadpool(store.renew_stream, owner, stream_id, STREAM_LEASE_S)
+                        renewed = time.monotonic()
+                except redis.RedisError:
+                    yield ServerSentEvent(data='{"detail": "Redis is unreachable; reconnect later"}', event="unavailable",
+                                          retry=settings.retry_after_s * 1000)
+                    return
+                if current is None:
+                    yield ServerSentEvent(data='{"detail": "the job expired"}', event="gone")
+                    return
+                seen = (current.state, current.progress, current.cancel_requested)
+                if seen != last:
+                    last = seen
+                    yield ServerSentEvent(data=JobView.of(current).model_dump_json(), event="state")
+                if current.terminal:
+                    # An explicit last event: a browser's EventSource reconnects when a stream just closes.
+                    yield ServerSentEvent(data=json.dumps({"job_id": job_id, "state": current.state}), event="end")
+                    return
+                await asyncio.sleep(settings.events_poll_s)
+        finally:
             try:
-                current = await run_in_threadpool(store.get_job, job_id)
+                store.close_stream(owner, stream_id)
             except redis.RedisError:
-                yield ServerSentEvent(data='{"detail": "Redis is unreachable; reconnect later"}', event="unavailable",
-                                      retry=settings.retry_after_s * 1000)
-                return
-            if current is None:
-                yield ServerSentEvent(data='{"detail": "the job expired"}', event="gone")
-                return
-            seen = (current.state, current.progress, current.cancel_requested)
-            if seen != last:
-                last = seen
-                yield ServerSentEvent(data=JobView.of(current).model_dump_json(), event="state")
-            if current.terminal:
-                # An explicit last event: a browser's EventSource reconnects when a stream just closes.
-                yield ServerSentEvent(data=json.dumps({"job_id": job_id, "state": current.state}), event="end")
-                return
-            await asyncio.sleep(settings.events_poll_s)
+                pass  # its lease runs out instead
 
     return EventSourceResponse(stream(), ping=15)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from api.deps import StoreDep
+from api.deps import StoreDep, require_operator
 from jobs.queue import QUEUES
 from jobs.store import RENDER_BUCKETS_S, Store
 
@@ -61,9 +61,12 @@ class RecordsCollector:
         yield workers
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get("/metrics", operation_id="metrics", dependencies=[Depends(require_operator)], response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(store: StoreDep) -> Response:
-    """Prometheus metrics: jobs by state, finished jobs, failures by code, render durations, workers."""
+    """Prometheus metrics: jobs by state, finished jobs, failures by code, render durations, workers.
+
+    With keys on, an operator key is needed (``api.deps.require_operator``): the counts are every tenant's.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(await run_in_threadpool(RecordsCollector, store))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

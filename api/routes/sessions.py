@@ -4,25 +4,33 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException
+from fastapi import APIRouter, Header, Query
 from fastapi.exceptions import RequestValidationError
 
+from api.errors import ApiError
 from api.deps import CeleryDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import Accepted, InstructRequest, SessionView, limit_errors
-from jobs.records import JobRecord, new_id, utcnow
+from jobs.records import JobRecord, SessionRecord, new_id, utcnow
 from api.submit import replay, submit
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
 
-@router.get("/{session_id}", response_model=SessionView)
-def get_session(session: SessionDep, store: StoreDep) -> SessionView:
-    """Every turn: its kind, text, job, the job's state and its layout once planned."""
-    jobs = store.get_jobs([t.job_id for t in session.turns])
-    return SessionView.of(session, jobs)
+@router.get("/{session_id}", response_model=SessionView, operation_id="get_session")
+def get_session(
+    session: SessionDep,
+    store: StoreDep,
+    offset: Annotated[int, Query(ge=0, description="first turn to list, counted from 0")] = 0,
+    limit: Annotated[int, Query(ge=1, le=100, description="most turns to list")] = 50,
+) -> SessionView:
+    """The session's turns ``offset .. offset+limit``: kind, text, job, the job's state and its layout
+    once planned; ``total_turns`` and ``next_offset`` (null on the last page) page through the rest."""
+    page = session.turns[offset: offset + limit]
+    jobs = store.get_jobs([t.job_id for t in page])
+    return SessionView.of(session, jobs, offset, limit)
 
 
-@router.post("/{session_id}/instruct", status_code=202, response_model=Accepted)
+@router.post("/{session_id}/instruct", status_code=202, response_model=Accepted, operation_id="instruct")
 def instruct(
     body: InstructRequest,
     session: SessionDep,
@@ -44,14 +52,7 @@ def instruct(
     if (earlier := replay(store, owner, "instruct", payload, idempotency_key)) is not None:
         return earlier
     jobs = store.get_jobs([t.job_id for t in session.turns])
-    if session.turns:
-        latest = jobs.get(session.turns[-1].job_id)
-        if latest is not None and not latest.terminal:
-            raise HTTPException(409, f"turn {session.turns[-1].turn} is still {latest.state}; "
-                                     "instruct once it has finished (or cancel it)")
-    if not any(j.state == "succeeded" and j.layout is not None for j in jobs.values()):
-        raise HTTPException(409, "the session has no succeeded turn whose layout could be revised; "
-                                 "POST /generate with this session_id first")
+    revisable(session, jobs)  # answers the common case early; checked again atomically when the turn is added
     now = utcnow()
     job = JobRecord(
         job_id=new_id(),
@@ -65,7 +66,23 @@ def instruct(
         created_at=now,
         updated_at=now,
     )
-    return submit(store, celery, job, session, "instruct", payload, idempotency_key, settings)
+    return submit(store, celery, job, session, "instruct", payload, idempotency_key, settings, guard=revisable)
+
+
+def revisable(session: SessionRecord, jobs: dict[str, JobRecord]) -> None:
+    """409 unless the latest turn has finished and some turn succeeded with a layout.
+
+    ``jobs.store.Store.create_job`` runs this inside the transaction that appends the turn, so
+    concurrent instructs on one finished session cannot all pass it: one gets 202, the others 409.
+    """
+    if session.turns:
+        latest = jobs.get(session.turns[-1].job_id)
+        if latest is not None and not latest.terminal:
+            raise ApiError(409, "not_finished", f"turn {session.turns[-1].turn} is still {latest.state}; "
+                                                "instruct once it has finished (or cancel it)")
+    if not any(j.state == "succeeded" and j.layout is not None for j in jobs.values()):
+        raise ApiError(409, "conflict", "the session has no succeeded turn whose layout could be revised; "
+                                        "POST /generate with this session_id first")
 
 
 def _render_settings_of_latest(session, jobs: dict[str, JobRecord]) -> dict:
@@ -75,5 +92,5 @@ def _render_settings_of_latest(session, jobs: dict[str, JobRecord]) -> dict:
         job = jobs.get(t.job_id)
         if job is not None and job.state == "succeeded":
             return {k: getattr(job, k) for k in ("steps", "guidance_scale", "width", "height", "negative_prompt",
-                                                   "variant", "preset", "conditioning", "language", "source_prompt")}
+                                                   "variant", "preset", "conditioning", "language", "source_prompt", "refine")}
     return {}

@@ -25,7 +25,7 @@ def studio() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
 
-@router.get("/limits", response_model=Limits)
+@router.get("/limits", response_model=Limits, operation_id="limits")
 def limits(settings: SettingsDep) -> Limits:
     """The request limits and defaults (sizes, steps, seeds, text lengths, presets, variants) and whether keys are on."""
     return Limits.of(settings)

@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")
     parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default 512)")
     parser.add_argument("--max-batch", type=int, help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once)")
+    parser.add_argument("--refiner", metavar="MODEL", help="finish the image with this SDXL refiner (hub id or local directory; default LMD_REFINER, unset: none)")
+    parser.add_argument("--refiner-strength", type=float, help="fraction of the refiner's schedule redone (default LMD_REFINER_STRENGTH, 0.3)")
+    parser.add_argument("--no-refiner", action="store_true", help="no refiner pass even when LMD_REFINER is set")
     add_conditioning_arguments(parser)
     parser.add_argument("--language", metavar="CODE", help="ISO 639-1 language of PROMPT for gluenet (default: detected)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -180,20 +183,28 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
         first = exc.errors()[0]
         raise CLIError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     try:
+        refiner_options = wiring.refiner_options(settings, args.refiner_strength)
+    except ValidationError as exc:
+        raise CLIError(f"--refiner-strength: {exc.errors()[0]['msg']}") from None
+    try:
         pipe = wiring.load_pipeline(
             settings, model=args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
             sam_checkpoint=args.sam_checkpoint, sam_model_type=args.sam_model_type,
         )
+        refiner = None if args.no_refiner else wiring.load_refiner(settings, model=args.refiner, device=args.device, dtype=args.dtype)
     except (GroundedSDError, RuntimeError) as exc:
         raise CLIError(str(exc).splitlines()[0]) from None
 
     bars = _StageBars(enabled=not args.quiet)
     try:
         conditioning = wiring.conditionings(settings, pipe).get(args.conditioning or settings.conditioning)
-        return pipe(
+        result = pipe(
             layout, seed=seed, options=options, variant=args.variant or settings.variant, width=args.width, height=args.height,
             negative_prompt=args.negative, progress=bars, conditioning=conditioning, source_prompt=args.prompt, language=args.language,
         )
+        if refiner is not None:
+            result = refiner.refine(result, options=refiner_options, progress=bars)
+        return result
     except GenerationCanceled:
         raise CLIError("canceled") from None
     except torch.cuda.OutOfMemoryError:
@@ -216,5 +227,8 @@ def _print_summary(result, out: Path, seed: int) -> None:
         elif energy.start is not None:  # the fast preset skips the measurement after the updates
             line += f", per-box energy {energy.start:.2f} at the first guided step"
         print(line)
+    if report.refiner is not None:
+        refined = report.refiner
+        print(f"  refined with {refined.model}: strength {refined.strength:g}, {refined.steps} steps, {refined.width}x{refined.height}")
     for note in report.notes:
         print(f"  note: {note}")

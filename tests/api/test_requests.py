@@ -46,6 +46,7 @@ def _fields(response) -> list[str]:
         ({"prompt": "a cat", "guidance_scale": -1}, "guidance_scale", "greater than or equal"),
         ({"prompt": "a cat", "variant": "dalle"}, "variant", "lmd"),
         ({"prompt": "a cat", "preset": "slow"}, "preset", "reference"),
+        ({"prompt": "a cat", "refine": True}, "refine", "LMD_REFINER is unset"),
         ({"layout": {**LAYOUT, "objects": []}}, "layout", "empty"),
         ({"layout": {"objects": [box_object("a", box=[0.5, 0.5, 0.2, 0.9])]}}, "layout.objects.0.box", "zero area"),
     ],
@@ -71,6 +72,7 @@ def test_generate_creates_a_queued_job_in_a_new_session(client):
     assert job["state"] == "queued" and job["progress"]["stage"] == "queued"
     assert (job["seed"], job["steps"], job["width"], job["prompt"]) == (7, 3, 64, "a cat on a mat")
     assert job["layout"] is None and job["result"] is None and job["error"] is None
+    assert job["refine"] is None  # unset: the worker refines when it has a refiner
     session = client.get(f"/sessions/{accepted['session_id']}").json()
     assert session["seed"] == 7
     assert [(t["turn"], t["kind"], t["job_id"], t["state"]) for t in session["turns"]] == [

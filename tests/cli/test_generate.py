@@ -93,3 +93,23 @@ def test_bad_layout_json_names_the_field(clean_env, tiny_sd_path, capsys):
 def test_generate_needs_exactly_one_source(clean_env, capsys):
     assert main(["generate", "a cat", "--layout", "x.json", "--out", "o"]) == 2
     assert "either a PROMPT or --layout" in capsys.readouterr().err
+
+
+def test_generate_with_the_refiner_finishes_and_reports_it(clean_env, tiny_sd_path, tiny_refiner_path, monkeypatch, capsys):
+    monkeypatch.setenv("LMD_REFINER_RESOLUTION", "96")
+    layout_path = clean_env / "layout.json"
+    layout_path.write_text(json.dumps(LAYOUT))
+    out = clean_env / "out"
+    argv = ["generate", "--layout", str(layout_path), "--out", str(out), "--model", str(tiny_sd_path), "--seed", "3", *FAST]
+    code = main([*argv, "--refiner", str(tiny_refiner_path), "--refiner-strength", "0.1"])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out / "image.png").size == (96, 96)
+    refiner = json.loads((out / "report.json").read_text())["refiner"]
+    assert refiner["strength"] == 0.1 and refiner["steps"] == 5 and refiner["model"] == str(tiny_refiner_path)
+    assert "refined with" in capsys.readouterr().out
+    # LMD_REFINER is the default; --no-refiner skips it
+    monkeypatch.setenv("LMD_REFINER", str(tiny_refiner_path))
+    assert main([*argv, "--no-refiner"]) == 0
+    assert json.loads((out / "report.json").read_text())["refiner"] is None
+    assert main([*argv, "--refiner", str(clean_env / "missing")]) == 2
+    assert "refiner model directory not found" in capsys.readouterr().err

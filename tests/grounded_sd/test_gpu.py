@@ -47,3 +47,30 @@ def test_real_model_renders_the_layout(tmp_path, preset):
     for obj in result.report.objects:
         assert obj.per_box_energy.after_first_step <= obj.per_box_energy.start
         assert obj.mask_box_iou > 0.1
+
+
+def test_tiny_refiner_in_fp16_on_cuda(tiny_sd_path, tiny_refiner_path):
+    from grounded_sd import Refiner, RefinerOptions
+
+    pipe = LMDPipeline.from_pretrained(tiny_sd_path, device="cuda")
+    refiner = Refiner.from_pretrained(tiny_refiner_path, device="cuda")
+    result = pipe(LAYOUT, seed=1, width=64, height=64, options=LMDOptions.fast(steps=4))
+    refined = refiner.refine(result, options=RefinerOptions(steps=10, resolution=128))
+    assert refined.image.size == (128, 128) and refined.report.refiner.steps == 3
+    assert np.isfinite(np.asarray(refined.image, dtype=np.float32)).all()
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("LMD_TEST_SD_MODEL") and os.environ.get("LMD_TEST_REFINER_MODEL")),
+    reason="set LMD_TEST_SD_MODEL and LMD_TEST_REFINER_MODEL (stabilityai/stable-diffusion-xl-refiner-1.0 or a local copy)",
+)
+def test_real_refiner_finishes_the_image(tmp_path):
+    from grounded_sd import Refiner
+
+    pipe = LMDPipeline.from_pretrained(os.environ["LMD_TEST_SD_MODEL"], device="cuda")
+    refiner = Refiner.from_pretrained(os.environ["LMD_TEST_REFINER_MODEL"], device="cuda")
+    result = refiner.refine(pipe(LAYOUT, seed=0, options=LMDOptions.fast()))
+    result.save(tmp_path)
+    image = np.asarray(result.image, dtype=np.float32)
+    assert result.image.size == (1024, 1024) and np.isfinite(image).all() and image.std() > 10
+    assert result.report.refiner.steps == 15

@@ -135,14 +135,14 @@ def test_sam_candidates_that_disagree_with_the_attention_are_rejected():
     set_predicted_ious(sam, (0.9, 0.9, 0.9))
     predictor = SamPredictor(sam)
     loose = object_mask(
-        _image(), _blob_attention(), BOX, predictor=predictor, prompt="box", options=MaskOptions(sam_min_coarse_iou=0.0)
+        _image(), _blob_attention(), BOX, predictor=predictor, prompt="point", options=MaskOptions(sam_min_coarse_iou=0.0)
     )
     coarse_ious = sorted({round(c.coarse_iou, 6) for c in loose.candidates})
     assert len(coarse_ious) == 3, loose.candidates
     # a threshold between the two best IoUs leaves exactly the best-agreeing candidate
     threshold = (coarse_ious[1] + coarse_ious[2]) / 2
     strict = object_mask(
-        _image(), _blob_attention(), BOX, predictor=predictor, prompt="box", options=MaskOptions(sam_min_coarse_iou=threshold)
+        _image(), _blob_attention(), BOX, predictor=predictor, prompt="point", options=MaskOptions(sam_min_coarse_iou=threshold)
     )
     best = max(loose.candidates, key=lambda c: c.coarse_iou)
     assert strict.source == "sam"
@@ -196,3 +196,36 @@ def test_malformed_inputs_raise_typed_errors():
         object_mask(_image(), _blob_attention(), (0.1, 0.1, 1.5, float("nan")), predictor=None)
     with pytest.raises(MaskInputError, match="prompt"):
         object_mask(_image(), _blob_attention(), BOX, predictor=None, prompt="scribble")
+
+
+def test_box_prompt_candidates_are_judged_against_the_box_not_the_attention():
+    """LMD+ (as the reference): SAM was asked about the box, so the IoU that can reject a candidate is with the box."""
+    sam = build_tiny_sam()
+    set_predicted_ious(sam, (0.95, 0.95, 0.95))
+    predictor = SamPredictor(sam)
+    options = MaskOptions(sam_min_coarse_iou=0.0, sam_box_margin=None)
+    blob = object_mask(_image(), _blob_attention(), BOX, predictor=predictor, prompt="box", options=options)
+    other = object_mask(_image(), _blob_attention(center=(12, 10)), BOX, predictor=predictor, prompt="box", options=options)
+    masks, _ = _candidates(predictor, blob, "box")
+    for candidate, mask in zip(blob.candidates, masks):
+        box_iou = (mask & BOX_PIXELS).sum() / (mask | BOX_PIXELS).sum()
+        assert candidate.coarse_iou == pytest.approx(box_iou)
+    assert [c.coarse_iou for c in blob.candidates] == [c.coarse_iou for c in other.candidates]
+    assert "IoU with box" in blob.detail
+    # the point prompt (LMD) judges the same kind of answers against the attention instead
+    point = object_mask(_image(), _blob_attention(), BOX, predictor=predictor, prompt="point", options=options)
+    assert "IoU with coarse" in point.detail
+
+
+def test_smoothing_is_in_attention_map_pixels_with_the_reference_sigma():
+    """One hot cell of a 16x16 map: sigma 1.5 in map pixels (the reference's) covers ~8% of the image, as
+    the reference's mask does (21 of 256 cells); smoothing the same map after resizing it to a finer grid
+    would cover a fraction of that."""
+    attention = np.zeros((16, 16), np.float32)
+    attention[8, 8] = 1.0
+    whole = (0.0, 0.0, 1.0, 1.0)
+    assert MaskOptions().smooth_sigma == 1.5
+    mask = object_mask(_image(), attention, whole, predictor=None).mask
+    assert 0.07 < mask.mean() < 0.09
+    resized = torch.nn.functional.interpolate(torch.from_numpy(attention)[None, None], size=(64, 64), mode="bilinear")[0, 0]
+    assert object_mask(_image(), resized.numpy(), whole, predictor=None).mask.mean() < 0.03

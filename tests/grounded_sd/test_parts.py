@@ -143,7 +143,7 @@ def test_small_mask_inside_a_large_one_ends_on_top():
     large[1:7, 1:7] = True
     background = torch.full((1, 4, h, w), -1.0)
     for order in ([small, large], [large, small]):  # whatever the layout order
-        composed, owner = compose_latents(per_box, torch.stack(order), background)
+        composed, owner = compose_latents(per_box, torch.stack(order), background, step0="mask")
         small_index = 0 if order[0] is small else 1
         assert (owner[small] == small_index + 1).all()
         assert (composed[:, 0][..., small] == small_index + 1.0).all()

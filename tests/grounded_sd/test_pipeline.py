@@ -127,7 +127,8 @@ def test_frozen_steps_copy_the_composed_foreground(tiny_pipeline):
 
 
 def test_every_object_is_composed_where_its_mask_is(tiny_pipeline):
-    result = generate(tiny_pipeline)
+    # generated in place, so composed cells hold the per-box latents unmoved (centred: tests/grounded_sd/test_reference_parity.py)
+    result = generate(tiny_pipeline, options=opts(per_box_placement="in_place"))
     inter = result.intermediates
     owners = set(inter.owner.unique().tolist())
     for index, object_id in enumerate(inter.object_ids):

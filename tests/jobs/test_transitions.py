@@ -152,3 +152,24 @@ def test_counters_count_a_job_once_when_it_finishes():
     assert t.counters(running, failed) == ["finished:failed", "failed:timeout"]
     assert t.counters(running, t.finish(running, "host-a:1", "succeeded")) == ["finished:succeeded"]
     assert t.counters(failed, failed) == [] and t.counters(running, running) == []
+
+
+def test_a_requested_cancel_wins_over_a_later_failure():
+    """A job canceled while its LLM call hung, which then failed, ends canceled (it counted as a failure)."""
+    from datetime import UTC, datetime
+
+    from jobs import transitions
+    from jobs.records import JobRecord
+
+    now = datetime.now(UTC)
+    held = JobRecord(job_id="j", session_id="s", prompt="a cat", seed=1, state="planning", worker="h:1",
+                     heartbeat_at=0.0, created_at=now, updated_at=now)
+    canceled = transitions.request_cancel(held)
+    assert canceled.state == "planning" and canceled.cancel_requested
+    ended = transitions.finish(canceled, "h:1", "failed", "llm_unavailable", "the LLM could not be reached")
+    assert (ended.state, ended.error.code) == ("canceled", "canceled")
+    assert transitions.counters(canceled, ended) == ["finished:canceled"]
+    killed = transitions.fail(canceled, "timeout", "hard limit")
+    assert (killed.state, killed.error.code) == ("canceled", "canceled")
+    plain = transitions.finish(held, "h:1", "failed", "llm_unavailable", "the LLM could not be reached")
+    assert (plain.state, plain.error.code) == ("failed", "llm_unavailable")

@@ -97,8 +97,8 @@ def test_a_revision_keeps_the_ids_of_untouched_objects(local_planner):
     layout, report = planner.revise_with_report([Turn(text="a cat and a lamp", layout=previous)], "make it night")
     assert {"cat", "lamp"} <= {o.id for o in layout.objects} and report.asks <= 2
     # what the random model left out came back unchanged, with a warning saying so
-    for warning in (w for w in layout.warnings if w.startswith("kept:")):
-        object_id = warning.split("(")[1].split(")")[0]
+    for warning in (w for w in layout.warnings if w.tag == "kept"):
+        object_id = warning.text.split("(")[1].split(")")[0]
         assert layout.object(object_id) == previous.object(object_id)
 
 

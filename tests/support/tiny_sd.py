@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grounded_sd.random_model import WORDS, build_random_sd, tiny_vocab_and_merges  # noqa: F401  (re-exported)
+from grounded_sd.random_model import WORDS, build_random_sd, build_random_sdxl_refiner, tiny_vocab_and_merges  # noqa: F401  (re-exported)
 
 
 def build_tiny_sd(path: Path | str, gligen: bool = False, seed: int = 0) -> Path:
@@ -38,3 +38,9 @@ def tiny_pipeline(tiny_sd_path: Path):
 
     torch.set_num_threads(1)
     return LMDPipeline.from_pretrained(tiny_sd_path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model shaped like the SDXL refiner (``StableDiffusionXLImg2ImgPipeline``)."""
+    return build_random_sdxl_refiner(tmp_path_factory.mktemp("tiny_refiner"))

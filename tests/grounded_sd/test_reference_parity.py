@@ -1,0 +1,56 @@
+"""The reference's per-box placement on the tiny SD: objects generated centred, then their
+latents, masks and attention moved to their boxes (lmd); LMD+ generates in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grounded_sd import LMDOptions
+from grounded_sd.compose import centred_box
+
+LAYOUT = {
+    "objects": [
+        {"id": "cat", "phrase": "a red cat", "box": [0.05, 0.1, 0.45, 0.6]},
+        {"id": "dog", "phrase": "a dog", "box": [0.55, 0.45, 0.95, 0.95]},
+    ],
+    "background": "a realistic park",
+}
+
+
+def test_lmd_generates_objects_centred_then_moves_them_to_their_boxes(tiny_pipeline):
+    options = LMDOptions.reference(steps=4, energy_checks=False)
+    assert options.per_box_placement == "centred" and LMDOptions.fast().per_box_placement == "centred"
+    result = tiny_pipeline(LAYOUT, seed=2, width=64, height=64, options=options)
+    moved = {**LAYOUT, "objects": [LAYOUT["objects"][0], {**LAYOUT["objects"][1], "box": [0.05, 0.45, 0.45, 0.95]}]}
+    again = tiny_pipeline(moved, seed=2, width=64, height=64, options=options)
+    h, w = result.intermediates.per_box_latents.shape[-2:]
+    for index, obj in enumerate(result.report.objects):
+        assert obj.per_box_box == pytest.approx(centred_box(obj.box))
+        cells = result.intermediates.latent_masks[obj.id]
+        assert cells.any()
+        centre_x = float((cells.float().sum(0) * (torch.arange(w) + 0.5)).sum() / cells.sum()) / w
+        centre_y = float((cells.float().sum(1) * (torch.arange(h) + 0.5)).sum() / cells.sum()) / h
+        assert centre_x == pytest.approx((obj.box[0] + obj.box[2]) / 2, abs=1 / 16 + 1e-6)  # within half a grid cell
+        assert centre_y == pytest.approx((obj.box[1] + obj.box[3]) / 2, abs=1 / 16 + 1e-6)
+        # the composition holds the per-box latents moved by the object's shift
+        dx, dy = (round(s * n) for s, n in zip(obj.placement_shift, (w, h)))
+        owned = result.intermediates.owner == index + 1
+        generated = result.intermediates.per_box_latents[1, index]
+        expected = torch.roll(generated, shifts=(dy, dx), dims=(-2, -1))
+        assert torch.allclose(result.intermediates.composed[1, 0][:, owned], expected[:, owned])
+    # the dog moved without changing size: generated centred, its per-box latents do not change
+    assert torch.allclose(result.intermediates.per_box_latents[:, 1], again.intermediates.per_box_latents[:, 1], atol=1e-4)
+    assert again.report.objects[1].placement_shift[0] < 0 < result.report.objects[1].placement_shift[0]
+
+    in_place = tiny_pipeline(LAYOUT, seed=2, width=64, height=64, options=options.model_copy(update={"per_box_placement": "in_place"}))
+    assert [o.per_box_box for o in in_place.report.objects] == [tuple(o["box"]) for o in LAYOUT["objects"]]
+    assert all(o.placement_shift == (0.0, 0.0) for o in in_place.report.objects)
+
+
+def test_lmd_plus_generates_in_place_as_the_reference(tiny_gligen_sd_path):
+    from grounded_sd import LMDPipeline
+
+    pipe = LMDPipeline.from_pretrained(tiny_gligen_sd_path, device="cpu")
+    result = pipe(LAYOUT, seed=2, variant="lmd_plus", width=64, height=64, options=LMDOptions.reference(steps=3))
+    assert [o.per_box_box for o in result.report.objects] == [tuple(o["box"]) for o in LAYOUT["objects"]]
