@@ -50,7 +50,9 @@ class LayoutWarning(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tag: WarningTag
-    text: str
+    # The limit is checked where a layout is validated (``Layout``), after repair has cut the
+    # texts (``bounded_warnings``), so that building a long warning never fails midway.
+    text: str = Field(json_schema_extra={"maxLength": MAX_WARNING_CHARS})
 
     @model_validator(mode="before")
     @classmethod
