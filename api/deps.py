@@ -1,4 +1,4 @@
-"""Injected dependencies: the settings, the record store, the Celery app, the caller's key."""
+"""Injected dependencies: the settings, the record store, the Celery app, the caller's key, a submission."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import hmac
 from typing import Annotated
 
 from celery import Celery
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Request
+
+from api.submit import Submission
 
 from jobs.records import JobRecord, SessionRecord
 from jobs.store import Store
@@ -87,6 +89,19 @@ StoreDep = Annotated[Store, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 OwnerDep = Annotated[str | None, Depends(get_owner)]
 OperatorDep = Annotated[bool, Depends(is_operator)]
+
+
+def get_submission(
+    settings: SettingsDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    owner: OwnerDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Submission:
+    return Submission(settings, store, celery, owner, idempotency_key)
+
+
+SubmissionDep = Annotated[Submission, Depends(get_submission)]
 
 
 def _shown(record_id: str) -> str:

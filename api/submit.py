@@ -1,6 +1,7 @@
 """Submitting a job: the idempotency claim, the records, then the Celery message.
 
-Shared by POST /generate and POST /sessions/{id}/instruct. The job, its session turn and
+Shared by POST /generate, POST /plan and POST /sessions/{id}/instruct through one injected
+:class:`Submission` (what those routes need: settings, store, Celery, caller, Idempotency-Key). The job, its session turn and
 the Idempotency-Key claim are written in one Redis transaction, so a retried request finds
 either everything or nothing. The message is sent after the records exist, so a worker
 never receives a job it cannot read.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import redis
 from celery import Celery
@@ -27,6 +29,28 @@ from lmd.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+
+
+Guard = Callable[[SessionRecord, dict[str, JobRecord]], None]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One queuing request's context, injected into the routes that create jobs."""
+
+    settings: Settings
+    store: Store
+    celery: Celery
+    owner: str | None
+    idempotency_key: str | None
+
+    def replay(self, route: str, payload: dict) -> Accepted | None:
+        """:func:`replay` for this request."""
+        return replay(self.store, self.owner, route, payload, self.idempotency_key)
+
+    def submit(self, job: JobRecord, session: SessionRecord, route: str, payload: dict, guard: Guard | None = None) -> Accepted:
+        """:func:`submit` for this request."""
+        return submit(self.store, self.celery, job, session, route, payload, self.idempotency_key, self.settings, guard)
 
 
 class IdempotencyConflict(ApiError):
@@ -71,7 +95,7 @@ def submit(
     payload: dict,
     idempotency_key: str | None,
     settings: Settings,
-    guard: Callable[[SessionRecord, dict[str, JobRecord]], None] | None = None,
+    guard: Guard | None = None,
 ) -> Accepted:
     """Store ``job`` as the next turn of ``session`` and enqueue it; replay an earlier answer for a reused key.
 

@@ -3,63 +3,46 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 
-from api.deps import CeleryDep, OwnerDep, SettingsDep, StoreDep, owned_session
+from api.deps import SubmissionDep, owned_session
 from api.schemas import Accepted, GenerateRequest, PlanRequest, limit_errors
-from api.submit import replay, submit
+from api.submit import Submission
 from jobs.records import JobKind, JobRecord, SessionRecord, new_id, utcnow
-from jobs.store import Store
-from lmd.settings import Settings
 
 router = APIRouter(tags=["generate"])
 
 
 @router.post("/generate", status_code=202, response_model=Accepted, operation_id="generate")
-def generate(
-    body: GenerateRequest,
-    settings: SettingsDep,
-    store: StoreDep,
-    celery: CeleryDep,
-    owner: OwnerDep,
-    idempotency_key: Annotated[str | None, Header()] = None,
-) -> Accepted:
+def generate(body: GenerateRequest, submission: SubmissionDep) -> Accepted:
     """Queue a generation: plan the prompt with the LLM (skipped when ``layout`` is given), then render.
 
     With ``layout`` and ``session_id`` this renders an (edited) layout as the session's next
     turn. A retry with the same ``Idempotency-Key`` and body returns the same job; the same key
     with another body is a 409.
     """
-    return _queue("generate", body, settings, store, celery, owner, idempotency_key)
+    return _queue("generate", body, submission)
 
 
 @router.post("/plan", status_code=202, response_model=Accepted, operation_id="plan")
-def plan(
-    body: PlanRequest,
-    settings: SettingsDep,
-    store: StoreDep,
-    celery: CeleryDep,
-    owner: OwnerDep,
-    idempotency_key: Annotated[str | None, Header()] = None,
-) -> Accepted:
+def plan(body: PlanRequest, submission: SubmissionDep) -> Accepted:
     """Queue stage 1 alone: the job (kind ``plan``) ends ``succeeded`` with its ``layout`` and no image.
 
     It is a turn of its session like any other, so the layout can be edited and rendered with
     POST /generate (``layout`` + ``session_id``), or revised with POST /sessions/{id}/instruct.
     """
-    return _queue("plan", body, settings, store, celery, owner, idempotency_key)
+    return _queue("plan", body, submission)
 
 
-def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, settings: Settings, store: Store, celery,
-           owner: str | None, idempotency_key: str | None) -> Accepted:
+def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, submission: Submission) -> Accepted:
+    settings, store, owner = submission.settings, submission.store, submission.owner
     errors = limit_errors(body, settings)
     if errors:
         raise RequestValidationError(errors)
     payload = body.model_dump(mode="json")
-    if (earlier := replay(store, owner, kind, payload, idempotency_key)) is not None:
+    if (earlier := submission.replay(kind, payload)) is not None:
         return earlier
     now = utcnow()
     if body.session_id is not None:
@@ -95,4 +78,4 @@ def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, settings: Setting
         created_at=now,
         updated_at=now,
     )
-    return submit(store, celery, job, session, kind, payload, idempotency_key, settings)
+    return submission.submit(job, session, kind, payload)

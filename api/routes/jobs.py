@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import redis
 from fastapi import APIRouter, HTTPException, Request
@@ -27,25 +28,27 @@ def get_job(job: JobDep) -> JobView:
     return JobView.of(job)
 
 
-def _result_file(job, settings, name: str) -> FileResponse:
-    if job.state != "succeeded":
-        raise HTTPException(409, f"job {job.job_id} is {job.state}; its {name} exists once it has succeeded")
-    path = result_file(settings.data_dir, job.job_id, name)
+def _stored_file(job, path: Path, name: str, media_type: str = "image/png", *, render: bool = False) -> FileResponse:
+    """A file the job wrote: 409 before it has succeeded (before its render has, for
+    ``render``), 404 once retention has removed it."""
+    if job.state != "succeeded" or (render and job.kind == "plan"):
+        after = "its render has" if render else "it has"
+        raise HTTPException(409, f"job {job.job_id} is {job.state}; its {name} exists once {after} succeeded")
     if not path.is_file():
         raise HTTPException(404, f"the {name} of job {job.job_id} is gone (retention LMD_RETENTION_S passed)")
-    return FileResponse(path, media_type="image/png")
+    return FileResponse(path, media_type=media_type)
 
 
 @router.get("/{job_id}/image", operation_id="get_image", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 def get_image(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The generated image (PNG of the requested size)."""
-    return _result_file(job, settings, "image")
+    return _stored_file(job, result_file(settings.data_dir, job.job_id, "image"), "image")
 
 
 @router.get("/{job_id}/overlay", operation_id="get_overlay", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 def get_overlay(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The image with the layout's boxes and phrases drawn on it."""
-    return _result_file(job, settings, "overlay")
+    return _stored_file(job, result_file(settings.data_dir, job.job_id, "overlay"), "overlay")
 
 
 @router.get("/{job_id}/masks/{object_id}", operation_id="get_mask", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
@@ -65,12 +68,7 @@ def get_mask(job: JobDep, object_id: str, settings: SettingsDep) -> FileResponse
 def get_report(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The render's report (grounded_sd.report.GenerationReport): per object its mask source, area,
     mask/box IoU and energies; per stage its wall time and UNet calls."""
-    if job.state != "succeeded" or job.kind == "plan":
-        raise HTTPException(409, f"job {job.job_id} is {job.state}; its report exists once its render has succeeded")
-    path = report_file(settings.data_dir, job.job_id)
-    if not path.is_file():
-        raise HTTPException(404, f"the report of job {job.job_id} is gone (retention LMD_RETENTION_S passed)")
-    return FileResponse(path, media_type="application/json")
+    return _stored_file(job, report_file(settings.data_dir, job.job_id), "report", "application/json", render=True)
 
 
 @router.get("/{job_id}/preview", operation_id="get_preview", response_class=Response, responses={200: {"content": {"image/png": {}}}})

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 
+from api.deps import SessionDep, StoreDep, SubmissionDep
 from api.errors import ApiError
-from api.deps import CeleryDep, OwnerDep, SessionDep, SettingsDep, StoreDep
 from api.schemas import Accepted, InstructRequest, SessionView, limit_errors
 from jobs.records import JobRecord, SessionRecord, new_id, utcnow
-from api.submit import replay, submit
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
 
@@ -34,30 +33,26 @@ def get_session(
 def instruct(
     body: InstructRequest,
     session: SessionDep,
-    settings: SettingsDep,
-    store: StoreDep,
-    celery: CeleryDep,
-    owner: OwnerDep,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    submission: SubmissionDep,
 ) -> Accepted:
     """Revise the session's latest layout with ``instruction`` and render it with the session's seed.
 
     The latest turn must have finished (409 otherwise), and at least one turn must have
     succeeded: the revision starts from the conversation of succeeded turns.
     """
-    errors = limit_errors(body, settings)
+    errors = limit_errors(body, submission.settings)
     if errors:
         raise RequestValidationError(errors)
     payload = {"session_id": session.session_id, **body.model_dump(mode="json")}
-    if (earlier := replay(store, owner, "instruct", payload, idempotency_key)) is not None:
+    if (earlier := submission.replay("instruct", payload)) is not None:
         return earlier
-    jobs = store.get_jobs([t.job_id for t in session.turns])
+    jobs = submission.store.get_jobs([t.job_id for t in session.turns])
     revisable(session, jobs)  # answers the common case early; checked again atomically when the turn is added
     now = utcnow()
     job = JobRecord(
         job_id=new_id(),
         session_id=session.session_id,
-        owner=owner,
+        owner=submission.owner,
         kind="instruct",
         prompt=body.instruction.strip(),
         seed=body.seed if body.seed is not None else session.seed,
@@ -66,7 +61,7 @@ def instruct(
         created_at=now,
         updated_at=now,
     )
-    return submit(store, celery, job, session, "instruct", payload, idempotency_key, settings, guard=revisable)
+    return submission.submit(job, session, "instruct", payload, guard=revisable)
 
 
 def revisable(session: SessionRecord, jobs: dict[str, JobRecord]) -> None:

@@ -115,6 +115,34 @@ class Conditioned(ABC):
         """(cond, uncond) of ``which`` at ``timestep`` (called once per pass and step)."""
 
 
+class PromptTokensConditioned(Conditioned):
+    """Conditioned by tokens a model makes from each prompt set (ELLA, trained connectors):
+    :meth:`_tokens` gives one row per prompt of a set at a timestep; ``concat`` puts them
+    before CLIP's."""
+
+    def __init__(self, clip: ClipEmbeddings, mode: Mode, texts: TextInputs) -> None:
+        super().__init__(clip, mode)
+        self.prompts: dict[str, list[str]] = {
+            "final": [texts.scene_prompt],
+            "final_negative": [texts.negative_prompt],
+            "per_box": list(texts.box_prompts),
+            "per_box_negative": [texts.box_negative_prompt],
+        }
+
+    @abstractmethod
+    def _tokens(self, key: str, timestep) -> torch.Tensor:
+        """(len(self.prompts[key]), tokens, width) at ``timestep``."""
+
+    def _compute(self, which: Pass, timestep) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            cond, uncond = self._tokens(which, timestep), self._tokens(f"{which}_negative", timestep)
+        clip_cond, clip_uncond = self.clip.pair(which)
+        cond, uncond = cond.to(clip_cond.device, clip_cond.dtype), uncond.to(clip_cond.device, clip_cond.dtype)
+        if self.mode == "concat":
+            return concat_tokens(cond, clip_cond), concat_tokens(uncond, clip_uncond)
+        return cond, uncond
+
+
 class Conditioning(ABC):
     """A text conditioning, loaded once and reused by every generation."""
 

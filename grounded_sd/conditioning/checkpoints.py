@@ -8,11 +8,15 @@ refuses anything but tensors and plain containers (no code runs while loading).
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from grounded_sd.errors import CheckpointMismatch, ConditioningUnavailable
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def resolve_file(source: str | Path, setting: str) -> Path:
@@ -79,3 +83,18 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
                 f"expected {tuple(tensor.shape)}"
             )
     module.load_state_dict(state, strict=True)
+
+
+def load_module(
+    build: Callable[[dict[str, torch.Tensor]], M],
+    source: str | Path,
+    setting: str,
+    read: Callable[[Path], dict[str, torch.Tensor]],
+) -> M:
+    """Find ``source`` (:func:`resolve_file`), ``read`` its tensors, ``build`` the module for
+    them (sizes may come from the shapes) and load them into it with :func:`load_strict`."""
+    path = resolve_file(source, setting)
+    state = read(path)
+    module = build(state)
+    load_strict(module, state, path)
+    return module

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from grounded_sd.conditioning.base import ClipEmbeddings, Conditioned, Conditioning, Mode, Pass, TextInputs, concat_tokens
+from grounded_sd.conditioning.base import ClipEmbeddings, Conditioned, Conditioning, Mode, Pass, PromptTokensConditioned, TextInputs
 from grounded_sd.conditioning.llm import EncodedText
 from grounded_sd.conditioning.trained import TrainedConnector, phrase_tokens
 from grounded_sd.errors import ConditioningUnavailable
@@ -26,16 +26,10 @@ from grounded_sd.errors import ConditioningUnavailable
 PREFIX = "connector:"
 
 
-class ConnectorConditioned(Conditioned):
+class ConnectorConditioned(PromptTokensConditioned):
     def __init__(self, owner: "ConnectorConditioning", texts: TextInputs, clip: ClipEmbeddings, mode: Mode) -> None:
-        super().__init__(clip, mode)
+        super().__init__(clip, mode, texts)
         self.owner = owner
-        self.prompts = {
-            "final": [texts.scene_prompt],
-            "final_negative": [texts.negative_prompt],
-            "per_box": list(texts.box_prompts),
-            "per_box_negative": [texts.box_negative_prompt],
-        }
         self._encoded: dict[str, list[EncodedText]] = {}
 
     @property
@@ -52,15 +46,6 @@ class ConnectorConditioned(Conditioned):
         if not self.prompts[key]:
             return torch.zeros(0, self.owner.connector.output_tokens, self.owner.connector.spec.cross_attention_dim)
         return self.owner.connector(self._encode(key), timestep).hidden_states
-
-    def _compute(self, which: Pass, timestep) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            cond, uncond = self._tokens(which, timestep), self._tokens(f"{which}_negative", timestep)
-        clip_cond, clip_uncond = self.clip.pair(which)
-        cond, uncond = cond.to(clip_cond.device, clip_cond.dtype), uncond.to(clip_cond.device, clip_cond.dtype)
-        if self.mode == "concat":
-            return concat_tokens(cond, clip_cond), concat_tokens(uncond, clip_uncond)
-        return cond, uncond
 
     def guidance(self, which: Pass, timestep: torch.Tensor | int) -> torch.Tensor:
         if self.mode == "tokens":

@@ -18,16 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grounded_sd.conditioning.base import (
-    ClipEmbeddings,
-    Conditioned,
-    Conditioning,
-    Mode,
-    Pass,
-    TextInputs,
-    concat_tokens,
-)
-from grounded_sd.conditioning.checkpoints import load_strict, read_safetensors, resolve_file
+from grounded_sd.conditioning.base import ClipEmbeddings, Conditioned, Conditioning, Mode, PromptTokensConditioned, TextInputs
+from grounded_sd.conditioning.checkpoints import load_module, read_safetensors
 from grounded_sd.conditioning.encoders import TextEncoder, load_text_encoder
 from grounded_sd.errors import CheckpointMismatch, ConditioningUnavailable
 
@@ -153,23 +145,13 @@ class ELLA(nn.Module):
     @classmethod
     def from_file(cls, source: str | Path, *, config: ELLAConfig | None = None, setting: str = "ella checkpoint") -> "ELLA":
         """Strictly load a ``.safetensors`` connector (local path or ``owner/repo/file``)."""
-        path = resolve_file(source, setting)
-        state = read_safetensors(path)
-        module = cls(config or ELLAConfig.from_state(state))
-        load_strict(module, state, path)
-        return module
+        return load_module(lambda state: cls(config or ELLAConfig.from_state(state)), source, setting, read_safetensors)
 
 
-class ELLAConditioned(Conditioned):
+class ELLAConditioned(PromptTokensConditioned):
     def __init__(self, owner: "ELLAConditioning", texts: TextInputs, clip: ClipEmbeddings, mode: Mode) -> None:
-        super().__init__(clip, mode)
+        super().__init__(clip, mode, texts)
         self.owner = owner
-        self.prompts = {
-            "final": [texts.scene_prompt],
-            "final_negative": [texts.negative_prompt],
-            "per_box": list(texts.box_prompts),
-            "per_box_negative": [texts.box_negative_prompt],
-        }
         self._features: dict[str, list[torch.Tensor]] = {}
         self.connector_calls = 0  # connector runs over a pass's prompts (tests count them)
 
@@ -187,15 +169,6 @@ class ELLAConditioned(Conditioned):
         config = self.owner.ella.config
         rows = [self.owner.ella(features, timestep) for features in self._features[key]]
         return torch.cat(rows) if rows else torch.zeros(0, config.num_latents, config.width)
-
-    def _compute(self, which: Pass, timestep) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            cond, uncond = self._tokens(which, timestep), self._tokens(f"{which}_negative", timestep)
-        clip_cond, clip_uncond = self.clip.pair(which)
-        cond, uncond = cond.to(clip_cond.device, clip_cond.dtype), uncond.to(clip_cond.device, clip_cond.dtype)
-        if self.mode == "concat":
-            return concat_tokens(cond, clip_cond), concat_tokens(uncond, clip_uncond)
-        return cond, uncond
 
 
 class ELLAConditioning(Conditioning):

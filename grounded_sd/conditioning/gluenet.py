@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from grounded_sd.conditioning.base import ClipEmbeddings, Conditioned, Conditioning, Mode, Pass, TextInputs
-from grounded_sd.conditioning.checkpoints import load_strict, read_tensor_pickle, resolve_file
+from grounded_sd.conditioning.checkpoints import load_module, read_tensor_pickle
 from grounded_sd.conditioning.encoders import XLMR_TOKENS, TextEncoder, load_text_encoder
 from grounded_sd.errors import CheckpointMismatch, ConditioningUnavailable
 
@@ -123,11 +123,7 @@ class GlueNet(nn.Module):
     @classmethod
     def from_file(cls, source: str | Path, *, config: GlueNetConfig | None = None, setting: str = "gluenet checkpoint") -> "GlueNet":
         """Strictly load a released (``torch.save``d state dict) checkpoint, tensors only."""
-        path = resolve_file(source, setting)
-        state = read_tensor_pickle(path)
-        module = cls(config or GlueNetConfig.from_state(state))
-        load_strict(module, state, path)
-        return module
+        return load_module(lambda state: cls(config or GlueNetConfig.from_state(state)), source, setting, read_tensor_pickle)
 
 
 class GlueNetConditioned(Conditioned):
