@@ -62,7 +62,8 @@ class Refiner:
         ``ModelLoadError`` for a missing directory or a model of another shape."""
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
-        from grounded_sd.pipeline import ModelLoadError, resolve_device, resolve_dtype
+        from grounded_sd.errors import ModelLoadError
+        from grounded_sd.pipeline import resolve_device, resolve_dtype
 
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
