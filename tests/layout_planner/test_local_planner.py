@@ -54,7 +54,7 @@ def test_every_answer_of_a_random_model_is_a_valid_layout(local_planner):
         if number >= 4 and objects:
             break
         layout, report = local_planner.plan_with_report(prompt)
-        assert report.asks == 1 and report.parse_errors == [] and report.structured and report.tokens > 10
+        assert report.asks == 1 and report.parse_errors == [] and report.structured and report.tokens > 0
         assert Layout.model_validate(layout.model_dump()) == layout
         assert layout.background.strip() and isinstance(layout.negative, str)
         assert len(layout.objects) <= 4 and len({o.id for o in layout.objects}) == len(layout.objects)
