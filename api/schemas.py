@@ -12,15 +12,13 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from grounded_sd.names import ConditioningName, Preset, Variant
 from jobs.records import JobError, JobKind, JobRecord, JobState, Progress, SessionRecord
 from layout_planner.errors import InvalidPrompt
 from layout_planner.layout import Layout
 from layout_planner.text import bad_character, validate_text
 from lmd.settings import Settings
 
-Variant = Literal["lmd", "lmd_plus", "sd"]
-Preset = Literal["reference", "fast"]
-Conditioning = Literal["clip", "ella", "gluenet"]
 
 
 class _RenderSettings(BaseModel):
@@ -37,7 +35,7 @@ class _RenderSettings(BaseModel):
     session_id: str | None = Field(None, description="add this job to an existing session (unset: a new session)")
     variant: Variant | None = Field(None, description="lmd, lmd_plus (GLIGEN model needed), sd (plain baseline); unset: LMD_VARIANT")
     preset: Preset | None = Field(None, description="stage 2 options: reference (docs/method.md) or fast; unset: LMD_PRESET")
-    conditioning: Conditioning | None = Field(
+    conditioning: ConditioningName | None = Field(
         None, description="what the denoising is conditioned on: clip, ella, gluenet (docs/conditioning.md); unset: LMD_CONDITIONING"
     )
     language: str | None = Field(None, description="ISO 639-1 code of the prompt (gluenet); unset: detected")

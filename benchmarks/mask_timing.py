@@ -1,4 +1,4 @@
-"""Time ``grounded_sd.masks.object_mask`` (METHOD.md §2.4) per object, without and with SAM.
+"""Time ``grounded_sd.masks.object_mask`` (docs/method.md §2.4) per object, without and with SAM.
 
     .venv/bin/python benchmarks/mask_timing.py [--size 512] [--repeats 5] [--sam none|vit_b|CHECKPOINT --sam-type vit_h]
 

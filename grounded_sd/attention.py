@@ -1,4 +1,4 @@
-"""Cross-attention capture as a swappable diffusers attention processor (METHOD.md §2.1, §2.4).
+"""Cross-attention capture as a swappable diffusers attention processor (docs/method.md §2.1, §2.4).
 
 ``recording_attention(unet, layers)`` swaps :class:`RecordingAttnProcessor` onto the chosen
 cross-attention modules for the duration of one generation and puts the original processors

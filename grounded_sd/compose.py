@@ -1,5 +1,5 @@
 """Noise per object id, the per-box initial latents, and latent composition
-(METHOD.md §2.3, §2.5, §2.7)."""
+(docs/method.md §2.3, §2.5, §2.7)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The denoising loop shared by the three passes: plain SD, the per-box pass, the final pass.
 
 :func:`denoise` runs one pass over a batch of latents. Per step: backward guidance toward the
-boxes (METHOD.md §2.2), one classifier-free-guided forward over all rows, the scheduler step,
+boxes (docs/method.md §2.2), one classifier-free-guided forward over all rows, the scheduler step,
 and, in the final pass, the frozen foreground of the composition (§2.6). What a pass adds to
 that loop comes in as small named records: :class:`Guidance`, :class:`MapCapture`,
 :class:`FrozenForeground`.

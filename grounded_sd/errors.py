@@ -1,12 +1,47 @@
-"""Typed errors of the controller: callers map them to exit codes and HTTP statuses."""
+"""Typed errors of the controller: callers map them to exit codes and HTTP statuses.
+
+Each type means one thing. The caller's inputs: :class:`InvalidRequest` and its kinds (the
+layout, the variant name, the size, the options); the loaded model: :class:`ModelLoadError`,
+:class:`VariantUnavailable`, :class:`SamCheckpointError`; the run: :class:`GenerationCanceled`,
+:class:`NonFiniteLatents`.
+"""
 
 
 class GroundedSDError(Exception):
     """Base class of the controller's errors."""
 
 
-class InvalidLayoutError(GroundedSDError, ValueError):
-    """The layout or the requested size cannot be rendered; the message names the problem."""
+class InvalidRequest(GroundedSDError, ValueError):
+    """A call's inputs cannot be rendered; the subclass says which input, the message what is wrong."""
+
+
+class InvalidLayoutError(InvalidRequest):
+    """The layout cannot be rendered: malformed, or more objects than allowed."""
+
+
+class UnknownVariant(InvalidRequest):
+    """The variant is not one of ``grounded_sd.names.VARIANTS``."""
+
+
+class InvalidSize(InvalidRequest):
+    """Width or height is not a positive multiple of the VAE's downsampling (and of 8)."""
+
+
+class InvalidOptions(InvalidRequest):
+    """The options do not fit the loaded model (attention layers it does not have)."""
+
+
+class ModelLoadError(GroundedSDError):
+    """The diffusion model cannot be loaded (missing directory, missing component, unknown
+    scheduler or dtype, a scheduler that takes more than one model call per step)."""
+
+
+class SamCheckpointError(RuntimeError):
+    """A SAM checkpoint cannot be loaded: missing file, unknown model type, or weights of another type."""
+
+
+class MaskInputError(ValueError):
+    """The image or the box given to ``masks.object_mask`` is malformed (a caller bug, not a bad map)."""
 
 
 class VariantUnavailable(GroundedSDError):

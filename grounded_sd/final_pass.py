@@ -1,4 +1,4 @@
-"""Step 7 of the grounded run: the final pass over the whole scene (METHOD.md §2.6).
+"""Step 7 of the grounded run: the final pass over the whole scene (docs/method.md §2.6).
 
 It starts from the composed latent, keeps the composition inside the masks for the first
 ``frozen_ratio`` of its steps, guides every object (grouped by phrase) toward its box, and

@@ -1,4 +1,4 @@
-"""The cross-attention energy (METHOD.md §2.1), attention transfer (§2.6) and backward
+"""The cross-attention energy (docs/method.md §2.1), attention transfer (§2.6) and backward
 guidance (§2.2): move the latent down the energy's gradient before a denoising step."""
 
 from __future__ import annotations

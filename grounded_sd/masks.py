@@ -1,4 +1,4 @@
-"""Object masks from cross-attention, refined with segment-anything (METHOD.md §2.4).
+"""Object masks from cross-attention, refined with segment-anything (docs/method.md §2.4).
 
 Each object of a layout has its own per-box generation (§2.3). Its mask decides which
 pixels of that generation are pasted into the composition (§2.5). We start from the
@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from grounded_sd.errors import MaskInputError, SamCheckpointError
+from grounded_sd.names import SAM_MODEL_TYPES
+
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
 
-SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b")
 # The image encoder's width tells the published checkpoints apart (segment_anything/build_sam.py).
 _ENCODER_WIDTH_TO_TYPE = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
 
@@ -35,16 +37,8 @@ MaskSource = Literal["sam", "attention", "box"]
 SamPrompt = Literal["point", "box"]
 
 
-class MaskInputError(ValueError):
-    """The image or the box given to :func:`object_mask` is malformed (a caller bug, not a bad map)."""
-
-
-class SamCheckpointError(RuntimeError):
-    """A SAM checkpoint cannot be loaded: missing file, unknown model type, or weights of another type."""
-
-
 class MaskOptions(BaseModel):
-    """How an object's mask is made (METHOD.md §2.4).
+    """How an object's mask is made (docs/method.md §2.4).
 
     The SAM thresholds and the smoothing sigma are the reference's values; the coarse mask's
     rule (a fraction of the peak *inside the box*) and the cut to the grown box are ours, see
@@ -176,7 +170,7 @@ def object_mask(
     prompt: SamPrompt = "point",
     options: MaskOptions | None = None,
 ) -> MaskResult:
-    """The mask of one object on its per-box image (METHOD.md §2.4).
+    """The mask of one object on its per-box image (docs/method.md §2.4).
 
     ``image``: (H, W, 3) uint8, the decoded per-box generation. ``attention``: (h, w), the
     object token's aggregated cross-attention at any resolution; zeros, NaN and inf are

@@ -1,4 +1,4 @@
-"""Every knob of the layout-grounded controller, with the reference defaults (METHOD.md §2).
+"""Every knob of the layout-grounded controller, with the reference defaults (docs/method.md §2).
 
 Step counts that the reference states "of 50" (guidance steps, the iteration schedule, the
 first step of mask aggregation) are kept on that 50-step scale here and scaled to the actual
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from grounded_sd.guidance import GuidanceStop
 from grounded_sd.masks import MaskOptions
+from layout_planner.layout import MAX_OBJECTS
 
 REFERENCE_STEPS = 50
 """The step count the reference's step-indexed defaults are written for."""
@@ -122,7 +123,7 @@ class LMDOptions(BaseModel):
     gligen_ratio: float = Field(0.4, ge=0.0, le=1.0, description="fraction of steps with GLIGEN adapters on (lmd_plus)")
 
     # --- limits ------------------------------------------------------------------------------
-    max_objects: int = Field(30, ge=1, le=30, description="more objects than this is an InvalidLayoutError")
+    max_objects: int = Field(MAX_OBJECTS, ge=1, le=MAX_OBJECTS, description="more objects than this is an InvalidLayoutError")
 
     @field_validator("iteration_schedule")
     @classmethod
@@ -149,7 +150,7 @@ class LMDOptions(BaseModel):
 
     @classmethod
     def reference(cls, **overrides) -> "LMDOptions":
-        """METHOD.md's reference defaults (the published implementation's numbers)."""
+        """docs/method.md's reference defaults (the published implementation's numbers)."""
         return cls(**overrides)
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Step 4 of the grounded run: the per-box pass (METHOD.md §2.3).
+"""Step 4 of the grounded run: the per-box pass (docs/method.md §2.3).
 
 Every object is denoised alone, as "<background> with <phrase>", all objects x CFG in one
 batch per step, its noise seeded from (job seed, object id) inside its box. The pass guides

@@ -1,4 +1,4 @@
-"""The layout-grounded controller over a frozen Stable Diffusion (METHOD.md §2).
+"""The layout-grounded controller over a frozen Stable Diffusion (docs/method.md §2).
 
 ``LMDPipeline.__call__`` reads top to bottom as numbered steps: 1 check inputs, 2 encode
 prompts, 3 prepare noise, 4 the per-box pass (per_box.py, §2.3), 5 masks (segment.py, §2.4),
@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -24,9 +24,10 @@ from grounded_sd.compose import compose_latents, seeded_noise
 from grounded_sd.conditioning.base import ClipConditioning, ClipEmbeddings, Conditioned, Conditioning, TextInputs
 from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbeddings, denoise
-from grounded_sd.errors import GroundedSDError, InvalidLayoutError, VariantUnavailable
+from grounded_sd.errors import InvalidLayoutError, InvalidOptions, InvalidSize, ModelLoadError, UnknownVariant, VariantUnavailable
 from grounded_sd.final_pass import run_final_pass
 from grounded_sd.masks import load_sam_predictor
+from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
 from grounded_sd.per_box import align_to_layout, box_negative, box_prompts, per_box_steps, run_per_box_pass
 from grounded_sd.previews import PreviewFn, composed_preview
@@ -36,14 +37,8 @@ from grounded_sd.segment import segment_objects
 from layout_planner.draw import draw_layout
 from layout_planner.layout import Layout
 
-Variant = Literal["lmd", "sd", "lmd_plus"]
-VARIANTS = ("lmd", "sd", "lmd_plus")
-GLIGEN_MAX_OBJECTS = 30
+GLIGEN_MAX_OBJECTS = 30  # grounding tokens of GLIGEN's position net
 REFERENCE_HEADS = 8  # SD 1.5's heads per cross-attention: the scale of the reference's loss threshold
-
-
-class ModelLoadError(GroundedSDError):
-    """The diffusion model cannot be loaded (missing directory, missing component, unknown scheduler)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -61,7 +56,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in table:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
     return table[dtype]
 
 
@@ -191,7 +186,7 @@ class LMDPipeline:
         try:
             layers = resolve_attention_layers(self.unet, options.attention_layers)
         except ValueError as exc:
-            raise InvalidLayoutError(f"options.attention_layers: {exc}") from exc
+            raise InvalidOptions(f"options.attention_layers: {exc}") from exc
 
         mode = options.conditioning_mode or conditioning.default_mode
         conditioning.check_mode(mode)
@@ -296,14 +291,14 @@ class LMDPipeline:
 
     # ------------------------------------------------------------------------------------------
     def check_inputs(self, layout: Layout | dict[str, Any], *, options: LMDOptions, variant: str, width: int, height: int) -> Layout:
-        """A valid :class:`Layout`, or an :class:`InvalidLayoutError` that names the problem."""
+        """A valid :class:`Layout`, or the :class:`InvalidRequest` kind that names the problem."""
         if variant not in VARIANTS:
-            raise InvalidLayoutError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise UnknownVariant(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
         if variant == "lmd_plus" and not self.supports_gligen:
             raise VariantUnavailable("variant lmd_plus needs a GLIGEN UNet (attention_type 'gated'); the loaded model has none")
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or value <= 0 or value % 8 or value % self.vae_scale_factor:
-                raise InvalidLayoutError(f"{name} must be a positive multiple of {max(8, self.vae_scale_factor)}, got {value!r}")
+                raise InvalidSize(f"{name} must be a positive multiple of {max(8, self.vae_scale_factor)}, got {value!r}")
         if not isinstance(layout, Layout):
             try:
                 layout = Layout.model_validate(layout)

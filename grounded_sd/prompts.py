@@ -1,5 +1,5 @@
 """Prompts of the per-box and final passes and where each phrase's tokens sit in them
-(METHOD.md §2.3, §2.6). CLIP's tokenizer splits on words first, so the tokens of
+(docs/method.md §2.3, §2.6). CLIP's tokenizer splits on words first, so the tokens of
 ``prefix + " " + text`` are the tokens of ``prefix`` followed by those of ``text``."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The optional SDXL refiner pass (METHOD.md §2.8): image-to-image at a low strength after the
+"""The optional SDXL refiner pass (docs/method.md §2.8): image-to-image at a low strength after the
 final pass, as the reference can finish its images.
 
 The refiner is a separate model (``stabilityai/stable-diffusion-xl-refiner-1.0`` or a local
@@ -62,7 +62,8 @@ class Refiner:
         ``ModelLoadError`` for a missing directory or a model of another shape."""
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
-        from grounded_sd.pipeline import ModelLoadError, resolve_device, resolve_dtype
+        from grounded_sd.errors import ModelLoadError
+        from grounded_sd.pipeline import resolve_device, resolve_dtype
 
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)

@@ -1,4 +1,4 @@
-"""Step 5 of the grounded run: one mask per object from the per-box pass (METHOD.md §2.4).
+"""Step 5 of the grounded run: one mask per object from the per-box pass (docs/method.md §2.4).
 
 Each object's per-box image is decoded and segmented by :func:`grounded_sd.masks.object_mask`
 (its aggregated attention, refined by SAM when loaded, with fallbacks); the mask is then

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from grounded_sd.names import Preset
 from layout_planner.layout import Layout
 
 JobState = Literal["queued", "planning", "rendering", "succeeded", "failed", "canceled"]
@@ -81,7 +82,7 @@ class JobRecord(BaseModel):
     height: int = 512
     negative_prompt: str | None = None
     variant: str = "lmd"
-    preset: Literal["reference", "fast"] = "reference"
+    preset: Preset = "reference"
     refine: bool | None = Field(None, description="SDXL refiner pass: None as the worker's LMD_REFINER says, False off, True required")
     conditioning: str = Field("clip", description="what the render denoises with: clip, ella, gluenet (docs/conditioning.md)")
     language: str | None = Field(None, description="ISO 639-1 code of source_prompt named by the request; None: detected")

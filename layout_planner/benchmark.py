@@ -29,9 +29,9 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from layout_planner.layout import GRID, Layout, xywh_to_xyxy
-from layout_planner.parse import NUMBER_WORDS, Answer, box_iou, is_full_canvas_box
-from layout_planner.words import COLOURS, head_noun, modifiers
+from layout_planner.layout import GRID, Layout, box_iou, is_full_canvas_box, xywh_to_xyxy
+from layout_planner.read import Answer
+from layout_planner.words import COLOURS, NUMBER_WORDS, head_noun, modifiers
 
 Task = Literal["negation", "numeracy", "attribution", "spatial"]
 Relation = Literal["left", "right", "top", "bottom"]

@@ -1,4 +1,4 @@
-"""A cache of LLM answers keyed by everything that shapes them (METHOD.md §1.6).
+"""A cache of LLM answers keyed by everything that shapes them (docs/method.md §1.6).
 
 The key hashes the template text, the model, the temperature, the max tokens, the
 conversation (the prompt, or the turns and instruction of a revision) and the sample

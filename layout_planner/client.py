@@ -1,4 +1,4 @@
-"""A client for any OpenAI-compatible endpoint, with bounded, counted retries (METHOD.md §1.2, §1.5).
+"""A client for any OpenAI-compatible endpoint, with bounded, counted retries (docs/method.md §1.2, §1.5).
 
 The ``openai`` package does the HTTP (its own retries are off: ``max_retries=0``); tenacity
 retries connection errors, timeouts, 429 (honouring ``Retry-After``, capped) and 5xx with

@@ -1,4 +1,4 @@
-"""Typed errors of the planner: every failure names its cause (METHOD.md §1.5)."""
+"""Typed errors of the planner: every failure names its cause (docs/method.md §1.5)."""
 
 from __future__ import annotations
 

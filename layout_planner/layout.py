@@ -1,6 +1,6 @@
 """The layout: the contract between stage 1 (the planner) and stage 2 (the controller).
 
-METHOD.md §0. Boxes are stored as normalised corners ``[x0, y0, x1, y1]`` in 0..1 with
+docs/method.md §0. Boxes are stored as normalised corners ``[x0, y0, x1, y1]`` in 0..1 with
 the origin at the top left. LLMs speak ``[x, y, width, height]`` on a 512x512 grid; the
 conversions below are the only place that grid appears.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -28,7 +28,55 @@ Box = Annotated[
     Field(description="normalised [x0, y0, x1, y1] in 0..1, origin top-left"),
 ]
 
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+WarningTag = Literal[
+    # repairs of the answer's objects
+    "dropped", "clipped", "split", "count", "capped", "phrase", "text", "id",
+    # readings that were not certain
+    "truncated", "ambiguous", "background", "box", "scale",
+    # a revision answer that left objects out
+    "kept",
+]
+WARNING_TAGS: tuple[str, ...] = get_args(WarningTag)
+
+
+class LayoutWarning(BaseModel):
+    """One thing the planner changed, or was unsure of, while turning an answer into a layout.
+
+    Code decides on ``tag``; ``text`` is for people. ``str()`` gives the one-line form
+    ``"tag: text"`` the CLI prints; that line is also accepted as input (layouts saved before
+    warnings had fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tag: WarningTag
+    # The limit is checked where a layout is validated (``Layout``), after repair has cut the
+    # texts (``bounded_warnings``), so that building a long warning never fails midway.
+    text: str = Field(json_schema_extra={"maxLength": MAX_WARNING_CHARS})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_line(cls, value: object) -> object:
+        if isinstance(value, str):
+            tag, _, text = value.partition(": ")
+            return {"tag": tag, "text": text}
+        return value
+
+    def __str__(self) -> str:
+        return f"{self.tag}: {self.text}"
+
+
+def bounded_warnings(warnings: list[LayoutWarning]) -> list[LayoutWarning]:
+    """``warnings`` within ``MAX_WARNINGS`` of ``MAX_WARNING_CHARS`` characters of text: long texts
+    are cut, and the warnings past the limit become one closing ``capped`` warning that counts them."""
+    cut = [w if len(w.text) <= MAX_WARNING_CHARS else w.model_copy(update={"text": w.text[: MAX_WARNING_CHARS - 3] + "..."}) for w in warnings]
+    if len(cut) <= MAX_WARNINGS:
+        return cut
+    kept = cut[: MAX_WARNINGS - 1]
+    return kept + [LayoutWarning(tag="capped", text=f"... and {len(cut) - len(kept)} more warnings")]
+
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 
 def xywh_to_xyxy(box: tuple[float, float, float, float] | list[float], grid: int = GRID) -> tuple[float, float, float, float]:
@@ -44,6 +92,24 @@ def xyxy_to_xywh(box: tuple[float, float, float, float] | list[float], grid: int
     return (x, y, round(x1 * grid) - x, round(y1 * grid) - y)
 
 
+def is_empty_box(box: tuple[float, float, float, float]) -> bool:
+    """An ``[x, y, w, h]`` box without area."""
+    return box[2] <= 0 or box[3] <= 0
+
+
+def is_full_canvas_box(box: tuple[float, float, float, float], grid: int = GRID) -> bool:
+    """An ``[x, y, w, h]`` box at least as large as the canvas is the background, not an object (§1.4)."""
+    return box[2] >= grid and box[3] >= grid
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two xyxy boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
 class LayoutObject(BaseModel):
     """One instance of one object: a phrase and its box."""
 
@@ -56,7 +122,7 @@ class LayoutObject(BaseModel):
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
-        if not _ID_PATTERN.match(value):
+        if not ID_PATTERN.match(value):
             raise ValueError(f"object id {value!r} must be 1-32 characters of letters, digits, '_', '.', '-'")
         return value
 
@@ -100,16 +166,6 @@ class LayoutObject(BaseModel):
         return (px0, py0, px1, py1)
 
 
-def bounded_warnings(warnings: list[str]) -> list[str]:
-    """``warnings`` within ``MAX_WARNINGS`` lines of ``MAX_WARNING_CHARS``: long lines are cut, and
-    the lines past the limit become one closing line that counts them."""
-    lines = [w if len(w) <= MAX_WARNING_CHARS else w[: MAX_WARNING_CHARS - 3] + "..." for w in warnings]
-    if len(lines) <= MAX_WARNINGS:
-        return lines
-    kept = lines[: MAX_WARNINGS - 1]
-    return kept + [f"... and {len(lines) - len(kept)} more warnings"]
-
-
 class Layout(BaseModel):
     """A scene plan: boxed objects, a background caption, a negative prompt, repair warnings."""
 
@@ -118,9 +174,17 @@ class Layout(BaseModel):
     objects: list[LayoutObject] = Field(default_factory=list, max_length=MAX_OBJECTS)
     background: str = Field(default=DEFAULT_BACKGROUND, max_length=MAX_TEXT_CHARS)
     negative: str = Field(default="", max_length=MAX_TEXT_CHARS)
-    warnings: list[Annotated[str, Field(max_length=MAX_WARNING_CHARS)]] = Field(
-        default_factory=list, max_length=MAX_WARNINGS, description="what repair changed, one line each"
+    warnings: list[LayoutWarning] = Field(
+        default_factory=list, max_length=MAX_WARNINGS, description="what reading and repair changed or were unsure of"
     )
+
+    @field_validator("warnings")
+    @classmethod
+    def _bounded_warnings(cls, warnings: list[LayoutWarning]) -> list[LayoutWarning]:
+        long = next((w for w in warnings if len(w.text) > MAX_WARNING_CHARS), None)
+        if long is not None:
+            raise ValueError(f"a warning's text has {len(long.text)} characters; at most {MAX_WARNING_CHARS} are allowed")
+        return warnings
 
     @field_validator("background")
     @classmethod

@@ -1,4 +1,4 @@
-"""Readers for the syntax real LLMs wrap around a layout (METHOD.md §1.3).
+"""Readers for the syntax real LLMs wrap around a layout (docs/method.md §1.3).
 
 Models answer with code fences (```json, ```python, ```), chatter before and after, a
 reasoning preamble (``<think>...</think>``), trailing commas and ``//`` comments in JSON,

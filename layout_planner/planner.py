@@ -1,4 +1,4 @@
-"""The planner: prompt -> layout, and multi-turn revision (METHOD.md §1).
+"""The planner: prompt -> layout, and multi-turn revision (docs/method.md §1).
 
 ``Planner.plan`` validates the prompt, looks in the cache, asks the LLM (transport retries in
 ``LLMClient``), parses and repairs the answer, and re-asks with the parse error appended
@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from layout_planner.cache import LayoutCache, cache_key
 from layout_planner.client import LLMClient, LLMConfig
 from layout_planner.errors import InvalidPrompt, LayoutParseError, LLMBadOutput, PlanCanceled
+from layout_planner.layout import MAX_OBJECTS, Layout, LayoutObject, LayoutWarning, bounded_warnings
 from layout_planner.local import LocalLLMClient, LocalLLMConfig
-from layout_planner.layout import MAX_OBJECTS, Layout, LayoutObject, bounded_warnings
-from layout_planner.parse import build_layout, parse_answer
+from layout_planner.read import parse_answer
+from layout_planner.repair import build_layout
 from layout_planner.text import validate_text
 from layout_planner.template import CAPTION_PREFIX, INSTRUCTION_PREFIX, TEMPLATE_VERSION, chat_messages, load_template
 from layout_planner.words import head_noun, singular, words_of
@@ -160,18 +161,10 @@ class Planner:
         answer that comes again keeps the left-out objects unchanged, with a ``kept:`` warning.
         """
         report = PlanReport()
-        if self.cache is not None:
-            cached = self.cache.get(key)
-            if isinstance(cached, bytes):  # a Redis client without decode_responses
-                cached = cached.decode("utf-8", errors="replace")
-            if cached is not None:
-                try:
-                    layout = self._whole_layout(cached, previous)
-                except LayoutParseError:
-                    pass  # a stale or foreign entry: ask again and overwrite it
-                else:
-                    report.cached = True
-                    return self._keep_left_out(layout, previous, instruction), report
+        cached = self._cached(key, previous)
+        if cached is not None:
+            report.cached = True
+            return self._keep_left_out(cached, previous, instruction), report
         deadline_s = getattr(self.config, "deadline_s", None)  # one bound for the whole call, all asks
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
         conversation = list(messages)
@@ -198,25 +191,19 @@ class Planner:
                 elif completion.finish_reason == "time":
                     error += f" (the answer was cut at the time limit of {self.config.timeout_s:g} s)"
                 report.parse_errors.append(error)
-                conversation = conversation + [
-                    {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That answer could not be used: {error}. Reply again with only the layout JSON."},
-                ]
+                conversation = conversation + _reply(text, f"That answer could not be used: {error}. Reply again with only the layout JSON.")
                 continue
             missing = left_out(previous, layout, instruction) if previous is not None and instruction else []
             if missing and not partial_reasked and report.asks < self.config.max_reasks:
                 partial_reasked = True
                 names = ", ".join(f"{o.id!r} ({o.phrase})" for o in missing)
                 report.parse_errors.append(f"the answer left out {names}, which the instruction does not mention")
-                conversation = conversation + [
-                    {"role": "assistant", "content": text},
-                    {
-                        "role": "user",
-                        "content": f"Your answer left out {names}, which the instruction does not mention. Answer with "
-                        "the whole updated layout: every object of the previous layout stays, with its id, phrase "
-                        "and box, unless the instruction changes or removes it.",
-                    },
-                ]
+                conversation = conversation + _reply(
+                    text,
+                    f"Your answer left out {names}, which the instruction does not mention. Answer with the whole "
+                    "updated layout: every object of the previous layout stays, with its id, phrase and box, unless "
+                    "the instruction changes or removes it.",
+                )
                 continue
             if self.cache is not None:
                 self.cache.set(key, text)
@@ -227,11 +214,24 @@ class Planner:
             last_text=text,
         )
 
+    def _cached(self, key: str, previous: Layout | None) -> Layout | None:
+        """The cached answer's layout; None when there is none or it no longer reads (then it is asked again and overwritten)."""
+        if self.cache is None:
+            return None
+        cached = self.cache.get(key)
+        if isinstance(cached, bytes):  # a Redis client without decode_responses
+            cached = cached.decode("utf-8", errors="replace")
+        if cached is None:
+            return None
+        try:
+            return self._whole_layout(cached, previous)
+        except LayoutParseError:
+            return None  # a stale or foreign entry
+
     def _whole_layout(self, text: str, previous: Layout | None) -> Layout:
         """The layout of an answer; an answer cut mid-way is not one (its salvaged part lacks objects)."""
         layout = self._build(text, previous)
-        cut = next((w for w in layout.warnings if w.startswith("truncated:")), None)
-        if cut is not None:
+        if any(w.tag == "truncated" for w in layout.warnings):
             raise LayoutParseError("the answer stops mid-way, before the layout is complete; give a shorter answer")
         return layout
 
@@ -242,11 +242,16 @@ class Planner:
             return layout
         room = max(0, self.max_objects - len(layout.objects))
         warnings = layout.warnings + [
-            f"kept: {o.phrase!r} ({o.id}) unchanged: the LLM left it out although the instruction does not mention it"
+            LayoutWarning(tag="kept", text=f"{o.phrase!r} ({o.id}) unchanged: the LLM left it out although the instruction does not mention it")
             for o in missing[:room]
         ]
         if missing[room:]:
-            warnings.append(f"capped: could not keep {len(missing) - room} left-out object(s) within {self.max_objects}")
+            warnings.append(LayoutWarning(tag="capped", text=f"could not keep {len(missing) - room} left-out object(s) within {self.max_objects}"))
         order = {o.id: index for index, o in enumerate(previous.objects)}
         objects = sorted(layout.objects + missing[:room], key=lambda o: order.get(o.id, len(order)))
         return layout.model_copy(update={"objects": objects, "warnings": bounded_warnings(warnings)})
+
+
+def _reply(answer: str, feedback: str) -> list[dict[str, str]]:
+    """The turns that show the model its unusable answer and what to do instead."""
+    return [{"role": "assistant", "content": answer}, {"role": "user", "content": feedback}]

@@ -1,4 +1,4 @@
-"""Our prompt template and its in-context examples, versioned (METHOD.md §1.1).
+"""Our prompt template and its in-context examples, versioned (docs/method.md §1.1).
 
 The template text lives in ``templates/<version>.txt`` (package data). Its SHA-256 is part
 of every cache key (§1.6), so editing the text invalidates cached answers by itself.

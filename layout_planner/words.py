@@ -1,6 +1,6 @@
 """Small English word helpers: singular nouns and the head noun of a phrase.
 
-Used by the repair step (``"two chairs"`` -> ``"a chair"``, METHOD.md §1.4) and by the
+Used by the repair step (``"two chairs"`` -> ``"a chair"``, docs/method.md §1.4) and by the
 benchmark rules to decide which object a box names. Rules, not a dictionary: they are
 right for ordinary count nouns and a short list of irregular plurals.
 """
@@ -16,6 +16,13 @@ _IRREGULAR = {
     "fish": "fish", "deer": "deer", "scissors": "scissors", "series": "series",
 }  # fmt: skip
 _UNCHANGED_ENDINGS = ("ss", "us", "is")
+
+# Counts a phrase may start with ("two red chairs"); digits 2-20 count too.
+NUMBER_WORDS = {
+    "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
+    "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
+    "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20,
+}  # fmt: skip
 
 # Words after which a noun phrase's modifiers begin ("a dog with a red collar" -> head "dog").
 _PHRASE_BREAKS = {
@@ -98,3 +105,13 @@ def singular_phrase(noun_phrase: str) -> str:
     rest = " ".join(tokens)
     article = "an" if rest[:1].lower() in "aeiou" else "a"
     return f"{article} {rest}"
+
+
+def count_in_phrase(phrase: str) -> tuple[int, str] | None:
+    """``("two red chairs")`` -> ``(2, "red chairs")``; None when the phrase carries no count above one."""
+    match = re.match(r"^\s*(\w+)\s+(.+)$", phrase)
+    if not match:
+        return None
+    word, rest = match.group(1).lower(), match.group(2)
+    count = NUMBER_WORDS.get(word) or (int(word) if word.isdigit() and 2 <= int(word) <= 20 else None)
+    return (count, rest) if count else None

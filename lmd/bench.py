@@ -20,10 +20,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from grounded_sd.names import GROUNDED_VARIANTS, PRESETS, GroundedVariant, Preset
 from layout_planner.layout import Layout, LayoutObject
 
-Preset = Literal["reference", "fast"]
-BenchVariant = Literal["lmd", "lmd_plus"]
 
 # Four objects in distinct regions; a run with N objects takes the first N.
 BENCH_OBJECTS = (
@@ -42,8 +41,8 @@ class BenchConfig(BaseModel):
     height: int = Field(256, ge=32, le=2048, multiple_of=8)
     seed: int = Field(0, ge=0)
     objects: list[int] = Field(default_factory=lambda: [1, 2, 3, 4])
-    variants: list[BenchVariant] = Field(default_factory=lambda: ["lmd", "lmd_plus"])
-    presets: list[Preset] = Field(default_factory=lambda: ["reference", "fast"])
+    variants: list[GroundedVariant] = Field(default_factory=lambda: list(GROUNDED_VARIANTS))
+    presets: list[Preset] = Field(default_factory=lambda: list(PRESETS))
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")

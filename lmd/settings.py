@@ -17,6 +17,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from grounded_sd.names import Dtype, Preset, SamModelType, Variant
+from layout_planner.layout import MAX_OBJECTS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMD_", env_file=".env", extra="ignore")
@@ -57,9 +60,9 @@ class Settings(BaseSettings):
     sd_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local diffusers directory")
     scheduler: str = Field("DDIMScheduler", description="any diffusers scheduler class name")
     sam_checkpoint: Path | None = Field(None, description="segment-anything checkpoint; unset: attention masks")
-    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="architecture of the SAM checkpoint")
+    sam_model_type: SamModelType = Field("vit_h", description="architecture of the SAM checkpoint")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
+    dtype: Dtype = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call in stage 2; unset: all objects x CFG in one call")
     refiner: str | None = Field(
@@ -67,10 +70,10 @@ class Settings(BaseSettings):
     )
     refiner_strength: float = Field(0.3, gt=0.0, le=1.0, description="fraction of the refiner's schedule redone (ref 0.3)")
     refiner_resolution: int = Field(1024, ge=64, le=4096, description="the refiner works at this long side in pixels (ref 1024)")
-    preset: Literal["reference", "fast"] = Field(
+    preset: Preset = Field(
         "reference", description="stage 2 option preset of a service request that names none: reference (docs/method.md) or fast"
     )
-    variant: Literal["lmd", "sd", "lmd_plus"] = Field(
+    variant: Variant = Field(
         "lmd", description="method of a service request that names none: lmd, sd (plain baseline), lmd_plus (GLIGEN model)"
     )
     conditioning: str = Field(
@@ -104,7 +107,7 @@ class Settings(BaseSettings):
     # --- limits (enforced at the API edge with 422) -----------------------------------------
     max_prompt_chars: int = Field(2000, description="longest prompt (422 above)")
     max_instruction_chars: int = Field(1000, description="longest multi-turn instruction (422 above)")
-    max_objects: int = Field(30, description="most objects in a layout (422 above)")
+    max_objects: int = Field(MAX_OBJECTS, description="most objects in a layout (422 above)")
     max_steps: int = Field(150, description="most denoising steps a request may ask for")
     min_size: int = Field(64, description="smallest width/height in pixels (multiples of 8)")
     max_size: int = Field(1024, description="largest width/height in pixels (multiples of 8)")

@@ -27,6 +27,7 @@ from jobs.queue import redelivery_after_s
 from jobs.records import ErrorCode, JobRecord, PreviewInfo, Progress
 from jobs.store import Store, this_worker
 from jobs.transitions import delivery_limit
+from layout_planner.layout import MAX_OBJECTS
 from lmd import wiring
 from lmd.settings import Settings
 
@@ -109,7 +110,7 @@ class WorkerRuntime:
             cache = RedisLayoutCache(self.store.redis, self.settings.retention_s)
             log.info("planner: %s (pid %d)", wiring.choose_planner(self.settings).describe(), os.getpid())
             self._planner = wiring.ready_planner(self.settings, say=log.info, cache=cache,
-                                                 max_objects=min(self.settings.max_objects, 30))
+                                                 max_objects=min(self.settings.max_objects, MAX_OBJECTS))
         return self._planner
 
     def preload_pipeline(self) -> None:
@@ -324,12 +325,12 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     if isinstance(exc, SoftTimeLimitExceeded):
         return "timeout", f"the {stage} stage ran past LMD_TASK_SOFT_TIME_LIMIT_S; use fewer steps or a smaller size"
     if stage == "render":
-        from grounded_sd import GenerationCanceled, InvalidLayoutError, ModelLoadError, VariantUnavailable
+        from grounded_sd import GenerationCanceled, InvalidRequest, ModelLoadError, VariantUnavailable
         from grounded_sd.errors import ConditioningUnavailable
 
         if isinstance(exc, GenerationCanceled):
             return "canceled", "canceled while rendering"
-        if isinstance(exc, InvalidLayoutError):
+        if isinstance(exc, InvalidRequest):  # the API checks variant and size first: in practice the layout
             return "invalid_layout", str(exc)
         if isinstance(exc, VariantUnavailable):
             return "variant_unavailable", str(exc)

@@ -348,7 +348,9 @@ function renderEditor() {
   $("background").value = L.background || "";
   $("negative").value = L.negative || "";
   $("warnings-wrap").hidden = !(L.warnings && L.warnings.length);
-  $("warnings").replaceChildren(...(L.warnings || []).map((w) => Object.assign(document.createElement("li"), { textContent: w })));
+  // a warning is {tag, text} (a plain "tag: text" line in layouts saved before warnings had fields)
+  const warningLine = (w) => (typeof w === "string" ? w : `${w.tag}: ${w.text}`);
+  $("warnings").replaceChildren(...(L.warnings || []).map((w) => Object.assign(document.createElement("li"), { textContent: warningLine(w) })));
   if (hadFocus && state.selected) {
     const el = editor.querySelector(`.box[data-id="${CSS.escape(state.selected)}"]`);
     if (el) el.focus();

@@ -5,17 +5,16 @@ guidance, and docs/conditioning.md for weights, memory and published results.
 """
 
 from grounded_sd.conditioning.base import (
-    CONDITIONINGS,
     ClipConditioning,
     ClipEmbeddings,
     Conditioned,
     Conditioning,
-    ConditioningName,
     Mode,
     Pass,
     TextInputs,
 )
 from grounded_sd.conditioning.loading import ConditioningCache, ConditioningConfig, load_conditioning
+from grounded_sd.names import CONDITIONINGS, ConditioningName
 
 __all__ = [
     "CONDITIONINGS",

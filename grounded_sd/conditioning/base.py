@@ -34,9 +34,6 @@ from typing import ClassVar, Literal
 import torch
 
 from grounded_sd.errors import ConditioningUnavailable
-
-ConditioningName = Literal["clip", "ella", "gluenet"]
-CONDITIONINGS: tuple[str, ...] = ("clip", "ella", "gluenet")
 Pass = Literal["per_box", "final"]
 """``per_box``: one row per object; ``final``: the scene prompt (also the ``sd`` baseline)."""
 Mode = Literal["replace", "concat", "tokens"]

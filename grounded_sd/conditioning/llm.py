@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from grounded_sd.errors import ConnectorError
+from grounded_sd.names import Dtype
 
 LIDIT_INSTRUCTION = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, and spatial relationships of the objects:"
@@ -40,7 +41,7 @@ class EncoderSpec(BaseModel):
     layer: int | None = Field(None, description="hidden-state index (python style); default -3 for causal LLMs, -1 for T5")
     instruction: str | None = Field(None, description="text before the prompt; default LI-DiT's for causal LLMs, none for T5")
     max_tokens: int = Field(128, ge=4, le=4096, description="prompt tokens kept (special tokens included), padded to this")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+    dtype: Dtype = Field(
         "auto", description="auto: float16 on CUDA (T5 is run in fp16 as ELLA was trained), float32 on CPU"
     )
 

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, Field
 
-from grounded_sd.conditioning.base import CONDITIONINGS, ClipConditioning, Conditioning
+from grounded_sd.conditioning.base import ClipConditioning, Conditioning
 from grounded_sd.errors import ConditioningUnavailable
+from grounded_sd.names import CONDITIONINGS
 
 if TYPE_CHECKING:
     import torch

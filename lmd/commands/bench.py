@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from grounded_sd.names import DTYPES, GROUNDED_VARIANTS, PRESETS
 from lmd.cli import CLIError
 
 
@@ -27,10 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--height", type=int, default=256, help="image height, multiple of 8 (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 2, 3, 4], help="object counts (default 1 2 3 4)")
-    parser.add_argument("--variants", nargs="+", choices=("lmd", "lmd_plus"), default=["lmd", "lmd_plus"], help="default: both")
-    parser.add_argument("--presets", nargs="+", choices=("reference", "fast"), default=["reference", "fast"], help="default: both")
+    parser.add_argument("--variants", nargs="+", choices=GROUNDED_VARIANTS, default=list(GROUNDED_VARIANTS), help="default: both")
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS), help="default: both")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--conditioning", default="clip",

@@ -11,6 +11,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
+from grounded_sd.names import DTYPES, PRESETS, SAM_MODEL_TYPES, VARIANTS
 from lmd.cli import CLIError
 
 
@@ -32,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="recorded LLM answers {prompt: [answer, ...]} instead of asking the LLM (LMD_LLM_*)")
     source.add_argument("--baseline", choices=["sd"],
                         help="the published 'SD alone' row: plain SD on the benchmark prompt itself, no layout")
-    parser.add_argument("--variant", choices=["lmd", "lmd_plus", "sd"], default="lmd",
+    parser.add_argument("--variant", choices=VARIANTS, default="lmd",
                         help="stage 2: lmd (training-free), lmd_plus (needs a GLIGEN model), sd (plain SD with the layout's prompt); default lmd")
-    parser.add_argument("--preset", choices=["reference", "fast"], default="reference", help="controller options (default reference)")
+    parser.add_argument("--preset", choices=PRESETS, default="reference", help="controller options (default reference)")
     parser.add_argument("--conditioning", default="clip",
                         help="denoising conditioning: clip, ella, connector:PATH (gluenet needs the prompt in its own language; "
                              "docs/conditioning.md); default clip")
@@ -46,9 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", type=int, default=512, help="image width and height in pixels (default 512)")
     parser.add_argument("--model", help="Stable Diffusion hub id or directory (default LMD_SD_MODEL)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="default LMD_DTYPE")
+    parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for masks (default LMD_SAM_CHECKPOINT; unset: attention masks)")
-    parser.add_argument("--sam-model-type", choices=["vit_h", "vit_l", "vit_b"], help="default LMD_SAM_MODEL_TYPE")
+    parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="default LMD_SAM_MODEL_TYPE")
     parser.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"OWL-ViT hub id or directory (default {DEFAULT_DETECTOR})")
     parser.add_argument("--score-threshold", type=float, default=0.15, help="detection score threshold (default 0.15, published)")
     parser.add_argument("--nms-iou", type=float, default=0.15, help="class-aware NMS IoU (default 0.15, published)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from grounded_sd.names import DTYPES, PRESETS, SAM_MODEL_TYPES, VARIANTS
 from lmd import wiring
 from lmd.cli import CLIError
 
@@ -37,15 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, help="job seed (default: random, printed and kept in report.json)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's, 50)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--variant", choices=("lmd", "sd", "lmd_plus"), help="lmd, sd (baseline), lmd_plus (GLIGEN UNets); default LMD_VARIANT, lmd")
-    parser.add_argument("--preset", choices=("reference", "fast"), help="option preset (default LMD_PRESET, reference)")
+    parser.add_argument("--variant", choices=VARIANTS, help="lmd, sd (baseline), lmd_plus (GLIGEN UNets); default LMD_VARIANT, lmd")
+    parser.add_argument("--preset", choices=PRESETS, help="option preset (default LMD_PRESET, reference)")
     parser.add_argument("--negative", metavar="TEXT", help="extra negative prompt, added to the layout's")
     parser.add_argument("--model", help="hub id or local diffusers directory (default LMD_SD_MODEL)")
     parser.add_argument("--scheduler", help="diffusers scheduler class (default LMD_SCHEDULER, DDIMScheduler)")
     parser.add_argument("--sam-checkpoint", type=Path, help="segment-anything checkpoint (default LMD_SAM_CHECKPOINT; unset: attention masks)")
-    parser.add_argument("--sam-model-type", choices=("vit_h", "vit_l", "vit_b"), help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_h)")
+    parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_h)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE, auto)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), help="default LMD_DTYPE, auto: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE, auto: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")
     parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default 512)")
     parser.add_argument("--max-batch", type=int, help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once)")

@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from grounded_sd.names import Dtype, Preset, SamModelType, Variant
 from lmd.evaluation.detection import DEFAULT_DETECTOR
 from lmd.evaluation.prompts import DEFAULT_PROMPTS
-from lmd.evaluation.runner import Preset, Variant
 
 
 class EvalConfig(BaseModel):
@@ -34,9 +34,9 @@ class EvalConfig(BaseModel):
     seed: int = 0
     model: str | None = None
     device: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
+    dtype: Dtype | None = None
     sam_checkpoint: Path | None = None
-    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] | None = None
+    sam_model_type: SamModelType | None = None
     detector: str = DEFAULT_DETECTOR
     score_threshold: float = 0.15
     nms_iou: float = 0.15

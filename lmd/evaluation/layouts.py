@@ -120,7 +120,8 @@ def score_responses(prompts: list[dict[str, Any]], responses: dict[str, list[str
     """Replay raw LLM answers ``{prompt: [answer, ...]}``: the n-th occurrence of a prompt takes the n-th answer."""
     from layout_planner import LayoutParseError
     from layout_planner.benchmark import answer_detections, layout_detections
-    from layout_planner.parse import build_layout, parse_answer
+    from layout_planner.read import parse_answer
+    from layout_planner.repair import build_layout
 
     scores = LayoutScores(max_iou=max_iou, min_box_px=min_box_px)
     used: Counter = Counter()
@@ -134,7 +135,7 @@ def score_responses(prompts: list[dict[str, Any]], responses: dict[str, list[str
         used[prompt] += 1
         try:
             answer = parse_answer(text)
-            scores.readings.update({note.split(":")[0] for note in answer.notes})
+            scores.readings.update({note.tag for note in answer.notes})
             detections = answer_detections(answer)
             fixed = layout_detections(build_layout(answer))
         except (LayoutParseError, ValidationError) as exc:
@@ -168,7 +169,7 @@ def score_layouts(prompts: list[dict[str, Any]], lines: dict[str, dict[str, Any]
         except ValidationError as exc:
             raise LayoutEvalError(f"{layouts_label}: the layout of {key} is invalid: {exc.errors()[0]['msg']}") from None
         detections = layout_detections(layout)
-        inside = not any(w.startswith(("clipped:", "dropped:")) and "canvas" in w for w in layout.warnings)
+        inside = not any(w.tag in ("clipped", "dropped") and "canvas" in w.text for w in layout.warnings)
         scores.score(spec, row.get("index", number), row["prompt"], detections, detections, inside_canvas=inside)
     return scores
 

@@ -21,10 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from grounded_sd.names import Preset, Variant
 from layout_planner.benchmark import BenchmarkSpec, evaluate, parse_benchmark_prompt
 from layout_planner.errors import LLMBadOutput
 from layout_planner.layout import Layout
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 RESULTS_SCHEMA = "lmd-eval/2"  # 2: run settings pin scheduler and dtype; options, environment, replaced, incomplete, scored
-Variant = Literal["lmd", "lmd_plus", "sd"]
-Preset = Literal["reference", "fast"]
 
 LayoutSource = Callable[[BenchmarkPrompt], Layout]
 ImageGenerator = Callable[[Layout, int], "Image.Image"]
@@ -322,7 +321,7 @@ class _BenchmarkRun:
 
     def _image(self, prompt: BenchmarkPrompt, layout: Layout, seed: int, queries: list[str], path: Path) -> str | None:
         """``skipped`` (whole on disk) or ``generated``; None when the controller refused the layout."""
-        from grounded_sd.errors import InvalidLayoutError
+        from grounded_sd.errors import InvalidRequest
 
         if _complete_image(path, (self.settings.width, self.settings.height)):
             self.counters.skipped += 1
@@ -334,7 +333,7 @@ class _BenchmarkRun:
         try:
             with _atomic_path(path) as partial:
                 self.generator(layout, seed).save(partial, format="PNG")
-        except InvalidLayoutError as exc:
+        except InvalidRequest as exc:
             self._failed(prompt, seed, queries, "layout refused by the controller", exc)
             self.counters.errors.append(f"{prompt.index}: {exc}")
             self._told(prompt, "failed")

@@ -46,7 +46,7 @@ def test_plan_prints_a_valid_layout_from_a_chatty_fenced_answer(llm_env, capsys)
     layout = Layout.model_validate_json(captured.out)
     assert layout.phrases() == ["a black cat", "a white cat"] and [o.id for o in layout.objects] == ["1", "cat"]
     assert (layout.background, layout.negative) == ("a realistic photo of a garden", "")
-    assert layout.warnings == ["id: replaced id '1' of 'a white cat' (taken or malformed)"]
+    assert [str(w) for w in layout.warnings] == ["id: replaced id '1' of 'a white cat' (taken or malformed)"]
 
 
 def test_plan_draws_the_layout(llm_env, tmp_path, capsys):

@@ -17,13 +17,13 @@ def test_an_answer_with_thousands_of_repairs_keeps_at_most_the_bounded_warnings(
     layout = build_layout(parse_answer(json.dumps({"objects": objects, "background": "a room"})))
     assert [o.id for o in layout.objects] == ["cat"]
     assert len(layout.warnings) == MAX_WARNINGS
-    assert layout.warnings[-1].startswith("... and ") and all(len(w) <= MAX_WARNING_CHARS for w in layout.warnings)
+    assert layout.warnings[-1].text.startswith("... and ") and all(len(w.text) <= MAX_WARNING_CHARS for w in layout.warnings)
     assert len(layout.model_dump_json()) < 20_000
 
 
 def test_a_given_layout_with_too_many_or_too_long_warnings_is_refused():
     cat = {"id": "cat", "phrase": "a cat", "box": [0.1, 0.1, 0.5, 0.5]}
     with pytest.raises(ValidationError):
-        Layout.model_validate({"objects": [cat], "warnings": ["w"] * (MAX_WARNINGS + 1)})
+        Layout.model_validate({"objects": [cat], "warnings": ["dropped: w"] * (MAX_WARNINGS + 1)})
     with pytest.raises(ValidationError):
-        Layout.model_validate({"objects": [cat], "warnings": ["w" * (MAX_WARNING_CHARS + 1)]})
+        Layout.model_validate({"objects": [cat], "warnings": ["dropped: " + "w" * (MAX_WARNING_CHARS + 1)]})

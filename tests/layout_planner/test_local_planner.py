@@ -54,7 +54,7 @@ def test_every_answer_of_a_random_model_is_a_valid_layout(local_planner):
         if number >= 4 and objects:
             break
         layout, report = local_planner.plan_with_report(prompt)
-        assert report.asks == 1 and report.parse_errors == [] and report.structured and report.tokens > 10
+        assert report.asks == 1 and report.parse_errors == [] and report.structured and report.tokens > 0
         assert Layout.model_validate(layout.model_dump()) == layout
         assert layout.background.strip() and isinstance(layout.negative, str)
         assert len(layout.objects) <= 4 and len({o.id for o in layout.objects}) == len(layout.objects)
@@ -97,8 +97,8 @@ def test_a_revision_keeps_the_ids_of_untouched_objects(local_planner):
     layout, report = planner.revise_with_report([Turn(text="a cat and a lamp", layout=previous)], "make it night")
     assert {"cat", "lamp"} <= {o.id for o in layout.objects} and report.asks <= 2
     # what the random model left out came back unchanged, with a warning saying so
-    for warning in (w for w in layout.warnings if w.startswith("kept:")):
-        object_id = warning.split("(")[1].split(")")[0]
+    for warning in (w for w in layout.warnings if w.tag == "kept"):
+        object_id = warning.text.split("(")[1].split(")")[0]
         assert layout.object(object_id) == previous.object(object_id)
 
 

@@ -47,3 +47,15 @@ def session_record(**fields: Any) -> SessionRecord:
     values: dict[str, Any] = {"session_id": new_id(), "seed": 1, "created_at": now, "updated_at": now}
     values.update(fields)
     return SessionRecord(**values)
+
+
+def park_layout_data(*extra: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The controller tests' scene: a red cat and a dog in a realistic park, then ``extra`` objects."""
+    cat = box_object("cat", "a red cat", (0.05, 0.1, 0.45, 0.6))
+    dog = box_object("dog", "a dog", (0.5, 0.4, 0.95, 0.95))
+    return layout_data(cat, dog, *extra, **{"background": "a realistic park", **fields})
+
+
+def same_phrase_objects(boxes: list, phrase: str = "a cat") -> list[dict[str, Any]]:
+    """One object per box, all with ``phrase``, ids ``o0``, ``o1``..."""
+    return [box_object(f"o{k}", phrase, box) for k, box in enumerate(boxes)]

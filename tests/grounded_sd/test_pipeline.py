@@ -6,18 +6,27 @@ import numpy as np
 import pytest
 import torch
 
-from grounded_sd import GenerationCanceled, InvalidLayoutError, LMDOptions, LMDPipeline, VariantUnavailable
+from grounded_sd import (
+    GenerationCanceled,
+    InvalidLayoutError,
+    InvalidOptions,
+    InvalidSize,
+    LMDOptions,
+    LMDPipeline,
+    UnknownVariant,
+    VariantUnavailable,
+)
 from layout_planner.layout import Layout
+from tests.support.builders import box_object, layout_data, park_layout_data, same_phrase_objects
 
 SIZE = 64
-LAYOUT = {
-    "objects": [
-        {"id": "cat", "phrase": "a red cat", "box": [0.05, 0.1, 0.45, 0.6]},
-        {"id": "dog", "phrase": "a dog", "box": [0.5, 0.4, 0.95, 0.95]},
-        {"id": "ball", "phrase": "a blue ball", "box": [0.6, 0.05, 0.85, 0.3]},
-    ],
-    "background": "a realistic park",
-}
+LAYOUT = park_layout_data(box_object("ball", "a blue ball", (0.6, 0.05, 0.85, 0.3)))
+
+
+def two_apples_and_a_cat(apple_1, apple_2, cat, **fields) -> dict:
+    """A kitchen with a repeated phrase (two apples, grouped in the scene prompt) and a cat."""
+    apples = (box_object("a1", "an apple", apple_1), box_object("a2", "an apple", apple_2))
+    return layout_data(*apples, box_object("cat", "a cat", cat), background="a kitchen", **fields)
 
 
 def opts(**overrides) -> LMDOptions:
@@ -185,15 +194,7 @@ def test_fast_preset_runs_a_shorter_per_box_pass(tiny_pipeline):
 
 
 def test_sd_baseline_uses_the_layout_prompt(tiny_pipeline):
-    layout = {
-        "objects": [
-            {"id": "a1", "phrase": "an apple", "box": [0.1, 0.1, 0.4, 0.4]},
-            {"id": "a2", "phrase": "an apple", "box": [0.5, 0.5, 0.9, 0.9]},
-            {"id": "cat", "phrase": "a cat", "box": [0.5, 0.1, 0.9, 0.4]},
-        ],
-        "background": "a kitchen",
-        "negative": "dog",
-    }
+    layout = two_apples_and_a_cat((0.1, 0.1, 0.4, 0.4), (0.5, 0.5, 0.9, 0.9), (0.5, 0.1, 0.9, 0.4), negative="dog")
     result = generate(tiny_pipeline, layout=layout, variant="sd")
     assert result.report.prompt == "a kitchen with two apples and a cat"
     assert result.report.negative_prompt.startswith("dog, ")
@@ -211,21 +212,21 @@ def test_empty_layout_renders_the_background_with_a_note(tiny_pipeline):
 
 
 def test_bad_inputs_are_typed_errors_that_name_the_problem(tiny_pipeline):
-    too_many = {"objects": [{"id": f"o{i}", "phrase": "a cat", "box": [0.0, 0.0, 0.5, 0.5]} for i in range(4)]}
+    too_many = layout_data(*same_phrase_objects([(0.0, 0.0, 0.5, 0.5)] * 4))
     with pytest.raises(InvalidLayoutError, match="4 objects; at most 3"):
         generate(tiny_pipeline, layout=too_many, options=opts(max_objects=3))
-    with pytest.raises(InvalidLayoutError, match="width"):
+    with pytest.raises(InvalidSize, match="width"):
         tiny_pipeline(LAYOUT, seed=1, width=60, height=64, options=opts())
-    with pytest.raises(InvalidLayoutError, match="height"):
+    with pytest.raises(InvalidSize, match="height"):
         tiny_pipeline(LAYOUT, seed=1, width=64, height=0, options=opts())
-    bad_box = {"objects": [{"id": "cat", "phrase": "a cat", "box": [0.5, 0.5, 0.5, 0.9]}]}
+    bad_box = layout_data(box_object(box=(0.5, 0.5, 0.5, 0.9)))
     with pytest.raises(InvalidLayoutError, match=r"objects\.0\.box.*zero area"):
         generate(tiny_pipeline, layout=bad_box)
     with pytest.raises(VariantUnavailable, match="GLIGEN"):
         generate(tiny_pipeline, variant="lmd_plus")
-    with pytest.raises(InvalidLayoutError, match="unknown variant"):
+    with pytest.raises(UnknownVariant, match="unknown variant"):
         generate(tiny_pipeline, variant="sdxl")
-    with pytest.raises(InvalidLayoutError, match="not cross-attention modules"):
+    with pytest.raises(InvalidOptions, match="not cross-attention modules"):
         generate(tiny_pipeline, options=opts(attention_layers=["up_blocks.9.attentions.0.transformer_blocks.0.attn2"]))
 
 
@@ -311,14 +312,7 @@ def test_unknown_scheduler_and_missing_model_are_load_errors(tiny_sd_path, tmp_p
 
 
 def test_non_square_image_with_repeated_phrases(tiny_pipeline):
-    layout = {
-        "objects": [
-            {"id": "a1", "phrase": "an apple", "box": [0.05, 0.1, 0.3, 0.9]},
-            {"id": "a2", "phrase": "an apple", "box": [0.35, 0.1, 0.6, 0.9]},
-            {"id": "cat", "phrase": "a cat", "box": [0.65, 0.2, 0.95, 0.95]},
-        ],
-        "background": "a kitchen",
-    }
+    layout = two_apples_and_a_cat((0.05, 0.1, 0.3, 0.9), (0.35, 0.1, 0.6, 0.9), (0.65, 0.2, 0.95, 0.95))
     result = tiny_pipeline(layout, seed=2, width=96, height=32, options=opts(loss_threshold=0.0))
     assert result.image.size == (96, 32)
     assert all(m.size == (96, 32) for m in result.masks.values())

@@ -11,14 +11,9 @@ from grounded_sd import LMDOptions, LMDPipeline
 from grounded_sd.compose import seeded_noise
 from grounded_sd.counters import UNetCounter
 from grounded_sd.guidance import GuidanceTrace, guide_latents
+from tests.support.builders import layout_data, park_layout_data, same_phrase_objects
 
-LAYOUT = {
-    "objects": [
-        {"id": "cat", "phrase": "a red cat", "box": [0.05, 0.1, 0.45, 0.6]},
-        {"id": "dog", "phrase": "a dog", "box": [0.5, 0.4, 0.95, 0.95]},
-    ],
-    "background": "a realistic park",
-}
+LAYOUT = park_layout_data()
 
 
 def with_scheduler(pipe: LMDPipeline, name: str, **config) -> LMDPipeline:
@@ -109,7 +104,7 @@ def test_phrases_lost_to_the_token_limit_with_a_zero_threshold(tiny_pipeline):
 def test_thirty_objects_of_one_phrase_in_chunks_with_boxes_smaller_than_a_cell(tiny_pipeline):
     boxes = [[0.02 + 0.16 * (k % 6), 0.02 + 0.19 * (k // 6), 0.14 + 0.16 * (k % 6), 0.18 + 0.19 * (k // 6)] for k in range(27)]
     boxes += [[0.0, 0.0, 0.03, 0.03], [0.97, 0.97, 1.0, 1.0], [0.5, 0.98, 0.52, 1.0]]  # a corner, the edge, under a cell
-    layout = {"objects": [{"id": f"o{k}", "phrase": "a cat", "box": box} for k, box in enumerate(boxes)], "background": "a park"}
+    layout = layout_data(*same_phrase_objects(boxes), background="a park")
     options = LMDOptions.reference(steps=2, max_batch=8, loss_threshold=0.0)
     # 32 px: 16x16 latents, 8x8 attention maps, so the last three boxes cover less than a cell
     result = tiny_pipeline(layout, seed=3, options=options, width=32, height=32)

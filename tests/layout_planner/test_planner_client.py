@@ -1,4 +1,4 @@
-"""The planner against a real local OpenAI-compatible server: faults, retries, re-asks, cache (METHOD.md §1.2-1.6)."""
+"""The planner against a real local OpenAI-compatible server: faults, retries, re-asks, cache (docs/method.md §1.2-1.6)."""
 
 import json
 import socket

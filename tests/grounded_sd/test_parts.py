@@ -25,7 +25,8 @@ from grounded_sd.counters import UNetCounter
 from grounded_sd.denoise import Run, attention_forward, energy_loss
 from grounded_sd.guidance import EnergyTarget, GuidanceTrace, guide_latents, object_energy
 from grounded_sd.prompts import group_phrases, object_token_indices, scene_prompt, scene_token_indices
-from layout_planner.layout import Layout
+from tests.support.builders import box_object
+from tests.support.builders import layout as make_layout
 
 torch.set_num_threads(1)
 
@@ -81,16 +82,12 @@ def test_options_reject_nonsense():
 # --- prompts -----------------------------------------------------------------------------------
 def test_phrase_tokens_sit_where_the_prompt_puts_them(tiny_pipeline):
     tokenizer = tiny_pipeline.tokenizer
-    layout = Layout.model_validate(
-        {
-            "objects": [
-                {"id": "c", "phrase": "a red cat", "box": [0, 0, 0.5, 0.5]},
-                {"id": "a1", "phrase": "an apple", "box": [0.5, 0, 1, 0.5]},
-                {"id": "a2", "phrase": "An apple", "box": [0.5, 0.5, 1, 1]},
-                {"id": "d", "phrase": "a zebra-striped dog", "box": [0, 0.5, 0.5, 1]},
-            ],
-            "background": "an oil painting of a park",
-        }
+    layout = make_layout(
+        box_object("c", "a red cat", (0, 0, 0.5, 0.5)),
+        box_object("a1", "an apple", (0.5, 0, 1, 0.5)),
+        box_object("a2", "An apple", (0.5, 0.5, 1, 1)),
+        box_object("d", "a zebra-striped dog", (0, 0.5, 0.5, 1)),
+        background="an oil painting of a park",
     )
     groups = group_phrases(layout)
     prompt = scene_prompt(layout.background, groups)

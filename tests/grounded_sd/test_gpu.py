@@ -10,20 +10,19 @@ import pytest
 import torch
 
 from grounded_sd import LMDOptions, LMDPipeline
+from tests.support.builders import box_object, layout_data
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-LAYOUT = {
-    "objects": [
-        {"id": "cat", "phrase": "a grey cat", "box": [0.05, 0.35, 0.45, 0.95]},
-        {"id": "ball", "phrase": "a red ball", "box": [0.55, 0.6, 0.85, 0.9]},
-        {"id": "lamp", "phrase": "a lamp", "box": [0.6, 0.05, 0.9, 0.45]},
-    ],
-    "background": "a realistic living room",
-}
+LAYOUT = layout_data(
+    box_object("cat", "a grey cat", (0.05, 0.35, 0.45, 0.95)),
+    box_object("ball", "a red ball", (0.55, 0.6, 0.85, 0.9)),
+    box_object("lamp", "a lamp", (0.6, 0.05, 0.9, 0.45)),
+    background="a realistic living room",
+)
 
 
 def test_tiny_model_in_fp16_on_cuda(tiny_sd_path):

@@ -1,4 +1,4 @@
-"""Parsing LLM answers (JSON and the reference text format) and repairing layouts (METHOD.md §1.3-1.4)."""
+"""Parsing LLM answers (JSON and the reference text format) and repairing layouts (docs/method.md §1.3-1.4)."""
 
 import json
 from pathlib import Path
@@ -14,9 +14,9 @@ from layout_planner import (
     parse_layout_text,
     xywh_to_xyxy,
 )
-from layout_planner.parse import Answer, AnswerObject
+from layout_planner.read import Answer, AnswerObject
 
-RESPONSES = Path(__file__).parent / "data" / "llm_responses_gpt-3.5-turbo.json"
+RESPONSES = Path(__file__).parents[1] / "data" / "llm_responses_gpt-3.5-turbo.json"
 
 
 def test_bare_json_answer_keeps_ids_and_converts_boxes():
@@ -98,9 +98,9 @@ def test_repair_drops_empty_and_full_canvas_boxes_and_clips_the_rest():
     )
     assert layout.phrases() == ["a dog", "a cup"]
     assert layout.objects[0].box == (400 / 512, 300 / 512, 1.0, 1.0)
-    tags = [w.split(":")[0] for w in layout.warnings]
+    tags = [w.tag for w in layout.warnings]
     assert tags == ["dropped", "dropped", "clipped", "dropped"]
-    assert "empty box" in layout.warnings[0] and "whole canvas" in layout.warnings[1] and "outside the canvas" in layout.warnings[3]
+    assert "empty box" in layout.warnings[0].text and "whole canvas" in layout.warnings[1].text and "outside the canvas" in layout.warnings[3].text
 
 
 def test_a_count_phrase_is_split_along_the_longer_side():
@@ -109,20 +109,20 @@ def test_a_count_phrase_is_split_along_the_longer_side():
     (a, b) = (o.box for o in layout.objects)
     assert a[1] == b[1] and a[3] == b[3]  # side by side horizontally: the box was wider than tall
     assert (a[0], a[2], b[0], b[2]) == (100 / 512, 250 / 512, 250 / 512, 400 / 512)
-    assert layout.warnings == ["split: 'two red chairs' into 2 boxes of 'a red chair' along its longer side"]
+    assert [str(w) for w in layout.warnings] == ["split: 'two red chairs' into 2 boxes of 'a red chair' along its longer side"]
     assert len({o.id for o in layout.objects}) == 2
 
 
 def test_a_count_that_cannot_be_split_honestly_is_kept_and_warned():
     layout = build_layout(_answer(("twenty birds", (10, 10, 60, 40))))
     assert layout.phrases() == ["twenty birds"]
-    assert layout.warnings[0].startswith("count: 'twenty birds' names 20 objects in one box")
+    assert str(layout.warnings[0]).startswith("count: 'twenty birds' names 20 objects in one box")
 
 
 def test_the_object_count_is_capped():
     layout = build_layout(_answer(*[(f"a stone", (i * 10, 0, 10, 10)) for i in range(35)]), max_objects=30)
     assert len(layout.objects) == 30
-    assert layout.warnings == ["capped: kept the first 30 of 35 objects"]
+    assert [str(w) for w in layout.warnings] == ["capped: kept the first 30 of 35 objects"]
 
 
 def test_all_400_real_gpt35_answers_parse():
@@ -132,11 +132,11 @@ def test_all_400_real_gpt35_answers_parse():
     layouts = [parse_layout_text(text) for text in answers]
     for text, layout in zip(answers, layouts):  # every object is kept, unless a warning says otherwise
         written = len(parse_answer(text).objects)
-        dropped = sum(w.startswith("dropped:") for w in layout.warnings)
-        added = sum(int(w.split(" into ")[1].split()[0]) - 1 for w in layout.warnings if w.startswith("split:"))
+        dropped = sum(w.tag == "dropped" for w in layout.warnings)
+        added = sum(int(w.text.split(" into ")[1].split()[0]) - 1 for w in layout.warnings if w.tag == "split")
         assert len(layout.objects) == written - dropped + added, (text, layout.warnings)
     # the known defects of these answers are repaired, not silently kept
-    warnings = [w for layout in layouts for w in layout.warnings]
+    warnings = [str(w) for layout in layouts for w in layout.warnings]
     assert any(w.startswith("split: 'two chairs'") for w in warnings)
     assert any(w.startswith("clipped:") for w in warnings)
     assert any("whole canvas" in w for w in warnings)
@@ -148,4 +148,4 @@ def test_overlong_texts_and_phrases_are_cut_with_a_warning():
     )
     layout = parse_layout_text(text)
     assert len(layout.background) == 1000 and len(layout.objects[0].phrase) <= 200
-    assert [w.split(":")[0] for w in layout.warnings] == ["phrase", "text"]
+    assert [w.tag for w in layout.warnings] == ["phrase", "text"]

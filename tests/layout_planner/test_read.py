@@ -14,7 +14,7 @@ import pytest
 from layout_planner import LayoutParseError, Layout, parse_answer, parse_layout_text
 from lmd.cli import main
 
-SYNTHETIC = Path(__file__).parent / "data" / "llm_responses_synthetic.json"
+SYNTHETIC = Path(__file__).parents[1] / "data" / "llm_responses_synthetic.json"
 PREFIX = "A realistic photo of a scene "
 
 # (prompt after PREFIX, boxes as written, passes the published rule, passes after repair, what the answer does)
@@ -166,26 +166,26 @@ def test_box_shapes_are_converted_to_xywh():
 def test_uncertain_readings_are_warnings_not_silent_guesses():
     gemini = parse_layout_text(_by("Gemini box_2d [ymin, xmin, ymax, xmax] on 0..1000"))
     assert gemini.objects[0].box == pytest.approx((0.08, 0.3, 0.45, 0.9))
-    assert sum(w.startswith("box: read") and "box_2d" in w for w in gemini.warnings) == 2
+    assert sum(str(w).startswith("box: read") and "box_2d" in w.text for w in gemini.warnings) == 2
     fractions = parse_layout_text(_by("boxes as fractions of the canvas"))
     assert fractions.objects[0].box == pytest.approx((0.02, 0.4, 0.2, 0.7))
-    assert any(w.startswith("scale:") for w in fractions.warnings)
+    assert any(w.tag == "scale" for w in fractions.warnings)
     draft = parse_layout_text(_by("a draft layout, then the corrected one"))
-    assert len(draft.objects) == 2 and draft.warnings[0].startswith("ambiguous: the answer holds 2 different layouts")
+    assert len(draft.objects) == 2 and str(draft.warnings[0]).startswith("ambiguous: the answer holds 2 different layouts")
     no_background = parse_layout_text(_by("a bare JSON list of objects, no background"))
-    assert no_background.background == "a realistic scene" and no_background.warnings[0].startswith("background:")
+    assert no_background.background == "a realistic scene" and no_background.warnings[0].tag == "background"
     corners = parse_layout_text(_by("```JSON, boxes given as corners"))
-    assert all(w.startswith("clipped:") and w.endswith("(it would fit as corners [x0, y0, x1, y1])") for w in corners.warnings)
+    assert all(w.tag == "clipped" and w.text.endswith("(it would fit as corners [x0, y0, x1, y1])") for w in corners.warnings)
 
 
 def test_truncated_answers_keep_their_complete_objects_and_say_so():
     cut = parse_layout_text(_by("JSON cut at max_tokens mid-object"))
     assert cut.phrases() == ["a wooden desk", "a desk lamp"] and [o.id for o in cut.objects] == ["desk", "lamp"]
-    assert cut.warnings[0].startswith("truncated: the answer stops mid-way (cut at max_tokens?); kept its 2 complete object(s)")
+    assert str(cut.warnings[0]).startswith("truncated: the answer stops mid-way (cut at max_tokens?); kept its 2 complete object(s)")
     after_background = parse_layout_text(_by("JSON cut after the background"))
     assert after_background.background == "a realistic photo of a hallway"
     listed = parse_layout_text(_by("reference list cut at max_tokens"))
-    assert listed.phrases() == ["a wooden chair"] * 2 and listed.warnings[0].startswith("truncated:")
+    assert listed.phrases() == ["a wooden chair"] * 2 and listed.warnings[0].tag == "truncated"
     with pytest.raises(LayoutParseError, match="not closed"):
         parse_layout_text('Here you go: {"objects": [{"id": "cat", "phrase": "a c')
 
@@ -194,7 +194,7 @@ def test_ids_numeric_duplicated_or_missing_become_unique_valid_ids():
     assert [o.id for o in parse_layout_text(_by("numeric ids, 'label' key")).objects] == ["1", "2"]
     bowls = parse_layout_text(_by("duplicated ids, unicode and \\u escapes"))
     assert [o.id for o in bowls.objects] == ["bowl", "bowl_2", "bowl_3", "bowl_4"]
-    assert sum(w.startswith("id: replaced id 'bowl'") for w in bowls.warnings) == 3
+    assert sum(str(w).startswith("id: replaced id 'bowl'") for w in bowls.warnings) == 3
     assert bowls.phrases()[2] == "a café au lait bowl" and bowls.background.endswith("京都")
     mixed = parse_layout_text(_by("'description' key, one id missing"))
     assert [o.id for o in mixed.objects] == ["backpack", "laptop"]

@@ -1,4 +1,4 @@
-"""Multi-turn revision: untouched objects keep their ids and their exact boxes (METHOD.md §1.7, §2.7)."""
+"""Multi-turn revision: untouched objects keep their ids and their exact boxes (docs/method.md §1.7, §2.7)."""
 
 import json
 
@@ -131,7 +131,7 @@ def test_corners_given_by_mistake_are_recognised_from_the_unchanged_objects(fake
     assert [o.id for o in layout.objects] == ["sofa", "lamp", "cat"]
     assert layout.object("sofa").box == sofa.box and layout.object("lamp").box == lamp.box
     assert layout.object("cat").box == xywh_to_xyxy([30, 40, 80, 100])
-    assert layout.warnings == [
+    assert [str(w) for w in layout.warnings] == [
         "box: read the boxes as corners [x0, y0, x1, y1]: that way, unlike as [x, y, w, h], they repeat boxes of the previous layout"
     ]
 
@@ -154,8 +154,8 @@ def test_a_partial_answer_given_twice_keeps_the_left_out_objects(fake_llm):
         fake_llm.enqueue(_answer([], background="a living room at night"))
     layout = Planner(fake_llm.config()).revise([Turn(text="a cat", layout=FIRST)], "make it night")
     assert layout.objects == FIRST.objects and layout.background == "a living room at night"
-    assert [w.split(":")[0] for w in layout.warnings] == ["kept", "kept", "kept"]
-    assert "'a grey sofa' (sofa) unchanged" in layout.warnings[0]
+    assert [w.tag for w in layout.warnings] == ["kept", "kept", "kept"]
+    assert "'a grey sofa' (sofa) unchanged" in layout.warnings[0].text
     assert len(fake_llm.requests) == 2  # one re-ask for a partial answer, not max_reasks
 
 

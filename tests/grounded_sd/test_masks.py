@@ -1,4 +1,4 @@
-"""Object masks (METHOD.md §2.4): attention, SAM refinement on a tiny real SAM, fallbacks."""
+"""Object masks (docs/method.md §2.4): attention, SAM refinement on a tiny real SAM, fallbacks."""
 
 from __future__ import annotations
 
