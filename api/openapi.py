@@ -106,7 +106,7 @@ def _limit_requests(schemas: dict, s: Settings) -> None:
     lay = schemas["Layout"]["properties"]
     for name in ("background", "negative"):
         lay[name]["pattern"] = TEXT_PATTERN
-    lay["warnings"]["items"]["pattern"] = TEXT_PATTERN
+    schemas["LayoutWarning"]["properties"]["text"]["pattern"] = TEXT_PATTERN
 
     for name in ("GenerateRequest", "PlanRequest"):  # the render settings they share
         props = schemas[name]["properties"]

@@ -2,9 +2,10 @@
 
 The app runs in-process (ASGI) on a private Redis with no workers, so jobs stay queued. Each
 operation gets a bounded number of generated cases; the checks are: no 5xx, every status
-documented, every body and header as documented. The share of generated ``POST /generate``
-bodies that reach 202 (at least 20%) shows the schema states the limits well enough to build valid requests
-(before the schema carried them, about none did). ``/jobs/{id}/events`` streams until its job
+documented, every body and header as documented. Every generated ``POST /generate`` body the
+API refuses must break a rule JSON Schema cannot state (a box's corners in order, a refiner the
+service lacks), and a meaningful share (at least 10%) reach 202: the schema states the limits
+well enough to build valid requests (before the schema carried them, about none did). ``/jobs/{id}/events`` streams until its job
 ends (never, here), so it is left to the stateful part's links and tested on its own elsewhere.
 """
 
@@ -32,6 +33,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance]
 CASES_PER_OPERATION = 40
 GENERATE_CASES = 100  # more for the operation whose share of valid bodies is asserted
+# 422s of schema-valid bodies that no schema can prevent: box corners out of order, refine=true without a refiner
+UNSTATABLE_RULES = ("has zero area: need x0 < x1 and y0 < y1", "refine needs an SDXL refiner")
 FUZZ = settings(max_examples=CASES_PER_OPERATION, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
 
@@ -51,6 +54,7 @@ def api_schema(fuzzed_app):
 def test_every_operation_answers_as_documented(api_schema):
     """Each operation with CASES_PER_OPERATION generated requests; then most generate bodies must be valid."""
     generate_statuses: Counter[int] = Counter()
+    refusals: list[str] = []
     operations = [r.ok() for r in api_schema.get_all_operations()]
     assert len(operations) >= 11
     for operation in operations:
@@ -65,13 +69,16 @@ def test_every_operation_answers_as_documented(api_schema):
             response = case.call()
             if case.operation.path == "/generate":
                 generate_statuses[response.status_code] += 1
+                if response.status_code == 422:
+                    refusals.extend(error["msg"] for error in response.json()["detail"])
             case.validate_response(response, checks=CHECKS)
 
         fuzz()
     total = sum(generate_statuses.values())
     assert total >= GENERATE_CASES // 2, generate_statuses
     print("POST /generate statuses:", dict(generate_statuses))
-    assert generate_statuses[202] / total >= 0.2, generate_statuses
+    assert [msg for msg in refusals if not any(rule in msg for rule in UNSTATABLE_RULES)] == []
+    assert generate_statuses[202] / total >= 0.1, generate_statuses
 
 
 @pytest.mark.timeout(150)
