@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -205,13 +206,35 @@ def map_shape(cells: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-def box_mask(box: tuple[float, float, float, float], h: int, w: int, device=None) -> torch.Tensor:
-    """A (h, w) float mask of a normalised xyxy box; never empty (at least one cell)."""
+BoxCells = Literal["corner_size", "edges"]
+"""How a normalised box becomes cells of an (h, w) grid. ``"corner_size"`` (the reference,
+utils/utils.py:57-70 ``scale_proportion``): the corner and the size are rounded separately,
+``c0 = round(x0 * w)``, ``c1 = c0 + round((x1 - x0) * w)``, then cut to the grid, so a box keeps
+its size in cells wherever it sits. ``"edges"`` (ours before issue 23): the corner floored, the far
+edge rounded."""
+
+
+def box_cells(box: tuple[float, float, float, float], h: int, w: int, rule: BoxCells = "corner_size") -> tuple[int, int, int, int]:
+    """``(c0, r0, c1, r1)``: the cells ``[r0:r1, c0:c1]`` of an (h, w) grid that a normalised
+    xyxy box covers, by ``rule`` (:data:`BoxCells`); never empty (at least the corner's cell, where
+    the reference's rule would give a box under half a cell no cells at all)."""
     x0, y0, x1, y1 = box
-    c0, r0 = int(x0 * w), int(y0 * h)
-    c1 = max(c0 + 1, min(w, round(x1 * w)))
-    r1 = max(r0 + 1, min(h, round(y1 * h)))
+    if rule == "corner_size":  # Python's round, as the reference (halves go to the even neighbour)
+        c0, r0 = round(x0 * w), round(y0 * h)
+        c1, r1 = c0 + round((x1 - x0) * w), r0 + round((y1 - y0) * h)
+        c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, w), min(r1, h)
+    elif rule == "edges":
+        c0, r0 = int(x0 * w), int(y0 * h)
+        c1, r1 = min(w, round(x1 * w)), min(h, round(y1 * h))
+    else:
+        raise ValueError(f"unknown box cell rule {rule!r}; choose 'corner_size' or 'edges'")
     c0, r0 = min(c0, w - 1), min(r0, h - 1)
+    return c0, r0, max(c0 + 1, c1), max(r0 + 1, r1)
+
+
+def box_mask(box: tuple[float, float, float, float], h: int, w: int, device=None, rule: BoxCells = "corner_size") -> torch.Tensor:
+    """A (h, w) float mask of a normalised xyxy box (:func:`box_cells`); never empty."""
+    c0, r0, c1, r1 = box_cells(box, h, w, rule)
     mask = torch.zeros(h, w, device=device)
     mask[r0:r1, c0:c1] = 1.0
     return mask

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -98,29 +99,50 @@ FLOOR_PADDING = 0.2
 Box = tuple[float, float, float, float]
 
 
-def centred_box(box: Box) -> Box:
+PlacementRule = Literal["reference", "on_canvas"]
+"""The details of centred placement (``LMDOptions.placement_rule``): ``"reference"`` as the
+reference computes them, ``"on_canvas"`` keeping every box and mask whole on the canvas."""
+
+
+def centred_box(box: Box, rule: PlacementRule = "reference") -> Box:
     """Where an object is generated in the per-box pass with ``per_box_placement="centred"``: the
-    layout box's size, centred horizontally, its bottom ``FLOOR_PADDING`` above the canvas's
-    (moved down as far as needed for a box taller than that leaves room for)."""
+    layout box's size, centred horizontally, its bottom ``FLOOR_PADDING`` above the canvas's. A box
+    taller than that leaves room for starts above the canvas under ``"reference"`` (y0 < 0: its
+    cells are cut at the top, as the reference's ``get_centered_box``, utils/utils.py:36-40, and
+    ``scale_proportion`` do), and moves down as far as needed to stay whole under ``"on_canvas"``."""
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
-    bottom = max(1.0 - FLOOR_PADDING, h)
+    bottom = 1.0 - FLOOR_PADDING if rule == "reference" else max(1.0 - FLOOR_PADDING, h)
     return (0.5 - w / 2, bottom - h, 0.5 + w / 2, bottom)
 
 
-def placement_shift(cells: torch.Tensor, box: Box, grid: tuple[int, int]) -> tuple[int, int]:
-    """The shift (columns, rows of ``grid``) that moves a mask's centre of mass onto the centre of
+def on_canvas(box: Box) -> Box:
+    """``box`` cut to the canvas (a centred tall box under the reference's rule starts above it)."""
+    x0, y0, x1, y1 = box
+    return (max(0.0, x0), max(0.0, y0), min(1.0, x1), min(1.0, y1))
+
+
+def placement_shift(cells: torch.Tensor, box: Box, grid: tuple[int, int], rule: PlacementRule = "reference") -> tuple[int, int]:
+    """The shift, in cells of ``grid``, that moves the centre of mass of ``cells`` onto the centre of
     ``box``: whole cells of the coarsest attention map, so latents, masks and every attention map
-    move by whole cells of their own grids. ``cells`` (h, w) bool; an empty mask does not move."""
+    move by whole cells of their own grids. ``cells`` (h, w) bool; an empty mask does not move.
+
+    ``"reference"`` (utils/latents.py:85-105 with utils/utils.py:102-121 and 145-154): the centre of
+    mass at cell indices (``arange(w) / w``, half a cell up and left of the cells' centres), the
+    shift ``round(offset * grid)`` as it comes. ``"on_canvas"``: at cell centres (``+ 0.5``), and
+    the shift limited so that rounding never pushes the mask off the canvas."""
     if not bool(cells.any()):
         return 0, 0
     h, w = cells.shape
     weights = cells.float()
     total = weights.sum()
-    x = float((weights.sum(dim=0) * (torch.arange(w, device=cells.device) + 0.5)).sum() / total) / w
-    y = float((weights.sum(dim=1) * (torch.arange(h, device=cells.device) + 0.5)).sum() / total) / h
+    half = 0.0 if rule == "reference" else 0.5
+    x = float((weights.sum(dim=0) * (torch.arange(w, device=cells.device) + half)).sum() / total) / w
+    y = float((weights.sum(dim=1) * (torch.arange(h, device=cells.device) + half)).sum() / total) / h
     gh, gw = grid
     shift_x, shift_y = round(((box[0] + box[2]) / 2 - x) * gw), round(((box[1] + box[3]) / 2 - y) * gh)
+    if rule == "reference":
+        return shift_x, shift_y
     # rounding to whole grid cells must not push the mask off the canvas (a box at the edge)
     rows, cols = cells.any(dim=1).nonzero().flatten(), cells.any(dim=0).nonzero().flatten()
     return _clamp_shift(shift_x, int(cols.min()), int(cols.max()), w, gw), _clamp_shift(shift_y, int(rows.min()), int(rows.max()), h, gh)

@@ -194,9 +194,13 @@ def _guide_step(run: Run, scheduler, i: int, t, latents, cond, gligen, guidance:
     options = run.options
     reference = guidance.reference.get(i) if guidance.reference else None
     loss_fn = energy_loss(run, guidance.targets, reference, final=final)
+    if gligen is not None and options.guidance_grounding == "null":
+        # the reference's guidance forward reads the unconditional half's zeroed presence masks
+        # (models/pipelines.py:317 and 381-384): GLIGEN's null tokens, not the layout's
+        gligen = {**gligen, "masks": torch.zeros_like(gligen["masks"])}
     forward = attention_forward(run, t, scheduler, cond, gligen)
     latents = guide_latents(
-        latents, iterations=options.iterations_at(i), step_size=guidance_step_size(scheduler, t, i), scale=options.loss_scale,
+        latents, iterations=options.iterations_at(i), step_size=guidance_step_size(scheduler, t, i, options.step_size), scale=options.loss_scale,
         threshold=guidance.threshold, forward=forward, loss_fn=loss_fn, counter=run.counter,
         max_batch=options.max_batch, trace=guidance.trace, stop=options.guidance_stop, check_cancel=run.check_cancel,
     )
@@ -271,7 +275,9 @@ def energy_loss(run: Run, targets: list[EnergyTarget], reference: LayerMaps | No
     options, hw, layers = run.options, run.latent_hw, run.layers
 
     def energy_of(probs: LayerMaps, target: EnergyTarget) -> torch.Tensor:
-        return sum(object_energy(probs[layer], target, hw, options.topk_fraction, options.background_weight) for layer in layers) / len(layers)
+        return sum(
+            object_energy(probs[layer], target, hw, options.topk_fraction, options.background_weight, options.box_cells) for layer in layers
+        ) / len(layers)
 
     def loss_fn(maps: LayerMaps, rows: list[int]) -> tuple[torch.Tensor, list[dict[str, float]]]:
         if not final:
@@ -282,7 +288,7 @@ def energy_loss(run: Run, targets: list[EnergyTarget], reference: LayerMaps | No
         loss = grouped_mean(energies, targets)
         if reference is not None:
             moved = [
-                torch.stack([transfer_loss(probs[l], target, reference[l][k], hw) for l in layers]).mean()
+                torch.stack([transfer_loss(probs[l], target, reference[l][k], hw, options.box_cells) for l in layers]).mean()
                 for k, target in enumerate(targets)
             ]
             loss = loss + options.transfer_weight * grouped_mean(moved, targets)

@@ -40,6 +40,17 @@ def scene_targets(tokenizer, layout: Layout, *, by_group: bool = True) -> list[E
     ]
 
 
+def gligen_phrases(layout: Layout, rule: str = "group") -> list[str]:
+    """The GLIGEN phrase of each object in the final pass (§2.8): under ``"group"`` an object of a
+    duplicated phrase gets its group's words with the count ("two apples"), as the reference's
+    flattened ``overall_phrases`` (generation/lmd_plus.py:463-467, utils/parse.py:339-349);
+    under ``"object"`` its own phrase."""
+    if rule == "object":
+        return [o.phrase for o in layout.objects]
+    words = {oid: f"{g.count_word} {g.text}".strip() for g in group_phrases(layout) for oid in g.object_ids}
+    return [words[o.id] for o in layout.objects]
+
+
 def run_final_pass(
     pipe: LMDPipeline, run: Run, layout: Layout, text: TextEmbeddings, frozen: FrozenForeground, per_box: PerBoxResult,
     *, plus: bool, report: GenerationReport, intermediates: Intermediates,
@@ -53,7 +64,7 @@ def run_final_pass(
     targets = guidance_targets(text.conditioned, "final", scene_targets(pipe.tokenizer, layout, by_group=options.phrase_groups == "group"), [0] * len(objects), [spans[group_of[o.id]] for o in objects])
     trace = GuidanceTrace()
     guidance = Guidance(targets, trace, pipe.energy_threshold(options, run.layers), per_box.reference_maps if transfer else None)
-    gligen = pipe._gligen_inputs([[o.box for o in objects]], [[o.phrase for o in objects]]) if plus else None
+    gligen = pipe._gligen_inputs([[o.box for o in objects]], [gligen_phrases(layout, options.gligen_phrases)]) if plus else None
     with pipe._stage(run, "final", options.steps):
         out = denoise(
             run, pipe._scheduler(options.steps), "final", frozen.composed[0], text, options.steps,

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from grounded_sd.attention import box_mask, map_shape
+from grounded_sd.attention import BoxCells, box_mask, map_shape
 from grounded_sd.counters import UNetCounter
 
 Box = tuple[float, float, float, float]
@@ -36,10 +36,10 @@ class EnergyTarget:
         return self.token_indices[-1] if self.token_indices else None
 
 
-def union_mask(boxes: tuple[Box, ...], h: int, w: int, device) -> torch.Tensor:
+def union_mask(boxes: tuple[Box, ...], h: int, w: int, device, cells: BoxCells = "corner_size") -> torch.Tensor:
     mask = torch.zeros(h, w, device=device)
     for box in boxes:
-        mask = torch.maximum(mask, box_mask(box, h, w, device))
+        mask = torch.maximum(mask, box_mask(box, h, w, device, cells))
     return mask
 
 
@@ -48,8 +48,12 @@ def _topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.topk(k, dim=-1).values.mean(dim=-1)
 
 
-def object_energy(probs: torch.Tensor, target: EnergyTarget, latent_hw: tuple[int, int], topk_fraction: float, background_weight: float) -> torch.Tensor:
-    """§2.1 for one object at one layer. ``probs``: ``(heads, h*w, tokens)`` of one sample.
+def object_energy(
+    probs: torch.Tensor, target: EnergyTarget, latent_hw: tuple[int, int], topk_fraction: float, background_weight: float,
+    cells: BoxCells = "corner_size",
+) -> torch.Tensor:
+    """§2.1 for one object at one layer. ``probs``: ``(heads, h*w, tokens)`` of one sample;
+    ``cells``: how its boxes become cells of the map (:data:`grounded_sd.attention.BoxCells`).
 
     Per head and token: ``(1 - mean(topk(A*b))) + w * mean(topk(A*(1-b)))`` with
     ``k = topk_fraction * |b|`` (resp. ``|1-b|``); mean over the phrase's tokens, sum over heads.
@@ -57,7 +61,7 @@ def object_energy(probs: torch.Tensor, target: EnergyTarget, latent_hw: tuple[in
     if not target.token_indices:
         return probs.new_zeros(())
     h, w = map_shape(probs.shape[-2], latent_hw)
-    inside = union_mask(target.boxes, h, w, probs.device).flatten()
+    inside = union_mask(target.boxes, h, w, probs.device, cells).flatten()
     outside = 1.0 - inside
     attn = probs[:, :, list(target.token_indices)].transpose(1, 2)  # heads, tokens, h*w
     k_in = max(1, int(topk_fraction * float(inside.sum())))
@@ -74,14 +78,16 @@ def _normalised_in_box(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked / masked.sum(dim=-1, keepdim=True).clamp_min(1e-8)
 
 
-def transfer_loss(probs: torch.Tensor, target: EnergyTarget, reference: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+def transfer_loss(
+    probs: torch.Tensor, target: EnergyTarget, reference: torch.Tensor, latent_hw: tuple[int, int], cells: BoxCells = "corner_size"
+) -> torch.Tensor:
     """§2.6 attention transfer for one object at one layer: L1 between this pass's and the per-box
     pass's attention of the object's token, both masked to the object's box and normalised to
     sum 1 per head, averaged over heads. ``reference``: ``(heads, h*w)``."""
     if target.object_token is None:
         return probs.new_zeros(())
     h, w = map_shape(probs.shape[-2], latent_hw)
-    mask = box_mask(target.box, h, w, probs.device).flatten()
+    mask = box_mask(target.box, h, w, probs.device, cells).flatten()
     current = probs[:, :, target.object_token]  # heads, h*w
     diff = _normalised_in_box(current, mask) - _normalised_in_box(reference.to(current), mask)
     return diff.abs().sum(dim=-1).mean(dim=0)
@@ -121,11 +127,20 @@ LossFn = Callable[[dict[str, torch.Tensor], list[int]], tuple[torch.Tensor, list
 """(maps of the rows, row indices) -> (loss per row, per-object energies per row)."""
 
 
-def guidance_step_size(scheduler, timestep: torch.Tensor, step_index: int) -> float:
-    """The latent's step per unit gradient (§2.2): ``sqrt(1 - alpha_bar_t)`` for DDIM-like
-    schedulers, ``sigma_t^2`` for sigma-parameterised ones (Euler, LMS, Heun...)."""
-    if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 and getattr(scheduler, "sigmas", None) is not None:
-        return float(scheduler.sigmas[step_index]) ** 2
+StepSizeRule = Literal["has_sigmas", "noise_sigma"]
+"""Which schedulers step by ``sigma_t^2`` (:func:`guidance_step_size`)."""
+
+
+def guidance_step_size(scheduler, timestep: torch.Tensor, step_index: int, rule: StepSizeRule = "noise_sigma") -> float:
+    """The latent's step per unit gradient (§2.2): ``sigma_t^2`` for sigma-parameterised schedulers,
+    ``sqrt(1 - alpha_bar_t)`` for the others. ``"noise_sigma"``: sigma-parameterised means an initial
+    noise sigma over 1 (Euler...; DPM-Solver, UniPC and DEIS keep sigmas but run VP latents);
+    ``"has_sigmas"`` (the reference's code, models/pipelines.py:60-69): any ``sigmas`` attribute."""
+    if rule not in ("has_sigmas", "noise_sigma"):
+        raise ValueError(f"unknown step size rule {rule!r}; choose 'has_sigmas' or 'noise_sigma'")
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and (rule == "has_sigmas" or float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0):
+        return float(sigmas[step_index]) ** 2
     alpha_bar = scheduler.alphas_cumprod[int(timestep)]
     return float((1.0 - alpha_bar) ** 0.5)
 

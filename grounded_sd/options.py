@@ -18,8 +18,20 @@ from layout_planner.layout import MAX_OBJECTS
 REFERENCE_STEPS = 50
 """The step count the reference's step-indexed defaults are written for."""
 
-DEFAULT_NEGATIVE = "low quality, blurry, deformed, disfigured, bad anatomy, watermark, text"
-SINGLE_OBJECT_NEGATIVE_WORDS = "duplicate, two, many, group, occlusion, occluded, side, border, collate"
+DEFAULT_NEGATIVE = (
+    "artifacts, blurry, smooth texture, bad quality, distortions, unrealistic, distorted image, bad proportions, duplicate"
+)
+"""The reference's negative prompt of the final pass (prompt.py:44, DEFAULT_OVERALL_NEGATIVE_PROMPT)."""
+SINGLE_OBJECT_NEGATIVE_WORDS = "two, many, group, occlusion, occluded, side, border, collate"
+"""What the reference's per-box negative adds to the final pass's (prompt.py:43, DEFAULT_SO_NEGATIVE_PROMPT is
+DEFAULT_NEGATIVE followed by these words)."""
+QUALITY_NEGATIVE = "low quality, blurry, deformed, disfigured, bad anatomy, watermark, text"
+"""Our negative words before issue 23 (``default_negative=QUALITY_NEGATIVE`` brings them back)."""
+QUALITY_SINGLE_OBJECT_NEGATIVE = "duplicate, two, many, group, occlusion, occluded, side, border, collate"
+"""Our per-box words before issue 23, used with ``per_box_negative_order="single_object_first"``."""
+
+REFERENCE_BOX_NOISE_RATIO = {"lmd": 0.01, "lmd_plus": 0.1}
+"""The reference's ``fg_blending_ratio`` per variant (generation/lmd.py:240, generation/lmd_plus.py:216)."""
 
 
 class LMDOptions(BaseModel):
@@ -48,6 +60,15 @@ class LMDOptions(BaseModel):
             "guided step, rows under the threshold are not moved, and guidance resumes if the energy rises"
         ),
     )
+    step_size: Literal["noise_sigma", "has_sigmas"] = Field(
+        "noise_sigma",
+        description=(
+            "guidance's step per unit gradient: sigma_t^2 where the scheduler's initial noise sigma exceeds 1 (Euler), "
+            "sqrt(1 - alpha_bar_t) otherwise (DDIM, DPM-Solver, UniPC); 'has_sigmas': sigma_t^2 on every scheduler with "
+            "sigmas, the reference's code (models/pipelines.py:60-69), which on today's DPM-Solver steps ~200x further "
+            "at step 0 (docs/controller.md, 'Differences')"
+        ),
+    )
     topk_fraction: float = Field(0.2, gt=0.0, le=1.0, description="k = fraction of the mask's pixels (ref 0.2)")
     background_weight: float = Field(4.0, ge=0.0, description="w: weight of attention outside the box (ref 4)")
     transfer_weight: float = Field(2.0, ge=0.0, description="attention transfer from the per-box pass (§2.6, ref 2.0)")
@@ -68,8 +89,35 @@ class LMDOptions(BaseModel):
     )
 
     # --- per-box pass (§2.3) ----------------------------------------------------------------
-    box_noise_ratio: float = Field(0.1, ge=0.0, le=1.0, description="r: inside the box sqrt(1-r)*bg + sqrt(r)*fg (LMD ref 0.01)")
+    box_noise_ratio: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="r: inside the box sqrt(1-r)*bg + sqrt(r)*fg; None: the reference's per variant (0.01 lmd, 0.1 lmd_plus)",
+    )
     single_object_negative: str = Field(SINGLE_OBJECT_NEGATIVE_WORDS, description="added to the per-box negative prompt")
+    per_box_negative_order: Literal["layout_first", "single_object_first"] = Field(
+        "layout_first",
+        description=(
+            "the per-box negative prompt: the layout's negative, default_negative, then single_object_negative (the "
+            "reference's order and string, generation/lmd.py:330-334); 'single_object_first': single_object_negative, "
+            "the layout's, default_negative (ours before issue 23)"
+        ),
+    )
+    box_cells: Literal["corner_size", "edges"] = Field(
+        "corner_size",
+        description=(
+            "how a box becomes cells of the attention maps and of the per-box noise region: corner and size rounded "
+            "separately (reference, utils/utils.py:57-70); 'edges': corner floored, far edge rounded (ours before issue 23)"
+        ),
+    )
+    placement_rule: Literal["reference", "on_canvas"] = Field(
+        "reference",
+        description=(
+            "details of centred placement: 'reference': a tall box is cut at the canvas's top (utils/utils.py:36-40), "
+            "the mask's centre of mass is taken at cell indices (utils/utils.py:102-121) and the shift is not limited "
+            "(utils/latents.py:85-105); 'on_canvas' (ours before issue 23): a tall box moves down to stay whole, the "
+            "centre of mass is taken at cell centres, and the shift never pushes the mask off the canvas"
+        ),
+    )
     per_box_full_pass: bool = Field(
         True,
         description=(
@@ -103,6 +151,13 @@ class LMDOptions(BaseModel):
 
     # --- composition and the final pass (§2.5, §2.6) ----------------------------------------
     frozen_ratio: float = Field(0.5, ge=0.0, le=1.0, description="fraction of steps whose foreground is the composed latent (ref 0.5)")
+    ratio_steps: Literal["floor", "nearest"] = Field(
+        "floor",
+        description=(
+            "frozen and GLIGEN steps from their ratios: int(ratio * steps) (reference, generation/lmd.py:286, "
+            "models/pipelines.py:408); 'nearest': round(ratio * steps) (ours before issue 23)"
+        ),
+    )
     compose_step0: Literal["mask_box", "mask"] = Field(
         "mask_box",
         description=(
@@ -121,6 +176,21 @@ class LMDOptions(BaseModel):
 
     # --- LMD+ (§2.8) ------------------------------------------------------------------------
     gligen_ratio: float = Field(0.4, ge=0.0, le=1.0, description="fraction of steps with GLIGEN adapters on (lmd_plus)")
+    guidance_grounding: Literal["null", "grounded"] = Field(
+        "null",
+        description=(
+            "lmd_plus: GLIGEN grounding in guidance's forwards: 'null' (reference, models/pipelines.py:381-384: the "
+            "zeroed presence masks of the unconditional half) or 'grounded' (the conditional row's boxes and phrases, "
+            "ours before issue 23)"
+        ),
+    )
+    gligen_phrases: Literal["group", "object"] = Field(
+        "group",
+        description=(
+            "lmd_plus final pass: the GLIGEN phrase of each box of a duplicated object: its group's ('two apples', "
+            "reference, generation/lmd_plus.py:463-467) or its own ('an apple', ours before issue 23)"
+        ),
+    )
 
     # --- limits ------------------------------------------------------------------------------
     max_objects: int = Field(MAX_OBJECTS, ge=1, le=MAX_OBJECTS, description="more objects than this is an InvalidLayoutError")
@@ -195,11 +265,21 @@ class LMDOptions(BaseModel):
                 return iterations
         return 0
 
+    def _ratio_steps(self, ratio: float) -> int:
+        steps = int(ratio * self.steps) if self.ratio_steps == "floor" else round(ratio * self.steps)
+        return min(self.steps, steps)
+
     def frozen_steps(self) -> int:
-        return min(self.steps, round(self.frozen_ratio * self.steps))
+        return self._ratio_steps(self.frozen_ratio)
 
     def gligen_steps(self) -> int:
-        return min(self.steps, round(self.gligen_ratio * self.steps))
+        return self._ratio_steps(self.gligen_ratio)
+
+    def noise_ratio(self, variant: str) -> float:
+        """``box_noise_ratio``, or the reference's for ``variant`` when it is None."""
+        if self.box_noise_ratio is not None:
+            return self.box_noise_ratio
+        return REFERENCE_BOX_NOISE_RATIO["lmd_plus" if variant == "lmd_plus" else "lmd"]
 
     def mask_first_step(self) -> int:
         return min(self.steps - 1, self.scaled(self.mask_from_step))

@@ -34,8 +34,11 @@ def box_prompts(layout: Layout) -> tuple[str, ...]:
 
 
 def box_negative(layout: Layout, options: LMDOptions) -> str:
-    """The per-box negative prompt: single-object words, the layout's negative, the default."""
-    return join_negative(options.single_object_negative, layout.negative, options.default_negative)
+    """The per-box negative prompt: the layout's negative, the default, the single-object words (the
+    reference's order, generation/lmd.py:330-334 with prompt.py:43-44), or the single-object words first."""
+    if options.per_box_negative_order == "single_object_first":
+        return join_negative(options.single_object_negative, layout.negative, options.default_negative)
+    return join_negative(layout.negative, options.default_negative, options.single_object_negative)
 
 
 def per_box_steps(options: LMDOptions) -> int:
@@ -119,13 +122,13 @@ def run_per_box_pass(
 
     report.per_box_prompts = {o.id: p for o, p in zip(objects, box_prompts(layout))}
     centred = options.per_box_placement == "centred" and not plus  # the reference centres for LMD, not for LMD+
-    boxes = [centred_box(o.box) if centred else o.box for o in objects]
+    boxes = [centred_box(o.box, options.placement_rule) if centred else o.box for o in objects]
     targets = [EnergyTarget(o.id, object_token_indices(pipe.tokenizer, layout.background, o.phrase), b, (b,)) for o, b in zip(objects, boxes)]
     spans = [object_phrase_span(layout.background, o.phrase) for o in objects]  # where each phrase is, for per-token connectors
     targets = guidance_targets(text.conditioned, "per_box", targets, list(range(n)), spans)
     foreground = torch.cat([seeded_noise((1, *background.shape[1:]), object_seed(run.seed, o.id), pipe.device, pipe.dtype) for o in objects])
-    box_masks = torch.stack([box_mask(b, h, w, pipe.device) for b in boxes])[:, None]
-    initial = box_noise(background, foreground, box_masks, options.box_noise_ratio) * run.init_sigma
+    box_masks = torch.stack([box_mask(b, h, w, pipe.device, options.box_cells) for b in boxes])[:, None]
+    initial = box_noise(background, foreground, box_masks, options.noise_ratio("lmd_plus" if plus else "lmd")) * run.init_sigma
 
     maps = _PerBoxMaps(run, targets, steps, pipe.device)
     trace = GuidanceTrace()

@@ -119,7 +119,7 @@ class LMDPipeline:
         dtype: str = "auto",
         scheduler: str = "DDIMScheduler",
         sam_checkpoint: str | Path | None = None,
-        sam_model_type: str = "vit_h",
+        sam_model_type: str = "vit_b",
     ) -> "LMDPipeline":
         """Load UNet, VAE, CLIP text encoder and tokenizer, and the scheduler from a hub id or a
         local diffusers directory; optionally a SAM checkpoint for mask refinement (§2.4)."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from grounded_sd.compose import mask_to_latent, placement_shift, shift_cells
+from grounded_sd.compose import mask_to_latent, on_canvas, placement_shift, shift_cells
 from grounded_sd.denoise import Run
 from grounded_sd.masks import object_mask
 from grounded_sd.per_box import PerBoxResult
@@ -46,12 +46,12 @@ def segment_objects(
         run.check_cancel()
         attention = per_box.attention[index].float().cpu()
         result = object_mask(
-            np.asarray(image), attention.numpy(), per_box.boxes[index] if per_box.boxes else obj.box,
+            np.asarray(image), attention.numpy(), on_canvas(per_box.boxes[index]) if per_box.boxes else obj.box,
             predictor=pipe.sam_predictor, prompt="box" if plus else "point", options=options.masks,
         )
         mask = torch.from_numpy(result.mask)
         cells = mask_to_latent(mask, h, w).to(pipe.device)
-        shift = placement_shift(cells, obj.box, per_box.grid) if per_box.centred else (0, 0)
+        shift = placement_shift(cells, obj.box, per_box.grid, options.placement_rule) if per_box.centred else (0, 0)
         if per_box.centred:
             cells, mask = shift_cells(cells, shift, per_box.grid), shift_cells(mask, shift, per_box.grid)
         shifts.append(shift)

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     sd_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local diffusers directory")
     scheduler: str = Field("DDIMScheduler", description="any diffusers scheduler class name")
     sam_checkpoint: Path | None = Field(None, description="segment-anything checkpoint; unset: attention masks")
-    sam_model_type: SamModelType = Field("vit_h", description="architecture of the SAM checkpoint")
+    sam_model_type: SamModelType = Field("vit_b", description="architecture of the SAM checkpoint (vit_b: the reference's)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Dtype = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="hub id or local diffusers directory (default LMD_SD_MODEL)")
     parser.add_argument("--scheduler", help="diffusers scheduler class (default LMD_SCHEDULER, DDIMScheduler)")
     parser.add_argument("--sam-checkpoint", type=Path, help="segment-anything checkpoint (default LMD_SAM_CHECKPOINT; unset: attention masks)")
-    parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_h)")
+    parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_b)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE, auto)")
     parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE, auto: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")

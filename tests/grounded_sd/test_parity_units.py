@@ -17,13 +17,15 @@ from layout_planner.layout import Layout
 def test_centred_box_keeps_the_size_centres_it_and_stands_it_above_the_floor():
     assert centred_box((0.1, 0.2, 0.3, 0.5)) == pytest.approx((0.4, 0.5, 0.6, 0.8))
     assert 1.0 - FLOOR_PADDING == pytest.approx(0.8)
-    assert centred_box((0.0, 0.0, 0.4, 0.9)) == pytest.approx((0.3, 0.0, 0.7, 0.9))  # taller than 0.8: from the top
+    # taller than 0.8: cut at the top under the reference's rule (test_reference_rules.py), from the top on_canvas
+    assert centred_box((0.0, 0.0, 0.4, 0.9), "on_canvas") == pytest.approx((0.3, 0.0, 0.7, 0.9))
 
 
 def test_placement_moves_the_mask_centre_onto_the_box_centre_in_whole_grid_cells():
+    """The on_canvas rule (ours before issue 23); the reference's is pinned in test_reference_rules.py."""
     cells = torch.zeros(8, 8, dtype=torch.bool)
     cells[2:4, 1:3] = True  # centre of mass (0.25, 0.375) of the canvas
-    shift = placement_shift(cells, (0.5, 0.5, 1.0, 1.0), grid=(4, 4))
+    shift = placement_shift(cells, (0.5, 0.5, 1.0, 1.0), grid=(4, 4), rule="on_canvas")
     assert shift == (2, 2)  # +0.5 and +0.375 of the canvas, in quarters (rounded)
     moved = shift_cells(cells, shift, grid=(4, 4))
     assert moved[6:8, 5:7].all() and int(moved.sum()) == 4
@@ -34,18 +36,19 @@ def test_placement_moves_the_mask_centre_onto_the_box_centre_in_whole_grid_cells
     # what leaves the canvas is dropped, what enters is zero
     assert not shift_cells(cells, (4, 0), grid=(4, 4)).any()
     assert placement_shift(torch.zeros(8, 8, dtype=torch.bool), (0, 0, 1, 1), (4, 4)) == (0, 0)
+    assert placement_shift(torch.zeros(8, 8, dtype=torch.bool), (0, 0, 1, 1), (4, 4), "on_canvas") == (0, 0)
     # cell centres (+0.5), each axis with its own box edges: one cell at row 1, column 6 -> (0.8125, 0.1875)
     one = torch.zeros(8, 8, dtype=torch.bool)
     one[1, 6] = True
-    assert placement_shift(one, (0.0, 0.5, 0.25, 0.9), grid=(8, 8)) == (-6, 4)  # to (0.125, 0.7)
+    assert placement_shift(one, (0.0, 0.5, 0.25, 0.9), grid=(8, 8), rule="on_canvas") == (-6, 4)  # to (0.125, 0.7)
     # a box at the bottom edge: rounding to whole grid cells never pushes the mask off the canvas
     low = torch.zeros(8, 8, dtype=torch.bool)
     low[5:7, 3:5] = True  # centre y 0.75; the box's centre 0.99 would round to +1 quarter = 2 rows: off by one row
-    shift = placement_shift(low, (0.4, 0.98, 0.6, 1.0), grid=(4, 4))
+    shift = placement_shift(low, (0.4, 0.98, 0.6, 1.0), grid=(4, 4), rule="on_canvas")
     assert shift == (0, 0) and shift_cells(low, shift, grid=(4, 4)).sum() == 4
     top = torch.zeros(8, 8, dtype=torch.bool)
     top[1:3, 0:2] = True
-    assert placement_shift(top, (0.0, 0.0, 0.02, 0.02), grid=(4, 4)) == (0, 0)
+    assert placement_shift(top, (0.0, 0.0, 0.02, 0.02), grid=(4, 4), rule="on_canvas") == (0, 0)
 
 
 def test_step_zero_pastes_initial_noise_in_the_mask_bounding_box():
