@@ -129,8 +129,9 @@ def placement_shift(cells: torch.Tensor, box: Box, grid: tuple[int, int], rule: 
 
     ``"reference"`` (utils/latents.py:85-105 with utils/utils.py:102-121 and 145-154): the centre of
     mass at cell indices (``arange(w) / w``, half a cell up and left of the cells' centres), the
-    shift ``round(offset * grid)`` as it comes. ``"on_canvas"``: at cell centres (``+ 0.5``), and
-    the shift limited so that rounding never pushes the mask off the canvas."""
+    shift ``round(offset * grid)`` as it comes, unless it would push the whole mask off the canvas.
+    ``"on_canvas"``: at cell centres (``+ 0.5``), and the shift limited so that rounding never pushes
+    any of the mask off the canvas."""
     if not bool(cells.any()):
         return 0, 0
     h, w = cells.shape
@@ -141,9 +142,11 @@ def placement_shift(cells: torch.Tensor, box: Box, grid: tuple[int, int], rule: 
     y = float((weights.sum(dim=1) * (torch.arange(h, device=cells.device) + half)).sum() / total) / h
     gh, gw = grid
     shift_x, shift_y = round(((box[0] + box[2]) / 2 - x) * gw), round(((box[1] + box[3]) / 2 - y) * gh)
-    if rule == "reference":
+    if rule == "reference" and bool(shift_cells(cells, (shift_x, shift_y), grid).any()):
         return shift_x, shift_y
-    # rounding to whole grid cells must not push the mask off the canvas (a box at the edge)
+    # rounding to whole grid cells must not push the mask off the canvas (a box at the edge); under the
+    # reference's rule only a mask that would leave it entirely is held back (the reference fails there:
+    # utils/utils.py:78-82, the bounding box of an empty mask)
     rows, cols = cells.any(dim=1).nonzero().flatten(), cells.any(dim=0).nonzero().flatten()
     return _clamp_shift(shift_x, int(cols.min()), int(cols.max()), w, gw), _clamp_shift(shift_y, int(rows.min()), int(rows.max()), h, gh)
 

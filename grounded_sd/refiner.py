@@ -14,6 +14,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -35,12 +36,26 @@ class RefinerOptions(BaseModel):
     strength: float = Field(0.3, gt=0.0, le=1.0, description="fraction of the refiner's schedule redone (ref 0.3)")
     steps: int = Field(50, ge=1, le=1000, description="the refiner's schedule length; it runs strength x steps of them")
     guidance_scale: float = Field(5.0, ge=0.0, le=50.0, description="CFG scale of the refiner (diffusers' default, as the reference)")
+    negative: Literal["layout", "scene"] = Field(
+        "layout",
+        description=(
+            "the refiner's negative prompt: the layout's negative, then REFINER_NEGATIVE (the reference's, "
+            "generation/sdxl_refinement.py:27); 'scene': the generation's whole negative prompt (with the default "
+            "negative words), then REFINER_NEGATIVE (ours before issue 23)"
+        ),
+    )
     resolution: int | None = Field(
         1024,
         ge=64,
         description="the image's long side is resized (Lanczos) to this before refining, rounded to a multiple of 8 "
         "(ref 1024, SDXL's native size); the refined image keeps this size. None: refine at the generation's size",
     )
+
+
+def refiner_negative(result: GenerationResult, source: str = "layout") -> str:
+    """The refiner's negative prompt (:attr:`RefinerOptions.negative`)."""
+    first = result.layout.negative if source == "layout" else result.report.negative_prompt
+    return ", ".join(part.strip() for part in (first, REFINER_NEGATIVE) if part and part.strip())
 
 
 def refiner_seed(seed: int) -> int:
@@ -104,7 +119,7 @@ class Refiner:
             size = tuple(max(8, round(side * scale / 8) * 8) for side in image.size)
             if size != image.size:
                 image = image.resize(size, Image.LANCZOS)
-        negative = ", ".join(part for part in (report.negative_prompt, REFINER_NEGATIVE) if part)
+        negative = refiner_negative(result, options.negative)
         total = max(1, int(options.steps * options.strength))
         seed = refiner_seed(report.seed)
 

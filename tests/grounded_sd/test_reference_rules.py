@@ -296,3 +296,34 @@ def test_sam_defaults_to_the_reference_vit_b():
 
     assert Settings.model_fields["sam_model_type"].default == "vit_b"  # models/sam.py:14: facebook/sam-vit-base
     assert inspect.signature(LMDPipeline.from_pretrained).parameters["sam_model_type"].default == "vit_b"
+
+
+def test_a_mask_the_reference_shift_would_push_off_the_canvas_entirely_is_held_on_it():
+    # one cell at column 5 of 8 moved to a box centred at x 0.999 on a 2-cell grid: round((0.999 - 0.625) * 2) = 1
+    # grid cell = 4 columns -> column 9: gone. The reference would fail on the empty mask (utils/utils.py:78-82);
+    # here the shift is limited to keep it on the canvas
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[0, 5] = True
+    assert placement_shift(mask, (0.998, 0.0, 1.0, 0.125), grid=(2, 2)) == (0, 0)
+    assert placement_shift(mask, (0.998, 0.0, 1.0, 0.125), grid=(2, 2), rule="on_canvas") == (0, 0)
+    mask[0, 3] = mask[0, 6] = True  # columns 3, 5, 6: centre 14/3/8 = 0.583 -> round(0.83) = 1: column 3 lands on 7, kept
+    assert placement_shift(mask, (0.998, 0.0, 1.0, 0.125), grid=(2, 2)) == (1, 0)
+    assert shift_cells(mask, (1, 0), grid=(2, 2)).sum() == 1
+
+
+def test_the_refiner_negative_is_the_layouts_then_the_refiners():
+    """generation/sdxl_refinement.py:27: ``extra_neg_prompt + ", " + sdxl_negative_prompt`` (the layout's negative,
+    not the generation's default words); ``negative="scene"`` keeps the whole generation negative (ours before)."""
+    from PIL import Image
+
+    from grounded_sd.refiner import REFINER_NEGATIVE, RefinerOptions, refiner_negative
+    from grounded_sd.report import GenerationReport, GenerationResult
+
+    layout = Layout.model_validate({"objects": [], "background": "a park", "negative": "birds"})
+    report = GenerationReport(variant="lmd", seed=0, width=8, height=8, steps=1, prompt="a park", negative_prompt=f"birds, {DEFAULT_NEGATIVE}")
+    result = GenerationResult(Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8)), {}, layout, report)
+    assert RefinerOptions().negative == "layout"
+    assert refiner_negative(result) == f"birds, {REFINER_NEGATIVE}"
+    assert refiner_negative(result, "scene") == f"birds, {DEFAULT_NEGATIVE}, {REFINER_NEGATIVE}"
+    result.layout = Layout.model_validate({"objects": [], "background": "a park"})
+    assert refiner_negative(result) == REFINER_NEGATIVE

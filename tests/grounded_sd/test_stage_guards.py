@@ -167,19 +167,34 @@ def test_lmd_asks_sam_with_a_point_and_lmd_plus_with_the_box(tiny_pipeline, tiny
     assert all(o.mask_source == "sam" and "(box prompt)" in o.mask_detail for o in plus.report.objects), [o.mask_detail for o in plus.report.objects]
 
 
-def test_lmd_plus_rows_get_their_own_gligen_boxes_and_phrases_and_none_unconditionally(tiny_gligen_sd_path):
-    pipe = LMDPipeline.from_pretrained(tiny_gligen_sd_path, device="cpu")
+def _gligen_calls(pipe: LMDPipeline, layout: dict, **options) -> list[dict[str, torch.Tensor]]:
+    """The GLIGEN inputs (boxes, phrase embeddings, presence masks) of every UNet call of one lmd_plus run."""
     calls: list[dict[str, torch.Tensor]] = []
     handle = pipe.unet.position_net.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append({k: v.detach().clone() for k, v in kwargs.items()}), with_kwargs=True
     )
     try:
-        pipe(_layout(DOG, CAT), seed=4, variant="lmd_plus", width=SIZE, height=SIZE, options=_opts(steps=5))
+        pipe(layout, seed=4, variant="lmd_plus", width=SIZE, height=SIZE, options=_opts(**options))
     finally:
         handle.remove()
-    tokens = pipe.tokenizer([DOG["phrase"], CAT["phrase"]], padding=True, return_tensors="pt")
+    return calls
+
+
+def _pooled(pipe: LMDPipeline, phrases: list[str]) -> torch.Tensor:
+    tokens = pipe.tokenizer(phrases, padding=True, return_tensors="pt")
     with torch.no_grad():
-        pooled = pipe.text_encoder(**tokens).pooler_output
+        return pipe.text_encoder(**tokens).pooler_output
+
+
+@pytest.fixture(scope="module")
+def gligen_pipe(tiny_gligen_sd_path) -> LMDPipeline:
+    return LMDPipeline.from_pretrained(tiny_gligen_sd_path, device="cpu")
+
+
+def test_lmd_plus_rows_get_their_own_gligen_boxes_and_phrases_and_none_unconditionally(gligen_pipe):
+    pipe = gligen_pipe
+    calls = _gligen_calls(pipe, _layout(DOG, CAT), steps=5)
+    pooled = _pooled(pipe, [DOG["phrase"], CAT["phrase"]])
     boxes = torch.tensor([DOG["box"], CAT["box"]])
 
     per_box = [c for c in calls if c["masks"].shape[0] == 4]  # CFG over 2 objects: 2 unconditional rows, then 2 conditional
@@ -200,5 +215,24 @@ def test_lmd_plus_rows_get_their_own_gligen_boxes_and_phrases_and_none_unconditi
         assert call["masks"][1, :2].tolist() == [1.0, 1.0] and not call["masks"][1, 2:].any()
         assert torch.allclose(call["boxes"][1, :2], boxes)
         assert torch.allclose(call["positive_embeddings"][1, :2], pooled, atol=1e-5)
-    for call in final_guidance:  # the guidance forward is the conditional one: grounded
-        assert call["masks"][0, :2].tolist() == [1.0, 1.0]
+    # the guidance forward reads GLIGEN's null tokens: the zeroed masks of the unconditional half, as the
+    # reference's (models/pipelines.py:317 zeroes them, 381-384 hands that half to guidance)
+    for call in final_guidance:
+        assert not call["masks"].any()
+    grounded = _gligen_calls(pipe, _layout(DOG, CAT), steps=5, guidance_grounding="grounded")  # ours before issue 23
+    grounded_guidance = [c for c in grounded if c["masks"].shape[0] == 1]
+    assert grounded_guidance and all(call["masks"][0, :2].tolist() == [1.0, 1.0] for call in grounded_guidance)
+    assert all(torch.allclose(call["boxes"][0, :2], boxes) for call in grounded_guidance)
+
+
+def test_lmd_plus_final_pass_gives_duplicated_objects_their_group_phrase(gligen_pipe):
+    """generation/lmd_plus.py:463-467: each box of a phrase group gets the group's phrase ("two dogs")."""
+    other = {**DOG, "id": "dog2", "box": [0.05, 0.65, 0.45, 0.95]}
+    layout = _layout(DOG, CAT, other)
+    for rule, phrases in (("group", ["two dogs", CAT["phrase"], "two dogs"]), ("object", [DOG["phrase"], CAT["phrase"], DOG["phrase"]])):
+        calls = _gligen_calls(gligen_pipe, layout, steps=3, gligen_phrases=rule)
+        final_cfg = [c for c in calls if c["masks"].shape[0] == 2]
+        assert final_cfg
+        expected = _pooled(gligen_pipe, phrases)
+        assert all(torch.allclose(call["positive_embeddings"][1, :3], expected, atol=1e-5) for call in final_cfg), rule
+    assert not torch.allclose(_pooled(gligen_pipe, ["two dogs"]), _pooled(gligen_pipe, [DOG["phrase"]]), atol=1e-3)
