@@ -40,9 +40,17 @@ def box_noise(background: torch.Tensor, foreground: torch.Tensor, box_masks: tor
     return torch.where(box_masks.bool(), inside, background.expand_as(foreground))
 
 
-def mask_to_latent(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """An image-resolution bool mask -> (h, w) bool: cells at least half covered; a mask too
-    small for that keeps every cell it touches."""
+def mask_to_latent(mask: torch.Tensor, h: int, w: int, rule: str = "centre") -> torch.Tensor:
+    """An image-resolution bool mask -> (h, w) bool. ``"centre"`` (the reference, models/sam.py:51:
+    bilinear resize to the latent grid, then ``bool``): a cell counts when any of the pixels around its
+    centre that the bilinear sample reads is set; ``"half"``: when at least half of it is covered.
+    A mask too small for either keeps every cell it touches (the reference fails on it, utils/utils.py:78-82)."""
+    if rule not in ("centre", "half"):
+        raise ValueError(f"unknown latent mask rule {rule!r}; choose 'centre' or 'half'")
+    if rule == "centre":
+        cells = F.interpolate(mask[None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0
+        if cells.any():
+            return cells
     coverage = F.interpolate(mask[None, None].float(), size=(h, w), mode="area")[0, 0]
     cells = coverage >= 0.5
     return cells if cells.any() else coverage > 0

@@ -64,6 +64,14 @@ class MaskOptions(BaseModel):
             "resizing (ref 1.5 with a point prompt); 0 turns it off"
         ),
     )
+    all_rejected: Literal["attention", "fewest_failed"] = Field(
+        "attention",
+        description=(
+            "when every SAM candidate fails a check: the coarse attention mask (ours) or, as the reference "
+            "(models/sam.py:67-86: size minus the largest size per failed check), the candidate with the fewest failed "
+            "checks, the largest among those"
+        ),
+    )
     sam_box_margin: float | None = Field(
         0.1,
         ge=0.0,
@@ -232,6 +240,8 @@ def object_mask(
         np.asarray(sam_masks, dtype=bool), np.asarray(sam_scores, dtype=np.float64), reference, against, options
     )
     accepted = [c for c in candidates if c.rejected is None]
+    if not accepted and options.all_rejected == "fewest_failed":
+        accepted = [min(candidates, key=lambda c: (_failed_checks(c, options), -c.area, c.index))]
     if not accepted:
         reasons = "; ".join(f"{c.index}: {c.rejected}" for c in candidates)
         fallback.detail += f"; all {len(candidates)} SAM candidates rejected ({reasons})"
@@ -250,6 +260,8 @@ def object_mask(
         f"sam candidate {best.index} ({prompt} prompt), predicted IoU {best.predicted_iou:.2f}, "
         f"IoU with {against} {best.coarse_iou:.2f}"
     )
+    if best.rejected is not None:
+        detail += f"; every candidate failed a check, this one the fewest ({best.rejected})"
     return MaskResult(mask, "sam", detail, candidates, sam_prompt)
 
 
@@ -275,6 +287,11 @@ def _judge_candidates(
             )
         )
     return judged
+
+
+def _failed_checks(candidate: MaskCandidate, options: MaskOptions) -> int:
+    """How many of the two checks (SAM's own estimate, agreement with the coarse mask) a candidate fails."""
+    return int(not candidate.predicted_iou >= options.sam_min_predicted_iou) + int(candidate.coarse_iou < options.sam_min_coarse_iou)
 
 
 def _check_image(image: np.ndarray) -> tuple[int, int]:

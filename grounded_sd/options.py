@@ -50,6 +50,14 @@ class LMDOptions(BaseModel):
         default_factory=lambda: [(5, 4), (10, 3), (20, 2), (30, 1)],
         description="(until step, of 50; iterations per step) in order: ref 4 for 0-4, 3 for 5-9, 2 for 10-19, 1 for 20-29",
     )
+    step_schedule: Literal["scaled", "absolute"] = Field(
+        "scaled",
+        description=(
+            "the step indices above (guided steps, iteration schedule, mask_from_step) at other step counts: 'scaled' "
+            "keeps their share of the run (round(n * steps / 50)); 'absolute': step indices as given, as the reference's "
+            "code reads them (generation/lmd.py:224-225, models/pipelines.py:20-25), which at 20 steps guides every step"
+        ),
+    )
     loss_scale: float = Field(5.0, ge=0.0, description="z -= scale * sqrt(1 - alpha_bar_t) * dE/dz (ref 5)")
     loss_threshold: float = Field(5.0, ge=0.0, description="guidance stops once E is at or under this (ref 5.0); when, see guidance_stop")
     guidance_stop: GuidanceStop = Field(
@@ -158,6 +166,13 @@ class LMDOptions(BaseModel):
             "models/pipelines.py:408); 'nearest': round(ratio * steps) (ours before issue 23)"
         ),
     )
+    latent_mask: Literal["centre", "half"] = Field(
+        "centre",
+        description=(
+            "an image mask on the latent grid: a cell counts when the bilinear sample at its centre is non-zero (reference, "
+            "models/sam.py:51); 'half': when at least half of it is covered (ours before issue 23)"
+        ),
+    )
     compose_step0: Literal["mask_box", "mask"] = Field(
         "mask_box",
         description=(
@@ -246,7 +261,10 @@ class LMDOptions(BaseModel):
 
     # --- the schedule at the actual step count -----------------------------------------------
     def scaled(self, reference_step: int) -> int:
-        """A step index given on the 50-step scale, at ``self.steps`` steps."""
+        """A step index given on the 50-step scale, at ``self.steps`` steps (as given under
+        ``step_schedule="absolute"``)."""
+        if self.step_schedule == "absolute":
+            return reference_step
         return round(reference_step * self.steps / REFERENCE_STEPS)
 
     def guided_steps(self) -> int:

@@ -50,7 +50,7 @@ def segment_objects(
             predictor=pipe.sam_predictor, prompt="box" if plus else "point", options=options.masks,
         )
         mask = torch.from_numpy(result.mask)
-        cells = mask_to_latent(mask, h, w).to(pipe.device)
+        cells = mask_to_latent(mask, h, w, options.latent_mask).to(pipe.device)
         shift = placement_shift(cells, obj.box, per_box.grid, options.placement_rule) if per_box.centred else (0, 0)
         if per_box.centred:
             cells, mask = shift_cells(cells, shift, per_box.grid), shift_cells(mask, shift, per_box.grid)

@@ -170,6 +170,33 @@ def test_every_candidate_rejected_falls_back_to_attention():
     assert np.array_equal(result.mask, object_mask(_image(), _blob_attention(), BOX, predictor=None).mask)
 
 
+def test_every_candidate_rejected_gives_the_reference_choice_when_asked():
+    """models/sam.py:67-86 (select_mask): score = size - max size x (predicted IoU < 0.85) - max size x (coarse
+    IoU < 0.25), argmax: the fewest failed checks first, then the largest."""
+    sam = build_tiny_sam()
+    # candidate 2 passes SAM's own check and fails the coarse one; the largest (1) and 0 fail both
+    set_predicted_ious(sam, (0.1, 0.2, 0.9))
+    options = MaskOptions(all_rejected="fewest_failed", sam_box_margin=None)
+    result = object_mask(_image(), _blob_attention(), BOX, predictor=SamPredictor(sam), prompt="point", options=options)
+    masks, scores = _candidates(SamPredictor(sam), result, "point")
+    coarse = object_mask(_image(), _blob_attention(), BOX, predictor=None).mask
+    sizes = masks.reshape(3, -1).sum(axis=1)
+    ious = [np.logical_and(m, coarse).sum() / np.logical_or(m, coarse).sum() for m in masks]
+    reference_scores = sizes - (scores < 0.85) * sizes.max() - (np.array(ious) < 0.25) * sizes.max()
+    chosen = int(np.argmax(reference_scores))
+    assert all(c.rejected for c in result.candidates) and chosen == 2 != int(np.argmax(sizes))
+    assert result.source == "sam" and np.array_equal(result.mask, masks[chosen])
+    assert f"sam candidate {chosen} " in result.detail and "every candidate failed a check, this one the fewest" in result.detail
+    # with the same number of failed checks (SAM's own, coarse check off) the largest wins
+    set_predicted_ious(sam, (0.1, 0.2, 0.3))
+    loose = object_mask(
+        _image(), _blob_attention(), BOX, predictor=SamPredictor(sam), prompt="point",
+        options=options.model_copy(update={"sam_min_coarse_iou": 0.0}),
+    )
+    assert np.array_equal(loose.mask, masks[int(np.argmax(sizes))])
+    assert MaskOptions().all_rejected == "attention"  # ours by default: docs/controller.md, "Differences"
+
+
 def test_sam_with_empty_attention_clicks_the_box_centre_and_compares_with_the_box():
     sam = build_tiny_sam()
     set_predicted_ious(sam, (0.1, 0.1, 0.1))

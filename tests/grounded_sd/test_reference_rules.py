@@ -327,3 +327,53 @@ def test_the_refiner_negative_is_the_layouts_then_the_refiners():
     assert refiner_negative(result, "scene") == f"birds, {DEFAULT_NEGATIVE}, {REFINER_NEGATIVE}"
     result.layout = Layout.model_validate({"objects": [], "background": "a park"})
     assert refiner_negative(result) == REFINER_NEGATIVE
+
+
+def test_schedules_at_twenty_steps_scaled_by_default_absolute_as_the_reference_reads_them():
+    """The reference indexes its schedule by absolute step (``max_iter[index]`` while ``index < max_index_step``,
+    models/pipelines.py:20-25; ``attn_aggregation_step_start = 10``, generation/lmd.py:36). `reference` scales
+    those indices to the step count (it ran 50 steps, where both agree); ``step_schedule="absolute"`` reads them."""
+    scaled, absolute = LMDOptions.reference(steps=20), LMDOptions.reference(steps=20, step_schedule="absolute")
+    assert scaled.step_schedule == "scaled"
+    # scaled: 30 of 50 -> 12 guided steps; 4 iterations on steps 0-1, 3 on 2-3, 2 on 4-7, 1 on 8-11
+    assert scaled.guided_steps() == 12 and [scaled.iterations_at(i) for i in range(20)] == [4, 4, 3, 3] + [2] * 4 + [1] * 4 + [0] * 8
+    assert scaled.mask_first_step() == 4
+    # absolute (max_iter = [4]*5 + [3]*5 + [2]*10 + [1]*10, max_index_step 30): every one of the 20 steps is guided
+    assert absolute.guided_steps() == 20 and [absolute.iterations_at(i) for i in range(20)] == [4] * 5 + [3] * 5 + [2] * 10
+    assert absolute.mask_first_step() == 10
+    full = LMDOptions.reference(), LMDOptions.reference(step_schedule="absolute")
+    assert [full[0].iterations_at(i) for i in range(50)] == [full[1].iterations_at(i) for i in range(50)]
+
+
+def test_an_image_mask_becomes_latent_cells_by_the_bilinear_sample_at_each_cell_centre():
+    """models/sam.py:51: ``F.interpolate(mask, (H, W), mode='bilinear').type(torch.bool)``: at 8 pixels per cell
+    the sample at a cell's centre reads its pixels 3 and 4 in each direction; any of them set -> the cell is in."""
+    from grounded_sd.compose import mask_to_latent
+
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[8:16, 8:12] = True  # cell (1, 1) half covered on its left: pixels 8..11 hold column 11 (its 4th): in
+    mask[16:24, 20:24] = True  # cell (2, 2) half covered on its right: columns 20..23 hold 20 (its 5th): in
+    mask[32:40, 32:35] = True  # cell (4, 4): columns 32..34, none of its centre pixels 35 and 36: out
+    mask[40:43, 40:48] = True  # cell (5, 5) 3 of 8 rows, rows 40..42 miss 43 and 44: out
+    expected = _reference_latent_mask(mask)
+    centre = mask_to_latent(mask, 8, 8)
+    assert torch.equal(centre, expected)
+    assert centre.nonzero().tolist() == [[1, 1], [2, 2]]
+    half = mask_to_latent(mask, 8, 8, "half")
+    assert half.nonzero().tolist() == [[1, 1], [2, 2]]  # 32 of 64 pixels each; cells 4 and 5 hold 24 each
+    one_pixel = torch.zeros(64, 64, dtype=torch.bool)
+    one_pixel[11, 12] = True  # the centre pixels of cell (1, 1): (11 or 12) x (11 or 12)
+    assert mask_to_latent(one_pixel, 8, 8).nonzero().tolist() == [[1, 1]]
+    assert mask_to_latent(one_pixel, 8, 8, "half").nonzero().tolist() == [[1, 1]]  # too small: the cell it touches
+    corner = torch.zeros(64, 64, dtype=torch.bool)
+    corner[0, 0] = True  # misses every centre: the cell it touches, not nothing
+    assert mask_to_latent(corner, 8, 8).nonzero().tolist() == [[0, 0]]
+    with pytest.raises(ValueError, match="unknown latent mask rule"):
+        mask_to_latent(corner, 8, 8, "any")
+
+
+def _reference_latent_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The reference's line, restated: bilinear to 8x8, then bool."""
+    import torch.nn.functional as F
+
+    return F.interpolate(mask[None, None].float(), (8, 8), mode="bilinear").type(torch.bool)[0, 0]
