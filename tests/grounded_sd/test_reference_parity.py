@@ -54,3 +54,25 @@ def test_lmd_plus_generates_in_place_as_the_reference(tiny_gligen_sd_path):
     pipe = LMDPipeline.from_pretrained(tiny_gligen_sd_path, device="cpu")
     result = pipe(LAYOUT, seed=2, variant="lmd_plus", width=64, height=64, options=LMDOptions.reference(steps=3))
     assert [o.per_box_box for o in result.report.objects] == [tuple(o["box"]) for o in LAYOUT["objects"]]
+
+
+@pytest.mark.parametrize(("overrides", "ratio", "cells"), [({}, 0.01, "corner_size"), ({"box_noise_ratio": 0.1, "box_cells": "edges"}, 0.1, "edges")])
+def test_per_box_noise_mixes_in_the_reference_cells_at_the_reference_ratio(tiny_pipeline, overrides, ratio, cells):
+    """generation/lmd.py:240 (fg_blending_ratio 0.01) and utils/latents.py:25-35, 138 (the box's cells by
+    scale_proportion): each object's initial latent is sqrt(1-r) bg + sqrt(r) fg inside its centred box's cells."""
+    from grounded_sd.attention import box_mask
+    from grounded_sd.compose import object_seed, seeded_noise
+
+    options = LMDOptions.reference(steps=2, energy_checks=False, **overrides)
+    result = tiny_pipeline(LAYOUT, seed=5, width=64, height=64, options=options)
+    initial = result.intermediates.per_box_latents[0]  # (objects, C, 32, 32) on the tiny VAE; DDIM: initial noise sigma 1
+    shape = (1, *initial.shape[1:])
+    background = seeded_noise(shape, 5, "cpu", torch.float32)[0]
+    # the centred cat (0.3, 0.3, 0.7, 0.8) on 32x32: columns round(9.6) = 10 + round(12.8) = 13, rows 10 + 16 (208
+    # cells) by the reference's rule; columns int(9.6) = 9 .. round(22.4) = 22, rows 9 .. round(25.6) = 26 (221) by edges
+    cat = centred_box(tuple(LAYOUT["objects"][0]["box"]))
+    inside = box_mask(cat, 32, 32, rule=cells).bool()
+    assert int(inside.sum()) == (208 if cells == "corner_size" else 221)
+    foreground = seeded_noise(shape, object_seed(5, "cat"), "cpu", torch.float32)[0]
+    expected = torch.where(inside, (1 - ratio) ** 0.5 * background + ratio**0.5 * foreground, background)
+    assert torch.allclose(initial[0], expected, atol=1e-6)
