@@ -41,7 +41,7 @@ class ObjectReport(BaseModel):
     mask_area: float | None = Field(None, description="fraction of the image covered by the mask")
     mask_box_iou: float | None = Field(None, description="IoU of the mask and the object's box")
     per_box_box: tuple[float, float, float, float] | None = Field(
-        None, description="where the per-box pass generated the object (centred, or its layout box)"
+        None, description="where the per-box pass generated the object (centred, or its layout box); a box taller than 0.8 centred by the reference's rule starts above the canvas (y0 < 0)"
     )
     placement_shift: tuple[float, float] | None = Field(
         None, description="(dx, dy) in image fractions by which the object's latents, mask and maps moved to its box"
