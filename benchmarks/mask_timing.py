@@ -1,6 +1,6 @@
 """Time ``grounded_sd.masks.object_mask`` (docs/method.md §2.4) per object, without and with SAM.
 
-    .venv/bin/python benchmarks/mask_timing.py [--size 512] [--repeats 5] [--sam none|vit_b|CHECKPOINT --sam-type vit_h]
+    .venv/bin/python benchmarks/mask_timing.py [--size 512] [--repeats 5] [--sam none|vit_b|CHECKPOINT --sam-type vit_b]
 
 ``--sam vit_b`` builds the published vit_b architecture with random weights (timing only:
 SAM's cost does not depend on the weights); a checkpoint path loads real weights. SAM's
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sam", default="none", help="none, vit_b (random weights) or a checkpoint path")
-    parser.add_argument("--sam-type", default="vit_h")
+    parser.add_argument("--sam-type", default="vit_b")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
