@@ -141,17 +141,24 @@ def planner(settings: Settings, **kwargs: Any) -> "Planner":
     return Planner(local_llm_config(settings) if local else llm_config(settings), **kwargs)
 
 
-def ready_planner(settings: Settings, say: Callable[[str], None] | None = None, **kwargs: Any) -> "Planner":
+def ready_planner(settings: Settings, say: Callable[[str], None] | None = None, *, check_endpoint: bool = False,
+                  **kwargs: Any) -> "Planner":
     """:func:`planner`, with a local model announced to ``say`` (which, and why) and loaded now
-    (downloading it first, with its size said), so that a missing model fails before any work.
+    (downloading it first, with its size said), so that a missing model fails before any work;
+    ``check_endpoint`` (the CLI): a remote endpoint that cannot be connected to fails now, in one
+    request without retries (``LLMClient.check_reachable``).
 
-    Raises ``LocalModelUnavailable`` whose message ends with what to change (the settings).
+    Raises ``LocalModelUnavailable`` whose message ends with what to change (the settings), or
+    ``LLMUnavailable``.
     """
     from layout_planner.errors import LocalModelUnavailable
 
     choice = choose_planner(settings)
     if choice.kind == "remote":
-        return planner(settings, on_retry=say, **kwargs)
+        remote = planner(settings, on_retry=say, **kwargs)
+        if check_endpoint:
+            remote.client.check_reachable()
+        return remote
     if say is not None:
         say(choice.describe())
     local = planner(settings, on_retry=say, **kwargs)

@@ -66,12 +66,13 @@ def _planner(say=None):
     transport retry, or which local model plans and why, its download and loading (done here)."""
     from layout_planner import PlannerError
     from layout_planner.client import needs_api_key
-    from lmd import wiring
+    from lmd import hub, wiring
 
     settings = wiring.load_settings()
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     if wiring.choose_planner(settings).kind == "local":
         try:
+            hub.prepare([hub.model_source("the layout planner model", settings.local_llm_model, "LMD_LOCAL_LLM_MODEL")])
             return wiring.ready_planner(settings, say=lambda message: say(f"lmd plan: {message}"))
         except PlannerError as exc:
             raise CLIError(str(exc)) from None
@@ -81,7 +82,12 @@ def _planner(say=None):
             f"no API key for {config.base_url}: set LMD_LLM_API_KEY or OPENAI_API_KEY, "
             "or LMD_LLM_BASE_URL to a server that needs none"
         )
-    return wiring.planner(settings, on_retry=lambda message: say(f"lmd plan: {config.base_url}: {message}"))
+    planner = wiring.planner(settings, on_retry=lambda message: say(f"lmd plan: {config.base_url}: {message}"))
+    try:
+        planner.client.check_reachable()
+    except PlannerError as exc:
+        raise CLIError(str(exc)) from None
+    return planner
 
 
 def _check_draw_path(path: Path) -> None:
