@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from grounded_sd.errors import ConditioningUnavailable, ModelLoadError, VariantUnavailable
+from grounded_sd.errors import ConditioningUnavailable, LanguageUnavailable, ModelLoadError, SourcePromptMissing, VariantUnavailable
 from grounded_sd.names import CONDITIONINGS
 
 DEFAULT_ELLA_CHECKPOINT = "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors"
@@ -79,7 +79,7 @@ def _check_gluenet(config: ConditioningConfig, source_prompt: str | None, langua
     if not config.gluenet_checkpoints:
         raise ConditioningUnavailable(f"gluenet needs at least one per-language checkpoint: set {names['gluenet_checkpoints']}")
     if not source_prompt:
-        raise ConditioningUnavailable(
+        raise SourcePromptMissing(
             "gluenet denoises with the user's prompt in its own language; this generation has none "
             "(a layout was given without the prompt it came from)"
         )
@@ -89,10 +89,10 @@ def _check_gluenet(config: ConditioningConfig, source_prompt: str | None, langua
         raise ConditioningUnavailable(f"gluenet: {exc}") from exc
     checkpoints = {key.lower(): value for key, value in config.gluenet_checkpoints.items()}
     if language not in checkpoints:
-        configured = ", ".join(sorted(checkpoints))
-        raise ConditioningUnavailable(
-            f"gluenet has no checkpoint for language {language!r}, the prompt's (configured: {configured}; "
-            f"set {names['gluenet_checkpoints']}, or give the prompt's language)"
+        configured = sorted(checkpoints)
+        raise LanguageUnavailable(
+            f"gluenet has no checkpoint for language {language!r}, the prompt's (configured: {', '.join(configured)}; "
+            f"set {names['gluenet_checkpoints']}, or give the prompt's language)", language, configured
         )
     check_file(checkpoints[language], f"{names['gluenet_checkpoints']}[{language}]")
     check_encoder_source(config.gluenet_xlmr, kind="xlmr", setting=names["gluenet_xlmr"])
@@ -109,6 +109,20 @@ def check_file(source: str | Path, setting: str) -> None:
     """:class:`ConditioningUnavailable` unless ``source`` is an existing file or a hub file."""
     if not Path(str(source)).expanduser().is_file() and not hub_file(source):
         raise ConditioningUnavailable(f"{setting}: {source} is not a file")
+
+
+def check_encoder_source(source: str | Path, *, kind: str, setting: str) -> None:
+    """:class:`ConditioningUnavailable` when ``source`` is no hub id and no existing directory
+    (said as a missing directory, not as the hub's "Repo id must be in the form ...")."""
+    from layout_planner.local import is_hub_id
+
+    local = Path(str(source)).expanduser()
+    if not is_hub_id(str(source)) and not local.is_dir():
+        what = "is a file, not a directory" if local.exists() else "does not exist"
+        raise ConditioningUnavailable(
+            f"{setting}: the {kind} encoder directory {source} {what}; set {setting} to a directory "
+            "holding config.json, the weights and the tokenizer, or to a hub id"
+        )
 
 
 GLIGEN_ATTENTION = "gated"  # a UNet config's attention_type with GLIGEN's gated self-attention (diffusers)

@@ -60,25 +60,6 @@ class TextEncoder:
 EXPECTED_UNUSED = {"xlmr": ("pooler.",), "t5": ("decoder.", "lm_head.")}
 
 
-# Weights a checkpoint may hold that the encoder half does not use: XLM-R's pooler (GlueNet reads
-# the last hidden state; the released xlm-roberta-large has one), T5's decoder and LM head.
-EXPECTED_UNUSED = {"xlmr": ("pooler.",), "t5": ("decoder.", "lm_head.")}
-
-
-def check_encoder_source(source: str | Path, *, kind: EncoderKind, setting: str) -> None:
-    """:class:`ConditioningUnavailable` when ``source`` is no hub id and no existing directory
-    (said as a missing directory, not as the hub's "Repo id must be in the form ...")."""
-    from layout_planner.local import is_hub_id
-
-    local = Path(str(source)).expanduser()
-    if not is_hub_id(str(source)) and not local.is_dir():
-        what = "is a file, not a directory" if local.exists() else "does not exist"
-        raise ConditioningUnavailable(
-            f"{setting}: the {kind} encoder directory {source} {what}; set {setting} to a directory "
-            "holding config.json, the weights and the tokenizer, or to a hub id"
-        )
-
-
 def load_text_encoder(
     source: str | Path, *, kind: EncoderKind, device: torch.device, dtype: torch.dtype, setting: str
 ) -> TextEncoder:

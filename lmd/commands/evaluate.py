@@ -178,7 +178,13 @@ class _EvalProgress:
     def prompt_done(self, prompt, what: str) -> None:
         self.counts[what] += 1
         self.bar.set_postfix_str(_counts_text(self.counts), refresh=False)
-        self.bar.update(1)
+        if what == "skipped":  # done by an earlier run: counted, but not in the rate (it would read hundreds per second)
+            self.bar.n += 1
+            self.bar.initial += 1
+            self.bar.last_print_n = self.bar.n
+            self.bar.refresh()
+        else:
+            self.bar.update(1)
 
 
 def _generator_factory(config, settings, options, run_settings, progress: _EvalProgress):

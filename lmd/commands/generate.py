@@ -125,9 +125,11 @@ class _StageBars:
 
         if stage != self.stage:
             self.close()
-            self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=True)
-        self.bar.n = step
-        self.bar.refresh()
+            # initial=step: the steps done before the first report are not counted in the rate,
+            # which would otherwise start at thousands of steps per second.
+            self.stage = stage
+            self.bar = tqdm(total=total, initial=step, desc=stage, unit="step", file=sys.stderr, leave=True)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -179,19 +181,16 @@ def _check_before_work(args: argparse.Namespace, settings, model: str) -> None:
 
     conditioning = args.conditioning or settings.conditioning
     config = wiring.conditioning_config(settings)
-    try:
+    try:  # the files first (a missing one needs no hub), then the hub, then the variant (may read the hub)
         args.language = check_conditioning(conditioning, config, source_prompt=args.prompt, language=args.language) or args.language
-    except GroundedSDError as exc:
-        raise CLIError(str(exc)) from None
-    planner = wiring.choose_planner(settings) if args.prompt and not args.layout else None
-    refiner = None if args.no_refiner else args.refiner or settings.refiner
-    hub.prepare([
-        hub.model_source("the diffusion model", model, "--model" if args.model else "LMD_SD_MODEL"),
-        hub.model_source("the layout planner model", planner.model, "LMD_LOCAL_LLM_MODEL") if planner and planner.kind == "local" else None,
-        hub.model_source("the refiner", refiner, "--refiner" if args.refiner else "LMD_REFINER"),
-        *hub.conditioning_sources(conditioning, config),
-    ])
-    try:
+        planner = wiring.choose_planner(settings) if args.prompt and not args.layout else None
+        refiner = None if args.no_refiner else args.refiner or settings.refiner
+        hub.prepare([
+            hub.model_source("the diffusion model", model, "--model" if args.model else "LMD_SD_MODEL"),
+            hub.model_source("the layout planner model", planner.model, "LMD_LOCAL_LLM_MODEL") if planner and planner.kind == "local" else None,
+            hub.model_source("the refiner", refiner, "--refiner" if args.refiner else "LMD_REFINER"),
+            *hub.conditioning_sources(conditioning, config),
+        ])
         check_variant(model, args.variant or settings.variant)
     except GroundedSDError as exc:
         raise CLIError(str(exc)) from None

@@ -233,7 +233,8 @@ def _run_batch(args: argparse.Namespace) -> int:
         planner.close()
         raise CLIError(f"cannot write {args.out}: {exc.strerror}") from None
     planned = failed = 0
-    bar = tqdm(total=len(items), initial=already, desc="planning", unit="prompt", file=sys.stderr)
+    # The bar ends where this run ends: the prompts done before it plus those it plans (--limit).
+    bar = tqdm(total=already + len(pending), initial=already, desc="planning", unit="prompt", file=sys.stderr)
     try:
         for item in pending:
             row = item["row"]
@@ -302,8 +303,7 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
             scores = score_responses(prompts, _read_responses(args.responses), **thresholds)
         else:
             lines = _read_jsonl(args.layouts, "layouts")
-            by_key = {_line_key(line): line for line in lines}  # the last line of a key wins (resumed runs)
-            scores = score_layouts(prompts, by_key, layouts_label=str(args.layouts), **thresholds)
+            scores = score_layouts(prompts, lines, layouts_label=str(args.layouts), **thresholds)
         report = scores.report(str(args.responses or args.layouts))
     except LayoutEvalError as exc:
         raise CLIError(str(exc)) from None
