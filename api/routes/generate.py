@@ -93,8 +93,9 @@ def render_errors(body: GenerateRequest | PlanRequest, settings) -> list[dict]:
 
     conditioning = body.conditioning or settings.conditioning
     variant = body.variant or settings.variant
+    checked = "clip" if conditioning.startswith("connector:") else conditioning  # an export is read with torch: the worker checks it
     try:
-        check_render(settings, variant=variant, conditioning=conditioning, prompt=(body.prompt or "").strip() or None,
+        check_render(settings, variant=variant, conditioning=checked, prompt=(body.prompt or "").strip() or None,
                      language=body.language, download=False)
     except LanguageUnavailable as exc:
         return [_refusal("conditioning", conditioning,
