@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from grounded_sd.errors import ConditioningUnavailable, LanguageUnavailable, ModelLoadError, SourcePromptMissing, VariantUnavailable
 from grounded_sd.names import CONDITIONINGS
+from layout_planner.local import is_hub_id  # no torch at import time
 
 DEFAULT_ELLA_CHECKPOINT = "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors"
 DEFAULT_T5 = "google/flan-t5-xl"
@@ -114,8 +115,6 @@ def check_file(source: str | Path, setting: str) -> None:
 def check_encoder_source(source: str | Path, *, kind: str, setting: str) -> None:
     """:class:`ConditioningUnavailable` when ``source`` is no hub id and no existing directory
     (said as a missing directory, not as the hub's "Repo id must be in the form ...")."""
-    from layout_planner.local import is_hub_id
-
     local = Path(str(source)).expanduser()
     if not is_hub_id(str(source)) and not local.is_dir():
         what = "is a file, not a directory" if local.exists() else "does not exist"

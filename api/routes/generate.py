@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from api.deps import SubmissionDep, owned_session
 from api.schemas import Accepted, GenerateRequest, PlanRequest, limit_errors
 from api.submit import Submission
+from grounded_sd.errors import ConditioningUnavailable, LanguageUnavailable, ModelLoadError, SourcePromptMissing, VariantUnavailable
+from lmd.wiring import check_render
 from jobs.records import JobKind, JobRecord, SessionRecord, new_id, utcnow
 
 router = APIRouter(tags=["generate"])
@@ -88,9 +90,6 @@ def render_errors(body: GenerateRequest | PlanRequest, settings) -> list[dict]:
     LLM call): the conditioning's files, GlueNet's checkpoint for the prompt's language, lmd_plus
     without a GLIGEN UNet (read from its config only when at hand: a directory or the hub cache).
     The client is told what to change; the paths and settings at fault go to the log only."""
-    from grounded_sd.errors import ConditioningUnavailable, LanguageUnavailable, ModelLoadError, SourcePromptMissing, VariantUnavailable
-    from lmd.wiring import check_render
-
     conditioning = body.conditioning or settings.conditioning
     variant = body.variant or settings.variant
     checked = "clip" if conditioning.startswith("connector:") else conditioning  # an export is read with torch: the worker checks it
