@@ -32,13 +32,14 @@ BACKGROUNDS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 MIN_SIDE, MAX_SIDE = 12, 26
 MAX_OBJECTS = 5
 _COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five"}
-# Text that means "no particular content": the controller's default negative prompts. Training
-# on them as an empty caption makes a negative prompt of these words act like CFG's empty
-# prompt instead of an untrained direction (our choice; the tiny model never sees such words).
-NULL_TEXTS = (
-    "low quality, blurry, deformed, disfigured, bad anatomy, watermark, text",
-    "duplicate, two, many, group, occlusion, occluded, side, border, collate",
-)
+# Words that mean "no particular content" here: the controller's default negative prompts
+# (grounded_sd.options), but "two", which counts in this world. Training on them as an empty
+# caption makes a negative prompt of these words act like CFG's empty prompt instead of an
+# untrained direction (our choice; the tiny model would never see such words otherwise).
+NULL_WORDS = (
+    "low quality", "blurry", "deformed", "disfigured", "bad anatomy", "watermark", "text",
+    "duplicate", "many", "group", "occlusion", "occluded", "side", "border", "collate",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -207,13 +208,20 @@ def negation_caption(scene: Scene, rng: random.Random) -> str | None:
     return f"{scene.background} without {plural(rng.choice(absent))}"
 
 
+def null_text(rng: random.Random) -> str:
+    """Some of ``NULL_WORDS`` in any order: ``"blurry, many, watermark"``."""
+    return ", ".join(rng.sample(NULL_WORDS, rng.randint(1, len(NULL_WORDS))))
+
+
 def caption(scene: Scene, rng: random.Random) -> str:
     """One caption of ``scene`` in one of the styles (weights: our choice), or a null text."""
     roll = rng.random()
     if roll < 0.08:
         return ""
     if roll < 0.11:
-        return rng.choice(NULL_TEXTS)
+        return null_text(rng)
+    if roll < 0.17 and scene.things:  # the objects alone, as users often write them
+        return full_caption(scene, rng, with_colour=rng.random() < 0.8).split(" with ", 1)[1]
     if roll < 0.26:
         text = spatial_caption(scene, rng)
         if text:
