@@ -72,11 +72,17 @@ class TimeEmbedding(nn.Module):
 
 
 class TimestepNorm(nn.Module):
-    """LayerNorm without affine weights, then ``* (1 + scale) + shift`` from the timestep."""
+    """LayerNorm without affine weights, then ``* (1 + scale) + shift`` from the timestep.
+
+    The modulation layer starts at zero, as in the official ``AdaLayerNorm``
+    (TencentQQGYLab/ELLA, ``model.py``): a fresh block is a plain LayerNorm at every timestep,
+    and training learns how the timestep should modulate it (DiT's adaLN-Zero idea)."""
 
     def __init__(self, width: int, time_dim: int) -> None:
         super().__init__()
         self.linear = nn.Linear(time_dim, 2 * width)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
