@@ -97,6 +97,15 @@ class LMDOptions(BaseModel):
         ),
     )
 
+    conditioning_negative: Literal["layout", "empty"] | None = Field(
+        None,
+        description=(
+            "what a conditioning other than clip encodes for classifier-free guidance's negative: layout (the layout's "
+            "negative prompt, LMD's choice) or empty (the empty string, as ELLA's official pipeline does); CLIP, which "
+            "guidance reads, always encodes the layout's. None: the conditioning's default (layout; gluenet: empty)"
+        ),
+    )
+
     # --- masks (§2.4) ------------------------------------------------------------------------
     mask_from_step: int = Field(10, ge=0, le=REFERENCE_STEPS, description="aggregate attention from this step on, of 50 (ref 10)")
     masks: MaskOptions = Field(default_factory=MaskOptions, description="SAM refinement and fallbacks (grounded_sd.masks)")

@@ -62,6 +62,7 @@ class ConnectorConditioning(Conditioning):
     """A trained connector (``lmd train-connector``'s export) with its language models."""
 
     name = "connector"
+    negatives = ("layout", "empty")
 
     def __init__(self, connector: TrainedConnector, source: str | Path | None = None) -> None:
         self.connector = connector

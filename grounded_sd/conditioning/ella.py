@@ -182,6 +182,7 @@ class ELLAConditioning(Conditioning):
 
     name = "ella"
     modes = ("replace", "concat")
+    negatives = ("layout", "empty")  # empty: the official pipeline's T5 + ELLA of "" (docs/conditioning.md)
 
     def __init__(self, ella: ELLA, encoder: TextEncoder) -> None:
         self.ella = ella.eval().requires_grad_(False)

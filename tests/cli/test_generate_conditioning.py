@@ -26,9 +26,9 @@ def test_ella_from_a_layout(conditioning_env, tiny_sd_path, capsys):
     layout_path.write_text(json.dumps(LAYOUT))
     out = conditioning_env / "out"
     argv = ["generate", "--layout", str(layout_path), "--out", str(out), "--model", str(tiny_sd_path), "--conditioning", "ella", *FAST]
-    assert main([*argv, "--conditioning-mode", "concat"]) == 0, capsys.readouterr().err
+    assert main([*argv, "--conditioning-mode", "concat", "--conditioning-negative", "empty"]) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert (report["conditioning"], report["conditioning_mode"]) == ("ella", "concat")
+    assert (report["conditioning"], report["conditioning_mode"], report["conditioning_negative"]) == ("ella", "concat", "empty")
     assert [s["name"] for s in report["stages"]] == ["per_box", "masks", "final"]
 
 
