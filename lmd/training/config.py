@@ -83,7 +83,7 @@ class OptimizerSection(_Section):
 
 
 class TrainingSection(_Section):
-    steps: int = Field(10000, ge=1, description="optimizer steps")
+    steps: int = Field(10000, ge=0, description="optimizer steps; 0 exports the untrained connector (a control for benchmarks)")
     batch_size: int = Field(8, ge=1, description="images per process per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="frozen UNet/VAE/LLM weights in this dtype; autocast for the connector")

@@ -382,6 +382,11 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     bar = tqdm(total=train_cfg.steps, initial=step, desc="train-connector", unit="step", disable=not (main and progress), dynamic_ncols=True)
     losses: list[float] = []
     validation_losses: dict[int, float] = {}
+    run_started = time.perf_counter()
+    if main and len(held_out) and step == 0:  # where the curve starts: the untrained connector
+        validation_losses[0] = with_export_weights(validation_loss)
+        log_file.write(json.dumps({"step": 0, "validation_loss": validation_losses[0]}) + "\n")
+        accelerator.log({"validation/loss": validation_losses[0]}, step=0)
     window = 0.0
     started = time.perf_counter()
     micro = step * accum
@@ -430,6 +435,14 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     if main:
         final = spec.model_copy(update={"steps": step})
         with_export_weights(lambda: save_connector(export, final, unwrapped()))
+        summary = {
+            "kind": spec.kind, "steps": step, "steps_this_run": len(losses), "processes": world, "device": str(device),
+            "images_per_step": batch_size * accum * world, "parameters": sum(p.numel() for p in unwrapped().parameters()),
+            "train_wall_s": round(time.perf_counter() - run_started, 3), "mixed_precision": train_cfg.mixed_precision,
+            "last_loss": losses[-1] if losses else None, "validation_losses": {str(k): v for k, v in validation_losses.items()},
+            "held_out_images": len(held_out), "training_images": len(dataset),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         log(f"exported {export} (use: lmd generate --conditioning connector:{export})")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -45,7 +45,8 @@ def write_config(path: Path, *, model: Path, encoder: Path, images: Path, out: P
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
 
 
 def validation_losses(out: Path) -> dict[int, float]:
@@ -73,6 +74,23 @@ def test_forty_steps_lower_the_loss_and_export_a_loadable_connector(tmp_path, ti
     gates = connector.module.refiners[0].blocks[0].modulation[1].weight
     assert gates.abs().sum() > 0  # trained away from the zero initialisation
     assert "exported" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())  # the training cost, for benchmarks' reports
+    assert (summary["steps"], summary["steps_this_run"], summary["images_per_step"], summary["training_images"]) == (40, 40, 4, 16)
+    assert summary["train_wall_s"] > 0 and summary["last_loss"] == curve[-1]
+
+
+def test_zero_steps_export_the_untrained_connector_as_a_control(tmp_path, tiny_sd_path, tiny_llm_path, shapes):
+    from grounded_sd.conditioning.trained import build_module, load_module
+
+    out = tmp_path / "control"
+    config = write_config(tmp_path / "z.yaml", model=tiny_sd_path, encoder=tiny_llm_path, images=shapes, out=out,
+                          data={"holdout": 0.25}, training={"steps": 0, "tracker": "none"})
+    assert main(["train-connector", "--config", str(config), "--quiet"]) == 0
+    spec, module = load_module(out / "connector")
+    assert spec.steps == 0 and losses(out) == [] and list(validation_losses(out)) == [0]
+    torch.manual_seed(3)  # the training seed: the export is the fresh module itself
+    fresh = build_module(spec)
+    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd_path, tiny_llm_path, shapes):
@@ -95,7 +113,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd_path, tiny_ll
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert any((tmp_path / "a" / "feature_cache").rglob("*.safetensors"))
     # the validation loss is computed at fixed draws: the resumed run reports the same values
-    assert validation_losses(tmp_path / "a") == validation_losses(tmp_path / "b") and len(validation_losses(tmp_path / "a")) == 2
+    assert validation_losses(tmp_path / "a") == validation_losses(tmp_path / "b") and list(validation_losses(tmp_path / "a")) == [0, 2, 4]
 
 
 def _free_port() -> int:
@@ -228,7 +246,7 @@ def test_tensorboard_tracker_gets_training_and_validation_curves(tmp_path, tiny_
     train = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in train] == [1, 2, 3]
     assert [v for _, v in train] == pytest.approx(losses(out), rel=1e-6)
-    assert [e.step for e in events.Scalars("validation/loss")] == [2, 3]
+    assert [e.step for e in events.Scalars("validation/loss")] == [0, 2, 3]  # 0: the untrained connector
     assert [e.value for e in events.Scalars("validation/loss")] == pytest.approx(list(validation_losses(out).values()), rel=1e-6)
 
 
