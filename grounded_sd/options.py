@@ -93,7 +93,7 @@ class LMDOptions(BaseModel):
             "with a conditioning other than clip: replace (guidance on CLIP, denoising on the conditioning's tokens), "
             "concat (ELLA: its tokens before CLIP's for guidance and denoising, phrase indices shifted) or tokens "
             "(per-token connectors: guidance on the connector's own tokens); None: the conditioning's default "
-            "(tokens for LI-DiT connectors, replace otherwise)"
+            "(tokens for LI-DiT-style connectors, replace otherwise)"
         ),
     )
 

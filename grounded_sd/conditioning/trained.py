@@ -8,7 +8,7 @@ diffusion timestep to the UNet's ``encoder_hidden_states`` (and SDXL's pooled em
 
 Two kinds:
 
-- ``lidit``: LI-DiT's token refiner(s) (:mod:`grounded_sd.conditioning.lidit`): one output
+- ``lidit``: LI-DiT-style token refiner(s) (:mod:`grounded_sd.conditioning.lidit`): one output
   token per prompt token, so guidance can read each phrase on the connector's own tokens.
 - ``ella``: ELLA's timestep-aware connector (:class:`grounded_sd.conditioning.ella.ELLA`),
   64 learned queries; its keys follow the released checkpoint, so an SD 1.x export loads with

@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
     parser.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 500)")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine", "linear"), help="after warm-up (default constant)")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default 10000)")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default 10000; 0 exports the untrained connector, a control)")
     parser.add_argument("--batch-size", type=int, help="images per process per micro-step (default 8)")
     parser.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="default no")

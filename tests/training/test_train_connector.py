@@ -237,9 +237,9 @@ def test_tensorboard_tracker_gets_training_and_validation_curves(tmp_path, tiny_
     out = tmp_path / "tb"
     config = write_config(
         tmp_path / "t.yaml", model=tiny_sd_path, encoder=tiny_llm_path, images=shapes, out=out,
-        data={"holdout": 0.25}, training={"steps": 3, "batch_size": 2, "tracker": "tensorboard"}, validation={"every": 2, "steps": 1},
+        training={"steps": 3, "batch_size": 2}, validation={"every": 2, "steps": 1},
     )
-    assert main(["train-connector", "--config", str(config), "--quiet"]) == 0
+    assert main(["train-connector", "--config", str(config), "--holdout", "0.25", "--tracker", "tensorboard", "--quiet"]) == 0
     runs = list((out / "tracker" / "train-connector").glob("events.out.tfevents.*"))
     assert runs
     events = EventAccumulator(str(runs[0].parent)).Reload()
@@ -250,18 +250,19 @@ def test_tensorboard_tracker_gets_training_and_validation_curves(tmp_path, tiny_
     assert [e.value for e in events.Scalars("validation/loss")] == pytest.approx(list(validation_losses(out).values()), rel=1e-6)
 
 
-@pytest.mark.parametrize("option", [{"snr_gamma": 1.0}, {"noise_offset": 0.5}])
-def test_min_snr_weighting_and_noise_offset_change_the_objective(tmp_path, tiny_sd_path, tiny_llm_path, shapes, option):
-    def first_losses(name: str, **training) -> list[float]:
+def test_min_snr_weighting_and_noise_offset_change_the_objective(tmp_path, tiny_sd_path, tiny_llm_path, shapes):
+    def first_losses(name: str, *flags: str) -> list[float]:
         config = write_config(
             tmp_path / f"{name}.yaml", model=tiny_sd_path, encoder=tiny_llm_path, images=shapes, out=tmp_path / name,
-            training={"steps": 2, "batch_size": 2, "tracker": "none", **training},
+            training={"steps": 2, "batch_size": 2, "tracker": "none"},
         )
-        assert main(["train-connector", "--config", str(config), "--quiet"]) == 0
+        assert main(["train-connector", "--config", str(config), *flags, "--quiet"]) == 0
         return losses(tmp_path / name)
 
-    plain, changed = first_losses("plain"), first_losses("changed", **option)
-    assert all(torch.isfinite(torch.tensor(changed))) and changed[0] != pytest.approx(plain[0], rel=1e-3)
+    plain = first_losses("plain")
+    for name, flags in {"snr": ("--snr-gamma", "1.0"), "offset": ("--noise-offset", "0.5")}.items():
+        changed = first_losses(name, *flags)
+        assert all(torch.isfinite(torch.tensor(changed))) and changed[0] != pytest.approx(plain[0], rel=1e-3), name
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
@@ -280,15 +281,15 @@ def test_min_snr_weights_are_min_snr_gamma_over_snr(prediction):
 
 
 def test_latent_cache_encodes_each_image_once_and_trains_as_without(tmp_path, tiny_sd_path, tiny_llm_path, shapes):
-    def run(name: str, **data) -> list[float]:
+    def run(name: str, *flags: str) -> list[float]:
         config = write_config(
             tmp_path / f"{name}.yaml", model=tiny_sd_path, encoder=tiny_llm_path, images=shapes, out=tmp_path / name,
-            data=data, training={"steps": 3, "batch_size": 2, "tracker": "none"},
+            training={"steps": 3, "batch_size": 2, "tracker": "none"},
         )
-        assert main(["train-connector", "--config", str(config), "--quiet"]) == 0
+        assert main(["train-connector", "--config", str(config), *flags, "--quiet"]) == 0
         return losses(tmp_path / name)
 
-    cached = run("cached", cache_latents=True)
+    cached = run("cached", "--cache-latents")
     assert len(list((tmp_path / "cached" / "latent_cache").rglob("*.safetensors"))) == 16  # one per image
     # the posterior's mean and std are cached, not a sample: each micro-step still draws its own
     assert cached == pytest.approx(run("encoded"), rel=1e-4)
