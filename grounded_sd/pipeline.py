@@ -218,7 +218,7 @@ class LMDPipeline:
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )
         report.notes += conditioned.notes
-        if conditioning_negative == "empty" and "empty" in conditioning.negatives[1:]:
+        if conditioning_negative == "empty" and "layout" in conditioning.negatives:
             report.notes.append(
                 f"{conditioning.name} encoded the empty string as the negative (ELLA's official pipeline); "
                 f"the negative prompt {negative!r} reached CLIP only"
