@@ -61,7 +61,7 @@ class DataSection(_Section):
     cache_features: bool = Field(False, description="encode every caption once, store the features on disk, free the language models")
     cache_dir: Path | None = Field(None, description="default <output_dir>/feature_cache")
     cache_latents: bool = Field(
-        False, description="encode every image once with the VAE (its posterior's mean and std), store them under <output_dir>/latent_cache"
+        False, description="encode every image once with the VAE (its posterior's mean and std), store them in latent_cache/ beside the feature cache"
     )
     holdout: float = Field(
         0.0, ge=0, lt=1, description="share of the distinct captions held out of training for the validation loss (0: none)"
@@ -127,6 +127,11 @@ class TrainConfig(_Section):
     @property
     def cache_dir(self) -> Path:
         return self.data.cache_dir or self.output_dir / "feature_cache"
+
+    @property
+    def latent_cache_dir(self) -> Path:
+        """Beside the feature cache: ``<output_dir>/latent_cache``, or next to ``data.cache_dir``."""
+        return self.cache_dir.parent / "latent_cache"
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:

@@ -188,7 +188,7 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
             torch.cuda.empty_cache()
     latent_cache = None
     if config.data.cache_latents:
-        latent_cache = LatentCache(out / "latent_cache", base.source, resolution, weight_dtype)
+        latent_cache = LatentCache(config.latent_cache_dir, base.source, resolution, weight_dtype)
         images = sorted({ex.image for ex in setup.examples + setup.held_out})[rank::world]
         todo = [image for image in images if not latent_cache.has(image)]
         batch = max(1, train_cfg.batch_size)
