@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export-only", action="store_true",
+                        help="write --out from the latest checkpoints (EMA weights) without training further")
     return parser.parse_args(argv)
 
 
@@ -88,7 +90,7 @@ def train_vae(args, pixels: np.ndarray, log: Log):
         generator.set_state(state["generator"])
         step = state["step"]
     started = time.time()
-    while step < args.vae_steps:
+    while step < args.vae_steps and not args.export_only:
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, args.vae_steps, 1e-3)
         index = torch.randint(0, len(pixels), (args.vae_batch,), generator=generator)
@@ -147,7 +149,7 @@ def train_unet(args, scenes, latents: torch.Tensor, scale: float, tokenizer, log
         step = state["step"]
     alphas = scheduler.alphas_cumprod
     started, first = time.time(), step
-    while step < args.unet_steps:
+    while step < args.unet_steps and not args.export_only:
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, args.unet_steps, args.lr)
         index = torch.randint(0, len(latents), (args.unet_batch,), generator=generator)
@@ -221,7 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"latents {tuple(latents.shape)}, scaling factor {scale:.4f}", flush=True)
     unet, text_encoder, scheduler = train_unet(args, scenes, latents, scale, tokenizer, log)
     export(args, vae, unet, text_encoder, tokenizer, scheduler, scale)
-    print(f"saved {args.out}", flush=True)
+    print(f"saved {args.out} (UNet step {_unet_step(args)})", flush=True)
+
+
+def _unet_step(args) -> int:
+    checkpoint = args.work / "unet.pt"
+    return torch.load(checkpoint, weights_only=False)["step"] if checkpoint.exists() else 0
 
 
 if __name__ == "__main__":
