@@ -305,22 +305,28 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
         """Mean squared error (unweighted, no offset noise, no caption dropout) over the held-out
         images at ``validation.loss_timesteps`` evenly spread timesteps, each image with the same
         noise at every evaluation: the curve compares the connector with itself, not the draws."""
+        from torch.utils.data import default_collate
+
         model = unwrapped()
         model.eval()
         k = config.validation.loss_timesteps
-        t = ((torch.arange(k) + 0.5) * timesteps_total / k).long().to(device)
-        total = 0.0
-        for index in range(len(held_out)):
-            item = held_out[index]
-            batch = {key: (value[None].expand(k, *value.shape) if isinstance(value, torch.Tensor) else [value] * k) for key, value in item.items()}
-            generator = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + index)
-            mean, _ = posterior({key: value[:1] for key, value in batch.items() if isinstance(value, torch.Tensor)})
-            latents = ((mean - vae_shift) * vae_scale).expand(k, -1, -1, -1)
-            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            encoded = encode_batch(batch, torch.ones(k, dtype=torch.bool, device=device))
-            total += float(denoising_errors(model, batch, latents, noise, t, encoded).mean())
+        timesteps = ((torch.arange(k) + 0.5) * timesteps_total / k).long().to(device)
+        total, images_per_batch = 0.0, max(1, train_cfg.batch_size)
+        for start in range(0, len(held_out), images_per_batch):
+            indices = range(start, min(start + images_per_batch, len(held_out)))
+            images = default_collate([held_out[i] for i in indices])
+            mean, _ = posterior(images)
+            # each image k times, once per timestep; its noise from its own index's generator
+            batch = {key: value.repeat_interleave(k, dim=0) if isinstance(value, torch.Tensor) else [v for v in value for _ in range(k)]
+                     for key, value in images.items()}
+            latents = ((mean - vae_shift) * vae_scale).repeat_interleave(k, dim=0)
+            noise = torch.cat([
+                torch.randn((k, *latents.shape[1:]), generator=torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + i)) for i in indices
+            ]).to(device, latents.dtype)
+            encoded = encode_batch(batch, torch.ones(len(latents), dtype=torch.bool, device=device))
+            total += float(denoising_errors(model, batch, latents, noise, timesteps.repeat(len(indices)), encoded).sum())
         model.train()
-        return total / max(1, len(held_out))
+        return total / max(1, len(held_out) * k)
 
     def unwrapped():
         return accelerator.unwrap_model(module)
