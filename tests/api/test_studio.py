@@ -490,7 +490,7 @@ def test_progress_follows_the_job_render_after_plan_and_a_failed_job(page, stack
     assert "variant_unavailable" in page.inner_text("#alert")
 
 
-def test_an_empty_layout_renders_and_colours_stay_distinct(page, stack):
+def test_colours_stay_distinct_within_a_layout(page, stack):
     open_studio(page, stack)
     many = {"objects": [{"id": f"o{i}", "phrase": f"thing {i}", "box": [10 + 50 * i, 10, 40, 40]} for i in range(9)],
             "background": "a shelf", "negative": ""}
@@ -501,6 +501,9 @@ def test_an_empty_layout_renders_and_colours_stay_distinct(page, stack):
     colours = page.eval_on_selector_all("#editor .box", "els => els.map(e => e.style.getPropertyValue('--c'))")
     assert len(set(colours)) == 9, colours
 
+
+def test_an_empty_layout_renders_its_background(page, stack):
+    open_studio(page, stack)
     stack.llm.enqueue({"objects": [], "background": "an empty street", "negative": "cars"})
     page.fill("#prompt", "an empty street, no cars")
     page.click("#plan-button")

@@ -158,10 +158,11 @@ export async function instruct(e) {
 }
 
 export async function cancel() {
-  if (!state.running || state.running === "starting") return;
+  const jobId = state.running;
+  if (!jobId || jobId === "starting") return;
   try {
-    await postJSON(`/jobs/${state.running}/cancel`);
-    setProgress("Canceling…", $("progress").value);
+    await postJSON(`/jobs/${jobId}/cancel`);
+    if (state.running === jobId) setProgress("Canceling…", $("progress").value);  // not once it has ended
   } catch (err) { showError(err); }
 }
 
