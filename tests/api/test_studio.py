@@ -448,7 +448,7 @@ def test_generate_in_one_click_with_the_controls_the_service_can_run(page, stack
     assert offered("#variant") == ["lmd", "sd"]  # no lmd_plus: the tiny model has no GLIGEN
     assert offered("#conditioning") == ["clip"] and page.is_hidden("#refine-wrap")
     page.select_option("#aspect", "16:9")
-    assert (page.input_value("#width"), page.input_value("#height")) == ("64", "40")
+    assert (page.input_value("#width"), page.input_value("#height"), page.input_value("#aspect")) == ("64", "40", "16:9")
     page.fill("#guidance", "5")
     page.fill("#negative-prompt", "blurry")
     page.fill("#prompt", "a cat and a dog in one click")

@@ -55,8 +55,10 @@ function offerCapabilities(L) {
       : "lmd; sd = plain SD baseline (lmd_plus needs a GLIGEN model, which this service has not)";
   } else if (L.render_workers === 0) {
     info.textContent = "No render worker is running: renders wait in the queue until one starts (lmd worker --queues render).";
-  } else {
+  } else if (L.render_workers === null) {
     info.textContent = "What the render workers can run is unknown right now (the service's store did not answer).";
+  } else {
+    info.textContent = "The render workers do not say what they can run (an older version): every variant is offered.";
   }
 }
 
@@ -100,7 +102,8 @@ export function size() {
 
 // An aspect preset keeps the longer side and sets the other, on the size grid and within the limits.
 function applyAspect() {
-  const ratio = ASPECTS[$("aspect").value];
+  const chosen = $("aspect").value;
+  const ratio = ASPECTS[chosen];
   if (!ratio) return;
   const L = state.limits || { min_size: 64, max_size: 1024, size_multiple: 8 };
   const { w, h } = size();
@@ -108,7 +111,8 @@ function applyAspect() {
   const snap = (v) => Math.min(L.max_size, Math.max(L.min_size, Math.round(v / L.size_multiple) * L.size_multiple));
   $("width").value = snap(ratio >= 1 ? long : long * ratio);
   $("height").value = snap(ratio >= 1 ? long / ratio : long);
-  $("width").dispatchEvent(new Event("input"));
+  $("width").dispatchEvent(new Event("input"));  // the editor follows the new size
+  $("aspect").value = chosen;  // the preset asked for, even where the 8 px grid rounds it (64×40 for 16:9)
 }
 
 export function matchAspect() {
