@@ -603,3 +603,6 @@ def test_no_render_worker_is_said_on_the_page_and_in_the_job(page, stack):
     assert "no render worker" in stack.client.get(f"/jobs/{job_id}").json()["notice"]
     page.click("#cancel-button")
     wait_text(page, "#progress-text", "Canceled.")
+    page.wait_for_function("window.studio.running === null")
+    page.wait_for_timeout(500)  # the cancel call's own answer comes too: it must not bring "Canceling…" back
+    assert page.inner_text("#progress-text") == "Canceled." and page.is_hidden("#progress-text.notice")
