@@ -111,7 +111,12 @@ export async function follow(jobId, layoutShown = false) {
     if (state.running === jobId) state.running = null;
     updateButtons();
   }
-  if (view === null || state.shownJobId !== jobId) return null;  // stopped, or another turn was opened meanwhile
+  if (view === null) return null;  // stopped: another job is followed now
+  refreshGallery();
+  if (state.shownJobId !== jobId) {  // another turn was opened meanwhile: only the timeline follows this end
+    refreshSession();
+    return view;
+  }
   showEnd(view);
   await refreshSession();
   if (view.state === "succeeded") {
@@ -122,7 +127,6 @@ export async function follow(jobId, layoutShown = false) {
       if (first) first.focus({ preventScroll: true });
     } else await showJob(view);
   }
-  refreshGallery();
   return view;
 }
 
