@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -33,6 +34,9 @@ class ConditioningConfig(BaseModel):
 
     ella_checkpoint: str | None = Field(DEFAULT_ELLA_CHECKPOINT, description="ELLA connector: .safetensors path or owner/repo/file")
     ella_t5: str = Field(DEFAULT_T5, description="T5 encoder: hub id or local directory")
+    ella_negative: Literal["layout", "empty"] = Field(
+        "layout", description="ELLA's default negative: the layout's negative prompt, or \"\" as the official pipeline"
+    )
     gluenet_checkpoints: dict[str, str] = Field(default_factory=dict, description="ISO 639-1 language -> GlueNet checkpoint")
     gluenet_xlmr: str = Field(DEFAULT_XLMR, description="XLM-RoBERTa-large: hub id or local directory")
     settings_names: dict[str, str] = Field(

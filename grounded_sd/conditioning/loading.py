@@ -36,7 +36,7 @@ def load_conditioning(name: str, config: ConditioningConfig, *, device: str | to
         check_conditioning(name, config)
         return ELLAConditioning.from_pretrained(
             config.ella_checkpoint, config.ella_t5, device=device, dtype=dtype,
-            checkpoint_setting=names["ella_checkpoint"], encoder_setting=names["ella_t5"],
+            checkpoint_setting=names["ella_checkpoint"], encoder_setting=names["ella_t5"], negative=config.ella_negative,
         )
     if name == "gluenet":
         from grounded_sd.conditioning.gluenet import GlueNetConditioning
