@@ -152,6 +152,37 @@ def test_maintenance_registers_the_worker(settings, store, maintenance):
     assert store.workers() == []  # a stopped worker leaves /readyz at once
 
 
+def test_maintenance_touches_the_alive_file_only_while_redis_takes_its_registration(settings, tmp_path):
+    """The container health check of a worker (docker-compose.yml) reads this file's age."""
+    alive = tmp_path / "alive"
+    app = create_celery(settings)
+    live = Maintenance(settings.model_copy(update={"worker_alive_file": alive}), "alive-check", ["render"],
+                       requeue=lambda job_id, stage: enqueue(app, job_id, stage))
+    live.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not alive.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = alive.stat().st_mtime
+        while alive.stat().st_mtime == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive.stat().st_mtime > first  # touched again on the next beat
+    finally:
+        live.stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # nothing listens there
+    dead_file = tmp_path / "dead"
+    dead = Maintenance(settings.model_copy(update={"worker_alive_file": dead_file, "redis_url": dead_url}),
+                       "dead-check", ["render"], requeue=lambda job_id, stage: None)
+    dead.start()
+    try:
+        time.sleep(10 * settings.heartbeat_s)
+        assert not dead_file.exists()
+    finally:
+        dead.stop()
+
+
 def test_celery_reliability_settings(settings):
     """docs/service.md "Reliability": what the lost-worker design relies on from Celery 5.7."""
     conf = create_celery(settings).conf
