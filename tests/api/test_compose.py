@@ -120,14 +120,17 @@ def test_build_arguments_default_to_the_cuda_base_and_the_official_redis():
 
 
 def test_dockerfile_builds_in_two_stages_and_keeps_build_inputs_out_of_the_image():
-    build, final = _dockerfile_stages()
-    assert build.startswith("${BASE_IMAGE} AS build") and final.startswith("${BASE_IMAGE}\n")
-    assert "COPY docker/ca/" in build and "PIP_CERT" in build
-    assert "docker/ca" not in final and "PIP_CERT" not in final and "pip install" not in final
-    assert "COPY --from=build /opt/venv /opt/venv" in final
-    assert "pip install -c lock.txt -r runtime.txt" in build  # the runtime extras at the lock's versions
+    deps, final = _dockerfile_stages()
+    assert deps.startswith("${BASE_IMAGE} AS deps") and final.startswith("${BASE_IMAGE}\n")
+    assert "COPY docker/ca/" in deps and "PIP_CERT" in deps
+    assert "docker/ca" not in final and "PIP_CERT" not in final
+    assert "pip install -c lock.txt -r runtime.txt" in deps  # the runtime extras at the lock's versions
+    assert "COPY --from=deps /opt/venv /opt/venv" in final
+    # The project goes in on top of the dependencies' layer, without downloading anything.
+    assert "pip install --no-deps --no-build-isolation --no-index ." in final
     for package in ("lmd", "layout_planner", "grounded_sd", "jobs", "api", "worker"):
-        assert f"COPY {package} {package}" in build
+        assert f"COPY {package} {package}" in final
+    assert final.index("COPY --from=deps") < final.index("COPY lmd lmd")
     user = re.search(r"^USER (\S+)$", final, re.M).group(1)
     assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user)  # numeric and not root
     assert "chown -R 1000:1000 /data /models" in final  # named volumes start owned by that user
