@@ -109,6 +109,7 @@ def test_the_checks_layer_keeps_every_container_on_loopback():
     assert api[api.index("--host") + 1] == "127.0.0.1"
     for name in LMD_SERVICES:
         assert services[name]["environment"]["LMD_REDIS_URL"].startswith("redis://127.0.0.1:")
+        assert services[name]["build"]["network"] == "host"  # the build's downloads too
 
 
 def test_build_arguments_default_to_the_cuda_base_and_the_official_redis():
