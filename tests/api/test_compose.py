@@ -2,7 +2,8 @@
 of wheels: not part of the suite); these checks keep the files consistent between its runs.
 
 What is checked: the compose services and commands on one image; the GPU reservation only in the
-override file compose reads by default, the CPU file with a mounted model instead; health checks
+override file compose reads by default, the CPU file with a mounted model instead (the check's
+layer alike), the published port in those two only; health checks
 that match what the processes expose; stop grace and an init process; the check's layer on
 loopback; the image built in two stages (an extra CA only in the first, a non-root user, no test
 tools), with build arguments whose defaults agree with the compose file; .env.example only names
@@ -57,11 +58,22 @@ def test_the_gpu_lives_in_the_default_override_and_the_cpu_file_mounts_a_model()
     devices = render["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert render["environment"]["LMD_DEVICE"] == "cuda"
-    assert set(_load("docker-compose.override.yml")["services"]) == {"worker-render"}  # stage 1 needs no GPU
+    assert "deploy" not in str(_load("docker-compose.override.yml")["services"]["api"])
     cpu = _load("docker-compose.cpu.yml")["services"]["worker-render"]
     assert cpu["environment"]["LMD_DEVICE"] == "cpu" and cpu["environment"]["LMD_DTYPE"] == "float32"
     mount = cpu["volumes"][0]
     assert mount.startswith("${CPU_MODEL_DIR:?") and mount.endswith(f":{cpu['environment']['LMD_SD_MODEL']}:ro")
+    # The check's layer runs the render worker as the CPU file does (it cannot stack that file:
+    # its published port is refused on the host's network).
+    check = _load("docker-compose.check.yml")["services"]["worker-render"]
+    assert cpu["environment"].items() <= check["environment"].items() and cpu["volumes"] == check["volumes"]
+
+
+def test_the_api_port_is_published_by_the_gpu_and_cpu_files_only():
+    assert "ports" not in _compose()["services"]["api"]  # docker refuses a port binding on the host's network
+    for name in ("docker-compose.override.yml", "docker-compose.cpu.yml"):
+        assert _load(name)["services"]["api"]["ports"] == ["${LMD_API_PORT:-8000}:8000"]
+    assert all("ports" not in service for service in _load("docker-compose.check.yml")["services"].values())
 
 
 def test_every_service_has_a_health_check_on_what_it_exposes():
