@@ -10,6 +10,7 @@ attention.py, the energy and backward guidance in guidance.py, prompts in prompt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from grounded_sd.final_pass import run_final_pass
 from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
+from grounded_sd.preflight import GLIGEN_ATTENTION
 from grounded_sd.per_box import align_to_layout, box_negative, box_prompts, per_box_steps, run_per_box_pass
 from grounded_sd.previews import PreviewFn, composed_preview
 from grounded_sd.prompts import group_phrases, join_negative, scene_prompt
@@ -58,6 +60,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
     return table[dtype]
+
+
+MODE_MEANINGS = {
+    "replace": "guidance read CLIP's attention, the denoising forwards the conditioning's tokens",
+    "concat": "guidance and denoising both read the conditioning's tokens before CLIP's",
+    "tokens": "guidance and denoising both read the connector's own tokens (no CLIP)",
+}
+"""What a conditioning ``mode`` means, as the report's note says it (docs/conditioning.md)."""
 
 
 def _scheduler_class(name: str):
@@ -108,7 +118,7 @@ class LMDPipeline:
 
     @property
     def supports_gligen(self) -> bool:
-        return getattr(self.unet.config, "attention_type", "default") == "gated" and hasattr(self.unet, "position_net")
+        return getattr(self.unet.config, "attention_type", "default") == GLIGEN_ATTENTION and hasattr(self.unet, "position_net")
 
     @classmethod
     def from_pretrained(
@@ -159,8 +169,8 @@ class LMDPipeline:
         seed: int,
         options: LMDOptions | None = None,
         variant: Variant = "lmd",
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
@@ -178,6 +188,8 @@ class LMDPipeline:
         started = time.perf_counter()
         options = options or LMDOptions.reference()
         conditioning = conditioning or ClipConditioning()
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
 
         # 1. Check inputs
         layout = self.check_inputs(layout, options=options, variant=variant, width=width, height=height)
@@ -190,6 +202,8 @@ class LMDPipeline:
 
         mode = options.conditioning_mode or conditioning.default_mode
         conditioning.check_mode(mode)
+        conditioning_negative = options.conditioning_negative or conditioning.negatives[0]
+        conditioning.check_negative(conditioning_negative)
         conditioning.check_unet(self.unet)
 
         # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
@@ -202,16 +216,26 @@ class LMDPipeline:
             self._encode(list(prompts)) if prompts else self._encode([prompt])[:0], self._encode([box_negative(layout, options)]),
         )
         texts = TextInputs(prompt, prompts, negative, box_negative(layout, options), source_prompt=source_prompt, language=language)
+        if conditioning_negative == "empty":  # ELLA's official pipeline: the conditioning encodes "" as the negative
+            texts = dataclasses.replace(texts, negative_prompt="", box_negative_prompt="")
         conditioned = conditioning.prepare(texts, clip, mode=mode)
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             model=self.model_name, scheduler=type(self.scheduler).__name__,
             options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=mode,
+            conditioning_negative=conditioning_negative,
             source_prompt=source_prompt, language=conditioned.language,
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )
+        if conditioning.name != "clip":
+            report.notes.append(f"conditioned on {conditioning.name}, {mode} mode: {MODE_MEANINGS[mode]}")
         report.notes += conditioned.notes
+        if conditioning_negative == "empty" and "layout" in conditioning.negatives:
+            report.notes.append(
+                f"{conditioning.name} encoded the empty string as the negative (ELLA's official pipeline); "
+                f"the negative prompt {negative!r} reached CLIP only"
+            )
         if variant != "sd" and not layout.objects:
             report.notes.append(f"the layout has no objects: rendered the background as plain SD instead of {variant}")
 
@@ -288,6 +312,12 @@ class LMDPipeline:
                     "(low-precision overflow); try dtype float32 or bfloat16"
                 )
         return final_latents, masks
+
+    @property
+    def native_size(self) -> int:
+        """The image size the model was trained at, as diffusers' pipelines default to it
+        (UNet sample size x VAE factor): 512 for SD 1.5, 64 for the shapes model."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     # ------------------------------------------------------------------------------------------
     def check_inputs(self, layout: Layout | dict[str, Any], *, options: LMDOptions, variant: str, width: int, height: int) -> Layout:
