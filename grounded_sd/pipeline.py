@@ -50,13 +50,22 @@ def resolve_device(device: str) -> torch.device:
         raise ModelLoadError(f"invalid device {device!r}: {exc}") from exc
 
 
+CPU_FLOAT16_REFUSED = (
+    "dtype float16 is refused on a CPU: guidance's backward through the UNet runs 25-70x slower in float16 there "
+    "than in float32; use float32, or bfloat16 on a CPU with bf16 instructions"
+)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on CUDA, fp32 elsewhere."""
+    """``auto``: fp16 on CUDA, fp32 elsewhere. float16 on a CPU is a :class:`ModelLoadError`
+    (:data:`CPU_FLOAT16_REFUSED`; benchmarks/cpu_precision.py measures why)."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in table:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+    if table[dtype] == torch.float16 and device.type == "cpu":
+        raise ModelLoadError(CPU_FLOAT16_REFUSED)
     return table[dtype]
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +87,9 @@ class BenchRun(BaseModel):
     wall_s: float
     ratio_to_sd: float | None
     peak_memory_mib: float
+    stage_peak_memory_mib: dict[str, float] = Field(
+        default_factory=dict, description="peak memory while each stage ran (its steps; 'decode': after the last stage)"
+    )
     stages: dict[str, StageCost]
     forward_samples: int
     backward_samples: int
@@ -130,44 +132,78 @@ def machine_info(device: str) -> MachineInfo:
 
 
 class PeakMemory:
-    """Peak memory during a block: CUDA allocator peak, or process RSS sampled every 5 ms."""
+    """Peak memory during a block, and per stage, read from counters the kernel or CUDA keep
+    (no sampling, so nothing depends on timing): the CUDA allocator's peak, or on a CPU the
+    process's peak RSS (``VmHWM``), which Linux resets on writing 5 to /proc/self/clear_refs.
+
+    Before the block, free heap memory is handed back to the system (glibc ``malloc_trim``), so
+    that memory an earlier run freed but the allocator kept does not count as this run's.
+    :meth:`mark` closes a stage: the peak since the previous mark is that stage's."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
         self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.stage_peaks: dict[str, int] = {}
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.empty_cache()
         else:
-            import psutil
-
-            process = psutil.Process()
-            self.peak_bytes = process.memory_info().rss
-
-            def sample() -> None:
-                while not self._stop.wait(0.005):
-                    self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
+            release_free_heap()
+        self._reset()
         return self
 
+    def mark(self, stage: str) -> None:
+        peak = self._peak()
+        self.stage_peaks[stage] = max(self.stage_peaks.get(stage, 0), peak)
+        self.peak_bytes = max(self.peak_bytes, peak)
+        self._reset()
+
     def __exit__(self, *exc_info) -> None:
+        self.mark("decode")  # what follows the last stage's last step: the final image's decode
+
+    def _reset(self) -> None:
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         else:
-            self._stop.set()
-            assert self._thread is not None
-            self._thread.join()
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def _peak(self) -> int:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def peak_rss_supported() -> bool:
+    """Whether this system can reset and read the process's peak RSS (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "VmHWM:" in Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc); elsewhere a no-op."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, config: BenchConfig, device: str,
@@ -180,7 +216,7 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
     with PeakMemory(device) as memory:
         started = time.perf_counter()
         result = pipe(layout, seed=config.seed, options=options, variant=variant, width=config.width, height=config.height,
-                      conditioning=conditioning, source_prompt=source)
+                      conditioning=conditioning, source_prompt=source, progress=lambda stage, step, total: memory.mark(stage))
         wall = time.perf_counter() - started
     stages = {
         s.name: StageCost(
@@ -193,7 +229,7 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
     unet_s = total.forward_s + total.backward_s
     return BenchRun(
         variant=variant, preset=preset, conditioning=result.report.conditioning, objects=len(layout.objects), wall_s=wall, ratio_to_sd=None,
-        peak_memory_mib=memory.peak_bytes / 2**20, stages=stages, forward_samples=total.forward_samples,
+        peak_memory_mib=memory.peak_bytes / 2**20, stage_peak_memory_mib={k: v / 2**20 for k, v in memory.stage_peaks.items()}, stages=stages, forward_samples=total.forward_samples,
         backward_samples=total.backward_samples, outside_unet_fraction=max(0.0, 1.0 - unet_s / wall),
     )
 
@@ -201,13 +237,15 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Run every configured measurement; ``progress`` is told the name of each run as it starts."""
     from grounded_sd import LMDPipeline
-    from grounded_sd.pipeline import resolve_device
+    from grounded_sd.pipeline import resolve_device, resolve_dtype
     from grounded_sd.random_model import build_random_sd
     from lmd import wiring
 
     wiring.use_torch_threads(config.threads)
     wiring.quiet_library_progress_bars()  # the command's bar counts the runs
-    device = str(resolve_device(config.device))
+    torch_device = resolve_device(config.device)
+    resolve_dtype(config.dtype, torch_device)  # float16 on a CPU is refused before any model is built
+    device = str(torch_device)
     progress = progress or (lambda name: None)
     notes: list[str] = []
     runs: list[BenchRun] = []
