@@ -73,11 +73,14 @@ def clip_vocab_and_merges(lines: list[str], n_merges: int = CLIP_MERGES) -> tupl
     return vocab, pairs
 
 
-def write_clip_tokenizer_files(directory: Path | str, source: Path | str | None = None, *, max_length: int = 77) -> Path:
-    """Write vocab.json, merges.txt and tokenizer_config.json of CLIP's tokenizer to ``directory``."""
+def write_clip_tokenizer_files(
+    directory: Path | str, source: Path | str | None = None, *, max_length: int = 77, n_merges: int = CLIP_MERGES
+) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json of CLIP's tokenizer to ``directory``
+    (``CLIPTokenizer.from_pretrained(directory)`` loads them)."""
+    vocab, merges = clip_vocab_and_merges(read_bpe_lines(source), n_merges)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab_and_merges(read_bpe_lines(source))
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (directory / "tokenizer_config.json").write_text(

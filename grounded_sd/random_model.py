@@ -90,7 +90,8 @@ def write_clip_tokenizer(directory: Path | str, words: list[str] | tuple[str, ..
     return CLIPTokenizer.from_pretrained(directory)
 
 
-def _unet_and_vae(shape: Shape, gligen: bool):
+def unet_and_vae(shape: Shape, gligen: bool):
+    """A random UNet and VAE of ``shape``, and the UNet's cross-attention width."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     attention_type = "gated" if gligen else "default"
@@ -132,18 +133,35 @@ def _unet_and_vae(shape: Shape, gligen: bool):
     return unet, vae, 64
 
 
+def text_encoder_config(shape: Shape, vocab: dict[str, int], hidden: int):
+    """The CLIP text encoder's config of ``shape`` (``hidden``: the UNet's cross-attention width)."""
+    from transformers import CLIPTextConfig
+
+    ids = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
+    if shape == "sd15":  # CLIP ViT-L/14's text tower (SD 1.5's text_encoder/config.json)
+        return CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", **ids,
+        )
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5,
+        num_hidden_layers=2 if shape == "tiny" else 4, num_attention_heads=4, max_position_embeddings=77,
+        projection_dim=hidden, **ids,
+    )
+
+
 def build_random_sd(
     path: Path | str, *, shape: Shape = "tiny", gligen: bool = False, seed: int = 0, clip_vocab: Path | str | None = None
 ) -> Path:
     """Write a random-weight SD 1.x-style model of ``shape`` to ``path`` (a GLIGEN UNet when ``gligen``).
     ``clip_vocab`` (``sd15`` only): where CLIP's BPE file is (see :func:`grounded_sd.clip_vocab.read_bpe_lines`)."""
     from diffusers import DDIMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    unet, vae, hidden = _unet_and_vae(shape, gligen)
+    unet, vae, hidden = unet_and_vae(shape, gligen)
     with torch.no_grad():
         for name, module in unet.named_modules():
             if name.endswith("attn2"):
@@ -157,20 +175,7 @@ def build_random_sd(
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(path / "tokenizer", clip_vocab))
     else:
         tokenizer = write_clip_tokenizer(path / "tokenizer")
-    vocab = tokenizer.get_vocab()
-    ids = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
-    if shape == "sd15":  # CLIP ViT-L/14's text tower (SD 1.5's text_encoder/config.json)
-        text_config = CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", **ids,
-        )
-    else:
-        text_config = CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5,
-            num_hidden_layers=2 if shape == "tiny" else 4, num_attention_heads=4, max_position_embeddings=77,
-            projection_dim=hidden, **ids,
-        )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(text_encoder_config(shape, tokenizer.get_vocab(), hidden))
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )

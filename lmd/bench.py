@@ -30,11 +30,23 @@ BENCH_OBJECTS = (
     LayoutObject(id="lamp", phrase="a red lamp", box=(0.06, 0.04, 0.36, 0.36)),
     LayoutObject(id="apple", phrase="a green apple", box=(0.62, 0.08, 0.90, 0.34)),
 )
-RANDOM_MODEL_LABEL = "random-weight SD 1.x-shaped model (built in-process; timings only, images are noise)"
+RANDOM_MODEL_LABELS = {
+    "sd": "random-weight SD 1.x-shaped model (built in-process; timings only, images are noise)",
+    "sd15": (
+        "random-weight model of SD 1.5's exact architecture (859.5M UNet, 1,068.6M with GLIGEN; CLIP ViT-L/14 text "
+        "encoder and tokenizer; built in-process; time and memory of the real model, images are noise)"
+    ),
+}
 
 
 class BenchConfig(BaseModel):
-    model: str | None = Field(None, description="hub id or local directory; None: a random SD-shaped model")
+    model: str | None = Field(None, description="hub id or local directory; None: a random model of ``shape``")
+    shape: Literal["sd", "sd15"] = Field(
+        "sd", description="the random model without ``model``: sd (SD 1.x's shape, narrow) or sd15 (SD 1.5's real size)"
+    )
+    clip_vocab: str | None = Field(
+        None, description="sd15: CLIP's BPE file or the open-clip-torch wheel holding it; None: the installed open_clip's"
+    )
     steps: int = Field(20, ge=1, le=1000)
     width: int = Field(256, ge=32, le=2048, multiple_of=8)
     height: int = Field(256, ge=32, le=2048, multiple_of=8)
@@ -250,11 +262,18 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     notes: list[str] = []
     runs: list[BenchRun] = []
 
+    if config.model is None and config.shape == "sd15":
+        from grounded_sd.clip_vocab import read_bpe_lines
+
+        read_bpe_lines(config.clip_vocab)  # a missing vocabulary fails before minutes of model building
+
     with tempfile.TemporaryDirectory(prefix="lmd-bench-") as scratch:
         if config.model is None:
-            model_label = RANDOM_MODEL_LABEL
-            plain = build_random_sd(Path(scratch) / "sd", shape="sd", seed=config.seed)
-            models = {"lmd": plain, "lmd_plus": build_random_sd(Path(scratch) / "gligen", shape="sd", gligen=True, seed=config.seed)}
+            model_label = RANDOM_MODEL_LABELS[config.shape]
+            build = {"shape": config.shape, "seed": config.seed, "clip_vocab": config.clip_vocab}
+            models = {
+                variant: build_random_sd(Path(scratch) / variant, gligen=variant == "lmd_plus", **build) for variant in config.variants
+            }
         else:
             model_label = f"{config.model} (as given)"
             models = {"lmd": config.model, "lmd_plus": config.model}
@@ -292,7 +311,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             del pipe
 
     return BenchResult(
-        machine=machine_info(device), model=config.model or "random:sd", model_label=model_label,
+        machine=machine_info(device), model=config.model or f"random:{config.shape}", model_label=model_label,
         memory_kind="cuda_allocated" if device.startswith("cuda") else "rss", config=config, runs=runs, notes=notes,
     )
 
@@ -320,7 +339,7 @@ def _bench_conditioning(config: BenchConfig, pipe, scratch: Path):
 def _warmup_options():
     from grounded_sd import LMDOptions
 
-    return LMDOptions.fast(steps=2)
+    return LMDOptions.fast(steps=1)
 
 
 def format_table(result: BenchResult) -> str:
