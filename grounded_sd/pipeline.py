@@ -168,8 +168,8 @@ class LMDPipeline:
         seed: int,
         options: LMDOptions | None = None,
         variant: Variant = "lmd",
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
@@ -190,6 +190,8 @@ class LMDPipeline:
         started = time.perf_counter()
         options = options or LMDOptions.reference()
         conditioning = conditioning or ClipConditioning()
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
 
         # 1. Check inputs
         layout = self.check_inputs(layout, options=options, variant=variant, width=width, height=height)
@@ -303,6 +305,12 @@ class LMDPipeline:
                     "(low-precision overflow); try dtype float32 or bfloat16"
                 )
         return final_latents, masks
+
+    @property
+    def native_size(self) -> int:
+        """The image size the model was trained at, as diffusers' pipelines default to it
+        (UNet sample size x VAE factor): 512 for SD 1.5, 64 for the shapes model."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     # ------------------------------------------------------------------------------------------
     def check_inputs(self, layout: Layout | dict[str, Any], *, options: LMDOptions, variant: str, width: int, height: int) -> Layout:

@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from grounded_sd.clip_vocab import byte_symbols
+
 WORDS = (
     "a an the one two three four and with of on in at near under above next to left right top bottom "
     "cat cats dog dogs red blue green yellow white black apple apples ball balls car tree lamp sofa "
@@ -41,22 +43,9 @@ weights of every cross-attention are scaled by this so that attention maps, and 
 gradient, look more like a trained model's."""
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte -> printable character table (GPT-2 style)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
 def tiny_vocab_and_merges(words: list[str] | tuple[str, ...] = tuple(WORDS)) -> tuple[dict[str, int], list[str]]:
     """A CLIP BPE vocabulary and merges that know ``words`` whole and everything else by character."""
-    symbols = list(bytes_to_unicode().values())
+    symbols = byte_symbols()
     vocab: dict[str, int] = {}
     for token in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(token, len(vocab))
@@ -154,7 +143,8 @@ def build_random_sd(
     path: Path | str, *, shape: Shape = "tiny", gligen: bool = False, seed: int = 0, clip_vocab: Path | str | None = None
 ) -> Path:
     """Write a random-weight SD 1.x-style model of ``shape`` to ``path`` (a GLIGEN UNet when ``gligen``).
-    ``clip_vocab`` (``sd15`` only): where CLIP's BPE file is (see :func:`grounded_sd.clip_vocab.read_bpe_lines`)."""
+    ``clip_vocab`` (``sd15`` only): CLIP's BPE file or the open-clip-torch wheel holding it; None: the
+    installed open_clip package's (:mod:`grounded_sd.clip_vocab`)."""
     from diffusers import DDIMScheduler
     from transformers import CLIPTextModel
 

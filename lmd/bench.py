@@ -262,10 +262,14 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     notes: list[str] = []
     runs: list[BenchRun] = []
 
-    if config.model is None and config.shape == "sd15":
-        from grounded_sd.clip_vocab import read_bpe_lines
+    if config.model is None and config.shape == "sd15":  # a missing vocabulary fails before minutes of model building
+        from grounded_sd import ModelLoadError
+        from grounded_sd.clip_vocab import clip_vocab_and_merges, find_open_clip_bpe
 
-        read_bpe_lines(config.clip_vocab)  # a missing vocabulary fails before minutes of model building
+        try:
+            clip_vocab_and_merges(config.clip_vocab or find_open_clip_bpe())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"CLIP's vocabulary for the real-size model: {exc}".splitlines()[0]) from exc
 
     with tempfile.TemporaryDirectory(prefix="lmd-bench-") as scratch:
         if config.model is None:

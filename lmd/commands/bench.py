@@ -68,7 +68,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from grounded_sd import GroundedSDError
-    from grounded_sd.clip_vocab import ClipVocabError
 
     runs = len(config.variants) * (1 + len(config.presets) * len(config.objects) * (1 if config.conditioning == "clip" else 2))
     with tqdm(total=runs, desc="bench", unit="run", file=sys.stderr) as bar:
@@ -81,7 +80,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
         try:
             result = run_bench(config, progress=progress)
-        except (GroundedSDError, ClipVocabError) as exc:
+        except GroundedSDError as exc:
             raise CLIError(str(exc)) from None
         bar.update(1)
     text = result.model_dump_json(indent=2)
