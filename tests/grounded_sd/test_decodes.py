@@ -58,3 +58,19 @@ def test_sam_masks_decode_every_per_box_image(tiny_pipeline, tiny_sam_predictor,
     assert decodes == [1, 1, 1, 1]
     assert all("SAM not configured" not in o.mask_detail for o in result.report.objects)
     assert result.intermediates.per_box_images == {}  # read by SAM, not kept
+
+
+def test_attention_masks_need_no_pixels_only_the_size(tiny_sam_predictor):
+    from grounded_sd.errors import MaskInputError
+    from grounded_sd.masks import object_mask
+
+    attention = np.zeros((8, 8), dtype=np.float32)
+    attention[2:5, 3:6] = 1.0
+    box = (0.25, 0.2, 0.8, 0.7)
+    with_pixels = object_mask(np.zeros((64, 48, 3), dtype=np.uint8), attention, box, predictor=None)
+    without = object_mask(None, attention, box, predictor=None, size=(64, 48))
+    assert without.source == "attention" and np.array_equal(without.mask, with_pixels.mask) and without.mask.shape == (64, 48)
+    with pytest.raises(MaskInputError, match="SAM refines masks on the per-box image"):
+        object_mask(None, attention, box, predictor=tiny_sam_predictor, size=(64, 48))
+    with pytest.raises(MaskInputError, match="size must be"):
+        object_mask(None, attention, box, predictor=None)
