@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--conditioning`` and ``--conditioning-mode`` (generate, eval, bench)."""
+    """``--conditioning``, ``--conditioning-mode`` and ``--conditioning-negative``."""
     parser.add_argument(
         "--conditioning", metavar="NAME",
         help="what the denoising is conditioned on: clip, ella, gluenet, connector:PATH (default LMD_CONDITIONING, clip; docs/conditioning.md)",
@@ -68,6 +68,11 @@ def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conditioning-mode", choices=("replace", "concat", "tokens"),
         help="replace (guidance on CLIP; default), concat (ELLA tokens before CLIP's), tokens (per-token connectors)",
+    )
+    parser.add_argument(
+        "--conditioning-negative", choices=("layout", "empty"),
+        help="what ella/connector encode as the negative: layout (the layout's negative prompt; default) or empty "
+             "(\"\", as ELLA's official pipeline); CLIP always encodes the layout's",
     )
 
 
@@ -179,7 +184,8 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
     try:
         options = wiring.render_options(settings, args.preset or settings.preset, steps=args.steps,
                                         guidance_scale=args.guidance_scale, max_batch=args.max_batch,
-                                        conditioning_mode=args.conditioning_mode)
+                                        conditioning_mode=args.conditioning_mode,
+                                        conditioning_negative=args.conditioning_negative)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
