@@ -150,10 +150,13 @@ class PeakMemory:
 
     Before the block, free heap memory is handed back to the system (glibc ``malloc_trim``), so
     that memory an earlier run freed but the allocator kept does not count as this run's.
-    :meth:`mark` closes a stage: the peak since the previous mark is that stage's."""
+    :meth:`mark` closes a stage: the peak since the previous mark is that stage's. Where the
+    peak RSS cannot be reset (not Linux), every number is the process's peak so far
+    (``resource.getrusage``)."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
+        self.resettable = self.cuda or peak_rss_supported()
         self.peak_bytes = 0
         self.stage_peaks: dict[str, int] = {}
 
@@ -183,7 +186,7 @@ class PeakMemory:
 
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        else:
+        elif self.resettable:
             Path("/proc/self/clear_refs").write_text("5")
 
     def _peak(self) -> int:
@@ -192,6 +195,11 @@ class PeakMemory:
 
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
+        if not self.resettable:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak if platform.system() == "Darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
