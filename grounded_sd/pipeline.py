@@ -52,7 +52,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 CPU_FLOAT16_REFUSED = (
-    "dtype float16 is refused on a CPU: guidance's backward through the UNet runs 25-70x slower in float16 there "
+    "dtype float16 is refused on a CPU: guidance's backward through the UNet runs 20-70x slower in float16 there "
     "than in float32; use float32, or bfloat16 on a CPU with bf16 instructions"
 )
 
