@@ -169,7 +169,9 @@ class WorkerRuntime:
             if self._cancel_requested(job_id):
                 return self._end(job_id, "canceled", "canceled", "canceled after planning, before rendering")
             handed = self.store.hand_to_render(job_id, self.worker, layout)
-        return "planned" if handed else "lost"
+        if handed is None:
+            return "lost"
+        return "canceled" if handed.state == "canceled" else "planned"
 
     def _plan(self, job: JobRecord, should_cancel):
         """The job's layout; ``should_cancel`` is checked between asks and, for a local model, between tokens."""

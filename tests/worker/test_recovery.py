@@ -88,6 +88,20 @@ def test_a_job_that_keeps_losing_its_worker_ends_worker_lost(store, settings, ma
     assert job_id not in store.redis.smembers(store.active_key)
 
 
+def test_a_lost_job_whose_cancel_was_requested_ends_canceled_and_frees_the_caps(store, settings, maintenance, private_redis):
+    job_id = _new_job(store)
+    store.claim(job_id, "render", "host-a:1", 2, settings.worker_lost_after_s)
+    assert store.request_cancel(job_id).cancel_requested
+    _age_heartbeat(store, job_id, 10)
+    queued = redis.Redis(port=private_redis.port).llen("render")
+    assert (job_id, "render") not in maintenance.sweep()
+    assert redis.Redis(port=private_redis.port).llen("render") == queued  # not sent again
+    job = store.get_job(job_id)
+    assert (job.state, job.error.code) == ("canceled", "canceled")
+    assert job_id not in store.redis.smembers(store.active_key)
+    assert job_id not in store.redis.smembers(store.owner_active_key(job.owner))
+
+
 def test_a_redelivery_over_the_bound_fails_at_claim(store, settings):
     job_id = _new_job(store)
     store.claim(job_id, "render", "host-a:1", 1, settings.worker_lost_after_s)
