@@ -230,7 +230,7 @@ class Store:
                     pipe.watch(*job_keys)  # a turn finishing (or starting) meanwhile retries the check
                 guard(current, self.get_jobs_via(pipe, [t.job_id for t in current.turns]))
             turn = len(current.turns) + 1
-            created = job.model_copy(update={"turn": turn})
+            created = job.model_copy(update={"turn": turn, "idempotency_claim": idempotency[0] if idempotency else None})
             updated = current.model_copy(
                 update={
                     "turns": [*current.turns, SessionTurn(turn=turn, kind=job.kind, text=job.prompt, job_id=job.job_id)],
@@ -332,8 +332,13 @@ class Store:
                 return job
             new = new.model_copy(update={"updated_at": utcnow()})
             ttl = self.ended_retention_s if new.state in ("failed", "canceled") else self.retention_s
+            session_ttl = self._session_ttl(pipe, new, ttl) if ttl < self.retention_s else None
             pipe.multi()
             pipe.set(key, new.model_dump_json(), ex=ttl)
+            if session_ttl is not None:  # the session and the claim go when their last job goes
+                pipe.expire(self.session_key(new.session_id), session_ttl)
+            if new.idempotency_claim and ttl < self.retention_s:
+                pipe.expire(new.idempotency_claim, ttl)
             if new.terminal:
                 pipe.srem(self.active_key, job_id)
                 pipe.srem(self.owner_active_key(new.owner), job_id)
@@ -343,6 +348,19 @@ class Store:
             return new
 
         return self._transaction(attempt, key)
+
+    def _session_ttl(self, pipe: redis.client.Pipeline, job: JobRecord, ttl: int) -> int | None:
+        """The seconds the session of ``job`` (which is now kept ``ttl``) should live: as long as the
+        longest-kept of its jobs. Read under WATCH of the session, so a turn added meanwhile
+        (which refreshes every job of the session) retries the change. None: leave it as is."""
+        skey = self.session_key(job.session_id)
+        pipe.watch(skey)
+        raw = pipe.get(skey)
+        if raw is None:
+            return None
+        others = [t.job_id for t in SessionRecord.model_validate_json(raw).turns if t.job_id != job.job_id]
+        remaining = [pipe.ttl(self.job_key(j)) for j in others]
+        return max([ttl, *(r for r in remaining if r is not None and r > 0)])
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Cancel now if no worker holds the job; otherwise raise the flag its worker checks every step."""

@@ -52,7 +52,8 @@ def load_conditioning(name: str, config: ConditioningConfig, *, device: str | to
         from grounded_sd.conditioning.ella import ELLAConditioning
 
         if not config.ella_checkpoint:
-            raise ConditioningUnavailable(f"ella needs its connector checkpoint: set {names['ella_checkpoint']}")
+            message = f"ella needs its connector checkpoint: set {names['ella_checkpoint']}"
+            raise ConditioningUnavailable(message, public=message)  # a setting's name, no value
         return ELLAConditioning.from_pretrained(
             config.ella_checkpoint, config.ella_t5, device=device, dtype=dtype,
             checkpoint_setting=names["ella_checkpoint"], encoder_setting=names["ella_t5"],
