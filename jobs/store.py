@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import time
 from typing import Callable
 
 import redis
+from limits import RateLimitItemPerMinute
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -119,6 +123,9 @@ class Store:
         self.ended_retention_s = min(ended_retention_s or retention_s, retention_s)
         self.prefix = prefix
         self._create = client.register_script(_CREATE)
+        # The rate limiter's lists live under <prefix>:rate:<owner> on this same connection pool.
+        self._rate = MovingWindowRateLimiter(RedisStorage("redis://", connection_pool=client.connection_pool,
+                                                          key_prefix=f"{prefix}:rate"))
         self._open_stream = client.register_script(_OPEN_STREAM)
 
     @classmethod
@@ -149,9 +156,6 @@ class Store:
     def owner_active_key(self, owner: str | None) -> str:
         """A set of one API key's unfinished jobs (``-``: no keys configured)."""
         return f"{self.prefix}:active:{owner or '-'}"
-
-    def rate_key(self, owner: str | None, window: int) -> str:
-        return f"{self.prefix}:rate:{owner or '-'}:{window}"
 
     def streams_key(self, owner: str | None) -> str:
         return f"{self.prefix}:streams:{owner or '-'}"
@@ -266,15 +270,19 @@ class Store:
         return {j: JobRecord.model_validate_json(r) for j, r in zip(job_ids, raws) if r}
 
     def hit_rate(self, owner: str | None, per_minute: int) -> int | None:
-        """Count one request of ``owner`` in this minute; the seconds to wait when past ``per_minute``."""
-        now = time.time()
-        window = int(now // 60)
-        key = self.rate_key(owner, window)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            count, _ = pipe.execute()
-        return None if count <= per_minute else max(1, int((window + 1) * 60 - now) + 1)
+        """Count one request of ``owner``; the seconds to wait when it already made ``per_minute``
+        in the last 60 s.
+
+        A moving window (the ``limits`` library's, one Lua script in Redis, shared by every API
+        process): no two full bursts around a clock minute's edge, as a fixed window allows.
+        A refused request is not counted.
+        """
+        item = RateLimitItemPerMinute(per_minute)
+        who = owner or "-"
+        if self._rate.hit(item, who):
+            return None
+        reset_at, _remaining = self._rate.get_window_stats(item, who)
+        return max(1, math.ceil(reset_at - time.time()))
 
     # --- event streams ---------------------------------------------------------------------------
     def open_stream(self, owner: str | None, stream_id: str, max_streams: int, lease_s: float) -> bool:
