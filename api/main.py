@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (generate, jobs, sessions, health, metrics, studio):
         app.include_router(module.router)
     app.openapi = lambda: complete_openapi(app, settings)
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, stall_timeout_s=settings.api_body_timeout_s)
     if settings.cors_origins:
         # Off by default: only the operator's listed origins may call the API from a browser page.
         app.add_middleware(

@@ -6,6 +6,8 @@ Both are plain ASGI middleware, so a streamed answer (the event stream) passes t
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -56,7 +58,8 @@ def too_large(max_bytes: int) -> ApiError:
 
 
 class BodyLimit:
-    """Refuse a request body over ``max_bytes`` with the JSON 413 of every other error.
+    """Refuse a request body over ``max_bytes`` with the JSON 413 of every other error, and one
+    that stalls more than ``stall_timeout_s`` between two reads with a JSON 408 (slow clients).
 
     A declared ``Content-Length`` over the limit is answered before anything is read; a chunked
     body is counted as it is read, and the route's read fails with the same ``ApiError`` (which
@@ -64,9 +67,10 @@ class BodyLimit:
     when a Content-Length is declared, hence this one.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, stall_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.stall_timeout_s = stall_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,13 +83,20 @@ class BodyLimit:
             # Connection: close: the unread body must not be taken for the next request.
             await JSONResponse(body.model_dump(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
             return
-        seen = 0
+        seen, complete = 0, False
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # past the body, receive() waits for the client to leave: no deadline then
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.stall_timeout_s)
+            except TimeoutError:
+                raise ApiError(408, "request_timeout", f"the body stalled for {self.stall_timeout_s:g} s "
+                                                       "(LMD_API_BODY_TIMEOUT_S); send it again") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise too_large(self.max_bytes)
             return message

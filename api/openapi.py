@@ -37,6 +37,7 @@ _ERRORS = {
     400: "the body is not JSON",
     401: "missing or wrong API key (only when LMD_API_KEYS is set)",
     404: "unknown, expired, or another key's",
+    408: "the body stalled longer than LMD_API_BODY_TIMEOUT_S between two reads",
     409: "conflict with the record's state (see the detail)",
     413: "the body is larger than 256 KiB",
     429: "a limit was reached (active jobs, request rate, open streams); retry after Retry-After",
@@ -47,13 +48,13 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying"
 
 # Which errors each operation can answer, by operationId (422 is FastAPI's own where bodies or parameters are read).
 _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
-    "generate": (400, 401, 404, 409, 413, 429, 503, 507),
-    "plan": (400, 401, 404, 409, 413, 429, 503, 507),
+    "generate": (400, 401, 404, 408, 409, 413, 429, 503, 507),
+    "plan": (400, 401, 404, 408, 409, 413, 429, 503, 507),
     "get_mask": (401, 404, 409, 503),
     "get_report": (401, 404, 409, 503),
     "get_preview": (401, 404, 503),
     "limits": (),
-    "instruct": (400, 401, 404, 409, 413, 429, 503, 507),
+    "instruct": (400, 401, 404, 408, 409, 413, 429, 503, 507),
     "get_job": (401, 404, 503),
     "get_image": (401, 404, 409, 503),
     "get_overlay": (401, 404, 409, 503),
