@@ -83,6 +83,10 @@ class BodyLimit:
             # Connection: close: the unread body must not be taken for the next request.
             await JSONResponse(body.model_dump(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
             return
+        headers = Headers(scope=scope)
+        if not (declared.strip() not in ("", "0") or "chunked" in headers.get("transfer-encoding", "").lower()):
+            await self.app(scope, receive, send)  # no body: receive() only ever reports the client leaving
+            return
         seen, complete = 0, False
 
         async def counted() -> Message:
@@ -90,7 +94,8 @@ class BodyLimit:
             if complete:  # past the body, receive() waits for the client to leave: no deadline then
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.stall_timeout_s)
+                async with asyncio.timeout(self.stall_timeout_s):  # no new task: a cancel reaches receive() as is
+                    message = await receive()
             except TimeoutError:
                 raise ApiError(408, "request_timeout", f"the body stalled for {self.stall_timeout_s:g} s "
                                                        "(LMD_API_BODY_TIMEOUT_S); send it again") from None
