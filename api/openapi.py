@@ -61,6 +61,7 @@ _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
     "cancel_job": (401, 404, 409, 503),
     "job_events": (401, 404, 429, 503),
     "get_session": (401, 404, 503),
+    "list_sessions": (401, 503),
     "readyz": (503,),
     "metrics": (401, 503),
     "healthz": (),
@@ -131,9 +132,9 @@ def _limit_requests(schemas: dict, s: Settings) -> None:
         if "language" in props:  # ISO 639-1, optionally with a region ("fr", "zh-CN")
             _nullable(props["language"]).update(pattern=r"^[A-Za-z]{2}([-_][A-Za-z0-9]{1,8})?$")
     gen = schemas["GenerateRequest"]["properties"]
-    # A request's layout: 1..LMD_MAX_OBJECTS objects (a planned layout, in answers, may have none).
+    # A request's layout: at most LMD_MAX_OBJECTS objects (none: the background alone is rendered).
     request_layout = copy.deepcopy(schemas["Layout"])
-    request_layout["properties"]["objects"].update(minItems=1, maxItems=s.max_objects)
+    request_layout["properties"]["objects"].update(maxItems=s.max_objects)
     request_layout["required"] = sorted({*request_layout.get("required", []), "objects"})
     request_layout["title"] = "LayoutRequest"
     schemas["LayoutRequest"] = request_layout

@@ -17,6 +17,7 @@ from jobs.records import JobError, JobKind, JobRecord, JobState, Progress, Sessi
 from layout_planner.errors import InvalidPrompt
 from layout_planner.layout import Layout
 from layout_planner.text import bad_character, validate_text
+from lmd.capabilities import RenderCapabilities
 from lmd.settings import Settings
 
 
@@ -114,18 +115,19 @@ class JobView(BaseModel):
     deliveries: int
     result: JobResult | None = Field(description="the files of a succeeded render (null for a plan job: its result is the layout)")
     preview_url: str | None = Field(description="the latest live preview while rendering (progress.preview says which)")
+    notice: str | None = Field(None, description="why a waiting job does not move: no worker serves its queue now")
     created_at: datetime
     updated_at: datetime
 
     @classmethod
-    def of(cls, job: JobRecord) -> "JobView":
+    def of(cls, job: JobRecord, notice: str | None = None) -> "JobView":
         base = f"/jobs/{job.job_id}"
         result = None
         if job.state == "succeeded" and job.kind != "plan":
             masks = {} if job.variant == "sd" or job.layout is None else {o.id: f"{base}/masks/{o.id}" for o in job.layout.objects}
             result = JobResult(image_url=f"{base}/image", overlay_url=f"{base}/overlay", report_url=f"{base}/report", masks=masks)
         preview_url = f"{base}/preview" if job.progress.preview is not None and not job.terminal else None
-        return cls(result=result, preview_url=preview_url,
+        return cls(result=result, preview_url=preview_url, notice=notice,
                    **job.model_dump(exclude={"owner", "layout_given", "worker", "heartbeat_at", "idempotency_claim"}))
 
 
@@ -167,6 +169,40 @@ class SessionView(BaseModel):
         return cls(session_id=session.session_id, seed=session.seed, total_turns=len(session.turns), turns=turns,
                    next_offset=offset + limit if more else None,
                    created_at=session.created_at, updated_at=session.updated_at)
+
+
+class SessionSummary(BaseModel):
+    """One session in the caller's list (GET /sessions): enough to show it and open it."""
+
+    session_id: str
+    seed: int
+    total_turns: int
+    prompt: str = Field(description="the first turn's text (its prompt)")
+    latest: TurnView | None = Field(description="the latest turn")
+    thumbnail_url: str | None = Field(description="the image of the latest succeeded render; null when none")
+    created_at: datetime
+    updated_at: datetime = Field(description="when its latest turn was added: the list's order")
+
+    @classmethod
+    def of(cls, session: SessionRecord, jobs: dict[str, JobRecord]) -> "SessionSummary":
+        latest = session.turns[-1] if session.turns else None
+        latest_job = jobs.get(latest.job_id) if latest else None
+        rendered = [t for t in session.turns if (j := jobs.get(t.job_id)) and j.state == "succeeded" and j.kind != "plan"]
+        return cls(
+            session_id=session.session_id, seed=session.seed, total_turns=len(session.turns),
+            prompt=session.turns[0].text if session.turns else "",
+            latest=TurnView(turn=latest.turn, kind=latest.kind, text=latest.text, job_id=latest.job_id,
+                            layout=latest_job.layout if latest_job else None,
+                            state=latest_job.state if latest_job else None) if latest else None,
+            thumbnail_url=f"/jobs/{rendered[-1].job_id}/image" if rendered else None,
+            created_at=session.created_at, updated_at=session.updated_at,
+        )
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionSummary] = Field(description="the page asked for (offset, limit), latest turn first")
+    total: int = Field(description="the caller's sessions within the retention (LMD_RETENTION_S)")
+    next_offset: int | None = Field(description="offset of the next page; null when this page is the last")
 
 
 class WorkerView(BaseModel):
@@ -213,11 +249,22 @@ class Limits(BaseModel):
     preset: str = Field(description="the preset of a request that names none (LMD_PRESET)")
     variants: list[str]
     variant: str = Field(description="the variant of a request that names none (LMD_VARIANT)")
+    conditionings: list[str] = Field(description="the conditioning names a request may give")
+    conditioning: str = Field(description="the conditioning of a request that names none (LMD_CONDITIONING)")
+    default_guidance_scale: float = Field(7.5, description="classifier-free guidance of a request that names none")
+    max_guidance_scale: float = Field(50.0, description="largest guidance_scale accepted")
     auth: bool = Field(description="true when the service wants an API key (LMD_API_KEYS is set)")
+    render_workers: int | None = Field(description="render workers alive now; null when the store is unreachable")
+    render: RenderCapabilities | None = Field(
+        description="what every live render worker can run (a job may go to any): the model, the scheduler, the "
+                    "variants, conditionings and refiner; null when no render worker runs, so no render can start"
+    )
 
     @classmethod
-    def of(cls, settings: Settings) -> "Limits":
+    def of(cls, settings: Settings, render: RenderCapabilities | None = None, render_workers: int | None = None) -> "Limits":
         return cls(
+            render=render, render_workers=render_workers,
+            conditionings=list(get_args(ConditioningName)), conditioning=settings.conditioning,
             max_prompt_chars=settings.max_prompt_chars, max_instruction_chars=settings.max_instruction_chars,
             max_objects=settings.max_objects, max_steps=settings.max_steps, min_size=settings.min_size,
             max_size=settings.max_size, max_seed=settings.max_seed, presets=list(get_args(Preset)),
@@ -304,9 +351,8 @@ def limit_errors(body: GenerateRequest | PlanRequest | InstructRequest, settings
     if getattr(body, "refine", None) and not settings.refiner:
         errors.append(_error("refine", "refine needs an SDXL refiner: this service has none (LMD_REFINER is unset)", True))
     if layout is not None:
-        if not layout.objects:
-            errors.append(_error("layout", "layout.objects is empty: give at least one object, or a prompt instead", None))
-        elif len(layout.objects) > settings.max_objects:
+        # An empty layout (a prompt that names only what is absent) renders its background.
+        if len(layout.objects) > settings.max_objects:
             errors.append(_error("layout", f"layout has {len(layout.objects)} objects; at most "
                                  f"{settings.max_objects} (LMD_MAX_OBJECTS)", len(layout.objects)))
     return errors

@@ -37,6 +37,7 @@ class Conditioning(BaseModel):
 
     name: str = Field("clip", description="clip, ella or gluenet")
     mode: str = Field("replace", description="how it combines with CLIP (docs/conditioning.md)")
+    negative: str = Field("layout", description="what it encoded as the negative: layout (the layout's negative prompt) or empty")
     language: str | None = Field(None, description="the language GlueNet read the prompt in")
     prompt: str = Field(description="the scene prompt of the final pass")
     negative_prompt: str = Field(description="the negative prompt: the layout's, the request's and the preset's")

@@ -93,7 +93,16 @@ class LMDOptions(BaseModel):
             "with a conditioning other than clip: replace (guidance on CLIP, denoising on the conditioning's tokens), "
             "concat (ELLA: its tokens before CLIP's for guidance and denoising, phrase indices shifted) or tokens "
             "(per-token connectors: guidance on the connector's own tokens); None: the conditioning's default "
-            "(tokens for LI-DiT connectors, replace otherwise)"
+            "(tokens for LI-DiT-style connectors, replace otherwise)"
+        ),
+    )
+
+    conditioning_negative: Literal["layout", "empty"] | None = Field(
+        None,
+        description=(
+            "what a conditioning other than clip encodes for classifier-free guidance's negative: layout (the layout's "
+            "negative prompt, LMD's choice) or empty (the empty string, as ELLA's official pipeline does); CLIP, which "
+            "guidance reads, always encodes the layout's. None: the conditioning's default (layout; gluenet: empty)"
         ),
     )
 

@@ -10,6 +10,7 @@ attention.py, the energy and backward guidance in guidance.py, prompts in prompt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -159,8 +160,8 @@ class LMDPipeline:
         seed: int,
         options: LMDOptions | None = None,
         variant: Variant = "lmd",
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         negative_prompt: str | None = None,
         progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None,
@@ -178,6 +179,8 @@ class LMDPipeline:
         started = time.perf_counter()
         options = options or LMDOptions.reference()
         conditioning = conditioning or ClipConditioning()
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
 
         # 1. Check inputs
         layout = self.check_inputs(layout, options=options, variant=variant, width=width, height=height)
@@ -190,6 +193,8 @@ class LMDPipeline:
 
         mode = options.conditioning_mode or conditioning.default_mode
         conditioning.check_mode(mode)
+        conditioning_negative = options.conditioning_negative or conditioning.negatives[0]
+        conditioning.check_negative(conditioning_negative)
         conditioning.check_unet(self.unet)
 
         # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
@@ -202,16 +207,24 @@ class LMDPipeline:
             self._encode(list(prompts)) if prompts else self._encode([prompt])[:0], self._encode([box_negative(layout, options)]),
         )
         texts = TextInputs(prompt, prompts, negative, box_negative(layout, options), source_prompt=source_prompt, language=language)
+        if conditioning_negative == "empty":  # ELLA's official pipeline: the conditioning encodes "" as the negative
+            texts = dataclasses.replace(texts, negative_prompt="", box_negative_prompt="")
         conditioned = conditioning.prepare(texts, clip, mode=mode)
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
             model=self.model_name, scheduler=type(self.scheduler).__name__,
             options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=mode,
+            conditioning_negative=conditioning_negative,
             source_prompt=source_prompt, language=conditioned.language,
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )
         report.notes += conditioned.notes
+        if conditioning_negative == "empty" and "layout" in conditioning.negatives:
+            report.notes.append(
+                f"{conditioning.name} encoded the empty string as the negative (ELLA's official pipeline); "
+                f"the negative prompt {negative!r} reached CLIP only"
+            )
         if variant != "sd" and not layout.objects:
             report.notes.append(f"the layout has no objects: rendered the background as plain SD instead of {variant}")
 
@@ -288,6 +301,12 @@ class LMDPipeline:
                     "(low-precision overflow); try dtype float32 or bfloat16"
                 )
         return final_latents, masks
+
+    @property
+    def native_size(self) -> int:
+        """The image size the model was trained at, as diffusers' pipelines default to it
+        (UNet sample size x VAE factor): 512 for SD 1.5, 64 for the shapes model."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     # ------------------------------------------------------------------------------------------
     def check_inputs(self, layout: Layout | dict[str, Any], *, options: LMDOptions, variant: str, width: int, height: int) -> Layout:

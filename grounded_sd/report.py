@@ -83,6 +83,9 @@ class GenerationReport(BaseModel):
     per_box_prompts: dict[str, str] = Field(default_factory=dict)
     conditioning: str = Field("clip", description="what the denoising forwards were conditioned on (docs/conditioning.md)")
     conditioning_mode: str = Field("replace", description="replace: guidance on CLIP, denoising on the conditioning; concat: both on [its tokens, CLIP]; tokens: both on a per-token connector's tokens")
+    conditioning_negative: str = Field(
+        "layout", description="what the conditioning encoded as the negative: layout (the layout's negative prompt) or empty (\"\", as ELLA's official pipeline)"
+    )
     source_prompt: str | None = Field(None, description="the user's own prompt (GlueNet denoises the final pass with it)")
     language: str | None = Field(None, description="the language GlueNet read the source prompt in")
     attention_layers: list[str] = Field(default_factory=list)
@@ -140,7 +143,8 @@ class GenerationResult:
             guidance_scale=float(report.options.get("guidance_scale", 0.0)),
             width=report.width, height=report.height, variant=report.variant, preset=preset or "custom",
             model=report.model, scheduler=report.scheduler, negative_prompt=negative_prompt,
-            conditioning=Conditioning(name=report.conditioning, mode=report.conditioning_mode, language=report.language,
+            conditioning=Conditioning(name=report.conditioning, mode=report.conditioning_mode, negative=report.conditioning_negative,
+                                      language=report.language,
                                       prompt=report.prompt, negative_prompt=report.negative_prompt,
                                       per_box_prompts=report.per_box_prompts),
             refiner=report.refiner.model if report.refiner else None,

@@ -157,6 +157,10 @@ class Store:
         """A set of one API key's unfinished jobs (``-``: no keys configured)."""
         return f"{self.prefix}:active:{owner or '-'}"
 
+    def owner_sessions_key(self, owner: str | None) -> str:
+        """A sorted set of one API key's session ids, scored by the time of their latest turn."""
+        return f"{self.prefix}:sessions:{owner or '-'}"
+
     def streams_key(self, owner: str | None) -> str:
         return f"{self.prefix}:streams:{owner or '-'}"
 
@@ -251,6 +255,11 @@ class Store:
             self._create(keys=keys, args=args, client=pipe)
             for earlier in current.turns:  # a session's turns expire together
                 pipe.expire(self.job_key(earlier.job_id), self.retention_s)
+            # The key's list of sessions (GET /sessions); a refused job is listed too, harmlessly:
+            # the listing drops ids whose record is gone.
+            index = self.owner_sessions_key(job.owner)
+            pipe.zadd(index, {session.session_id: updated.updated_at.timestamp()})
+            pipe.expire(index, self.retention_s)
             return created, None
 
         outcome, admitted = self._transaction(attempt, *watches, with_results=True)
@@ -431,22 +440,54 @@ class Store:
 
     # --- sessions --------------------------------------------------------------------------------
     def conversation(self, session_id: str, before_turn: int) -> list[tuple[str, Layout]]:
-        """(text, layout) of the session's succeeded turns before ``before_turn``: what a revision sees."""
+        """(text, layout) of the session's succeeded turns before ``before_turn``: what a revision sees.
+
+        A turn that rendered a layout the client gave (edited by hand in the studio, or sent
+        with POST /generate) is no instruction: its layout replaces the answer of the turn
+        before it, so the LLM revises what the user rendered, and its text (the prompt again)
+        is not sent as an instruction. A session that starts with a given layout starts with it.
+        """
         session = self.get_session(session_id)
         if session is None:
             return []
         earlier = [t for t in session.turns if t.turn < before_turn]
         jobs = self.get_jobs([t.job_id for t in earlier])
-        turns = []
+        turns: list[tuple[str, Layout]] = []
         for t in earlier:
             job = jobs.get(t.job_id)
-            if job is not None and job.state == "succeeded" and job.layout is not None:
+            if job is None or job.state != "succeeded" or job.layout is None:
+                continue
+            if job.layout_given and turns:
+                turns[-1] = (turns[-1][0], job.layout)
+            else:
                 turns.append((t.text, job.layout))
         return turns
 
+    def owner_sessions(self, owner: str | None, offset: int, limit: int) -> tuple[list[SessionRecord], int]:
+        """A page of ``owner``'s sessions, latest turn first, and how many there are.
+
+        Ids whose record expired (or was never written) leave the index as they are met; entries
+        older than the retention are dropped first, so ``total`` counts live sessions (give or
+        take one expiring meanwhile).
+        """
+        index = self.owner_sessions_key(owner)
+        self.redis.zremrangebyscore(index, "-inf", time.time() - self.retention_s)
+        while True:
+            ids = self.redis.zrevrange(index, offset, offset + limit - 1)
+            raws = self.redis.mget([self.session_key(s) for s in ids]) if ids else []
+            gone = [s for s, raw in zip(ids, raws) if raw is None]
+            if not gone:
+                break
+            self.redis.zrem(index, *gone)  # then read the page again: later ones moved up
+        sessions = [SessionRecord.model_validate_json(raw) for raw in raws]
+        return [s for s in sessions if s.owner == owner], int(self.redis.zcard(index))
+
     # --- workers and the reaper -----------------------------------------------------------------
-    def register_worker(self, name: str, queues: list[str], ttl_s: float) -> None:
-        payload = json.dumps({"name": name, "queues": queues, "pid": os.getpid(), "seen_at": time.time()})
+    def register_worker(self, name: str, queues: list[str], ttl_s: float, capabilities: dict | None = None) -> None:
+        """Say this worker is alive (for ``ttl_s``), which queues it serves and, for a render worker,
+        what it can run (``lmd.capabilities``)."""
+        payload = json.dumps({"name": name, "queues": queues, "pid": os.getpid(), "seen_at": time.time(),
+                              "capabilities": capabilities})
         self.redis.set(self.worker_key(name), payload, px=max(1000, int(ttl_s * 1000)))
 
     def unregister_worker(self, name: str) -> None:

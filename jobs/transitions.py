@@ -100,7 +100,7 @@ def claim(job: JobRecord, stage: Stage, worker: str, now: float, max_deliveries:
         return Claim(worker_lost(job), None)
     taken = job.model_copy(update={
         "state": "planning" if stage == "plan" else "rendering",
-        "progress": Progress(stage="planning" if stage == "plan" else "loading"),
+        "progress": Progress(stage="planning" if stage == "plan" else "starting"),
         "worker": worker,
         "heartbeat_at": now,
         "deliveries": job.deliveries + 1,

@@ -34,8 +34,8 @@ WarningTag = Literal[
     "dropped", "clipped", "split", "count", "capped", "phrase", "text", "id",
     # readings that were not certain
     "truncated", "ambiguous", "background", "box", "scale",
-    # a revision answer that left objects out
-    "kept",
+    # a revision answer that left objects out; what a revision removed or renamed
+    "kept", "removed", "renamed",
 ]
 WARNING_TAGS: tuple[str, ...] = get_args(WarningTag)
 

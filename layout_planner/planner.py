@@ -67,6 +67,22 @@ def left_out(previous: Layout, layout: Layout, instruction: str) -> list[LayoutO
     return [o for o in previous.objects if o.id not in kept and head_noun(o.phrase) not in words and o.id.lower() not in words]
 
 
+def with_revision_warnings(previous: Layout, layout: Layout) -> Layout:
+    """``layout`` with a warning for each object of ``previous`` it no longer has (``removed``) or
+    whose phrase it changed (``renamed``), so that no hand edit disappears unsaid (ours)."""
+    now = {o.id: o for o in layout.objects}
+    warnings = [
+        LayoutWarning(tag="removed", text=f"{o.phrase!r} ({o.id}) is not in the revision")
+        for o in previous.objects if o.id not in now
+    ] + [
+        LayoutWarning(tag="renamed", text=f"{o.id}: {o.phrase!r} became {now[o.id].phrase!r}")
+        for o in previous.objects if o.id in now and now[o.id].phrase != o.phrase
+    ]
+    if not warnings:
+        return layout
+    return layout.model_copy(update={"warnings": bounded_warnings(layout.warnings + warnings)})
+
+
 class Planner:
     """Turns prompts into layouts with an LLM. Holds a client, a cache, the template; nothing else.
 
@@ -125,8 +141,9 @@ class Planner:
             text = validate_text(turn.text, "instruction", self.config.max_prompt_chars)
             exchanges.append((INSTRUCTION_PREFIX + text, turn.layout.to_llm_json()))
         messages = chat_messages(self.template, exchanges, INSTRUCTION_PREFIX + instruction)
-        return self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout, instruction=instruction,
-                         should_cancel=should_cancel)
+        layout, report = self._ask(messages, self._key(messages[1:], 0), previous=turns[-1].layout,
+                                   instruction=instruction, should_cancel=should_cancel)
+        return with_revision_warnings(turns[-1].layout, layout), report
 
     def close(self) -> None:
         self.client.close()

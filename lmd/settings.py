@@ -85,6 +85,10 @@ class Settings(BaseSettings):
         "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors", description="ELLA's connector: a .safetensors file, or owner/repo/file on the hub"
     )
     ella_t5: str = Field("google/flan-t5-xl", description="ELLA's T5 encoder: hub id or local directory (fp16 on CUDA)")
+    ella_negative: Literal["layout", "empty"] = Field(
+        "layout",
+        description="what ELLA encodes as the negative when a run names none: layout (the layout's negative prompt) or empty (\"\", as ELLA's official pipeline)",
+    )
     gluenet_checkpoints: dict[str, str] = Field(
         default_factory=dict, description='JSON object, language -> GlueNet checkpoint file, e.g. {"zh": "/w/gluenet_Chinese_clip_overnorm_over3_noln.ckpt"}'
     )

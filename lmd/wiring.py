@@ -224,7 +224,7 @@ def conditioning_config(settings: Settings) -> "ConditioningConfig":
     from grounded_sd.conditioning import ConditioningConfig
 
     return ConditioningConfig(
-        ella_checkpoint=settings.ella_checkpoint, ella_t5=settings.ella_t5,
+        ella_checkpoint=settings.ella_checkpoint, ella_t5=settings.ella_t5, ella_negative=settings.ella_negative,
         gluenet_checkpoints=settings.gluenet_checkpoints, gluenet_xlmr=settings.gluenet_xlmr,
     )
 

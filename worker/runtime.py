@@ -29,6 +29,7 @@ from jobs.store import Store, this_worker
 from jobs.transitions import delivery_limit
 from layout_planner.layout import MAX_OBJECTS
 from lmd import wiring
+from lmd.capabilities import render_capabilities
 from lmd.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -214,11 +215,7 @@ class WorkerRuntime:
         return "succeeded"
 
     def _render(self, job: JobRecord, heartbeat: Heartbeat):
-        pipe = self.pipeline()
-        options = render_options(job, self.settings)
-        conditioning = self.conditioning(job.conditioning)
-
-        current = {"progress": Progress(stage="loading")}  # what was last written: a preview keeps the step
+        current = {"progress": Progress(stage="starting")}  # what was last written: a preview keeps the step
 
         def write_progress(update: Progress) -> None:
             current["progress"] = update
@@ -226,6 +223,12 @@ class WorkerRuntime:
                 self.store.held_update(job.job_id, self.worker, {"progress": update, "heartbeat_at": time.time()})
             except redis.RedisError as exc:
                 log.warning("progress of job %s not recorded: %s", job.job_id, exc)
+
+        if self._pipeline is None:  # said only when true: a loaded model starts at once
+            write_progress(Progress(stage="loading"))
+        pipe = self.pipeline()
+        options = render_options(job, self.settings)
+        conditioning = self.conditioning(job.conditioning)
 
         def progress(stage: str, step: int, total: int) -> None:
             write_progress(Progress(stage=stage, step=step, total=total, preview=current["progress"].preview))
@@ -376,6 +379,8 @@ class Maintenance:
     def __init__(self, settings: Settings, name: str, queues: list[str], requeue: Callable[[str, str], None]):
         self.settings, self.name, self.queues, self.requeue = settings, name, queues, requeue
         self.store = Store.from_settings(settings)
+        # Told from files once at start (no weights loaded): what GET /limits offers to clients.
+        self.capabilities = render_capabilities(settings).model_dump() if "render" in queues else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmd-maintenance", daemon=True)
 
@@ -407,7 +412,8 @@ class Maintenance:
         next_sweep = 0.0
         while True:
             try:
-                self.store.register_worker(self.name, self.queues, ttl_s=max(3 * self.settings.heartbeat_s, 10.0))
+                self.store.register_worker(self.name, self.queues, ttl_s=max(3 * self.settings.heartbeat_s, 10.0),
+                                           capabilities=self.capabilities)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.settings.reaper_interval_s
                     self.sweep()

@@ -54,6 +54,8 @@ def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, submission: Submi
     # instruct on this session never fails the planner's check of its first turn.
     layout = getattr(body, "layout", None)
     text = (body.prompt or "").strip() or "; ".join(layout.phrases())[: settings.max_prompt_chars].strip()
+    if not text and layout is not None:  # an empty layout without a prompt: its background names it
+        text = (layout.background or "an empty scene")[: settings.max_prompt_chars].strip()
     job = JobRecord(
         job_id=new_id(),
         session_id=session.session_id,

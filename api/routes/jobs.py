@@ -17,15 +17,35 @@ from api.deps import JobDep, OwnerDep, SettingsDep, StoreDep
 from api.errors import ApiError
 from api.schemas import JobView
 from jobs.files import mask_file, report_file, result_file
-from jobs.records import new_id
+from jobs.records import JobRecord, new_id
+from jobs.store import Store
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
+def waiting_queue(job: JobRecord) -> str | None:
+    """The queue a job waits in for a worker to take it; None while a worker holds it or once it ended."""
+    if job.state == "queued":
+        return "render" if job.layout_given else "plan"
+    if job.state == "rendering" and job.worker is None:  # planned (waiting) or requeued
+        return "render"
+    return None
+
+
+def notice_of(job: JobRecord, store: Store) -> str | None:
+    """What /readyz knows (``queues_without_workers``), said on the job that it stops."""
+    queue = waiting_queue(job)
+    if queue is None or any(queue in w["queues"] for w in store.workers()):
+        return None
+    return (f"no {queue} worker is running: the job waits in the queue until one starts "
+            f"(lmd worker --queues {queue}); see GET /readyz")
+
+
 @router.get("/{job_id}", response_model=JobView, operation_id="get_job")
-def get_job(job: JobDep) -> JobView:
-    """State, stage and progress, the layout once planned, the seed, and the error of a failed job."""
-    return JobView.of(job)
+def get_job(job: JobDep, store: StoreDep) -> JobView:
+    """State, stage and progress, the layout once planned, the seed, the error of a failed job, and
+    ``notice`` when it waits for a worker that no process provides."""
+    return JobView.of(job, notice_of(job, store))
 
 
 def _rendered(job, name: str) -> None:
@@ -132,6 +152,7 @@ async def events(job: JobDep, request: Request, store: StoreDep, settings: Setti
         last = None
         job_id = job.job_id
         renewed = time.monotonic()
+        notice, notice_due = None, 0.0
         try:
             while not await request.is_disconnected():
                 try:
@@ -146,10 +167,15 @@ async def events(job: JobDep, request: Request, store: StoreDep, settings: Setti
                 if current is None:
                     yield ServerSentEvent(data='{"detail": "the job expired"}', event="gone")
                     return
-                seen = (current.state, current.progress, current.cancel_requested)
+                if time.monotonic() >= notice_due:  # the workers are looked up once a second, not every poll
+                    notice = await run_in_threadpool(notice_of, current, store)
+                    notice_due = time.monotonic() + 1.0
+                elif waiting_queue(current) is None:
+                    notice = None
+                seen = (current.state, current.progress, current.cancel_requested, notice)
                 if seen != last:
                     last = seen
-                    yield ServerSentEvent(data=JobView.of(current).model_dump_json(), event="state")
+                    yield ServerSentEvent(data=JobView.of(current, notice).model_dump_json(), event="state")
                 if current.terminal:
                     # An explicit last event: a browser's EventSource reconnects when a stream just closes.
                     yield ServerSentEvent(data=json.dumps({"job_id": job_id, "state": current.state}), event="end")

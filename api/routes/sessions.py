@@ -7,12 +7,33 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 
-from api.deps import SessionDep, StoreDep, SubmissionDep
+from api.deps import OwnerDep, SessionDep, StoreDep, SubmissionDep
 from api.errors import ApiError
-from api.schemas import Accepted, InstructRequest, SessionView, limit_errors
+from api.schemas import Accepted, InstructRequest, SessionList, SessionSummary, SessionView, limit_errors
 from jobs.records import JobRecord, SessionRecord, new_id, utcnow
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
+
+
+MAX_SESSIONS_PAGE = 100
+
+
+@router.get("", response_model=SessionList, operation_id="list_sessions")
+def list_sessions(
+    store: StoreDep,
+    owner: OwnerDep,
+    offset: Annotated[int, Query(ge=0, le=10_000, description="first session to list, counted from 0 (latest first)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_SESSIONS_PAGE, description="most sessions to list")] = 20,
+) -> SessionList:
+    """The caller's sessions (this API key's only; all sessions when keys are off), the one with the
+    latest turn first: each with its first prompt, its latest turn and a thumbnail (the image of its
+    latest render). Sessions made by any client are listed (the studio, curl); they leave the list
+    when they expire (LMD_RETENTION_S)."""
+    sessions, total = store.owner_sessions(owner, offset, limit)
+    jobs = store.get_jobs([t.job_id for s in sessions for t in s.turns])
+    more = offset + limit < total
+    return SessionList(sessions=[SessionSummary.of(s, jobs) for s in sessions], total=total,
+                       next_offset=offset + limit if more else None)
 
 
 @router.get("/{session_id}", response_model=SessionView, operation_id="get_session")

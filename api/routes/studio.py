@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import redis
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from api.deps import SettingsDep
+from api.deps import SettingsDep, StoreDep
 from api.schemas import Limits
+from lmd.capabilities import RenderCapabilities, common
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
@@ -26,6 +28,14 @@ def studio() -> FileResponse:
 
 
 @router.get("/limits", response_model=Limits, operation_id="limits")
-def limits(settings: SettingsDep) -> Limits:
-    """The request limits and defaults (sizes, steps, seeds, text lengths, presets, variants) and whether keys are on."""
-    return Limits.of(settings)
+def limits(settings: SettingsDep, store: StoreDep) -> Limits:
+    """The request limits and defaults (sizes, steps, seeds, text lengths, presets, variants), whether
+    keys are on, and what the live render workers can run (``render``: model, scheduler, variants,
+    conditionings, refiner), so that a client offers only what will run. Answers while Redis is
+    down too (``render_workers`` null then)."""
+    try:
+        workers = [w for w in store.workers() if "render" in w["queues"]]
+    except redis.RedisError:
+        return Limits.of(settings)
+    found = [RenderCapabilities.model_validate(w["capabilities"]) for w in workers if w.get("capabilities")]
+    return Limits.of(settings, common(found), len(workers))

@@ -37,6 +37,9 @@ from grounded_sd.errors import ConditioningUnavailable
 Pass = Literal["per_box", "final"]
 """``per_box``: one row per object; ``final``: the scene prompt (also the ``sd`` baseline)."""
 Mode = Literal["replace", "concat", "tokens"]
+Negative = Literal["layout", "empty"]
+"""What a conditioning encodes for classifier-free guidance's negative: ``layout`` (the layout's
+negative prompt, LMD's choice) or ``empty`` (the empty string, as ELLA's official pipeline does)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,8 @@ class Conditioning(ABC):
 
     name: ClassVar[str]
     modes: ClassVar[tuple[Mode, ...]] = ("replace",)
+    negatives: ClassVar[tuple[Negative, ...]] = ("layout",)
+    """What it can encode as the negative; the first is its default."""
 
     def check_unet(self, unet) -> None:
         """Raise :class:`ConditioningUnavailable` when the UNet is not the kind this
@@ -171,6 +176,12 @@ class Conditioning(ABC):
     def check_mode(self, mode: Mode) -> None:
         if mode not in self.modes:
             raise ConditioningUnavailable(f"conditioning {self.name} supports mode {' or '.join(self.modes)}, not {mode!r}")
+
+    def check_negative(self, negative: Negative) -> None:
+        if negative not in self.negatives:
+            raise ConditioningUnavailable(
+                f"conditioning {self.name} encodes the negative as {' or '.join(self.negatives)}, not {negative!r}"
+            )
 
     @abstractmethod
     def prepare(self, texts: TextInputs, clip: ClipEmbeddings, *, mode: Mode = "replace") -> Conditioned:

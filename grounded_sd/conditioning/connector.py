@@ -3,7 +3,7 @@
 The language models run once per generation (each prompt set: scene, boxes, negatives); the
 connector runs once per pass and timestep. Modes:
 
-- ``tokens`` (the default for LI-DiT connectors): the connector's tokens denoise *and* guide.
+- ``tokens`` (the default for LI-DiT-style connectors): the connector's tokens denoise *and* guide.
   A phrase's guidance positions are the connector tokens whose characters overlap the phrase
   in the prompt (each language model's tokens, when two are fused). Guidance then steers the
   very attention the denoiser uses, with no second text encoder.
@@ -62,6 +62,7 @@ class ConnectorConditioning(Conditioning):
     """A trained connector (``lmd train-connector``'s export) with its language models."""
 
     name = "connector"
+    negatives = ("layout", "empty")
 
     def __init__(self, connector: TrainedConnector, source: str | Path | None = None) -> None:
         self.connector = connector

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grounded_sd.conditioning.base import ClipEmbeddings, Conditioned, Conditioning, Mode, PromptTokensConditioned, TextInputs
+from grounded_sd.conditioning.base import ClipEmbeddings, Conditioned, Conditioning, Mode, Negative, PromptTokensConditioned, TextInputs
 from grounded_sd.conditioning.checkpoints import load_module, read_safetensors
 from grounded_sd.conditioning.encoders import TextEncoder, load_text_encoder
 from grounded_sd.errors import CheckpointMismatch, ConditioningUnavailable
@@ -72,11 +72,17 @@ class TimeEmbedding(nn.Module):
 
 
 class TimestepNorm(nn.Module):
-    """LayerNorm without affine weights, then ``* (1 + scale) + shift`` from the timestep."""
+    """LayerNorm without affine weights, then ``* (1 + scale) + shift`` from the timestep.
+
+    The modulation layer starts at zero, as in the official ``AdaLayerNorm``
+    (TencentQQGYLab/ELLA, ``model.py``): a fresh block is a plain LayerNorm at every timestep,
+    and training learns how the timestep should modulate it (DiT's adaLN-Zero idea)."""
 
     def __init__(self, width: int, time_dim: int) -> None:
         super().__init__()
         self.linear = nn.Linear(time_dim, 2 * width)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -176,8 +182,10 @@ class ELLAConditioning(Conditioning):
 
     name = "ella"
     modes = ("replace", "concat")
+    negatives = ("layout", "empty")  # empty: the official pipeline's T5 + ELLA of "" (docs/conditioning.md)
 
-    def __init__(self, ella: ELLA, encoder: TextEncoder) -> None:
+    def __init__(self, ella: ELLA, encoder: TextEncoder, *, negative: Negative = "layout") -> None:
+        self.negatives = (negative, "empty" if negative == "layout" else "layout")  # the first is the default
         self.ella = ella.eval().requires_grad_(False)
         self.encoder = encoder
         if encoder.dim != ella.config.text_dim:
@@ -200,6 +208,7 @@ class ELLAConditioning(Conditioning):
         config: ELLAConfig | None = None,
         checkpoint_setting: str = "LMD_ELLA_CHECKPOINT",
         encoder_setting: str = "LMD_ELLA_T5",
+        negative: Negative = "layout",
     ) -> "ELLAConditioning":
         """The connector from ``checkpoint`` and a T5 encoder (hub id or directory). On CUDA
         the T5 encoder runs in fp16 (fp32/bf16 T5 features visibly change ELLA's images)."""
@@ -207,7 +216,7 @@ class ELLAConditioning(Conditioning):
         text_dtype = torch.float16 if device.type == "cuda" else torch.float32
         text_encoder = load_text_encoder(encoder, kind="t5", device=device, dtype=text_dtype, setting=encoder_setting)
         ella = ELLA.from_file(checkpoint, config=config, setting=checkpoint_setting).to(device, dtype)
-        return cls(ella, text_encoder)
+        return cls(ella, text_encoder, negative=negative)
 
     def check_unet(self, unet) -> None:
         if getattr(unet.config, "addition_embed_type", None) is not None:

@@ -141,6 +141,7 @@ class GlueNetConditioning(Conditioning):
     """XLM-R-large (shared) and one GlueNet per configured language, each loaded on first use."""
 
     name = "gluenet"
+    negatives = ("empty",)  # GlueNet of "" (the reference); the layout's negative is not used by the final pass
 
     def __init__(
         self,

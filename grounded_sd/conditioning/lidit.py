@@ -1,13 +1,25 @@
-"""LI-DiT's connector: a token refiner per language model, optionally a collaborative refiner
-that fuses two of them, and a projection to the UNet's cross-attention width.
+"""An LI-DiT-style connector: a token refiner per language model, optionally a collaborative
+refiner that fuses two of them, and a projection to the UNet's cross-attention width.
 
-LI-DiT released no code; this follows the paper's description. The refiner is a stack of
-bidirectional transformer blocks (the LLM's own attention is causal, so early tokens never
-saw the rest of the prompt) whose residual branches are gated. Gates, shifts and scales come
-from the pooled text features plus the diffusion timestep through a zero-initialised linear
-layer (DiT's adaLN-Zero): an untrained refiner is the identity, so training starts from the
-LLM's features and learns only what helps denoising. The output keeps one token per prompt
-token (instruction tokens dropped), so a phrase's characters map to output tokens.
+"LI-DiT-style": the design follows the parts of LI-DiT (Ma et al. 2024, "Exploring the Role of
+Large Language Models in Prompt Encoding for Diffusion Models", arXiv 2406.11831) that its
+abstract and Figure 5 state, but it is trained as ELLA's connector is, against a frozen SD
+UNet, where LI-DiT trains its refiners with a DiT from scratch; none of LI-DiT's results are
+claimed for it. Each choice and its source (docs/training.md, "Where each choice comes from"):
+
+- the refiner drops the LLM's causal mask (bidirectional attention) to remove the positional
+  bias of decoder-only features: LI-DiT, abstract and Figure 5 ("linguistic token refiner");
+- one collaborative block that mixes two LLMs' refined streams: LI-DiT, Figure 5
+  ("collaborative refiner"); its form, one gated cross-attention per stream, is our choice (the
+  parts of the paper we could read give no equations for it);
+- the refiner's conditioning vector, timestep embedding + a projection of the masked mean of
+  the text features, and 2 blocks: HunyuanVideo's token refiner (arXiv 2412.03603; code
+  ``hyvideo/modules/token_refiner.py``), itself a refiner of this kind;
+- gates *and* shifts and scales from that vector, through a zero-initialised layer, so an
+  untrained refiner is the identity: DiT's adaLN-Zero (Peebles & Xie 2023, §3.2); HunyuanVideo
+  modulates gates only. Ours, so training starts from the LLM's own features;
+- one output token per prompt token (instruction tokens dropped): our choice, so a phrase's
+  characters map to output tokens and LMD's guidance can read them.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ class RefinerSize(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    blocks: int = Field(2, ge=0, le=32, description="bidirectional refiner blocks per language model (LI-DiT: 2)")
+    blocks: int = Field(2, ge=0, le=32, description="bidirectional refiner blocks per language model (HunyuanVideo's refiner: 2)")
     width: int | None = Field(None, ge=8, description="refiner width; default the language model's hidden size (no input projection)")
     heads: int | None = Field(None, ge=1, description="attention heads; default width // 64 (at least 1)")
     mlp_ratio: float = Field(4.0, gt=0, le=16)
@@ -96,7 +108,7 @@ class RefinerBlock(nn.Module):
 
 
 class TokenRefiner(nn.Module):
-    """LI-DiT's token refiner over one language model's features (B, L, in_dim) -> (B, L, width)."""
+    """A token refiner over one language model's features (B, L, in_dim) -> (B, L, width)."""
 
     def __init__(self, in_dim: int, size: RefinerSize) -> None:
         super().__init__()
@@ -118,7 +130,8 @@ class TokenRefiner(nn.Module):
 
 
 class CollaborativeBlock(nn.Module):
-    """LI-DiT's collaborative refiner: each stream cross-attends to the other once, gated from zero."""
+    """A collaborative refiner (LI-DiT, Figure 5): each stream cross-attends to the other once,
+    gated from zero (the form is our choice)."""
 
     def __init__(self, width: int, heads: int, cond_dim: int, streams: int = 2) -> None:
         super().__init__()
@@ -160,7 +173,7 @@ class LiDiTConnector(nn.Module):
     def __init__(self, in_dims: list[int], cross_attention_dim: int, size: RefinerSize, pooled_dim: int | None = None) -> None:
         super().__init__()
         if not 1 <= len(in_dims) <= 2:
-            raise ValueError(f"a LI-DiT connector takes one or two language models, got {len(in_dims)}")
+            raise ValueError(f"an LI-DiT-style connector takes one or two language models, got {len(in_dims)}")
         self.size = size
         self.time_embedding = nn.Sequential(nn.Linear(256, size.cond_dim), nn.SiLU(), nn.Linear(size.cond_dim, size.cond_dim))
         self.pooled_text = nn.ModuleList(nn.Linear(d, size.cond_dim) for d in in_dims)

@@ -1,9 +1,12 @@
 """Language models as prompt encoders for a trained connector (T5 encoders, decoder-only LLMs).
 
-LI-DiT's recipe for a decoder-only LLM: put an instruction before the prompt, read the hidden
-states of an inner layer (the third from last by default), let the connector refine them,
-then drop the instruction's tokens. A T5 encoder is read at its last layer with no
-instruction (ELLA's input).
+A decoder-only LLM is read with an instruction before the prompt (LI-DiT, arXiv 2406.11831,
+abstract and Figure 5: an instruction makes the LLM attend to image-related concepts; the
+default text is HunyuanVideo's image instruction, ``hyvideo/constants.py``, slightly
+reworded), at an inner layer, the third from last by default (HunyuanVideo's
+``hidden_state_skip_layer=2``; the LI-DiT pages we could read name no layer), then the
+connector refines the features and the instruction's tokens are dropped. A T5 encoder is read
+at its last layer with no instruction (ELLA's input).
 
 Each encoded row is laid out as ``[instruction tokens][prompt tokens, padded to max_tokens]``:
 the instruction is the same for every prompt, so its token count is fixed and dropping it is
@@ -23,10 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from grounded_sd.errors import ConnectorError
 from grounded_sd.names import Dtype
 
-LIDIT_INSTRUCTION = (
+DEFAULT_INSTRUCTION = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, and spatial relationships of the objects:"
 )
-"""LI-DiT's default instruction, placed before the prompt for decoder-only LLMs."""
+"""The default instruction before the prompt for decoder-only LLMs (HunyuanVideo's image
+instruction, reworded; kept as is so existing exports read their prompts unchanged)."""
 
 EncoderKind = Literal["auto", "t5", "causal"]
 
@@ -39,7 +43,7 @@ class EncoderSpec(BaseModel):
     model: str = Field(description="hub id or local directory of a T5 encoder or a decoder-only LLM")
     kind: EncoderKind = Field("auto", description="auto: from the model's config (t5 for T5/UMT5, causal otherwise)")
     layer: int | None = Field(None, description="hidden-state index (python style); default -3 for causal LLMs, -1 for T5")
-    instruction: str | None = Field(None, description="text before the prompt; default LI-DiT's for causal LLMs, none for T5")
+    instruction: str | None = Field(None, description="text before the prompt; default DEFAULT_INSTRUCTION for causal LLMs, none for T5")
     max_tokens: int = Field(128, ge=4, le=4096, description="prompt tokens kept (special tokens included), padded to this")
     dtype: Dtype = Field(
         "auto", description="auto: float16 on CUDA (T5 is run in fp16 as ELLA was trained), float32 on CPU"
@@ -59,7 +63,7 @@ def resolved_layer(spec: EncoderSpec, kind: str) -> int:
 def resolved_instruction(spec: EncoderSpec, kind: str) -> str:
     if spec.instruction is not None:
         return spec.instruction
-    return LIDIT_INSTRUCTION if kind == "causal" else ""
+    return DEFAULT_INSTRUCTION if kind == "causal" else ""
 
 
 def check_encoder(spec: EncoderSpec) -> tuple[str, int, int]:

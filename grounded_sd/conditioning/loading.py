@@ -4,7 +4,7 @@ per process and name, then reuse the result)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
@@ -26,6 +26,9 @@ class ConditioningConfig(BaseModel):
 
     ella_checkpoint: str | None = Field(DEFAULT_ELLA_CHECKPOINT, description="ELLA connector: .safetensors path or owner/repo/file")
     ella_t5: str = Field(DEFAULT_T5, description="T5 encoder: hub id or local directory")
+    ella_negative: Literal["layout", "empty"] = Field(
+        "layout", description="ELLA's default negative: the layout's negative prompt, or \"\" as the official pipeline"
+    )
     gluenet_checkpoints: dict[str, str] = Field(default_factory=dict, description="ISO 639-1 language -> GlueNet checkpoint")
     gluenet_xlmr: str = Field(DEFAULT_XLMR, description="XLM-RoBERTa-large: hub id or local directory")
     settings_names: dict[str, str] = Field(
@@ -56,7 +59,7 @@ def load_conditioning(name: str, config: ConditioningConfig, *, device: str | to
             raise ConditioningUnavailable(message, public=message)  # a setting's name, no value
         return ELLAConditioning.from_pretrained(
             config.ella_checkpoint, config.ella_t5, device=device, dtype=dtype,
-            checkpoint_setting=names["ella_checkpoint"], encoder_setting=names["ella_t5"],
+            checkpoint_setting=names["ella_checkpoint"], encoder_setting=names["ella_t5"], negative=config.ella_negative,
         )
     if name == "gluenet":
         from grounded_sd.conditioning.gluenet import GlueNetConditioning

@@ -88,12 +88,16 @@ def tiny_gluenet_config(in_dim: int, out_dim: int) -> GlueNetConfig:
 
 def write_random_ella(path: Path | str, config: ELLAConfig, *, seed: int = 0) -> Path:
     """An ELLA connector with random weights as ``.safetensors`` (the released format). The
-    time-modulation layers are scaled up so that the timestep visibly changes the output."""
+    time-modulation layers, zero in a fresh module, get random weights as a trained file has,
+    scaled up so that the timestep visibly changes the output."""
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     module = ELLA(config)
     with torch.no_grad():
+        for name, child in module.named_modules():
+            if name.endswith((".ln_1.linear", ".ln_2.linear", ".ln_ff.linear")):
+                child.reset_parameters()
         for name, parameter in module.named_parameters():
             if "ln_" in name or "time_aware" in name:
                 parameter.mul_(4.0)

@@ -8,7 +8,7 @@ diffusion timestep to the UNet's ``encoder_hidden_states`` (and SDXL's pooled em
 
 Two kinds:
 
-- ``lidit``: LI-DiT's token refiner(s) (:mod:`grounded_sd.conditioning.lidit`): one output
+- ``lidit``: LI-DiT-style token refiner(s) (:mod:`grounded_sd.conditioning.lidit`): one output
   token per prompt token, so guidance can read each phrase on the connector's own tokens.
 - ``ella``: ELLA's timestep-aware connector (:class:`grounded_sd.conditioning.ella.ELLA`),
   64 learned queries; its keys follow the released checkpoint, so an SD 1.x export loads with
@@ -18,6 +18,7 @@ Two kinds:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -57,8 +58,8 @@ class ConnectorSpec(BaseModel):
     in_dims: list[int] = Field(description="hidden size of each language model's chosen layer")
     cross_attention_dim: int
     pooled_dim: int | None = Field(None, description="SDXL: width of the pooled text embedding the UNet adds to its time embedding")
-    refiner: RefinerSize = RefinerSize()
-    ella: ELLASize = ELLASize()
+    refiner: RefinerSize | None = Field(None, description="sizes of a lidit connector (absent for ella)")
+    ella: ELLASize | None = Field(None, description="sizes of an ella connector (absent for lidit)")
     guidance: Literal["tokens", "clip"] = Field(
         "tokens", description="tokens: guidance reads each phrase on the connector's own tokens (lidit only); clip: on SD's CLIP tokens"
     )
@@ -77,6 +78,45 @@ class ConnectorSpec(BaseModel):
     @property
     def per_token(self) -> bool:
         return self.kind == "lidit"
+
+    @property
+    def refiner_size(self) -> RefinerSize:
+        return self.refiner or RefinerSize()
+
+    @property
+    def ella_size(self) -> ELLASize:
+        return self.ella or ELLASize()
+
+    def portable(self, directory: Path) -> "ConnectorSpec":
+        """This spec as an export in ``directory`` writes it: the trained kind's sizes only, and
+        local model directories relative to ``directory`` (``./`` or ``../``), so the file holds
+        no absolute path of the training machine and still loads where the models sit alike."""
+        return self.model_copy(update={
+            "encoders": [e.model_copy(update={"model": relative_source(e.model, directory)}) for e in self.encoders],
+            "base_model": relative_source(self.base_model, directory) if self.base_model else None,
+            "refiner": self.refiner_size if self.kind == "lidit" else None,
+            "ella": self.ella_size if self.kind == "ella" else None,
+        })
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+
+
+def relative_source(source: str, directory: Path) -> str:
+    """A hub id unchanged; a local path relative to ``directory``, always starting with ``.``
+    (which no hub id does)."""
+    if not _is_local(source):
+        return source
+    relative = os.path.relpath(Path(source).expanduser().resolve(), Path(directory).resolve())
+    return relative if relative.startswith("..") else f"./{relative}"
+
+
+def resolve_source(source: str, directory: Path) -> str:
+    """The inverse of :func:`relative_source`: a ``./`` or ``../`` path is read from ``directory``."""
+    if source.startswith(("./", "../")) or source in {".", ".."}:
+        return str((Path(directory) / source).resolve())
+    return source
 
 
 def _ella_class():
@@ -105,12 +145,13 @@ def build_module(spec: ConnectorSpec) -> nn.Module:
     """The connector module of ``spec`` with fresh weights (zero-initialised gates for lidit)."""
     spec.check()
     if spec.kind == "lidit":
-        return LiDiTConnector(spec.in_dims, spec.cross_attention_dim, spec.refiner, spec.pooled_dim)
+        return LiDiTConnector(spec.in_dims, spec.cross_attention_dim, spec.refiner_size, spec.pooled_dim)
     cls, config_cls = _ella_class()
     width = spec.cross_attention_dim
-    if width % spec.ella.heads:
-        raise ConnectorError(f"ella: the UNet's cross-attention width {width} is not divisible by {spec.ella.heads} heads")
-    config = config_cls(time_embed_dim=width, width=width, text_dim=spec.in_dims[0], num_latents=spec.ella.latents, layers=spec.ella.layers, heads=spec.ella.heads)
+    size = spec.ella_size
+    if width % size.heads:
+        raise ConnectorError(f"ella: the UNet's cross-attention width {width} is not divisible by {size.heads} heads")
+    config = config_cls(time_embed_dim=width, width=width, text_dim=spec.in_dims[0], num_latents=size.latents, layers=size.layers, heads=size.heads)
     return cls(config, spec.pooled_dim)
 
 
@@ -127,14 +168,16 @@ def read_spec(path: str | Path) -> ConnectorSpec:
 
 
 def save_connector(directory: str | Path, spec: ConnectorSpec, module: nn.Module) -> Path:
-    """Write ``connector.json`` and ``connector.safetensors`` (fp32, contiguous) to ``directory``."""
+    """Write ``connector.json`` (:meth:`ConnectorSpec.portable`) and ``connector.safetensors``
+    (fp32, contiguous) to ``directory``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    spec = spec.portable(directory)
     state = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": CONNECTOR_FORMAT})
-    (directory / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    (directory / SPEC_FILE).write_text(spec.model_dump_json(indent=2, exclude_none=True) + "\n", encoding="utf-8")
     return directory
 
 
@@ -163,7 +206,8 @@ class TrainedConnector:
     @classmethod
     def load(cls, directory: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> "TrainedConnector":
         spec, module = load_module(directory)
-        encoders = [LLMTextEncoder.load(e, device=device) for e in spec.encoders]
+        directory = Path(directory).expanduser()
+        encoders = [LLMTextEncoder.load(e.model_copy(update={"model": resolve_source(e.model, directory)}), device=device) for e in spec.encoders]
         for encoder, dim in zip(encoders, spec.in_dims):
             if encoder.hidden_size != dim:
                 raise ConnectorError(f"text encoder {encoder.spec.model!r} makes {encoder.hidden_size}-d features; the connector takes {dim}-d")
@@ -172,7 +216,7 @@ class TrainedConnector:
     @property
     def output_tokens(self) -> int:
         if self.spec.kind == "ella":
-            return self.spec.ella.latents
+            return self.spec.ella_size.latents
         return sum(e.max_tokens for e in self.spec.encoders)
 
     def encode(self, prompts: list[str]) -> list[EncodedText]:

@@ -17,7 +17,7 @@ from lmd.cli import CLIError
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from lmd.evaluation.detection import DEFAULT_DETECTOR
-    from lmd.evaluation.prompts import DEFAULT_PROMPTS
+    from lmd.shapes import SHAPES_DETECTOR
 
     parser = subparsers.add_parser(
         "eval",
@@ -28,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="run directory (images, layouts, results)")
+    parser.add_argument("--world", choices=["lmd", "shapes"], default="lmd",
+                        help="lmd: the LMD benchmark's 400 prompts, scored with OWL-ViT (default); shapes: the shapes world's "
+                             "400 prompts with their perfect layouts, the shipped shapes model at 64 px and its exact detector "
+                             "(docs/shapes.md)")
+    parser.add_argument("--layouts", choices=["stored", "planner"],
+                        help="where layouts come from: stored (the prompt file's perfect layouts; the shapes world's default) "
+                             "or planner (LMD_LLM_*, the default of --world lmd)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--responses", type=Path, metavar="JSON",
                         help="recorded LLM answers {prompt: [answer, ...]} instead of asking the LLM (LMD_LLM_*)")
@@ -44,16 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once); lower it on out-of-memory")
     parser.add_argument("--limit", type=int, metavar="N", help="N prompts spread evenly over the four tasks (default: all 400)")
     parser.add_argument("--seed", type=int, default=0, help="prompt NNN is generated with seed + NNN (default 0)")
-    parser.add_argument("--size", type=int, default=512, help="image width and height in pixels (default 512)")
+    parser.add_argument("--size", type=int, help="image width and height in pixels (default 512; 64 with --world shapes)")
     parser.add_argument("--model", help="Stable Diffusion hub id or directory (default LMD_SD_MODEL)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE)")
     parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for masks (default LMD_SAM_CHECKPOINT; unset: attention masks)")
     parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="default LMD_SAM_MODEL_TYPE")
-    parser.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"OWL-ViT hub id or directory (default {DEFAULT_DETECTOR})")
+    parser.add_argument("--detector", help=f"OWL-ViT hub id or directory (default {DEFAULT_DETECTOR}; with --world shapes: "
+                                           f"{SHAPES_DETECTOR}, the exact detector)")
     parser.add_argument("--score-threshold", type=float, default=0.15, help="detection score threshold (default 0.15, published)")
     parser.add_argument("--nms-iou", type=float, default=0.15, help="class-aware NMS IoU (default 0.15, published)")
-    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="benchmark prompts JSONL (default: the 400 LMD prompts)")
+    parser.add_argument("--prompts", type=Path,
+                        help="benchmark prompts JSONL (default: the 400 LMD prompts, or the shapes world's with --world shapes)")
     parser.add_argument("--method", help="row name in the results table (default: from the variant and layout source)")
     parser.set_defaults(handler=run_eval)
 
@@ -150,12 +159,18 @@ def _run_settings(config, settings, options, layouts_label: str, method: str):
 
 def _detector(config, device: str):
     from lmd.evaluation.detection import DetectorConfig, DetectorLoadError, OwlViTDetector
+    from lmd.shapes import SHAPES_DETECTOR
+
+    if config.detector == SHAPES_DETECTOR:
+        from lmd.shapes.detector import detect_for_eval
+
+        return DetectorConfig(model=SHAPES_DETECTOR, score_threshold=0.0, nms_iou=0.0, device="cpu"), detect_for_eval
 
     detector_config = DetectorConfig(
         model=config.detector, score_threshold=config.score_threshold, nms_iou=config.nms_iou, device=device
     )
     try:
-        return detector_config, OwlViTDetector.from_pretrained(detector_config)
+        return detector_config, OwlViTDetector.from_pretrained(detector_config).detect
     except DetectorLoadError as exc:
         raise CLIError(str(exc)) from None
 
@@ -230,7 +245,7 @@ def _run(config, settings, prompts, options, layout_source, run_settings):
         return run_benchmark(
             prompts, out=out, settings=run_settings, layout_source=layout_source,
             make_generator=_generator_factory(config, settings, options, run_settings, progress),
-            detector=detector.detect, detector_config=detector_config, options=options.model_dump(mode="json"),
+            detector=detector, detector_config=detector_config, options=options.model_dump(mode="json"),
             environment=environment_versions(str(torch_device)), on_prompt=progress.prompt_done,
         )
     except EvalConflict as exc:
@@ -264,6 +279,12 @@ def _layout_source(config, settings, all_prompts, responses):
 
     if config.baseline:
         return (lambda prompt: Layout(objects=[], background=prompt.prompt)), "prompt", "SD (prompt only)"
+    if config.layouts == "stored":
+        missing = [p.index for p in all_prompts if p.layout is None]
+        if missing:
+            raise CLIError(f"--layouts stored: {config.prompts} has no layout for prompt {missing[0]} ({len(missing)} in all)")
+        label = f"stored {config.prompts.name} sha256:{_file_digest(config.prompts)}"
+        return (lambda prompt: prompt.layout), label, f"{config.variant} (perfect layouts)"
     if responses is not None:
         label = f"responses {config.responses.name} sha256:{_file_digest(config.responses)}"
         return (lambda prompt: parse_layout_text(responses[prompt.index])), label, f"{config.variant} ({config.responses.stem})"

@@ -47,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_h)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE, auto)")
     parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE, auto: fp16 on CUDA, fp32 on CPU")
-    parser.add_argument("--width", type=int, default=512, help="image width, a multiple of 8 (default 512)")
-    parser.add_argument("--height", type=int, default=512, help="image height, a multiple of 8 (default 512)")
+    parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's own, 512 for SD 1.5, 64 for models/shapes)")
+    parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's own, as --width)")
     parser.add_argument("--max-batch", type=int, help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once)")
     parser.add_argument("--refiner", metavar="MODEL", help="finish the image with this SDXL refiner (hub id or local directory; default LMD_REFINER, unset: none)")
     parser.add_argument("--refiner-strength", type=float, help="fraction of the refiner's schedule redone (default LMD_REFINER_STRENGTH, 0.3)")
@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--conditioning`` and ``--conditioning-mode`` (generate, eval, bench)."""
+    """``--conditioning``, ``--conditioning-mode`` and ``--conditioning-negative``."""
     parser.add_argument(
         "--conditioning", metavar="NAME",
         help="what the denoising is conditioned on: clip, ella, gluenet, connector:PATH (default LMD_CONDITIONING, clip; docs/conditioning.md)",
@@ -68,6 +68,11 @@ def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--conditioning-mode", choices=("replace", "concat", "tokens"),
         help="replace (guidance on CLIP; default), concat (ELLA tokens before CLIP's), tokens (per-token connectors)",
+    )
+    parser.add_argument(
+        "--conditioning-negative", choices=("layout", "empty"),
+        help="what ella/connector encode as the negative: layout (the layout's negative prompt; default) or empty "
+             "(\"\", as ELLA's official pipeline); CLIP always encodes the layout's",
     )
 
 
@@ -156,7 +161,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise CLIError("give either a PROMPT or --layout JSON (not both)")
     for name in ("width", "height"):
         value = getattr(args, name)
-        if value <= 0 or value % 8:
+        if value is not None and (value <= 0 or value % 8):
             raise CLIError(f"--{name} must be a positive multiple of 8, got {value}")
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be at least 1, got {args.steps}")
@@ -178,7 +183,8 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
     try:
         options = wiring.render_options(settings, args.preset or settings.preset, steps=args.steps,
                                         guidance_scale=args.guidance_scale, max_batch=args.max_batch,
-                                        conditioning_mode=args.conditioning_mode)
+                                        conditioning_mode=args.conditioning_mode,
+                                        conditioning_negative=args.conditioning_negative)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from grounded_sd.names import Dtype, Preset, SamModelType, Variant
 from lmd.evaluation.detection import DEFAULT_DETECTOR
 from lmd.evaluation.prompts import DEFAULT_PROMPTS
+from lmd.shapes import SHAPES_DETECTOR, SHAPES_MODEL, SHAPES_PROMPTS, SHAPES_SIZE
 
 
 class EvalConfig(BaseModel):
@@ -22,12 +23,14 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     out: Path
+    world: Literal["lmd", "shapes"] = "lmd"
+    layouts: Literal["stored", "planner"] | None = None
     responses: Path | None = None
     baseline: Literal["sd"] | None = None
     variant: Variant = "lmd"
     preset: Preset = "reference"
     conditioning: str = "clip"
-    size: int = 512
+    size: int | None = None
     steps: int | None = None
     max_batch: int | None = None
     limit: int | None = None
@@ -37,11 +40,29 @@ class EvalConfig(BaseModel):
     dtype: Dtype | None = None
     sam_checkpoint: Path | None = None
     sam_model_type: SamModelType | None = None
-    detector: str = DEFAULT_DETECTOR
+    detector: str | None = None
     score_threshold: float = 0.15
     nms_iou: float = 0.15
-    prompts: Path = DEFAULT_PROMPTS
+    prompts: Path | None = None
     method: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _world_defaults(cls, values: dict) -> dict:
+        """Unset options take the world's defaults: the shapes world has its own prompts (with
+        stored perfect layouts), image size, model and exact detector (docs/shapes.md)."""
+        if not isinstance(values, dict):
+            return values
+        values = {k: v for k, v in values.items() if v is not None}
+        shapes = values.get("world") == "shapes"
+        values.setdefault("size", SHAPES_SIZE if shapes else 512)
+        values.setdefault("prompts", SHAPES_PROMPTS if shapes else DEFAULT_PROMPTS)
+        values.setdefault("detector", SHAPES_DETECTOR if shapes else DEFAULT_DETECTOR)
+        if shapes:
+            values.setdefault("model", str(SHAPES_MODEL))
+            if "responses" not in values:
+                values.setdefault("layouts", "stored")
+        return values
 
     @field_validator("size")
     @classmethod
@@ -68,6 +89,8 @@ class EvalConfig(BaseModel):
     def _baseline_alone(self) -> "EvalConfig":
         if self.baseline and self.variant != "lmd":
             raise ValueError("--baseline sd renders the prompt without a layout; it does not combine with --variant")
+        if self.layouts and (self.baseline or self.responses):
+            raise ValueError("--layouts chooses where layouts come from; it does not combine with --baseline or --responses")
         return self
 
     @property

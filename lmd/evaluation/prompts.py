@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from layout_planner.benchmark import TASKS, Task
+from layout_planner.layout import Layout
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "prompts.jsonl"
 
@@ -28,6 +29,7 @@ class BenchmarkPrompt(BaseModel):
     index: int
     task: Task
     prompt: str
+    layout: Layout | None = None  # the layout a perfect planner gives (the shapes world's prompt set)
 
 
 def load_prompts(path: Path = DEFAULT_PROMPTS) -> list[BenchmarkPrompt]:

@@ -8,9 +8,12 @@ before any weights load, so a typo costs seconds, not a model load.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import math
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +33,9 @@ class _Section(BaseModel):
 
 
 class ConnectorSection(_Section):
-    kind: Literal["lidit", "ella"] = Field("lidit", description="lidit: LI-DiT token refiner; ella: ELLA's 64-query connector")
+    kind: Literal["lidit", "ella"] = Field(
+        "lidit", description="lidit: an LI-DiT-style token refiner (docs/training.md); ella: ELLA's 64-query connector"
+    )
     encoders: list[EncoderSpec] = Field(min_length=1, max_length=2, description="one language model, or two (lidit) to fuse")
     refiner: RefinerSize = RefinerSize()
     ella: ELLASize = ELLASize()
@@ -55,10 +60,19 @@ class DataSection(_Section):
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of captions replaced by '' (for classifier-free guidance)")
     cache_features: bool = Field(False, description="encode every caption once, store the features on disk, free the language models")
     cache_dir: Path | None = Field(None, description="default <output_dir>/feature_cache")
+    cache_latents: bool = Field(
+        False, description="encode every image once with the VAE (its posterior's mean and std), store them in latent_cache/ beside the feature cache"
+    )
+    holdout: float = Field(
+        0.0, ge=0, lt=1, description="share of the distinct captions held out of training for the validation loss (0: none)"
+    )
     num_workers: int = Field(2, ge=0, le=64, description="data-loading processes per training process")
 
 
 class OptimizerSection(_Section):
+    name: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw: torch's AdamW; adamw8bit: bitsandbytes' 8-bit AdamW (less optimizer memory; needs bitsandbytes)"
+    )
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -69,7 +83,7 @@ class OptimizerSection(_Section):
 
 
 class TrainingSection(_Section):
-    steps: int = Field(10000, ge=1, description="optimizer steps")
+    steps: int = Field(10000, ge=0, description="optimizer steps; 0 exports the untrained connector (a control for benchmarks)")
     batch_size: int = Field(8, ge=1, description="images per process per micro-step")
     grad_accum: int = Field(1, ge=1, description="micro-steps per optimizer step")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="frozen UNet/VAE/LLM weights in this dtype; autocast for the connector")
@@ -78,7 +92,14 @@ class TrainingSection(_Section):
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    log_every: int = Field(1, ge=1, description="steps between log.jsonl lines")
+    log_every: int = Field(1, ge=1, description="steps between log.jsonl lines (and tracker points)")
+    snr_gamma: float | None = Field(
+        None, gt=0, description="min-SNR loss weighting with this gamma (Hang et al. 2023 use 5); null: every timestep weighs 1"
+    )
+    noise_offset: float = Field(0.0, ge=0, le=1, description="add offset x N(0, 1) per image and channel to the noise (offset noise); 0: off")
+    tracker: Literal["auto", "tensorboard", "wandb", "none"] = Field(
+        "auto", description="auto: TensorBoard when installed, else none; log.jsonl is written either way"
+    )
 
 
 class ValidationSection(_Section):
@@ -89,6 +110,7 @@ class ValidationSection(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0])
     steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=1)
+    loss_timesteps: int = Field(4, ge=1, le=100, description="fixed timesteps per held-out image in the validation loss")
 
 
 class TrainConfig(_Section):
@@ -105,6 +127,11 @@ class TrainConfig(_Section):
     @property
     def cache_dir(self) -> Path:
         return self.data.cache_dir or self.output_dir / "feature_cache"
+
+    @property
+    def latent_cache_dir(self) -> Path:
+        """Beside the feature cache: ``<output_dir>/latent_cache``, or next to ``data.cache_dir``."""
+        return self.cache_dir.parent / "latent_cache"
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -242,14 +269,51 @@ def list_examples(path: Path) -> list[Example]:
     return examples
 
 
+def split_holdout(examples: list[Example], share: float) -> tuple[list[Example], list[Example]]:
+    """(training, held out): the held-out captions are the ``share`` of distinct captions whose
+    SHA-256 comes first, so the split depends on the captions only (not on file order or the
+    seed) and a caption is never on both sides."""
+    if share == 0:
+        return examples, []
+    captions = sorted({e.caption for e in examples}, key=lambda c: hashlib.sha256(c.encode()).hexdigest())
+    count = math.ceil(share * len(captions))
+    if count >= len(captions):
+        raise ConnectorError(f"data.holdout {share} holds out all {len(captions)} distinct captions; lower it or add captions")
+    held = set(captions[:count])
+    return [e for e in examples if e.caption not in held], [e for e in examples if e.caption in held]
+
+
+def resolve_tracker(name: str) -> str | None:
+    """The accelerate tracker to log to, or None (log.jsonl only); an explicit tracker whose
+    package is missing is an error. W&B logs to a remote service, so it is never chosen by auto."""
+    installed = {package: importlib.util.find_spec(package) is not None for package in ("tensorboard", "wandb")}
+    if name == "auto":
+        return "tensorboard" if installed["tensorboard"] else None
+    if name == "none":
+        return None
+    if not installed[name]:
+        raise ConnectorError(f"training.tracker {name}: the {name} package is not installed (pip install {name}), or use tracker auto or none")
+    return name
+
+
+def check_optimizer(name: str) -> None:
+    if name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConnectorError(
+            "optimizer.name adamw8bit needs bitsandbytes, which is not installed (pip install bitsandbytes), or use optimizer.name adamw"
+        )
+
+
 @dataclass(frozen=True)
 class Setup:
-    """The checked configuration: the base model's facts, the encoders' widths, the examples."""
+    """The checked configuration: the base model's facts, the encoders' widths, the training
+    examples and the held-out ones (validation loss)."""
 
     config: TrainConfig
     base: BaseModelInfo
     in_dims: list[int]
     examples: list[Example]
+    held_out: list[Example] = field(default_factory=list)
+    tracker: str | None = None
 
     @property
     def resolution(self) -> int:
@@ -282,5 +346,7 @@ def check_setup(config: TrainConfig) -> Setup:
         raise ConnectorError(
             f"connector.ella: the UNet's cross-attention width {base.cross_attention_dim} is not divisible by {config.connector.ella.heads} heads"
         )
-    examples = list_examples(config.data.path)
-    return Setup(config, base, in_dims, examples)
+    check_optimizer(config.optimizer.name)
+    tracker = resolve_tracker(config.training.tracker)
+    examples, held_out = split_holdout(list_examples(config.data.path), config.data.holdout)
+    return Setup(config, base, in_dims, examples, held_out, tracker)

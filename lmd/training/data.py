@@ -1,5 +1,5 @@
 """Training data: images resized and centre-cropped, a resumable sample order, and the
-optional on-disk cache of the language models' features.
+optional on-disk caches of the language models' features and of the VAE's latents.
 
 The order of samples is a pure function of (seed, position): an endless sequence of seeded
 permutations of the data set, each process taking its own slice of every micro-step. Resuming
@@ -72,20 +72,62 @@ class FeatureCache:
         return [tensors[f"features_{i}"] for i in range(count)], [tensors[f"mask_{i}"] for i in range(count)]
 
 
-class CaptionedImages(Dataset):
-    """Examples as dicts: pixels, caption, original size and crop (SDXL's time ids), and the
-    cached features when a cache is given."""
+class LatentCache:
+    """One safetensors file per (base model, resolution, VAE dtype, image): the VAE posterior's
+    mean and standard deviation, and the original size and crop. The mean and std, not a sample,
+    are stored, so every micro-step still draws its own latent sample (as without the cache)."""
 
-    def __init__(self, examples: list[Example], resolution: int, cache: FeatureCache | None = None) -> None:
-        self.examples, self.resolution, self.cache = examples, resolution, cache
+    def __init__(self, directory: Path, base_model: str, resolution: int, dtype: torch.dtype) -> None:
+        self.directory = directory
+        self.fingerprint = json.dumps([base_model, resolution, str(dtype)])
+
+    def path(self, image: Path) -> Path:
+        stat = image.stat()  # a changed image (size or modification time) is encoded again
+        key = f"{self.fingerprint}\x00{image.resolve()}\x00{stat.st_size}\x00{stat.st_mtime_ns}"
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.directory / digest[:2] / f"{digest}.safetensors"
+
+    def has(self, image: Path) -> bool:
+        return self.path(image).is_file()
+
+    def save(self, image: Path, mean: torch.Tensor, std: torch.Tensor, original: torch.Tensor, crop: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = self.path(image)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"mean": mean, "std": std, "original_size": original, "crop": crop}
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(path)
+
+    def load(self, image: Path) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path(image)))
+
+
+class CaptionedImages(Dataset):
+    """Examples as dicts: pixels (or, with a latent cache, the cached ``latent_mean`` and
+    ``latent_std``), caption, original size and crop (SDXL's time ids), and the cached features
+    when a feature cache is given."""
+
+    def __init__(
+        self, examples: list[Example], resolution: int, cache: FeatureCache | None = None, latents: LatentCache | None = None
+    ) -> None:
+        self.examples, self.resolution, self.cache, self.latents = examples, resolution, cache, latents
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        pixels, original, crop = load_image(example.image, self.resolution)
-        item = {"pixels": pixels, "caption": example.caption, "original_size": torch.tensor(original), "crop": torch.tensor(crop)}
+        if self.latents is not None:
+            stored = self.latents.load(example.image)
+            item = {"latent_mean": stored["mean"], "latent_std": stored["std"], "caption": example.caption,
+                    "original_size": stored["original_size"], "crop": stored["crop"]}
+        else:
+            pixels, original, crop = load_image(example.image, self.resolution)
+            item = {"pixels": pixels, "caption": example.caption, "original_size": torch.tensor(original), "crop": torch.tensor(crop)}
         if self.cache is not None:
             features, masks = self.cache.load(example.caption)
             for i, (f, m) in enumerate(zip(features, masks)):

@@ -1,9 +1,11 @@
 """The training loop of ``lmd train-connector``, on ``accelerate``.
 
 Frozen UNet, VAE and language models; only the connector learns. Each micro-step: encode the
-images to latents, draw timesteps uniformly and noise, condition the UNet with the connector
-(captions dropped to "" at ``caption_dropout`` for classifier-free guidance) and regress the
-scheduler's target (the noise for epsilon models, the velocity for v-prediction models).
+images to latents (or read them from the latent cache), draw timesteps uniformly and noise
+(plus offset noise when asked), condition the UNet with the connector (captions dropped to ""
+at ``caption_dropout`` for classifier-free guidance) and regress the scheduler's target (the
+noise for epsilon models, the velocity for v-prediction models), each sample's error weighted
+by min-SNR when asked. Held-out captions give a validation loss at fixed draws.
 
 One process or many: ``accelerate launch`` starts the processes (data parallel over the
 connector, which is all that has gradients); the same code runs on one CPU. Every random draw
@@ -29,7 +31,7 @@ from grounded_sd.conditioning.llm import EncodedText, LLMTextEncoder
 from grounded_sd.conditioning.trained import ConnectorSpec, build_module, run_connector, save_connector
 from grounded_sd.errors import ConnectorError
 from lmd.training.config import Setup, TrainConfig
-from lmd.training.data import CaptionedImages, FeatureCache, StreamSampler
+from lmd.training.data import CaptionedImages, FeatureCache, LatentCache, StreamSampler, load_image
 
 CHECKPOINTS = "checkpoints"
 EXPORT = "connector"
@@ -41,13 +43,52 @@ class TrainResult:
     step: int
     export: Path
     losses: list[float]
+    validation_losses: dict[int, float]
+
+
+def build_optimizer(parameters, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (checked installed by ``check_setup``)."""
+    o = config.optimizer
+    if o.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(parameters, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training
+    via Min-SNR Weighting Strategy", arXiv 2303.09556): ``min(SNR, gamma) / SNR`` for a noise
+    target and ``min(SNR, gamma) / (SNR + 1)`` for a velocity target, as diffusers'
+    ``train_text_to_image.py`` computes them; the SNR is diffusers' ``compute_snr``."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / snr if prediction == "epsilon" else clipped / (snr + 1)
+
+
+def tracker_hparams(config: TrainConfig) -> dict[str, float | int | str | bool]:
+    """The config flattened to the scalar values TensorBoard's hparams (and W&B) take."""
+    flat: dict[str, float | int | str | bool] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+    walk("", config.model_dump(mode="json"))
+    return flat
 
 
 def connector_spec(setup: Setup) -> ConnectorSpec:
     c = setup.config.connector
     return ConnectorSpec(
         kind=c.kind, encoders=c.encoders, in_dims=setup.in_dims, cross_attention_dim=setup.base.cross_attention_dim,
-        pooled_dim=setup.base.pooled_dim, refiner=c.refiner, ella=c.ella, guidance=c.resolved_guidance, base_model=setup.config.base_model,
+        pooled_dim=setup.base.pooled_dim, refiner=c.refiner if c.kind == "lidit" else None, ella=c.ella if c.kind == "ella" else None,
+        guidance=c.resolved_guidance, base_model=setup.config.base_model,
     ).check()
 
 
@@ -100,7 +141,9 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     out = config.output_dir
     # With no accelerator device, processes started by `accelerate launch --multi_gpu` (torchrun
     # underneath) join as CPU processes over gloo; accelerate's own --cpu launcher needs MPI.
-    accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=not _has_accelerator())
+    accelerator = Accelerator(
+        mixed_precision=train_cfg.mixed_precision, cpu=not _has_accelerator(), log_with=setup.tracker, project_dir=str(out / "tracker"),
+    )
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[train_cfg.mixed_precision]
@@ -131,7 +174,7 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     cache = None
     if config.data.cache_features:
         cache = FeatureCache(config.cache_dir, config.connector.encoders)
-        captions = sorted({ex.caption for ex in setup.examples})[rank::world]
+        captions = sorted({ex.caption for ex in setup.examples + setup.held_out})[rank::world]
         todo = [c for c in captions if not cache.has(c)]
         batch = max(1, train_cfg.batch_size)
         for start in tqdm(range(0, len(todo), batch), desc="caching features", disable=not (main and progress), unit="batch"):
@@ -143,6 +186,20 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
         encoders = []  # the language models are not needed any more: free their memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    latent_cache = None
+    if config.data.cache_latents:
+        latent_cache = LatentCache(config.latent_cache_dir, base.source, resolution, weight_dtype)
+        images = sorted({ex.image for ex in setup.examples + setup.held_out})[rank::world]
+        todo = [image for image in images if not latent_cache.has(image)]
+        batch = max(1, train_cfg.batch_size)
+        for start in tqdm(range(0, len(todo), batch), desc="caching latents", disable=not (main and progress), unit="batch"):
+            chunk = todo[start : start + batch]
+            loaded = [load_image(image, resolution) for image in chunk]
+            with torch.no_grad():
+                posterior = vae.encode(torch.stack([p for p, _, _ in loaded]).to(device, weight_dtype)).latent_dist
+            for row, (image, (_, original, crop)) in enumerate(zip(chunk, loaded)):
+                latent_cache.save(image, posterior.mean[row], posterior.std[row], torch.tensor(original), torch.tensor(crop))
+        accelerator.wait_for_everyone()
 
     # The connector, its optimizer, schedule and EMA
     torch.manual_seed(train_cfg.seed)
@@ -150,9 +207,7 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     if train_cfg.gradient_checkpointing:
         module.set_gradient_checkpointing(True)
     module.to(device).train()
-    optimizer = torch.optim.AdamW(
-        module.parameters(), lr=config.optimizer.lr, betas=config.optimizer.betas, eps=config.optimizer.eps, weight_decay=config.optimizer.weight_decay
-    )
+    optimizer = build_optimizer(module.parameters(), config)
     schedule = _Schedule(optimizer, config)
     ema = None
     if train_cfg.ema_decay is not None:
@@ -172,7 +227,8 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
             log(f"resumed from {resume_from} at step {step}")
 
     accum, batch_size = train_cfg.grad_accum, train_cfg.batch_size
-    dataset = CaptionedImages(setup.examples, resolution, cache)
+    dataset = CaptionedImages(setup.examples, resolution, cache, latent_cache)
+    held_out = CaptionedImages(setup.held_out, resolution, cache, latent_cache)
     sampler = StreamSampler(
         len(dataset), batch_size=batch_size, rank=rank, world=world, seed=train_cfg.seed,
         start_micro_step=step * accum, micro_steps=(train_cfg.steps - step) * accum,
@@ -202,29 +258,75 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
         captions = [c if k else "" for c, k in zip(batch["caption"], keep.tolist())]
         return [e.encode(captions) for e in encoders]
 
-    def micro_step(batch: dict, micro: int) -> torch.Tensor:
-        generator = micro_step_generator(train_cfg.seed, micro, rank)
-        rows = batch["pixels"].shape[0]
-        keep = torch.rand(rows, generator=generator) >= config.data.caption_dropout
-        t = torch.randint(0, timesteps_total, (rows,), generator=generator)
-        pixels = batch["pixels"].to(device, weight_dtype)
+    @torch.no_grad()
+    def posterior(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std of the batch's images (cached or encoded now)."""
+        if "latent_mean" in batch:
+            return batch["latent_mean"].to(device, weight_dtype), batch["latent_std"].to(device, weight_dtype)
+        moments = vae.encode(batch["pixels"].to(device, weight_dtype)).latent_dist
+        return moments.mean, moments.std
+
+    def denoising_errors(model, batch: dict, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, encoded) -> torch.Tensor:
+        """Each sample's mean squared error of the UNet conditioned by ``model``."""
+        rows = latents.shape[0]
         with torch.no_grad():
-            moments = vae.encode(pixels).latent_dist
-            eps = torch.randn(moments.mean.shape, generator=generator).to(device, moments.mean.dtype)
-            latents = ((moments.mean + moments.std * eps) - vae_shift) * vae_scale
-            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-            t = t.to(device)
             noisy = noise_scheduler.add_noise(latents, noise, t)
             target = noise if prediction == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-        encoded = encode_batch(batch, keep.to(device))
         with accelerator.autocast():
-            out = run_connector(module, encoded, t)
+            out = run_connector(model, encoded, t)
         extra = {}
         if base.sdxl:
             time_ids = torch.cat([batch["original_size"], batch["crop"], torch.tensor([[resolution, resolution]] * rows)], dim=1)
             extra = {"added_cond_kwargs": {"text_embeds": out.pooled.to(weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}}
         pred = unet(noisy, t, encoder_hidden_states=out.hidden_states.to(weight_dtype), **extra).sample
-        return F.mse_loss(pred.float(), target.float())
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def micro_step(batch: dict, micro: int) -> torch.Tensor:
+        generator = micro_step_generator(train_cfg.seed, micro, rank)
+        rows = len(batch["caption"])
+        keep = torch.rand(rows, generator=generator) >= config.data.caption_dropout
+        t = torch.randint(0, timesteps_total, (rows,), generator=generator)
+        with torch.no_grad():
+            mean, std = posterior(batch)
+            eps = torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
+            latents = ((mean + std * eps) - vae_shift) * vae_scale
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+            if train_cfg.noise_offset:  # offset noise: a per-image, per-channel shift the UNet must also predict
+                offset = torch.randn((rows, latents.shape[1], 1, 1), generator=generator).to(device, latents.dtype)
+                noise = noise + train_cfg.noise_offset * offset
+            t = t.to(device)
+        errors = denoising_errors(module, batch, latents, noise, t, encode_batch(batch, keep.to(device)))
+        if train_cfg.snr_gamma is not None:
+            errors = errors * min_snr_weights(noise_scheduler, t, train_cfg.snr_gamma, prediction)
+        return errors.mean()
+
+    @torch.no_grad()
+    def validation_loss() -> float:
+        """Mean squared error (unweighted, no offset noise, no caption dropout) over the held-out
+        images at ``validation.loss_timesteps`` evenly spread timesteps, each image with the same
+        noise at every evaluation: the curve compares the connector with itself, not the draws."""
+        from torch.utils.data import default_collate
+
+        model = unwrapped()
+        model.eval()
+        k = config.validation.loss_timesteps
+        timesteps = ((torch.arange(k) + 0.5) * timesteps_total / k).long().to(device)
+        total, images_per_batch = 0.0, max(1, train_cfg.batch_size)
+        for start in range(0, len(held_out), images_per_batch):
+            indices = range(start, min(start + images_per_batch, len(held_out)))
+            images = default_collate([held_out[i] for i in indices])
+            mean, _ = posterior(images)
+            # each image k times, once per timestep; its noise from its own index's generator
+            batch = {key: value.repeat_interleave(k, dim=0) if isinstance(value, torch.Tensor) else [v for v in value for _ in range(k)]
+                     for key, value in images.items()}
+            latents = ((mean - vae_shift) * vae_scale).repeat_interleave(k, dim=0)
+            noise = torch.cat([
+                torch.randn((k, *latents.shape[1:]), generator=torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + i)) for i in indices
+            ]).to(device, latents.dtype)
+            encoded = encode_batch(batch, torch.ones(len(latents), dtype=torch.bool, device=device))
+            total += float(denoising_errors(model, batch, latents, noise, timesteps.repeat(len(indices)), encoded).sum())
+        model.train()
+        return total / max(1, len(held_out) * k)
 
     def unwrapped():
         return accelerator.unwrap_model(module)
@@ -275,13 +377,22 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     # The loop
     out.mkdir(parents=True, exist_ok=True)
     log_file = (out / "log.jsonl").open("a", encoding="utf-8") if main else None
+    accelerator.init_trackers("train-connector", config=tracker_hparams(config))
     if main:
+        held = f", {len(held_out)} held out" if len(held_out) else ""
         log(
             f"training a {spec.kind} connector ({sum(p.numel() for p in unwrapped().parameters()) / 1e6:.2f} M parameters) "
-            f"for {train_cfg.steps} steps: {world} process(es) x batch {batch_size} x accumulation {accum}, {len(dataset)} images at {resolution}px"
+            f"for {train_cfg.steps} steps: {world} process(es) x batch {batch_size} x accumulation {accum}, "
+            f"{len(dataset)} images at {resolution}px{held}; {config.optimizer.name}, tracker {setup.tracker or 'none (log.jsonl)'}"
         )
     bar = tqdm(total=train_cfg.steps, initial=step, desc="train-connector", unit="step", disable=not (main and progress), dynamic_ncols=True)
     losses: list[float] = []
+    validation_losses: dict[int, float] = {}
+    run_started = time.perf_counter()
+    if main and len(held_out) and step == 0:  # where the curve starts: the untrained connector
+        validation_losses[0] = with_export_weights(validation_loss)
+        log_file.write(json.dumps({"step": 0, "validation_loss": validation_losses[0]}) + "\n")
+        accelerator.log({"validation/loss": validation_losses[0]}, step=0)
     window = 0.0
     started = time.perf_counter()
     micro = step * accum
@@ -306,9 +417,14 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
         losses.append(window)
         elapsed = time.perf_counter() - started
         rate = batch_size * accum * world / max(elapsed, 1e-9)
-        if log_file and step % train_cfg.log_every == 0:
-            log_file.write(json.dumps({"step": step, "loss": window, "lr": schedule.lr(), "images_per_s": rate}) + "\n")
+        row = {"step": step, "loss": window, "lr": schedule.lr(), "images_per_s": rate}
+        if main and len(held_out) and (step % config.validation.every == 0 or step == train_cfg.steps):
+            row["validation_loss"] = validation_losses[step] = with_export_weights(validation_loss)
+        if log_file and (step % train_cfg.log_every == 0 or "validation_loss" in row):
+            log_file.write(json.dumps(row) + "\n")
             log_file.flush()
+            accelerator.log({f"{'validation' if key == 'validation_loss' else 'train'}/{key.removeprefix('validation_')}": value
+                             for key, value in row.items() if key != "step"}, step=step)
         bar.set_postfix(loss=f"{window:.4f}", lr=f"{schedule.lr():.2e}", img_s=f"{rate:.1f}")
         bar.update(1)
         window = 0.0
@@ -325,10 +441,18 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
     if main:
         final = spec.model_copy(update={"steps": step})
         with_export_weights(lambda: save_connector(export, final, unwrapped()))
+        summary = {
+            "kind": spec.kind, "steps": step, "steps_this_run": len(losses), "processes": world, "device": str(device),
+            "images_per_step": batch_size * accum * world, "parameters": sum(p.numel() for p in unwrapped().parameters()),
+            "train_wall_s": round(time.perf_counter() - run_started, 3), "mixed_precision": train_cfg.mixed_precision,
+            "last_loss": losses[-1] if losses else None, "validation_losses": {str(k): v for k, v in validation_losses.items()},
+            "held_out_images": len(held_out), "training_images": len(dataset),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         log(f"exported {export} (use: lmd generate --conditioning connector:{export})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(step, export, losses)
+    return TrainResult(step, export, losses, validation_losses)
 
 
 def _has_accelerator() -> bool:

@@ -45,6 +45,10 @@ PLANNED = {  # the fake LLM's layout: xywh on the 512 grid
 }
 REVISED = {**PLANNED, "objects": [PLANNED["objects"][0], {**PLANNED["objects"][1], "box": [288, 32, 192, 256]}]}
 SMALL = {"width": 64, "height": 64, "steps": 4, "preset": "fast"}
+PLANNED_NORMALISED = Layout.model_validate(  # the same layout as a request sends it
+    {**PLANNED, "objects": [{**o, "box": [o["box"][0] / 512, o["box"][1] / 512, (o["box"][0] + o["box"][2]) / 512,
+                                          (o["box"][1] + o["box"][3]) / 512]} for o in PLANNED["objects"]]}
+).model_dump(mode="json", exclude={"warnings"})
 
 
 class Stack:
@@ -194,14 +198,17 @@ def wait_done(page) -> None:
 
 
 def test_plan_drag_render_previews_result_refine_compare(page, stack):
-    open_studio(page, stack, key="wrong-key")
-    page.fill("#seed", "7")
-    page.fill("#prompt", "a cat and a dog")
-    page.click("#plan-button")
-    page.wait_for_selector("#key-dialog[open]")  # the 401 asks for the key again
-    assert "refused" in page.inner_text("#key-reason")
+    page.goto(stack.api.base_url)
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", "wrong-key")
+    page.click("#key-save")
+    page.wait_for_function("document.getElementById('key-reason').textContent.includes('refused')")
+    assert page.is_visible("#key-dialog")  # the gallery's request met a 401: the key is asked for again at once
     page.fill("#key-input", KEY)
     page.click("#key-save")
+    for field, value in SMALL.items():
+        page.select_option(f"#{field}", value) if field == "preset" else page.fill(f"#{field}", str(value))
+    page.fill("#seed", "7")
     plan(page)
     assert page.locator("#editor .box").count() == 2
     assert page.input_value("#background") == "a realistic living room" and page.input_value("#negative") == "birds"
@@ -355,3 +362,248 @@ def test_a_422_and_a_503_in_plain_words(page, stack):
         assert page.inner_text("#err-width") == ""
     finally:
         stack.redis_server.start()
+
+
+# ------------------------------------------------------------------------------ issue 18 ---------
+def wait_text(page, selector: str, text: str, timeout: float = 60_000) -> None:
+    page.wait_for_function("([s, t]) => (document.querySelector(s)?.textContent || '').includes(t)", arg=[selector, text],
+                           timeout=timeout)
+
+
+def record_progress(page) -> None:
+    """Keep every text the progress line shows from now on in window.progressTexts."""
+    page.evaluate("""() => {
+        window.progressTexts = [];
+        new MutationObserver(() => window.progressTexts.push(document.getElementById('progress-text').textContent))
+            .observe(document.getElementById('progress-text'), {childList: true, characterData: true, subtree: true});
+    }""")
+
+
+def rendered_session(stack, prompt: str) -> tuple[dict, dict]:
+    """A session made with the API alone (as curl would): a plan, then an edited layout rendered."""
+    accepted = stack.client.post("/plan", json={"prompt": prompt, **SMALL}).json()
+    planned = wait_for_job(stack.client, accepted["job_id"], {"succeeded", "failed"})
+    render = stack.client.post("/generate", json={"layout": planned["layout"], "session_id": accepted["session_id"],
+                                                  "prompt": prompt, **SMALL}).json()
+    return accepted, wait_for_job(stack.client, render["job_id"], {"succeeded", "failed"})
+
+
+def test_the_address_keeps_session_and_turn_over_reload_back_forward_and_a_shared_link(page, stack, browser):
+    open_studio(page, stack)
+    page.fill("#steps", "400")
+    page.select_option("#preset", "reference")
+    plan(page, "a cat and a dog at dusk")
+    assert "turn=1" in page.url and "session=" in page.url
+    render_request(page)
+    page.wait_for_function("/step \\d+ of 400/.test(document.getElementById('progress-text').textContent)")
+    assert "turn=2" in page.url
+    address = page.url
+
+    page.reload()  # mid-render: the key is kept, the address brings the turn and its running job back
+    page.wait_for_function("/step \\d+ of 400/.test(document.getElementById('progress-text').textContent)")
+    assert page.url == address and not page.is_disabled("#cancel-button")
+    assert page.locator("#timeline .turn").count() == 2 and page.locator("#editor .box").count() == 2
+    assert page.input_value("#prompt") == "a cat and a dog at dusk" and page.input_value("#steps") == "400"
+    page.click("#cancel-button")
+    wait_text(page, "#progress-text", "Canceled.")
+
+    page.go_back()  # turn 1, the plan
+    page.wait_for_function("document.querySelector('#timeline .turn.current') === document.querySelectorAll('#timeline .turn')[0]")
+    assert "turn=1" in page.url and "Layout planned." in page.inner_text("#progress-text")
+    page.go_forward()
+    page.wait_for_function("document.querySelector('#timeline .turn.current') === document.querySelectorAll('#timeline .turn')[1]")
+    wait_text(page, "#progress-text", "Canceled.")
+
+    shared = browser.new_context(viewport={"width": 1200, "height": 900}, bypass_csp=True)  # another browser: no key stored
+    other = shared.new_page()
+    try:
+        other.goto(address)
+        other.wait_for_selector("#key-dialog[open]")
+        other.fill("#key-input", KEY)
+        other.click("#key-save")
+        other.wait_for_selector("#timeline .turn >> nth=1")
+        other.wait_for_selector("#editor .box[data-id=dog]")
+        assert "canceled" in other.inner_text("#timeline .turn >> nth=1")
+    finally:
+        shared.close()
+
+
+def test_the_gallery_lists_sessions_made_with_curl_and_opens_them(page, stack):
+    accepted, rendered = rendered_session(stack, "a cat and a dog made with curl")
+    assert rendered["state"] == "succeeded", stack.logs()
+    open_studio(page, stack)
+    card = page.locator(f"#gallery li[data-session-id='{accepted['session_id']}']")
+    card.wait_for()
+    assert page.locator("#gallery li").first.get_attribute("data-session-id") == accepted["session_id"]  # latest first
+    assert "a cat and a dog made with curl" in card.inner_text() and "2 turns" in card.inner_text()
+    page.wait_for_function(f"document.querySelector(\"#gallery li[data-session-id='{accepted['session_id']}'] img\")?.src.startsWith('blob:')")
+    card.locator("a").click()
+    page.wait_for_selector("#result:not([hidden])")
+    assert f"session={accepted['session_id']}" in page.url and "turn=2" in page.url
+    assert page.locator("#timeline .turn").count() == 2 and page.inner_text("#result-seed") == str(rendered["seed"])
+
+
+def test_generate_in_one_click_with_the_controls_the_service_can_run(page, stack):
+    open_studio(page, stack)
+    assert "Renders with tiny" in page.inner_text("#model-info") and "DDIMScheduler" in page.inner_text("#model-info")
+    offered = lambda sel: page.eval_on_selector_all(f"{sel} option", "os => os.map(o => o.value)")  # noqa: E731
+    assert offered("#variant") == ["lmd", "sd"]  # no lmd_plus: the tiny model has no GLIGEN
+    assert offered("#conditioning") == ["clip"] and page.is_hidden("#refine-wrap")
+    page.select_option("#aspect", "16:9")
+    assert (page.input_value("#width"), page.input_value("#height"), page.input_value("#aspect")) == ("64", "40", "16:9")
+    page.fill("#guidance", "5")
+    page.fill("#negative-prompt", "blurry")
+    page.fill("#prompt", "a cat and a dog in one click")
+    record_progress(page)
+    with page.expect_request(lambda r: r.url.endswith("/generate") and r.method == "POST") as request:
+        page.focus("#prompt")
+        page.keyboard.press("Control+Enter")
+    body = request.value.post_data_json
+    assert "layout" not in body and body["prompt"] == "a cat and a dog in one click"
+    assert (body["guidance_scale"], body["negative_prompt"], body["width"], body["height"]) == (5, "blurry", 64, 40)
+    page.wait_for_selector("#result:not([hidden])")
+    wait_text(page, "#progress-text", "Done.")
+    assert page.locator("#editor .box").count() == 2  # the planned layout, shown in the editor
+    assert page.is_hidden("#preview-figure")  # the last preview leaves with Done
+    texts = page.evaluate("window.progressTexts")
+    assert texts[0].startswith("Sending the request") and not any("loading the model" in t for t in texts), texts
+    seed = page.inner_text("#result-seed")
+    assert seed.isdigit()
+    page.fill("#seed", "")
+    page.click("#reuse-seed")
+    assert page.input_value("#seed") == seed
+
+
+def test_progress_follows_the_job_render_after_plan_and_a_failed_job(page, stack):
+    open_studio(page, stack)
+    plan(page, "a cat and a dog, then rendered")
+    assert page.inner_text("#progress-text") == "Layout planned."
+    record_progress(page)
+    render_request(page)
+    wait_text(page, "#progress-text", "Done.")
+    texts = page.evaluate("window.progressTexts")
+    assert texts[0].startswith("Sending the request") and "Layout planned." not in texts[1:], texts
+
+    # A job that fails (made with the API: lmd_plus needs GLIGEN), opened by its address.
+    failing = stack.client.post("/generate", json={"layout": PLANNED_NORMALISED, "variant": "lmd_plus", **SMALL}).json()
+    page.goto(f"{stack.api.base_url}/?session={failing['session_id']}&turn=1")
+    wait_text(page, "#progress-text", "Failed (variant_unavailable)")
+    assert "loading" not in page.inner_text("#progress-text") and page.is_hidden("#preview-figure")
+    assert "variant_unavailable" in page.inner_text("#alert")
+
+
+def test_colours_stay_distinct_within_a_layout(page, stack):
+    open_studio(page, stack)
+    many = {"objects": [{"id": f"o{i}", "phrase": f"thing {i}", "box": [10 + 50 * i, 10, 40, 40]} for i in range(9)],
+            "background": "a shelf", "negative": ""}
+    stack.llm.enqueue(many)
+    page.fill("#prompt", "nine things on a shelf")
+    page.click("#plan-button")
+    page.wait_for_selector("#editor .box >> nth=8")
+    colours = page.eval_on_selector_all("#editor .box", "els => els.map(e => e.style.getPropertyValue('--c'))")
+    assert len(set(colours)) == 9, colours
+
+
+def test_an_empty_layout_renders_its_background(page, stack):
+    open_studio(page, stack)
+    stack.llm.enqueue({"objects": [], "background": "an empty street", "negative": "cars"})
+    page.fill("#prompt", "an empty street, no cars")
+    page.click("#plan-button")
+    wait_text(page, "#progress-text", "Layout planned.")
+    page.wait_for_function("document.getElementById('background').value === 'an empty street'")
+    assert page.locator("#editor .box").count() == 0 and page.is_visible("#objects-empty")
+    body = render_request(page)
+    assert body["layout"]["objects"] == []
+    page.wait_for_selector("#result:not([hidden])")
+    wait_text(page, "#progress-text", "Done.")
+
+
+def test_refine_revises_the_layout_the_user_rendered_and_says_what_it_dropped(page, stack):
+    open_studio(page, stack)
+    plan(page, "a cat and a dog to refine")
+    page.fill("#phrase-dog", "a spotted dog")
+    page.press("#phrase-dog", "Tab")
+    page.fill("#negative", "birds, rain")
+    page.press("#negative", "Tab")
+    render_request(page)
+    wait_text(page, "#progress-text", "Done.")
+    stack.llm.enqueue({"objects": [{"id": "dog", "phrase": "a big spotted dog", "box": [200, 100, 300, 400]}],
+                       "background": "a realistic living room", "negative": "birds, rain"})
+    page.fill("#instruction", "remove the cat, make the dog big")
+    page.click("#instruct-button")
+    page.wait_for_selector("#timeline .turn >> nth=2")
+    wait_text(page, "#progress-text", "Done.")
+    messages = stack.llm.requests[-1].messages
+    sent = json.loads(messages[-2]["content"])  # the layout the LLM revises: the one rendered, with the hand edits
+    assert {o["id"]: o["phrase"] for o in sent["objects"]} == {"cat": "a grey cat", "dog": "a spotted dog"}
+    assert sent["negative"] == "birds, rain"
+    assert messages[-1]["content"] == "Instruction: remove the cat, make the dog big"
+    assert not any("Instruction: a cat and a dog" in m["content"] for m in messages)
+    warnings = page.inner_text("#warnings")
+    assert "removed: 'a grey cat' (cat) is not in the revision" in warnings
+    assert "renamed: dog: 'a spotted dog' became 'a big spotted dog'" in warnings
+
+
+def test_phone_width_and_the_seed_field_fit(browser, stack):
+    _, rendered = rendered_session(stack, "a cat and a dog on a phone")
+    context = browser.new_context(viewport={"width": 390, "height": 844}, bypass_csp=True)
+    page = context.new_page()
+    try:
+        open_studio(page, stack, query=f"?session={rendered['session_id']}&turn=2")
+        page.wait_for_function("document.getElementById('report-stages').rows.length === 5")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        for table in ("#report-stages", "#report-objects"):  # whole within the panel, not scrolled sideways
+            assert page.eval_on_selector(table, "t => t.parentElement.scrollWidth <= t.parentElement.clientWidth"), table
+        page.fill("#seed", "")
+        # the placeholder's text fits the field
+        assert page.evaluate("""() => {
+            const input = document.getElementById('seed'), style = getComputedStyle(input);
+            const context = document.createElement('canvas').getContext('2d');
+            context.font = `${style.fontSize} ${style.fontFamily}`;
+            const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - 20;
+            return context.measureText(input.placeholder).width <= room;
+        }""")
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "test_phone_width_and_the_seed_field_fit.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def test_compare_slider_shows_one_view_with_a_divider_and_labels(page, stack):
+    accepted, _ = rendered_session(stack, "a cat and a dog to compare")
+    second = stack.client.post("/generate", json={"layout": PLANNED_NORMALISED, "session_id": accepted["session_id"],
+                                                  "prompt": "a cat and a dog to compare", "seed": 3, **SMALL}).json()
+    wait_for_job(stack.client, second["job_id"], {"succeeded"})
+    open_studio(page, stack, query=f"?session={accepted['session_id']}&turn=3")
+    page.wait_for_selector("#timeline .turn >> nth=2")
+    page.check("[aria-label='Compare turn 2']")
+    page.check("[aria-label='Compare turn 3']")
+    page.click("#compare-button")
+    page.check("#compare-slider")
+    page.wait_for_selector("#compare-swipe", state="visible")
+    assert page.is_hidden("#compare-side")  # one view at a time
+    assert page.inner_text("#swipe-label-a") == "◀ Turn 2" and page.inner_text("#swipe-label-b") == "Turn 3 ▶"
+    page.fill("#swipe-range", "30")
+    assert page.get_attribute("#swipe-divider", "style") == "left: 30%;"
+    page.uncheck("#compare-slider")
+    assert page.is_visible("#compare-side") and page.is_hidden("#compare-swipe")
+
+
+def test_no_render_worker_is_said_on_the_page_and_in_the_job(page, stack):
+    """Last in the module: it stops the render worker."""
+    render = next(w for w in stack.workers if w.queue == "render")
+    render.stop()
+    redis.Redis(port=stack.redis_server.port).delete(f"lmd:worker:{render.name}")
+    open_studio(page, stack)
+    wait_text(page, "#model-info", "No render worker is running")
+    plan(page, "a cat and a dog, nobody renders")
+    render_request(page)
+    wait_text(page, "#progress-text", "no render worker is running")
+    assert "no render worker is running" in page.inner_text("#alert")
+    job_id = page.evaluate("window.studio.running")
+    assert "no render worker" in stack.client.get(f"/jobs/{job_id}").json()["notice"]
+    page.click("#cancel-button")
+    wait_text(page, "#progress-text", "Canceled.")
+    page.wait_for_function("window.studio.running === null")
+    page.wait_for_timeout(500)  # the cancel call's own answer comes too: it must not bring "Canceling…" back
+    assert page.inner_text("#progress-text") == "Canceled." and page.is_hidden("#progress-text.notice")

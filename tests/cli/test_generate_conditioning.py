@@ -21,14 +21,17 @@ def conditioning_env(clean_env, monkeypatch, tiny_conditioning_files):
     return clean_env
 
 
-def test_ella_from_a_layout(conditioning_env, tiny_sd_path, capsys):
+def test_ella_from_a_layout(conditioning_env, tiny_sd_path, monkeypatch, capsys):
     layout_path = conditioning_env / "layout.json"
     layout_path.write_text(json.dumps(LAYOUT))
     out = conditioning_env / "out"
+    monkeypatch.setenv("LMD_ELLA_NEGATIVE", "empty")  # the official pipeline's negative for every ELLA run...
     argv = ["generate", "--layout", str(layout_path), "--out", str(out), "--model", str(tiny_sd_path), "--conditioning", "ella", *FAST]
     assert main([*argv, "--conditioning-mode", "concat"]) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert (report["conditioning"], report["conditioning_mode"]) == ("ella", "concat")
+    assert (report["conditioning"], report["conditioning_mode"], report["conditioning_negative"]) == ("ella", "concat", "empty")
+    assert main([*argv, "--conditioning-negative", "layout"]) == 0, capsys.readouterr().err  # ...unless a run names one
+    assert json.loads((out / "report.json").read_text())["conditioning_negative"] == "layout"
     assert [s["name"] for s in report["stages"]] == ["per_box", "masks", "final"]
 
 

@@ -68,6 +68,26 @@ def test_full_size_ella_has_the_released_keys_shapes_and_size():
     assert sum(p.numel() for p in module.parameters()) == 66_820_608  # 66.8 M
 
 
+def test_fresh_ella_starts_with_zero_timestep_modulation_as_the_official_init():
+    """The official AdaLayerNorm zero-initialises its linear layer: a fresh perceiver block
+    normalises without any timestep scale or shift (the issue measured ~21,300 for the abs-sum
+    of one block's ln_1.linear.weight under PyTorch's default init)."""
+    torch.manual_seed(0)
+    module = ELLA(ELLAConfig(time_channels=32, time_embed_dim=64, width=64, text_dim=48, num_latents=8, layers=3, heads=4))
+    modulations = {k: v for k, v in module.state_dict().items() if ".ln_" in k and ".linear." in k}
+    assert len(modulations) == 3 * 3 * 2  # ln_1, ln_2, ln_ff per block, weight and bias
+    assert all(float(v.abs().sum()) == 0.0 for v in modulations.values())
+    # ... so every timestep-modulated norm is the plain LayerNorm, whatever the timestep
+    block = module.connector.perceiver_blocks[0]
+    x, temb = torch.randn(2, 5, 64), torch.randn(2, 1, 64) * 10
+    plain = torch.nn.functional.layer_norm(x, (64,), eps=1e-6)
+    for norm in (block.ln_1, block.ln_2, block.ln_ff):
+        assert torch.equal(norm(x, temb), plain)
+    # the rest keeps PyTorch's default init (as the official module does): it is not all zero
+    assert float(module.connector.proj_in.weight.abs().sum()) > 0
+    assert float(block.attn.in_proj_weight.abs().sum()) > 0
+
+
 def test_full_size_gluenet_has_the_released_keys_shapes_and_size():
     with torch.device("meta"):
         module = GlueNet(GlueNetConfig())

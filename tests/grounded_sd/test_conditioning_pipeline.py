@@ -49,11 +49,13 @@ class EmbeddingsSeen:
 
     def __init__(self, unet) -> None:
         self.calls: list[torch.Tensor] = []
+        self.timesteps: list[torch.Tensor] = []
         self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
         states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         self.calls.append(states.detach().clone())
+        self.timesteps.append(torch.as_tensor(kwargs.get("timestep", args[1] if len(args) > 1 else None)).clone())
 
     def __enter__(self):
         return self
@@ -142,3 +144,30 @@ def test_a_connector_for_another_unet_width_is_refused(tiny_pipeline, tiny_condi
     wide = ELLAConditioning.from_pretrained(path, tiny_conditioning_files["t5"])
     with pytest.raises(ConditioningUnavailable, match="cross_attention_dim is 32"):
         tiny_pipeline(LAYOUT, seed=1, width=SIZE, height=SIZE, options=LMDOptions.reference(steps=2), conditioning=wide)
+
+
+@pytest.mark.parametrize("negative", [None, "empty"])
+def test_ella_encodes_the_layouts_negative_or_the_empty_string_as_the_official_pipeline(tiny_pipeline, conditionings, negative):
+    """Default: ELLA of the layout's negative prompt is the unconditional row the UNet denoises
+    with; ``empty``: ELLA of "" (TencentQQGYLab/ELLA's inference.py); the report says which."""
+    ella = conditionings.get("ella")
+    options = LMDOptions.reference(steps=4, loss_threshold=0.0, conditioning_negative=negative)
+    with EmbeddingsSeen(tiny_pipeline.unet) as seen:
+        result = tiny_pipeline({**LAYOUT, "negative": "a blue dog"}, seed=3, width=SIZE, height=SIZE, options=options, conditioning=ella)
+    report = result.report
+    assert "a blue dog" in report.negative_prompt  # CLIP's negative is the layout's either way
+    uncond, t = next((e[0], t) for e, t in zip(reversed(seen.calls), reversed(seen.timesteps)) if e.shape[1] == 8)
+    encoded = "" if negative == "empty" else report.negative_prompt
+    with torch.no_grad():
+        expected = ella.ella(ella.encoder.encode([encoded]), t.reshape(-1)[:1])[0]
+        other = ella.ella(ella.encoder.encode([report.negative_prompt if negative == "empty" else ""]), t.reshape(-1)[:1])[0]
+    assert torch.allclose(uncond, expected, atol=1e-5) and not torch.allclose(uncond, other, atol=1e-3)
+    assert report.conditioning_negative == (negative or "layout")
+    assert result.parameters().conditioning.negative == report.conditioning_negative  # the PNG records it too
+    assert any("empty string as the negative" in note for note in report.notes) == (negative == "empty")
+
+
+@pytest.mark.parametrize(("name", "negative"), [("clip", "empty"), ("gluenet", "layout")])
+def test_a_negative_the_conditioning_cannot_encode_is_refused(tiny_pipeline, conditionings, name, negative):
+    with pytest.raises(ConditioningUnavailable, match=f"encodes the negative as .*not '{negative}'"):
+        run(tiny_pipeline, conditionings, name, conditioning_negative=negative)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grounded_sd.conditioning.lidit import CollaborativeBlock, LiDiTConnector, RefinerSize, TokenRefiner
-from grounded_sd.conditioning.llm import LIDIT_INSTRUCTION, EncoderSpec, LLMTextEncoder
+from grounded_sd.conditioning.llm import DEFAULT_INSTRUCTION, EncoderSpec, LLMTextEncoder
 from grounded_sd.conditioning.trained import ConnectorSpec, TrainedConnector, build_module, phrase_tokens, save_connector
 
 
@@ -36,9 +36,9 @@ def test_untrained_refiner_passes_features_through_unchanged():
 
 def test_connector_on_llm_features_is_a_projection_of_the_chosen_layer_without_the_instruction(qwen):
     encoded = qwen.encode(["a red square on the left", "two cats"])
-    assert qwen.layer == -3 and qwen.instruction == LIDIT_INSTRUCTION
+    assert qwen.layer == -3 and qwen.instruction == DEFAULT_INSTRUCTION
     n = encoded.n_instruction
-    assert n == len(qwen.tokenizer(LIDIT_INSTRUCTION + "\n").input_ids) > 10
+    assert n == len(qwen.tokenizer(DEFAULT_INSTRUCTION + "\n").input_ids) > 10
     # the features are the third-from-last hidden states of the LLM on [instruction][prompt]
     ids, mask, _ = qwen.tokenize(["a red square on the left", "two cats"])
     reference = qwen.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states

@@ -40,7 +40,7 @@ def test_a_job_with_a_given_layout_skips_planning():
     job = _job(layout=LAYOUT, layout_given=True)
     assert _claim(job, stage="plan") == t.Claim(None, None)
     taken = _claim(job, stage="render").claimed
-    assert (taken.state, taken.progress.stage) == ("rendering", "loading")
+    assert (taken.state, taken.progress.stage) == ("rendering", "starting")
 
 
 def test_a_planned_job_is_not_planned_again():
