@@ -103,7 +103,7 @@ def test_with_a_refiner_the_schema_allows_refine_true(private_redis, tmp_path):
 
 
 # --- security headers -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["/", "/static/studio.js", "/static/studio.css"])
+@pytest.mark.parametrize("path", ["/", "/static/studio/main.js", "/static/studio/png.js", "/static/studio.css"])
 def test_the_studios_files_carry_a_strict_policy(client, path):
     response = client.get(path)
     assert response.status_code == 200
