@@ -72,6 +72,18 @@ class ConditioningUnavailable(GroundedSDError):
         self.public = public
 
 
+class LanguageUnavailable(ConditioningUnavailable):
+    """GlueNet has no checkpoint for the prompt's ``language`` (``configured``: the languages it has)."""
+
+    def __init__(self, message: str, language: str, configured: list[str]):
+        super().__init__(message)
+        self.language, self.configured = language, configured
+
+
+class SourcePromptMissing(ConditioningUnavailable):
+    """GlueNet denoises with the user's own prompt, and the generation has none (a layout alone)."""
+
+
 class CheckpointMismatch(ConditioningUnavailable):
     """A conditioning checkpoint does not match the module strictly: a missing, unexpected or
     renamed key, a wrong shape, or a pickle holding more than plain tensors. Names the key."""

@@ -30,6 +30,7 @@ from grounded_sd.final_pass import run_final_pass
 from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
+from grounded_sd.preflight import GLIGEN_ATTENTION
 from grounded_sd.per_box import align_to_layout, box_negative, box_prompts, per_box_steps, run_per_box_pass
 from grounded_sd.previews import PreviewFn, composed_preview
 from grounded_sd.prompts import group_phrases, join_negative, scene_prompt
@@ -59,6 +60,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
     return table[dtype]
+
+
+MODE_MEANINGS = {
+    "replace": "guidance read CLIP's attention, the denoising forwards the conditioning's tokens",
+    "concat": "guidance and denoising both read the conditioning's tokens before CLIP's",
+    "tokens": "guidance and denoising both read the connector's own tokens (no CLIP)",
+}
+"""What a conditioning ``mode`` means, as the report's note says it (docs/conditioning.md)."""
 
 
 def _scheduler_class(name: str):
@@ -109,7 +118,7 @@ class LMDPipeline:
 
     @property
     def supports_gligen(self) -> bool:
-        return getattr(self.unet.config, "attention_type", "default") == "gated" and hasattr(self.unet, "position_net")
+        return getattr(self.unet.config, "attention_type", "default") == GLIGEN_ATTENTION and hasattr(self.unet, "position_net")
 
     @classmethod
     def from_pretrained(
@@ -219,6 +228,8 @@ class LMDPipeline:
             source_prompt=source_prompt, language=conditioned.language,
             objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
         )
+        if conditioning.name != "clip":
+            report.notes.append(f"conditioned on {conditioning.name}, {mode} mode: {MODE_MEANINGS[mode]}")
         report.notes += conditioned.notes
         if conditioning_negative == "empty" and "layout" in conditioning.negatives:
             report.notes.append(

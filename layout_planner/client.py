@@ -139,6 +139,20 @@ class LLMClient:
             initial=config.backoff_s, max=config.max_backoff_s, exp_base=2, jitter=config.backoff_s
         )
 
+    def check_reachable(self, timeout_s: float = 10.0) -> None:
+        """One request, no retries, before any work (a CLI's): ``GET {base_url}/models``, where any
+        HTTP answer, even an error status, means the endpoint is there. An endpoint that cannot be
+        connected to is ``LLMUnavailable`` at once, in one line, instead of after every attempt of
+        a planning call (which the service keeps, for an endpoint that is restarting)."""
+        if needs_api_key(self.config):
+            raise LLMUnavailable(f"LLM endpoint {self.config.base_url} needs an API key and none is configured", attempts=0)
+        try:
+            self._openai.with_options(timeout=min(self.config.timeout_s, timeout_s)).models.list()
+        except openai.APIConnectionError as exc:  # APITimeoutError included
+            raise LLMUnavailable(self._describe(exc, 1), attempts=1) from exc
+        except openai.APIError:
+            return  # it answered (404, 401, an unexpected body...): reachable
+
     def wait_s(self, retry_state: RetryCallState) -> float:
         """The wait before the next attempt: the server's Retry-After (capped) if it sent one, else backoff."""
         exc = retry_state.outcome.exception() if retry_state.outcome else None
@@ -179,9 +193,7 @@ class LLMClient:
                 self.on_retry(f"{cause}; attempt {state.attempt_number} of {self.config.max_attempts}, next in {wait:.1f} s")
 
         if needs_api_key(self.config):
-            raise LLMUnavailable(
-                f"LLM endpoint {self.config.base_url} needs an API key and none is configured", attempts=0
-            )
+            raise LLMUnavailable(f"LLM endpoint {self.config.base_url} needs an API key and none is configured", attempts=0)
 
         retrying = Retrying(
             stop=stop_after_attempt(self.config.max_attempts),

@@ -96,6 +96,11 @@ def resolve_model_dir(model: str, revision: str | None = None, say: Callable[[st
     except (HfHubHTTPError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LocalModelUnavailable(f"cannot download the local planner model {model}: {first}") from exc
+    except Exception as exc:  # the hub client's transport errors (httpx's or httpx2's ConnectError, timeouts)
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise LocalModelUnavailable(
+            f"cannot reach the Hugging Face hub at {constants.ENDPOINT} to download the local planner model {model} ({first})"
+        ) from exc
 
 
 def _device_and_dtype(device: str, dtype: str):

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from lmd.hub import HubUnreachable, network_failure
 from lmd.wiring import SettingsError
 
 # Each module holds related subcommands and a ``register(subparsers)`` function.
@@ -21,7 +22,8 @@ COMMAND_MODULES = (
 
 
 class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2 (so is ``lmd.wiring.SettingsError``)."""
+    """A user-facing error: printed as one line, exit status 2 (so are ``lmd.wiring.SettingsError``,
+    ``lmd.hub.HubUnreachable`` and any failure to reach a host, see ``lmd.hub.network_failure``)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (CLIError, SettingsError) as exc:
+    except (CLIError, SettingsError, HubUnreachable) as exc:
         print(f"lmd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        cause = network_failure(exc)  # wherever a host could not be reached: one line, not a traceback
+        if cause is None:
+            raise
+        print(f"lmd {args.command}: error: cannot reach {cause}; check the network, or set HF_HUB_OFFLINE=1 to "
+              "load models from the local Hugging Face cache only", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmd {args.command}: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ same thing everywhere:
   and why, its config, and the planner;
 - :func:`pipeline_arguments` and :func:`load_pipeline`: stage 2's pipeline (torch threads,
   quiet library progress bars, ``from_pretrained`` arguments);
+- :func:`check_render`: what a render cannot do with these settings, refused before any work;
 - :func:`render_options`: the options of a preset by name with a request's overrides and
   ``LMD_MAX_BATCH``;
 - :func:`load_refiner` and :func:`refiner_options`: the optional SDXL refiner pass.
@@ -141,17 +142,24 @@ def planner(settings: Settings, **kwargs: Any) -> "Planner":
     return Planner(local_llm_config(settings) if local else llm_config(settings), **kwargs)
 
 
-def ready_planner(settings: Settings, say: Callable[[str], None] | None = None, **kwargs: Any) -> "Planner":
+def ready_planner(settings: Settings, say: Callable[[str], None] | None = None, *, check_endpoint: bool = False,
+                  **kwargs: Any) -> "Planner":
     """:func:`planner`, with a local model announced to ``say`` (which, and why) and loaded now
-    (downloading it first, with its size said), so that a missing model fails before any work.
+    (downloading it first, with its size said), so that a missing model fails before any work;
+    ``check_endpoint`` (the CLI): a remote endpoint that cannot be connected to fails now, in one
+    request without retries (``LLMClient.check_reachable``).
 
-    Raises ``LocalModelUnavailable`` whose message ends with what to change (the settings).
+    Raises ``LocalModelUnavailable`` whose message ends with what to change (the settings), or
+    ``LLMUnavailable``.
     """
     from layout_planner.errors import LocalModelUnavailable
 
     choice = choose_planner(settings)
     if choice.kind == "remote":
-        return planner(settings, on_retry=say, **kwargs)
+        remote = planner(settings, on_retry=say, **kwargs)
+        if check_endpoint:
+            remote.client.check_reachable()
+        return remote
     if say is not None:
         say(choice.describe())
     local = planner(settings, on_retry=say, **kwargs)
@@ -221,7 +229,7 @@ def load_pipeline(settings: Settings, *, cpu_threads: int | None = None, use_sam
 
 def conditioning_config(settings: Settings) -> "ConditioningConfig":
     """Where ELLA's and GlueNet's files are (``LMD_ELLA_*``, ``LMD_GLUENET_*``)."""
-    from grounded_sd.conditioning import ConditioningConfig
+    from grounded_sd.preflight import ConditioningConfig  # no torch: the API checks requests with it
 
     return ConditioningConfig(
         ella_checkpoint=settings.ella_checkpoint, ella_t5=settings.ella_t5, ella_negative=settings.ella_negative,
@@ -234,6 +242,20 @@ def conditionings(settings: Settings, pipe: "LMDPipeline") -> "ConditioningCache
     from grounded_sd.conditioning import ConditioningCache
 
     return ConditioningCache(conditioning_config(settings), device=pipe.device, dtype=pipe.dtype)
+
+
+def check_render(settings: Settings, *, variant: str, conditioning: str, prompt: str | None, language: str | None,
+                 model: str | None = None, download: bool = True) -> str | None:
+    """Refuse, before any work, a render these settings cannot run (``grounded_sd.preflight``):
+    the conditioning's files and GlueNet's language, then the variant against the UNet's config
+    (``download=False``: only from a local directory or the hub cache, as the API checks). No torch.
+    Returns the language GlueNet will read; raises the stage's ``ConditioningUnavailable``,
+    ``VariantUnavailable`` or ``ModelLoadError``."""
+    from grounded_sd.preflight import check_conditioning, check_variant
+
+    language = check_conditioning(conditioning, conditioning_config(settings), source_prompt=prompt, language=language)
+    check_variant(model or settings.sd_model, variant, download=download)
+    return language
 
 
 def render_options(settings: Settings, preset: str, **overrides: Any) -> "LMDOptions":

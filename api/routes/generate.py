@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 from fastapi import APIRouter
@@ -10,9 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from api.deps import SubmissionDep, owned_session
 from api.schemas import Accepted, GenerateRequest, PlanRequest, limit_errors
 from api.submit import Submission
+from grounded_sd.errors import ConditioningUnavailable, LanguageUnavailable, ModelLoadError, SourcePromptMissing, VariantUnavailable
+from lmd.wiring import check_render
 from jobs.records import JobKind, JobRecord, SessionRecord, new_id, utcnow
 
 router = APIRouter(tags=["generate"])
+log = logging.getLogger(__name__)
 
 
 @router.post("/generate", status_code=202, response_model=Accepted, operation_id="generate")
@@ -38,7 +42,7 @@ def plan(body: PlanRequest, submission: SubmissionDep) -> Accepted:
 
 def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, submission: Submission) -> Accepted:
     settings, store, owner = submission.settings, submission.store, submission.owner
-    errors = limit_errors(body, settings)
+    errors = limit_errors(body, settings) or render_errors(body, settings)  # a plan's settings render later
     if errors:
         raise RequestValidationError(errors)
     payload = body.model_dump(mode="json")
@@ -81,3 +85,36 @@ def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, submission: Submi
         updated_at=now,
     )
     return submission.submit(job, session, kind, payload)
+
+
+def render_errors(body: GenerateRequest | PlanRequest, settings) -> list[dict]:
+    """A render this server cannot run, refused when the job is accepted (before planning spends an
+    LLM call): the conditioning's files, GlueNet's checkpoint for the prompt's language, lmd_plus
+    without a GLIGEN UNet (read from its config only when at hand: a directory or the hub cache).
+    The client is told what to change; the paths and settings at fault go to the log only."""
+    conditioning = body.conditioning or settings.conditioning
+    variant = body.variant or settings.variant
+    checked = "clip" if conditioning.startswith("connector:") else conditioning  # an export is read with torch: the worker checks it
+    try:
+        check_render(settings, variant=variant, conditioning=checked, prompt=(body.prompt or "").strip() or None,
+                     language=body.language, download=False)
+    except LanguageUnavailable as exc:
+        return [_refusal("conditioning", conditioning,
+                         f"conditioning gluenet has no checkpoint on this server for the prompt's language {exc.language!r} "
+                         f"(it has: {', '.join(exc.configured)}); set language if it was detected wrongly")]
+    except SourcePromptMissing:
+        return [_refusal("conditioning", conditioning, "conditioning gluenet denoises with the prompt in its own "
+                         "language: send prompt with the layout (the conditioning needs it on this server)")]
+    except ConditioningUnavailable as exc:
+        log.warning("refused conditioning %s: %s", conditioning, exc)
+        return [_refusal("conditioning", conditioning,
+                         f"conditioning {conditioning} is not available on this server (its files are not installed)")]
+    except VariantUnavailable:
+        return [_refusal("variant", variant, "variant lmd_plus needs a GLIGEN model; the model on this server has none")]
+    except ModelLoadError as exc:  # the config could not be read here: the render worker decides
+        log.warning("could not check variant %s before queuing: %s", variant, exc)
+    return []
+
+
+def _refusal(field: str, value: str, message: str) -> dict:
+    return {"loc": ("body", field), "type": "value_error", "input": value, "msg": message}

@@ -10,6 +10,8 @@ differ in how prompts are tokenized, as each method was trained:
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,9 +19,11 @@ from typing import Literal
 import torch
 
 from grounded_sd.errors import ConditioningUnavailable
+from grounded_sd.preflight import check_encoder_source
 
 EncoderKind = Literal["t5", "xlmr"]
 XLMR_TOKENS = 77
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,20 +55,62 @@ class TextEncoder:
         return self.model(**tokens).last_hidden_state
 
 
+# Weights a checkpoint may hold that the encoder half does not use: XLM-R's pooler (GlueNet reads
+# the last hidden state; the released xlm-roberta-large has one), T5's decoder and LM head.
+EXPECTED_UNUSED = {"xlmr": ("pooler.",), "t5": ("decoder.", "lm_head.")}
+
+
 def load_text_encoder(
     source: str | Path, *, kind: EncoderKind, device: torch.device, dtype: torch.dtype, setting: str
 ) -> TextEncoder:
     """Load the encoder half of a T5 (``T5EncoderModel``) or an XLM-RoBERTa (``XLMRobertaModel``)
-    and its tokenizer; a missing or unreadable source is :class:`ConditioningUnavailable`
-    naming ``setting``."""
+    and its tokenizer; a missing directory, an unreadable source or missing weights are
+    :class:`ConditioningUnavailable` naming ``setting``.
+
+    transformers' load report is not printed: the weights the encoder half does not use
+    (:data:`EXPECTED_UNUSED`) are expected; any other unused weight is logged in one line.
+    """
     from transformers import AutoTokenizer, T5EncoderModel, XLMRobertaModel
 
-    source = str(Path(source).expanduser()) if Path(str(source)).expanduser().exists() else str(source)
+    check_encoder_source(source, kind=kind, setting=setting)
+    local = Path(str(source)).expanduser()
+    source = str(local) if local.exists() else str(source)
     model_cls = T5EncoderModel if kind == "t5" else XLMRobertaModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         extra = {"add_pooling_layer": False} if kind == "xlmr" else {}  # GlueNet reads the last hidden state only
-        model = model_cls.from_pretrained(source, dtype=dtype, **extra)
+        with _no_load_report():
+            model, info = model_cls.from_pretrained(source, dtype=dtype, output_loading_info=True, **extra)
     except (OSError, ValueError) as exc:
         raise ConditioningUnavailable(f"{setting}: cannot load the {kind} text encoder {source!r}: {str(exc).splitlines()[0]}") from exc
+    missing = sorted(info["missing_keys"])
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConditioningUnavailable(
+            f"{setting}: the {kind} text encoder {source!r} lacks the weight {missing[0]!r}{more}; it would run with "
+            "random weights. Is it the right model?"
+        )
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(EXPECTED_UNUSED[kind]))
+    if unused:
+        log.warning("%s: the %s text encoder %r holds %d weight(s) the encoder does not use (first: %r); ignored",
+                    setting, kind, source, len(unused), unused[0])
     return TextEncoder(kind, model.to(device).eval().requires_grad_(False), tokenizer)
+
+
+@contextmanager
+def _no_load_report():
+    """transformers logs its load report as a warning of ``transformers.modeling_utils``; we read
+    the same facts from ``output_loading_info`` and say only what is unexpected (a filter, not
+    a level: that logger's level changes what transformers checks)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)

@@ -181,17 +181,25 @@ def save_connector(directory: str | Path, spec: ConnectorSpec, module: nn.Module
     return directory
 
 
+def check_export(directory: str | Path, spec: ConnectorSpec | None = None) -> ConnectorSpec:
+    """The spec of an exported connector (``spec``, else its connector.json) whose weights file
+    is there; nothing loaded yet."""
+    directory = Path(directory).expanduser()
+    spec = spec or read_spec(directory)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise ConnectorError(f"{directory} is not an exported connector: {WEIGHTS_FILE} is missing")
+    return spec
+
+
 def load_module(directory: str | Path, spec: ConnectorSpec | None = None) -> tuple[ConnectorSpec, nn.Module]:
     """The spec and the module with the exported weights (strict: every key, same shapes)."""
     from grounded_sd.conditioning.checkpoints import load_strict, read_safetensors
 
     directory = Path(directory).expanduser()
-    spec = spec or read_spec(directory)
+    spec = check_export(directory, spec)
     weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ConnectorError(f"{directory} is not an exported connector: {WEIGHTS_FILE} is missing")
     module = build_module(spec)
-    load_strict(module, read_safetensors(weights), weights)
+    load_strict(module, read_safetensors(weights), weights, setting=f"connector:{directory}")
     return spec, module
 
 

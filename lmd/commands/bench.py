@@ -59,6 +59,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from grounded_sd import GroundedSDError
+    from lmd import hub, wiring
+
+    if config.model is not None:  # the hub answers, or the cache holds the model and files (else one line)
+        hub.prepare([hub.model_source("the diffusion model", config.model, "--model"),
+                     *hub.conditioning_sources(config.conditioning, wiring.conditioning_config(wiring.load_settings()))])
 
     runs = len(config.variants) * (1 + len(config.presets) * len(config.objects) * (1 if config.conditioning == "clip" else 2))
     with tqdm(total=runs, desc="bench", unit="run", file=sys.stderr) as bar:

@@ -111,6 +111,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except EvalConflict as exc:
         raise CLIError(str(exc)) from None
 
+    _check_before_work(config, settings, plans=not (config.baseline or responses is not None))
     results = _run(config, settings, prompts, options, layout_source, run_settings)
     print((config.out / "results.md").read_text(encoding="utf-8"), end="")
     print(
@@ -118,6 +119,27 @@ def run_eval(args: argparse.Namespace) -> int:
         f"{results.errors} failed without an image; results in {config.out / 'results.json'}"
     )
     return 0
+
+
+def _check_before_work(config, settings, *, plans: bool) -> None:
+    """Before any model loads: the hub answers or the cache holds every model of the run
+    (``lmd.hub``), and the variant fits the UNet's config; one line otherwise."""
+    from grounded_sd.errors import GroundedSDError
+    from grounded_sd.preflight import check_variant
+    from lmd import hub, wiring
+
+    model = str(config.model or settings.sd_model)
+    planner = wiring.choose_planner(settings) if plans else None
+    hub.prepare([
+        hub.model_source("the diffusion model", model, "--model" if config.model else "LMD_SD_MODEL"),
+        hub.model_source("the detector", config.detector, "--detector"),
+        hub.model_source("the layout planner model", planner.model, "LMD_LOCAL_LLM_MODEL") if planner and planner.kind == "local" else None,
+        *hub.conditioning_sources(config.conditioning, wiring.conditioning_config(settings)),
+    ])
+    try:
+        check_variant(model, config.rendered_variant)
+    except GroundedSDError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _device_and_dtype(config, settings):
@@ -193,7 +215,13 @@ class _EvalProgress:
     def prompt_done(self, prompt, what: str) -> None:
         self.counts[what] += 1
         self.bar.set_postfix_str(_counts_text(self.counts), refresh=False)
-        self.bar.update(1)
+        if what == "skipped":  # done by an earlier run: counted, but not in the rate (it would read hundreds per second)
+            self.bar.n += 1
+            self.bar.initial += 1
+            self.bar.last_print_n = self.bar.n
+            self.bar.refresh()
+        else:
+            self.bar.update(1)
 
 
 def _generator_factory(config, settings, options, run_settings, progress: _EvalProgress):

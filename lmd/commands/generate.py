@@ -1,8 +1,11 @@
 """``lmd generate``: prompt -> layout (stage 1) -> image (stage 2) in one process, no Redis.
 
 ``lmd generate "PROMPT" --out DIR`` plans with the configured LLM, then renders;
-``lmd generate --layout layout.json --out DIR`` renders a given layout. DIR receives
-image.png, overlay.png, masks/<id>.png, layout.json and report.json. Defaults come from
+``lmd generate --layout layout.json --out DIR`` renders a given layout. DIR (default: a new
+``outputs/YYYYMMDD-HHMMSS`` under the working directory) receives image.png, overlay.png,
+masks/<id>.png, layout.json and report.json. Configuration that cannot work (a conditioning's
+missing files, GlueNet without a checkpoint for the prompt's language, ``lmd_plus`` on a UNet
+without GLIGEN, an unreachable hub or LLM endpoint) is refused before planning. Defaults come from
 ``lmd.settings.Settings`` (LMD_SD_MODEL, LMD_SAM_CHECKPOINT, LMD_DEVICE...). torch is imported
 only when this command runs.
 """
@@ -13,6 +16,7 @@ import argparse
 import json
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -34,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("prompt", nargs="?", help="the image prompt (omit with --layout)")
     parser.add_argument("--layout", type=Path, metavar="JSON", help="render this layout (skips the LLM)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (created)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output directory (created; default: a new outputs/YYYYMMDD-HHMMSS in the working directory)")
     parser.add_argument("--seed", type=int, help="job seed (default: random, printed and kept in report.json)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's, 50)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 7.5)")
@@ -100,7 +105,8 @@ def _plan(prompt: str, settings):
     from layout_planner import PlannerError
 
     try:
-        planner = wiring.ready_planner(settings, say=lambda line: print(f"lmd generate: {line}", file=sys.stderr, flush=True))
+        planner = wiring.ready_planner(settings, say=lambda line: print(f"lmd generate: {line}", file=sys.stderr, flush=True),
+                                       check_endpoint=True)
     except PlannerError as exc:
         raise CLIError(str(exc)) from None
     try:
@@ -124,9 +130,11 @@ class _StageBars:
 
         if stage != self.stage:
             self.close()
-            self.stage, self.bar = stage, tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=True)
-        self.bar.n = step
-        self.bar.refresh()
+            # initial=step: the steps done before the first report are not counted in the rate,
+            # which would otherwise start at thousands of steps per second.
+            self.stage = stage
+            self.bar = tqdm(total=total, initial=step, desc=stage, unit="step", file=sys.stderr, leave=True)
+        self.bar.update(step - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -143,17 +151,54 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"SAM checkpoint not found: {sam_checkpoint}")
     if (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()) and not Path(model).expanduser().is_dir():
         raise CLIError(f"model directory not found: {model}")
+    _check_before_work(args, settings, model)
 
     layout = _read_layout(args.layout) if args.layout else _plan(args.prompt, settings)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     result = _render(args, settings, layout, seed)
+    out = args.out or default_out_dir()
     try:
         parameters = result.parameters(prompt=args.prompt, preset=args.preset or settings.preset, negative_prompt=args.negative)
-        out = result.save(args.out, parameters)
+        out = result.save(out, parameters)
     except OSError as exc:
-        raise CLIError(f"cannot write to {args.out}: {exc}") from None
+        raise CLIError(f"cannot write to {out}: {exc}") from None
     _print_summary(result, out, seed)
     return 0
+
+
+def default_out_dir(root: Path = Path("outputs")) -> Path:
+    """A new ``outputs/YYYYMMDD-HHMMSS`` (``-2``, ``-3``... when taken): a run never overwrites another's files."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
+
+
+def _check_before_work(args: argparse.Namespace, settings, model: str) -> None:
+    """Everything that can be known to fail, before the LLM is asked (a paid request) or a model
+    loads: the conditioning's files and GlueNet's language, the hub (reachable, or the local cache
+    has every model), the variant against the UNet's config, the LLM endpoint (reachable)."""
+    from grounded_sd import GroundedSDError
+    from grounded_sd.preflight import check_conditioning, check_variant
+    from lmd import hub
+
+    conditioning = args.conditioning or settings.conditioning
+    config = wiring.conditioning_config(settings)
+    try:  # the files first (a missing one needs no hub), then the hub, then the variant (may read the hub)
+        args.language = check_conditioning(conditioning, config, source_prompt=args.prompt, language=args.language) or args.language
+        planner = wiring.choose_planner(settings) if args.prompt and not args.layout else None
+        refiner = None if args.no_refiner else args.refiner or settings.refiner
+        hub.prepare([
+            hub.model_source("the diffusion model", model, "--model" if args.model else "LMD_SD_MODEL"),
+            hub.model_source("the layout planner model", planner.model, "LMD_LOCAL_LLM_MODEL") if planner and planner.kind == "local" else None,
+            hub.model_source("the refiner", refiner, "--refiner" if args.refiner else "LMD_REFINER"),
+            *hub.conditioning_sources(conditioning, config),
+        ])
+        check_variant(model, args.variant or settings.variant)
+    except GroundedSDError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -224,7 +269,9 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
 def _print_summary(result, out: Path, seed: int) -> None:
     report = result.report
     print(f"wrote {out}/image.png, overlay.png, masks/ ({len(result.masks)}), layout.json, report.json")
-    print(f"seed {seed}, variant {report.variant}, {report.steps} steps, {report.wall_s:.1f} s on {report.device} ({report.dtype})")
+    conditioning = report.conditioning if report.conditioning == "clip" else f"{report.conditioning} ({report.conditioning_mode})"
+    print(f"seed {seed}, variant {report.variant}, conditioning {conditioning}, {report.steps} steps, "
+          f"{report.wall_s:.1f} s on {report.device} ({report.dtype})")
     for obj in report.objects:
         energy = obj.per_box_energy
         line = f"  {obj.id}: {obj.phrase!r} mask {obj.mask_source or '-'}"

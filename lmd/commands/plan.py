@@ -66,12 +66,13 @@ def _planner(say=None):
     transport retry, or which local model plans and why, its download and loading (done here)."""
     from layout_planner import PlannerError
     from layout_planner.client import needs_api_key
-    from lmd import wiring
+    from lmd import hub, wiring
 
     settings = wiring.load_settings()
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     if wiring.choose_planner(settings).kind == "local":
         try:
+            hub.prepare([hub.model_source("the layout planner model", settings.local_llm_model, "LMD_LOCAL_LLM_MODEL")])
             return wiring.ready_planner(settings, say=lambda message: say(f"lmd plan: {message}"))
         except PlannerError as exc:
             raise CLIError(str(exc)) from None
@@ -81,7 +82,12 @@ def _planner(say=None):
             f"no API key for {config.base_url}: set LMD_LLM_API_KEY or OPENAI_API_KEY, "
             "or LMD_LLM_BASE_URL to a server that needs none"
         )
-    return wiring.planner(settings, on_retry=lambda message: say(f"lmd plan: {config.base_url}: {message}"))
+    planner = wiring.planner(settings, on_retry=lambda message: say(f"lmd plan: {config.base_url}: {message}"))
+    try:
+        planner.client.check_reachable()
+    except PlannerError as exc:
+        raise CLIError(str(exc)) from None
+    return planner
 
 
 def _check_draw_path(path: Path) -> None:
@@ -227,7 +233,8 @@ def _run_batch(args: argparse.Namespace) -> int:
         planner.close()
         raise CLIError(f"cannot write {args.out}: {exc.strerror}") from None
     planned = failed = 0
-    bar = tqdm(total=len(items), initial=already, desc="planning", unit="prompt", file=sys.stderr)
+    # The bar ends where this run ends: the prompts done before it plus those it plans (--limit).
+    bar = tqdm(total=already + len(pending), initial=already, desc="planning", unit="prompt", file=sys.stderr)
     try:
         for item in pending:
             row = item["row"]
@@ -296,8 +303,7 @@ def run_eval_layouts(args: argparse.Namespace) -> int:
             scores = score_responses(prompts, _read_responses(args.responses), **thresholds)
         else:
             lines = _read_jsonl(args.layouts, "layouts")
-            by_key = {_line_key(line): line for line in lines}  # the last line of a key wins (resumed runs)
-            scores = score_layouts(prompts, by_key, layouts_label=str(args.layouts), **thresholds)
+            scores = score_layouts(prompts, lines, layouts_label=str(args.layouts), **thresholds)
         report = scores.report(str(args.responses or args.layouts))
     except LayoutEvalError as exc:
         raise CLIError(str(exc)) from None

@@ -125,11 +125,14 @@ def _overrides(args: argparse.Namespace, file_data: dict) -> dict:
 
 def run_train_connector(args: argparse.Namespace) -> int:
     from grounded_sd.errors import ConnectorError
+    from lmd import hub
     from lmd.training.config import build_config, check_setup, read_config_file
 
     try:
         file_data = read_config_file(args.config) if args.config else {}
         config = build_config(args.config, _overrides(args, file_data))
+        hub.prepare([hub.model_source("the base model", config.base_model, "base_model"),
+                     *(hub.model_source("the language model", e.model, "connector.encoders") for e in config.connector.encoders)])
         setup = check_setup(config)
     except ConnectorError as exc:
         raise CLIError(str(exc)) from None

@@ -145,19 +145,46 @@ def score_responses(prompts: list[dict[str, Any]], responses: dict[str, list[str
     return scores
 
 
-def score_layouts(prompts: list[dict[str, Any]], lines: dict[str, dict[str, Any]], *, prompts_label: str,
+def match_layouts(prompts: list[dict[str, Any]], lines: list[dict[str, Any]], *, prompts_label: str,
+                  layouts_label: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """The lines of a layouts file by (prompt text, sample index), the last line of a key winning
+    (a resumed run appends). Matching is by text, never by position or index: a line without a
+    prompt, or for a prompt the benchmark does not have, is a :class:`LayoutEvalError` (a file
+    planned for other prompts would otherwise be scored against these)."""
+    benchmark = {row["prompt"].strip() for row in prompts}
+    matched: dict[tuple[str, int], dict[str, Any]] = {}
+    foreign: list[str] = []
+    for number, line in enumerate(lines, 1):
+        prompt = line.get("prompt")
+        if not isinstance(prompt, str):
+            raise LayoutEvalError(f"{layouts_label}: line {number} has no \"prompt\" string (layouts are matched to "
+                                  "the benchmark's prompts by their text)")
+        if prompt.strip() not in benchmark:
+            foreign.append(prompt)
+            continue
+        matched[(prompt.strip(), int(line.get("sample_index", 0)))] = line
+    if foreign:
+        raise LayoutEvalError(
+            f"{layouts_label}: {len(foreign)} of {len(lines)} layouts are for prompts that are not in {prompts_label} "
+            f"(first: {foreign[0]!r}); score layouts planned from the same prompts file (lmd plan --prompts-file)"
+        )
+    return matched
+
+
+def score_layouts(prompts: list[dict[str, Any]], lines: list[dict[str, Any]], *, prompts_label: str,
                   layouts_label: str, max_iou: float, min_box_px: int) -> LayoutScores:
-    """Score the layouts ``lmd plan --prompts-file`` wrote, keyed by :func:`layout_key`.
+    """Score the layouts ``lmd plan --prompts-file`` wrote, matched to ``prompts`` by their text
+    (:func:`match_layouts`).
 
     Stored layouts are repaired already: their warnings tell which boxes lay outside the canvas.
     """
     from layout_planner import Layout
     from layout_planner.benchmark import layout_detections
 
+    matched = match_layouts(prompts, lines, prompts_label=prompts_label, layouts_label=layouts_label)
     scores = LayoutScores(max_iou=max_iou, min_box_px=min_box_px)
     for number, row, spec, sample in _benchmark_prompts(prompts, prompts_label):
-        key = layout_key(row, sample)
-        line = lines.get(key)
+        line = matched.get((row["prompt"].strip(), sample))
         if line is None:
             scores.missing += 1
             continue
@@ -167,7 +194,8 @@ def score_layouts(prompts: list[dict[str, Any]], lines: dict[str, dict[str, Any]
         try:
             layout = Layout.model_validate(line["layout"])
         except ValidationError as exc:
-            raise LayoutEvalError(f"{layouts_label}: the layout of {key} is invalid: {exc.errors()[0]['msg']}") from None
+            raise LayoutEvalError(f"{layouts_label}: the layout of {row['prompt']!r} (sample {sample}) is invalid: "
+                                  f"{exc.errors()[0]['msg']}") from None
         detections = layout_detections(layout)
         inside = not any(w.tag in ("clipped", "dropped") and "canvas" in w.text for w in layout.warnings)
         scores.score(spec, row.get("index", number), row["prompt"], detections, detections, inside_canvas=inside)

@@ -252,14 +252,19 @@ def test_ella_end_to_end_and_instruct_keeps_it(stack):
     assert second["state"] == "succeeded" and second["conditioning"] == "ella", (second, [w.log() for w in workers])
 
 
-def test_a_missing_checkpoint_ends_the_job_model_unavailable_naming_the_setting(stack):
-    client, workers = stack.client, list(stack.workers.values())
-    accepted = client.post("/generate", json={"layout": BALL_LAYOUT, "prompt": "une balle rouge dans un parc", "conditioning": "gluenet",
-                                              "width": 64, "height": 64, "steps": 2})
-    assert accepted.status_code == 202, accepted.text
-    job = wait_for_job(client, accepted.json()["job_id"], ENDED)
-    assert job["state"] == "failed" and job["error"]["code"] == "model_unavailable", (job, [w.log() for w in workers])
-    assert "LMD_GLUENET_CHECKPOINTS" in job["error"]["message"]
+def test_gluenet_without_a_checkpoint_is_refused_when_accepted_before_any_llm_call(stack):
+    """This stack has no GlueNet checkpoint: the job is refused at once (422), not planned (an LLM
+    call) and then failed by the render worker."""
+    client, llm = stack.client, stack.llm
+    asked = len(llm.requests)
+    answer = client.post("/generate", json={"prompt": "une balle rouge dans un parc", "conditioning": "gluenet",
+                                            "width": 64, "height": 64, "steps": 2})
+    assert answer.status_code == 422, answer.text
+    [error] = answer.json()["detail"]
+    assert error["loc"] == ["body", "conditioning"]
+    assert error["msg"] == "conditioning gluenet is not available on this server (its files are not installed)"
+    time.sleep(1.0)  # a queued job would reach the plan worker and the fake LLM within this
+    assert len(llm.requests) == asked
 
 
 def test_a_render_worker_killed_mid_job_is_replaced_and_the_job_completes(api, stack):

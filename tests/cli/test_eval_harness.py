@@ -219,12 +219,11 @@ def test_eval_rejects_bad_options_in_one_line(tmp_path: Path, tiny_sd_path: Path
     assert _eval(tmp_path / "d", tmp_path / "no-model", tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "1") == 2
     assert "lmd eval: error:" in capsys.readouterr().err
     assert not list((tmp_path / "d" / "images").glob("*.png"))
-    # a variant the model cannot run stops the run in one line, keeping what was made
+    # a variant the model cannot run is refused from the UNet's config before any work, in one line
     assert _eval(tmp_path / "e", tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "2", "--variant", "lmd_plus") == 2
     err = capsys.readouterr().err
-    last = err.rstrip("\n").split("\n")[-1]  # after the closed progress bar
-    assert last.startswith("lmd eval: error: generation failed (VariantUnavailable)") and "GLIGEN" in last
-    assert len(list((tmp_path / "e" / "layouts").glob("*.json"))) == 1
+    assert err.startswith("lmd eval: error: variant lmd_plus needs a GLIGEN UNet") and err.count("\n") == 1
+    assert not list((tmp_path / "e" / "layouts").glob("*.json"))
     # the failed run made nothing, so the corrected command may reuse its directory
     assert _eval(tmp_path / "d", tiny_sd_path, tiny_owlvit_path, "--responses", str(RESPONSES), "--limit", "1") == 0
 

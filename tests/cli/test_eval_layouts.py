@@ -157,3 +157,26 @@ def test_eval_errors_are_one_line(capsys, tmp_path):
     bad.write_text('{"prompt": "a cat sleeping"}\n')
     assert main(["eval-layouts", "--responses", str(RESPONSES), "--prompts", str(bad)]) == 2
     assert "not a benchmark prompt" in capsys.readouterr().err
+
+
+def test_layouts_of_other_prompts_are_refused_not_scored_by_position(capsys, tmp_path):
+    """Layouts planned for other prompts, same indices and count, once scored 100%: now refused in one line."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"index": 0, "task": "numeracy", "prompt": "A realistic photo of a scene with two cats"},
+            {"index": 1, "task": "numeracy", "prompt": "A realistic photo of a scene with one dog"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cats = {"objects": [{"id": "c0", "phrase": "a cat", "box": [0, 0, 0.4, 0.4]}, {"id": "c1", "phrase": "a cat", "box": [0.5, 0.5, 0.9, 0.9]}]}
+    dog = {"objects": [{"id": "d0", "phrase": "a dog", "box": [0, 0, 0.4, 0.4]}]}
+    layouts = tmp_path / "layouts.jsonl"
+    other = [{"index": 0, "prompt": "A realistic photo of a scene with three birds", "layout": cats},
+             {"index": 1, "prompt": "A realistic photo of a scene with a red car", "layout": dog}]
+    layouts.write_text("".join(json.dumps(line) + "\n" for line in other))
+    assert main(["eval-layouts", "--layouts", str(layouts), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"lmd eval-layouts: error: {layouts}: 2 of 2 layouts are for prompts that are not in")
+    assert "three birds" in err
+
+    mine = [{"index": 1, "prompt": rows[0]["prompt"], "layout": cats}, {"index": 0, "prompt": rows[1]["prompt"], "layout": dog}]
+    layouts.write_text("".join(json.dumps(line) + "\n" for line in mine))  # the right prompts in another order
+    assert main(["eval-layouts", "--layouts", str(layouts), "--prompts", str(prompts), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["published"]["overall"]["passed"] == 2
