@@ -65,15 +65,27 @@ return 'ok'
 """
 
 
+def process_host() -> str:
+    """The host part of a worker's identity: the hostname and, where /proc shows it, the PID namespace.
+
+    Containers on the host's network share its hostname but not its process table; without the
+    namespace one would judge another's pids (and re-enqueue a live render as lost).
+    """
+    try:
+        return f"{socket.gethostname()}/pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
 def this_worker() -> str:
     """The identity a worker process writes into the jobs it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{process_host()}:{os.getpid()}"
 
 
 def worker_dead(worker: str) -> bool:
-    """True when ``worker`` ran on this host and its process is gone (a killed render child)."""
+    """True when ``worker`` ran on this host, in this PID namespace, and its process is gone (a killed render child)."""
     host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != process_host() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

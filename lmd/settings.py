@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="how often a running job's worker refreshes its heartbeat")
     worker_lost_after_s: float = Field(60.0, gt=0, description="a running job with an older heartbeat is re-enqueued")
     reaper_interval_s: float = Field(15.0, gt=0, description="how often each worker sweeps lost jobs and old images")
+    worker_alive_file: Path | None = Field(
+        None, description="a file each worker touches after each registration in Redis (every LMD_HEARTBEAT_S); "
+                          "a container health check reads its age. Unset: none")
     redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout of the service's Redis calls")
     retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 when Redis is unreachable")
     events_poll_s: float = Field(0.5, gt=0, description="how often GET /jobs/{id}/events re-reads the job")

@@ -414,6 +414,8 @@ class Maintenance:
             try:
                 self.store.register_worker(self.name, self.queues, ttl_s=max(3 * self.settings.heartbeat_s, 10.0),
                                            capabilities=self.capabilities)
+                if self.settings.worker_alive_file is not None:  # only after Redis took the registration
+                    self.settings.worker_alive_file.touch()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.settings.reaper_interval_s
                     self.sweep()

@@ -17,6 +17,10 @@ Faults: ``enqueue_status`` (any HTTP error, optional Retry-After), ``enqueue_tim
 "length"). ``reject_response_format = True`` answers 400 to any request carrying
 ``response_format`` (an endpoint without structured output); ``reject_params[name] = message``
 answers 400 with ``message`` to any request carrying the field ``name``.
+
+Outside the tests (``scripts/compose-check`` points a docker compose stack at it)::
+
+    python -m tests.support.fake_llm --port 8088     # serves the default layout until SIGTERM
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class RecordedRequest:
 class FakeLLM:
     """The server and its controls; ``base_url`` ends in ``/v1`` like OpenAI's."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.replies: deque[FakeReply] = deque()
         self.requests: list[RecordedRequest] = []
         self.default_reply: str | None = DEFAULT_REPLY  # None: an empty queue answers 500
@@ -79,7 +83,7 @@ class FakeLLM:
         self.reject_params: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-llm", daemon=True
@@ -242,3 +246,24 @@ def fake_llm():
         yield server
     finally:
         server.close()
+
+
+def main() -> None:
+    """Serve the default layout on a loopback port until SIGTERM or SIGINT."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description="a fake OpenAI-compatible server on 127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    server = FakeLLM(port=args.port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"fake LLM at {server.base_url}", flush=True)
+    stop.wait()
+    server.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,23 +6,27 @@ maintenance code run in-process so each rule is checked on its own.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import redis
 
 from jobs.queue import create_celery, enqueue, redelivery_after_s
 from jobs.records import new_id
-from jobs.store import Store, connect
+from jobs.store import Store, connect, process_host
 from worker.runtime import Heartbeat, Maintenance
 from tests.support.builders import job_record, layout_data, session_record
 from tests.support.service import service_settings
 
 LAYOUT = layout_data()
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +120,26 @@ def test_a_dead_process_on_this_host_is_stale_at_once(store, settings):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     job_id = _new_job(store)
-    store.claim(job_id, "render", f"{socket.gethostname()}:{child.pid}", 3, settings.worker_lost_after_s)
+    store.claim(job_id, "render", f"{process_host()}:{child.pid}", 3, settings.worker_lost_after_s)
     taken = store.claim(job_id, "render", "host-b:2", 3, settings.worker_lost_after_s)
     assert taken is not None and taken.deliveries == 2
+
+
+def test_a_worker_in_another_pid_namespace_on_the_same_hostname_is_not_judged_by_pid(store, settings):
+    """Containers on the host's network (compose-check's) share a hostname, not a process table."""
+    if shutil.which("unshare") is None:
+        pytest.skip("util-linux's unshare is not installed")
+    code = "from jobs.store import this_worker; print(this_worker())"
+    other = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+                           capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if other.returncode != 0:
+        pytest.skip(f"cannot make a PID namespace here: {other.stderr.strip()[-200:]}")
+    identity = other.stdout.strip()
+    host, _, pid = identity.rpartition(":")
+    assert host.startswith(socket.gethostname()) and host != process_host()
+    job_id = _new_job(store)
+    store.claim(job_id, "render", identity, 3, settings.worker_lost_after_s)
+    assert store.claim(job_id, "render", "host-b:2", 3, settings.worker_lost_after_s) is None  # heartbeat still fresh
 
 
 def test_heartbeat_refreshes_and_notices_a_lost_job(store, settings):
@@ -165,6 +186,37 @@ def test_maintenance_registers_the_worker(settings, store, maintenance):
     finally:
         maintenance.stop()
     assert store.workers() == []  # a stopped worker leaves /readyz at once
+
+
+def test_maintenance_touches_the_alive_file_only_while_redis_takes_its_registration(settings, tmp_path):
+    """The container health check of a worker (docker-compose.yml) reads this file's age."""
+    alive = tmp_path / "alive"
+    app = create_celery(settings)
+    live = Maintenance(settings.model_copy(update={"worker_alive_file": alive}), "alive-check", ["render"],
+                       requeue=lambda job_id, stage: enqueue(app, job_id, stage))
+    live.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not alive.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = alive.stat().st_mtime
+        while alive.stat().st_mtime == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive.stat().st_mtime > first  # touched again on the next beat
+    finally:
+        live.stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"  # nothing listens there
+    dead_file = tmp_path / "dead"
+    dead = Maintenance(settings.model_copy(update={"worker_alive_file": dead_file, "redis_url": dead_url}),
+                       "dead-check", ["render"], requeue=lambda job_id, stage: None)
+    dead.start()
+    try:
+        time.sleep(10 * settings.heartbeat_s)
+        assert not dead_file.exists()
+    finally:
+        dead.stop()
 
 
 def test_celery_reliability_settings(settings):
