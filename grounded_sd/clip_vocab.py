@@ -5,16 +5,20 @@ vocabulary (``bpe_simple_vocab_16e6.txt.gz``, OpenAI's CLIP) is inside the ``ope
 wheel on PyPI. ``write_clip_tokenizer_files`` turns it into the ``vocab.json`` and
 ``merges.txt`` that ``transformers.CLIPTokenizer`` reads: 49,408 tokens in OpenAI's order
 (256 byte symbols, the same with ``</w>``, 48,894 merges, then the two special tokens).
+The BPE file may also be read straight from the wheel (``pip download --no-deps open-clip-torch``),
+without installing it.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import zipfile
 from pathlib import Path
 
 VOCAB_SIZE = 49408
 _MERGES = VOCAB_SIZE - 2 * 256 - 2
+WHEEL_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 
 
 class ClipVocabularyMissing(FileNotFoundError):
@@ -36,7 +40,7 @@ def find_open_clip_bpe() -> Path:
     return path
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """GPT-2/CLIP's printable stand-ins for the 256 byte values, in CLIP's vocabulary order."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     codes = printable[:]
@@ -49,11 +53,23 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for c in codes]
 
 
+def read_bpe_text(bpe_file: Path | str) -> str:
+    """The BPE file's text, from the file itself or from an open-clip-torch wheel that holds it."""
+    path = Path(bpe_file)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as wheel:
+            if WHEEL_MEMBER not in wheel.namelist():
+                raise ClipVocabularyMissing(f"{path} does not hold {WHEEL_MEMBER}")
+            return gzip.decompress(wheel.read(WHEEL_MEMBER)).decode("utf-8")
+    return gzip.decompress(path.read_bytes()).decode("utf-8")
+
+
 def clip_vocab_and_merges(bpe_file: Path | str) -> tuple[dict[str, int], list[str]]:
-    """The vocabulary (token -> id) and merge list of OpenAI's CLIP tokenizer."""
-    lines = gzip.open(bpe_file, "rt", encoding="utf-8").read().split("\n")
+    """The vocabulary (token -> id) and merge list of OpenAI's CLIP tokenizer (``bpe_file``: the
+    BPE file or an open-clip-torch wheel)."""
+    lines = read_bpe_text(bpe_file).split("\n")
     merges = lines[1 : 1 + _MERGES]  # line 0 is a version header
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(tokens)}

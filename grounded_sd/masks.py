@@ -162,13 +162,14 @@ def _check_state_dict(
 
 
 def object_mask(
-    image: np.ndarray,
+    image: np.ndarray | None,
     attention: np.ndarray,
     box: tuple[float, float, float, float],
     *,
     predictor: "SamPredictor | None",
     prompt: SamPrompt = "point",
     options: MaskOptions | None = None,
+    size: tuple[int, int] | None = None,
 ) -> MaskResult:
     """The mask of one object on its per-box image (docs/method.md §2.4).
 
@@ -178,11 +179,19 @@ def object_mask(
     ``"point"`` asks SAM with a click on the attention peak inside the box (LMD),
     ``"box"`` with the layout box (LMD+). Bad maps never raise; a malformed image or
     box raises :class:`MaskInputError`.
+
+    Without a predictor no pixel is read: ``image`` may then be None and ``size`` (height,
+    width) gives the mask's size instead, so the caller need not decode the per-box image.
     """
     options = options or MaskOptions()
     if prompt not in ("point", "box"):
         raise MaskInputError(f"unknown SAM prompt {prompt!r}; choose 'point' or 'box'")
-    height, width = _check_image(image)
+    if image is None:
+        if predictor is not None:
+            raise MaskInputError("SAM refines masks on the per-box image; got no image")
+        height, width = _check_size(size)
+    else:
+        height, width = _check_image(image)
     x0, y0, x1, y1 = _box_pixels(box, width, height)
     in_box = np.zeros((height, width), dtype=bool)
     in_box[y0:y1, x0:x1] = True
@@ -285,6 +294,12 @@ def _check_image(image: np.ndarray) -> tuple[int, int]:
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise MaskInputError(f"image is empty: shape {image.shape}")
     return int(image.shape[0]), int(image.shape[1])
+
+
+def _check_size(size: object) -> tuple[int, int]:
+    if not (isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) and v >= 1 for v in size)):
+        raise MaskInputError(f"without an image, size must be (height, width) in whole pixels >= 1, got {size!r}")
+    return size[0], size[1]
 
 
 def _box_pixels(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:

@@ -52,13 +52,22 @@ def resolve_device(device: str) -> torch.device:
         raise ModelLoadError(f"invalid device {device!r}: {exc}") from exc
 
 
+CPU_FLOAT16_REFUSED = (
+    "dtype float16 is refused on a CPU: guidance's backward through the UNet runs 20-70x slower in float16 there "
+    "than in float32; use float32, or bfloat16 on a CPU with bf16 instructions"
+)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on CUDA, fp32 elsewhere."""
+    """``auto``: fp16 on CUDA, fp32 elsewhere. float16 on a CPU is a :class:`ModelLoadError`
+    (:data:`CPU_FLOAT16_REFUSED`; benchmarks/cpu_precision.py measures why)."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in table:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES[:-1])} or {DTYPES[-1]}")
+    if table[dtype] == torch.float16 and device.type == "cpu":
+        raise ModelLoadError(CPU_FLOAT16_REFUSED)
     return table[dtype]
 
 
@@ -178,13 +187,16 @@ class LMDPipeline:
         source_prompt: str | None = None,
         language: str | None = None,
         preview: PreviewFn | None = None,
+        per_box_images: bool = False,
     ) -> GenerationResult:
         """``conditioning`` (default: CLIP) decides what the denoising forwards see; guidance
         reads CLIP attention either way (docs/conditioning.md). ``source_prompt`` is the user's
         own prompt and ``language`` its ISO 639-1 code (detected when unset): GlueNet denoises
         the final pass with it. ``progress(stage, step, total)`` is called after every step;
         ``preview(stage, step, total, image)``, when given, every few steps with a cheap
-        latent-to-RGB picture (``grounded_sd.previews``); nothing is computed for it otherwise."""
+        latent-to-RGB picture (``grounded_sd.previews``); nothing is computed for it otherwise.
+        ``per_box_images``: also decode each object's per-box image into
+        ``result.intermediates.per_box_images`` (otherwise only SAM's masks decode them)."""
         started = time.perf_counter()
         options = options or LMDOptions.reference()
         conditioning = conditioning or ClipConditioning()
@@ -255,7 +267,8 @@ class LMDPipeline:
                 final_latents, masks = self._plain_sd(run, background, TextEmbeddings(conditioned, "final"), intermediates), {}
             else:
                 final_latents, masks = self._grounded(
-                    run, layout, background, conditioned, plus=variant == "lmd_plus", report=report, intermediates=intermediates
+                    run, layout, background, conditioned, plus=variant == "lmd_plus", report=report, intermediates=intermediates,
+                    keep_images=per_box_images,
                 )
 
             # 8. Decode, overlay, report
@@ -276,7 +289,7 @@ class LMDPipeline:
 
     def _grounded(
         self, run: Run, layout: Layout, background: torch.Tensor, conditioned: Conditioned, *, plus: bool,
-        report: GenerationReport, intermediates: Intermediates,
+        report: GenerationReport, intermediates: Intermediates, keep_images: bool,
     ) -> tuple[torch.Tensor, dict[str, Image.Image]]:
         """Steps 4-7 of ``__call__`` for ``lmd`` and ``lmd_plus``."""
         # 4. Per-box pass: all objects x CFG in one batch per step (§2.3)
@@ -286,7 +299,9 @@ class LMDPipeline:
 
         # 5. Masks: aggregated attention refined by SAM, with fallbacks (§2.4)
         with self._stage(run, "masks", len(layout.objects)):
-            masks, latent_masks, shifts = segment_objects(self, run, layout, per_box, plus=plus, report=report, intermediates=intermediates)
+            masks, latent_masks, shifts = segment_objects(
+                self, run, layout, per_box, plus=plus, report=report, intermediates=intermediates, keep_images=keep_images
+            )
         if per_box.centred:  # move each centred object's latents and maps to its layout box (§2.5)
             per_box = align_to_layout(per_box, shifts)
 

@@ -8,8 +8,11 @@ build models from configs and load them through the real ``LMDPipeline.from_pret
   first three, the mid block and the first up block with attention at 1/32 and 1/16 of the
   image, a VAE that downsamples by 8) at a fraction of its width: the benchmark's default,
   so that the relative cost of LMD's stages resembles the real model's. Its images are noise.
+- ``sd15``: SD 1.5's exact architecture (859.5M UNet, 123.1M CLIP ViT-L/14 text encoder,
+  83.7M VAE; a 1,068.6M UNet with GLIGEN's gated attention and position net) with CLIP's real
+  tokenizer (grounded_sd.clip_vocab): the real model's time and memory, with noise for images.
 
-The tokenizer is written here too: whole words from ``WORDS`` plus every byte-level
+The small shapes' tokenizer is written here: whole words from ``WORDS`` plus every byte-level
 character, so any text tokenizes (into characters when the word is unknown).
 """
 
@@ -21,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from grounded_sd.clip_vocab import byte_symbols
+
 WORDS = (
     "a an the one two three four and with of on in at near under above next to left right top bottom "
     "cat cats dog dogs red blue green yellow white black apple apples ball balls car tree lamp sofa "
@@ -29,7 +34,8 @@ WORDS = (
     "occlusion occluded side border collate"
 ).split()
 
-Shape = Literal["tiny", "sd"]
+Shape = Literal["tiny", "sd", "sd15"]
+SHAPES: tuple[Shape, ...] = ("tiny", "sd", "sd15")
 
 ATTENTION_SHARPNESS = 4.0
 """Random init gives near-uniform cross-attention (every token ~1/77); the query and key
@@ -37,22 +43,9 @@ weights of every cross-attention are scaled by this so that attention maps, and 
 gradient, look more like a trained model's."""
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's byte -> printable character table (GPT-2 style)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
-
-
 def tiny_vocab_and_merges(words: list[str] | tuple[str, ...] = tuple(WORDS)) -> tuple[dict[str, int], list[str]]:
     """A CLIP BPE vocabulary and merges that know ``words`` whole and everything else by character."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = byte_symbols()
     vocab: dict[str, int] = {}
     for token in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(token, len(vocab))
@@ -86,7 +79,8 @@ def write_clip_tokenizer(directory: Path | str, words: list[str] | tuple[str, ..
     return CLIPTokenizer.from_pretrained(directory)
 
 
-def _unet_and_vae(shape: Shape, gligen: bool):
+def unet_and_vae(shape: Shape, gligen: bool):
+    """A random UNet and VAE of ``shape``, and the UNet's cross-attention width."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     attention_type = "gated" if gligen else "default"
@@ -101,6 +95,19 @@ def _unet_and_vae(shape: Shape, gligen: bool):
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         )
         return unet, vae, 32
+    if shape == "sd15":  # SD 1.5's unet/config.json and vae/config.json, field by field
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", attention_type=attention_type,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            norm_num_groups=32, sample_size=512, act_fn="silu",
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        return unet, vae, 768
     unet = UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128, 128), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -115,30 +122,50 @@ def _unet_and_vae(shape: Shape, gligen: bool):
     return unet, vae, 64
 
 
-def build_random_sd(path: Path | str, *, shape: Shape = "tiny", gligen: bool = False, seed: int = 0) -> Path:
-    """Write a random-weight SD 1.x-style model of ``shape`` to ``path`` (a GLIGEN UNet when ``gligen``)."""
+def text_encoder_config(shape: Shape, vocab: dict[str, int], hidden: int):
+    """The CLIP text encoder's config of ``shape`` (``hidden``: the UNet's cross-attention width)."""
+    from transformers import CLIPTextConfig
+
+    ids = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
+    if shape == "sd15":  # CLIP ViT-L/14's text tower (SD 1.5's text_encoder/config.json)
+        return CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", **ids,
+        )
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5,
+        num_hidden_layers=2 if shape == "tiny" else 4, num_attention_heads=4, max_position_embeddings=77,
+        projection_dim=hidden, **ids,
+    )
+
+
+def build_random_sd(
+    path: Path | str, *, shape: Shape = "tiny", gligen: bool = False, seed: int = 0, clip_vocab: Path | str | None = None
+) -> Path:
+    """Write a random-weight SD 1.x-style model of ``shape`` to ``path`` (a GLIGEN UNet when ``gligen``).
+    ``clip_vocab`` (``sd15`` only): CLIP's BPE file or the open-clip-torch wheel holding it; None: the
+    installed open_clip package's (:mod:`grounded_sd.clip_vocab`)."""
     from diffusers import DDIMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    unet, vae, hidden = _unet_and_vae(shape, gligen)
+    unet, vae, hidden = unet_and_vae(shape, gligen)
     with torch.no_grad():
         for name, module in unet.named_modules():
             if name.endswith("attn2"):
                 module.to_q.weight.mul_(ATTENTION_SHARPNESS)
                 module.to_k.weight.mul_(ATTENTION_SHARPNESS)
-    tokenizer = write_clip_tokenizer(path / "tokenizer")
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5,
-            num_hidden_layers=2 if shape == "tiny" else 4, num_attention_heads=4, max_position_embeddings=77,
-            projection_dim=hidden, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    if shape == "sd15":
+        from transformers import CLIPTokenizer
+
+        from grounded_sd.clip_vocab import write_clip_tokenizer_files
+
+        tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer_files(path / "tokenizer", clip_vocab))
+    else:
+        tokenizer = write_clip_tokenizer(path / "tokenizer")
+    text_encoder = CLIPTextModel(text_encoder_config(shape, tokenizer.get_vocab(), hidden))
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )

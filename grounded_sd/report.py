@@ -108,7 +108,9 @@ class Intermediates:
 
     ``per_box_latents`` (per_box_steps+1, N, C, h, w) in ``object_ids`` order;
     ``composed`` (frozen_steps+1, 1, C, h, w) and ``owner`` (h, w) from composition;
-    ``final_latents`` (steps+1, 1, C, h, w); ``attention`` object id -> aggregated (h, w) map.
+    ``final_latents`` (steps+1, 1, C, h, w); ``attention`` object id -> aggregated (h, w) map;
+    ``per_box_images`` object id -> decoded per-box image, only when the call asked for them
+    (``per_box_images=True``).
     """
 
     object_ids: list[str] = field(default_factory=list)

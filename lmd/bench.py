@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +30,23 @@ BENCH_OBJECTS = (
     LayoutObject(id="lamp", phrase="a red lamp", box=(0.06, 0.04, 0.36, 0.36)),
     LayoutObject(id="apple", phrase="a green apple", box=(0.62, 0.08, 0.90, 0.34)),
 )
-RANDOM_MODEL_LABEL = "random-weight SD 1.x-shaped model (built in-process; timings only, images are noise)"
+RANDOM_MODEL_LABELS = {
+    "sd": "random-weight SD 1.x-shaped model (built in-process; timings only, images are noise)",
+    "sd15": (
+        "random-weight model of SD 1.5's exact architecture (859.5M UNet, 1,068.6M with GLIGEN; CLIP ViT-L/14 text "
+        "encoder and tokenizer; built in-process; time and memory of the real model, images are noise)"
+    ),
+}
 
 
 class BenchConfig(BaseModel):
-    model: str | None = Field(None, description="hub id or local directory; None: a random SD-shaped model")
+    model: str | None = Field(None, description="hub id or local directory; None: a random model of ``shape``")
+    shape: Literal["sd", "sd15"] = Field(
+        "sd", description="the random model without ``model``: sd (SD 1.x's shape, narrow) or sd15 (SD 1.5's real size)"
+    )
+    clip_vocab: str | None = Field(
+        None, description="sd15: CLIP's BPE file or the open-clip-torch wheel holding it; None: the installed open_clip's"
+    )
     steps: int = Field(20, ge=1, le=1000)
     width: int = Field(256, ge=32, le=2048, multiple_of=8)
     height: int = Field(256, ge=32, le=2048, multiple_of=8)
@@ -88,6 +99,9 @@ class BenchRun(BaseModel):
     wall_s: float
     ratio_to_sd: float | None
     peak_memory_mib: float
+    stage_peak_memory_mib: dict[str, float] = Field(
+        default_factory=dict, description="peak memory while each stage ran (its steps; 'decode': after the last stage)"
+    )
     stages: dict[str, StageCost]
     forward_samples: int
     backward_samples: int
@@ -130,44 +144,86 @@ def machine_info(device: str) -> MachineInfo:
 
 
 class PeakMemory:
-    """Peak memory during a block: CUDA allocator peak, or process RSS sampled every 5 ms."""
+    """Peak memory during a block, and per stage, read from counters the kernel or CUDA keep
+    (no sampling, so nothing depends on timing): the CUDA allocator's peak, or on a CPU the
+    process's peak RSS (``VmHWM``), which Linux resets on writing 5 to /proc/self/clear_refs.
+
+    Before the block, free heap memory is handed back to the system (glibc ``malloc_trim``), so
+    that memory an earlier run freed but the allocator kept does not count as this run's.
+    :meth:`mark` closes a stage: the peak since the previous mark is that stage's. Where the
+    peak RSS cannot be reset (not Linux), every number is the process's peak so far
+    (``resource.getrusage``)."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
+        self.resettable = self.cuda or peak_rss_supported()
         self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.stage_peaks: dict[str, int] = {}
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.empty_cache()
         else:
-            import psutil
-
-            process = psutil.Process()
-            self.peak_bytes = process.memory_info().rss
-
-            def sample() -> None:
-                while not self._stop.wait(0.005):
-                    self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
+            release_free_heap()
+        self._reset()
         return self
 
+    def mark(self, stage: str) -> None:
+        peak = self._peak()
+        self.stage_peaks[stage] = max(self.stage_peaks.get(stage, 0), peak)
+        self.peak_bytes = max(self.peak_bytes, peak)
+        self._reset()
+
     def __exit__(self, *exc_info) -> None:
+        self.mark("decode")  # what follows the last stage's last step: the final image's decode
+
+    def _reset(self) -> None:
         if self.cuda:
             import torch
 
             torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            assert self._thread is not None
-            self._thread.join()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.resettable:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def _peak(self) -> int:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        if not self.resettable:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return peak if platform.system() == "Darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def peak_rss_supported() -> bool:
+    """Whether this system can reset and read the process's peak RSS (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return "VmHWM:" in Path("/proc/self/status").read_text()
+    except OSError:
+        return False
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc); elsewhere a no-op."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, config: BenchConfig, device: str,
@@ -180,7 +236,7 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
     with PeakMemory(device) as memory:
         started = time.perf_counter()
         result = pipe(layout, seed=config.seed, options=options, variant=variant, width=config.width, height=config.height,
-                      conditioning=conditioning, source_prompt=source)
+                      conditioning=conditioning, source_prompt=source, progress=lambda stage, step, total: memory.mark(stage))
         wall = time.perf_counter() - started
     stages = {
         s.name: StageCost(
@@ -193,7 +249,7 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
     unet_s = total.forward_s + total.backward_s
     return BenchRun(
         variant=variant, preset=preset, conditioning=result.report.conditioning, objects=len(layout.objects), wall_s=wall, ratio_to_sd=None,
-        peak_memory_mib=memory.peak_bytes / 2**20, stages=stages, forward_samples=total.forward_samples,
+        peak_memory_mib=memory.peak_bytes / 2**20, stage_peak_memory_mib={k: v / 2**20 for k, v in memory.stage_peaks.items()}, stages=stages, forward_samples=total.forward_samples,
         backward_samples=total.backward_samples, outside_unet_fraction=max(0.0, 1.0 - unet_s / wall),
     )
 
@@ -201,22 +257,35 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:
     """Run every configured measurement; ``progress`` is told the name of each run as it starts."""
     from grounded_sd import LMDPipeline
-    from grounded_sd.pipeline import resolve_device
+    from grounded_sd.pipeline import resolve_device, resolve_dtype
     from grounded_sd.random_model import build_random_sd
     from lmd import wiring
 
     wiring.use_torch_threads(config.threads)
     wiring.quiet_library_progress_bars()  # the command's bar counts the runs
-    device = str(resolve_device(config.device))
+    torch_device = resolve_device(config.device)
+    resolve_dtype(config.dtype, torch_device)  # float16 on a CPU is refused before any model is built
+    device = str(torch_device)
     progress = progress or (lambda name: None)
     notes: list[str] = []
     runs: list[BenchRun] = []
 
+    if config.model is None and config.shape == "sd15":  # a missing vocabulary fails before minutes of model building
+        from grounded_sd import ModelLoadError
+        from grounded_sd.clip_vocab import clip_vocab_and_merges, find_open_clip_bpe
+
+        try:
+            clip_vocab_and_merges(config.clip_vocab or find_open_clip_bpe())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"CLIP's vocabulary for the real-size model: {exc}".splitlines()[0]) from exc
+
     with tempfile.TemporaryDirectory(prefix="lmd-bench-") as scratch:
         if config.model is None:
-            model_label = RANDOM_MODEL_LABEL
-            plain = build_random_sd(Path(scratch) / "sd", shape="sd", seed=config.seed)
-            models = {"lmd": plain, "lmd_plus": build_random_sd(Path(scratch) / "gligen", shape="sd", gligen=True, seed=config.seed)}
+            model_label = RANDOM_MODEL_LABELS[config.shape]
+            build = {"shape": config.shape, "seed": config.seed, "clip_vocab": config.clip_vocab}
+            models = {
+                variant: build_random_sd(Path(scratch) / variant, gligen=variant == "lmd_plus", **build) for variant in config.variants
+            }
         else:
             model_label = f"{config.model} (as given)"
             models = {"lmd": config.model, "lmd_plus": config.model}
@@ -254,7 +323,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             del pipe
 
     return BenchResult(
-        machine=machine_info(device), model=config.model or "random:sd", model_label=model_label,
+        machine=machine_info(device), model=config.model or f"random:{config.shape}", model_label=model_label,
         memory_kind="cuda_allocated" if device.startswith("cuda") else "rss", config=config, runs=runs, notes=notes,
     )
 
@@ -282,7 +351,7 @@ def _bench_conditioning(config: BenchConfig, pipe, scratch: Path):
 def _warmup_options():
     from grounded_sd import LMDOptions
 
-    return LMDOptions.fast(steps=2)
+    return LMDOptions.fast(steps=1)
 
 
 def format_table(result: BenchResult) -> str:

@@ -155,6 +155,9 @@ class Settings(BaseSettings):
             raise ValueError("LMD_TASK_TIME_LIMIT_S must be above LMD_TASK_SOFT_TIME_LIMIT_S")
         if self.min_size > self.max_size:
             raise ValueError("LMD_MIN_SIZE must not exceed LMD_MAX_SIZE")
+        if self.dtype == "float16" and self.device.strip().lower().startswith("cpu"):
+            raise ValueError("LMD_DTYPE=float16 with LMD_DEVICE=cpu is refused (20-70x slower guidance); "
+                             "use float32 or bfloat16")
         return self
 
 

@@ -10,7 +10,8 @@ same thing everywhere:
   which stage 1 planner answers (``LMD_PLANNER``: an endpoint, or a model in the process)
   and why, its config, and the planner;
 - :func:`pipeline_arguments` and :func:`load_pipeline`: stage 2's pipeline (torch threads,
-  quiet library progress bars, ``from_pretrained`` arguments);
+  quiet library progress bars, ``from_pretrained`` arguments); :func:`check_precision`: its
+  device and dtype checked before any work;
 - :func:`check_render`: what a render cannot do with these settings, refused before any work;
 - :func:`render_options`: the options of a preset by name with a request's overrides and
   ``LMD_MAX_BATCH``;
@@ -214,6 +215,18 @@ def pipeline_arguments(settings: Settings, *, use_sam: bool = True, **overrides:
     checkpoint = arguments["sam_checkpoint"]
     arguments["sam_checkpoint"] = str(checkpoint) if checkpoint and use_sam else None
     return arguments
+
+
+def check_precision(settings: Settings, *, device: str | None = None, dtype: str | None = None) -> None:
+    """Resolve stage 2's device and dtype (``auto`` included) now, so that a pair that cannot work
+    (float16 on a CPU) is a :class:`SettingsError` before any planning or loading starts."""
+    from grounded_sd.errors import GroundedSDError
+    from grounded_sd.pipeline import resolve_device, resolve_dtype
+
+    try:
+        resolve_dtype(dtype or settings.dtype, resolve_device(device or settings.device))
+    except GroundedSDError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def load_pipeline(settings: Settings, *, cpu_threads: int | None = None, use_sam: bool = True,

@@ -23,6 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--model", help="hub id or local diffusers directory (default: random SD-shaped model)")
+    parser.add_argument(
+        "--real-size", action="store_true",
+        help="without --model: a random model of SD 1.5's exact architecture and CLIP tokenizer (minutes per run on a CPU)",
+    )
+    parser.add_argument(
+        "--clip-vocab", metavar="PATH",
+        help="--real-size: the open-clip-torch wheel (pip download --no-deps open-clip-torch) or its "
+             "bpe_simple_vocab_16e6.txt.gz; default: the installed open_clip package's",
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     parser.add_argument("--width", type=int, default=256, help="image width, multiple of 8 (default 256)")
     parser.add_argument("--height", type=int, default=256, help="image height, multiple of 8 (default 256)")
@@ -48,7 +57,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
     try:
         config = BenchConfig(
-            model=args.model, steps=args.steps, width=args.width, height=args.height, seed=args.seed, objects=args.objects,
+            model=args.model, shape="sd15" if args.real_size else "sd", clip_vocab=args.clip_vocab, steps=args.steps, width=args.width, height=args.height, seed=args.seed, objects=args.objects,
             variants=args.variants, presets=args.presets, device=args.device, dtype=args.dtype, threads=args.threads,
             conditioning=args.conditioning,
         )

@@ -151,6 +151,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"SAM checkpoint not found: {sam_checkpoint}")
     if (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()) and not Path(model).expanduser().is_dir():
         raise CLIError(f"model directory not found: {model}")
+    wiring.check_precision(settings, device=args.device, dtype=args.dtype)  # float16 on a CPU: before anything else
     _check_before_work(args, settings, model)
 
     layout = _read_layout(args.layout) if args.layout else _plan(args.prompt, settings)

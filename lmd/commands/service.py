@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from lmd.wiring import choose_planner, load_settings
+from lmd.wiring import check_precision, choose_planner, load_settings
 
 DEFAULT_CONCURRENCY = {"plan": 2, "render": 1}
 
@@ -60,6 +60,8 @@ def _worker(args: argparse.Namespace) -> int:
     if not queues or unknown:
         raise CLIError(f"--queues must name plan, render or both (comma-separated); got {args.queues!r}")
     settings = load_settings(cached=True)
+    if "render" in queues:
+        check_precision(settings)  # float16 on a CPU: exit 2 now, not a failed job later
     local_planner = "plan" in queues and choose_planner(settings).kind == "local"
     concurrency = args.concurrency if args.concurrency is not None else min(DEFAULT_CONCURRENCY[q] for q in queues)
     if args.concurrency is None and local_planner:

@@ -60,7 +60,7 @@ class EvalConfig(BaseModel):
         values.setdefault("detector", SHAPES_DETECTOR if shapes else DEFAULT_DETECTOR)
         if shapes:
             values.setdefault("model", str(SHAPES_MODEL))
-            if "responses" not in values:
+            if "responses" not in values and "baseline" not in values:
                 values.setdefault("layouts", "stored")
         return values
 

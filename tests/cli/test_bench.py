@@ -29,6 +29,17 @@ def test_bench_counts_unet_work_per_run(tiny_sd_path, tmp_path, capsys):
     assert one["backward_samples"] > 0 and one["ratio_to_sd"] > 0
     assert result["machine"]["torch"] and result["memory_kind"] == "rss"
     assert 0.0 <= one["outside_unet_fraction"] < 1.0
+    # peak memory per stage, from the kernel's peak RSS reset at every step (no sampling)
+    assert set(baseline["stage_peak_memory_mib"]) == {"sd", "decode"}
+    assert set(one["stage_peak_memory_mib"]) == {"per_box", "masks", "final", "decode"}
+    for run in runs:
+        assert run["peak_memory_mib"] == max(run["stage_peak_memory_mib"].values()) > 0
+
+
+def test_bench_real_size_needs_clips_vocabulary_before_building(clean_env, capsys):
+    assert main(["bench", "--real-size", "--clip-vocab", str(clean_env / "missing.whl"), "--steps", "1", "--objects", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "CLIP's vocabulary for the real-size model" in err and "missing.whl" in err
 
 
 @pytest.mark.parametrize("args, message", [(["--objects", "5"], "--objects"), (["--width", "100"], "width")])

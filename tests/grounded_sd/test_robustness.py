@@ -51,9 +51,10 @@ def test_initial_noise_uses_the_scale_of_the_actual_timesteps(tiny_pipeline):
 
 def test_v_prediction_with_dpm_solver_segments_an_x0_prediction(tiny_pipeline):
     pipe = with_scheduler(tiny_pipeline, "DPMSolverMultistepScheduler", prediction_type="v_prediction")
-    result = pipe(LAYOUT, seed=2, options=LMDOptions.fast(steps=10, loss_threshold=0.0), width=64, height=64)
+    result = pipe(LAYOUT, seed=2, options=LMDOptions.fast(steps=10, loss_threshold=0.0), width=64, height=64, per_box_images=True)
     assert np.isfinite(np.asarray(result.image, dtype=np.float32)).all()
     assert any("segmented on its x0-prediction" in note for note in result.report.notes), result.report.notes
+    assert all(np.isfinite(np.asarray(image, dtype=np.float32)).all() for image in result.intermediates.per_box_images.values())
     assert all(o.per_box_energy.start is not None and o.per_box_energy.iterations > 0 for o in result.report.objects)
 
 

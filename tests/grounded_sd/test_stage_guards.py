@@ -112,7 +112,7 @@ def test_masks_come_from_attention_aggregated_from_the_configured_step(tiny_pipe
     handles = [modules[name].register_forward_pre_hook(hook(name), with_kwargs=True) for name in layers]
     try:
         options = _opts(mask_from_step=25, per_box_placement="in_place")  # of 50: step 2 of 4; masks where generated
-        result = tiny_pipeline(_layout(DOG, CAT), seed=4, width=SIZE, height=SIZE, options=options)
+        result = tiny_pipeline(_layout(DOG, CAT), seed=4, width=SIZE, height=SIZE, options=options, per_box_images=True)
     finally:
         for handle in handles:
             handle.remove()
