@@ -22,6 +22,7 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import ErrorBody, code_of
+from api.middleware import BodyLimit, SecurityHeaders
 from api.openapi import complete_openapi
 
 from api.routes import generate, health, jobs, metrics, sessions, studio
@@ -33,10 +34,16 @@ from lmd.wiring import load_settings
 log = logging.getLogger(__name__)
 
 
+# What a 422 may echo of the request: each value (input, ctx) and each message, whatever the field.
 MAX_ECHO_CHARS = 200
+MAX_MESSAGE_CHARS = 400
 # Far above the largest valid body (30 objects, the longest prompt and texts: about 20 kB); a
 # larger one is refused with 413 before it is read into memory.
 MAX_BODY_BYTES = 256 * 1024
+
+
+def _cut(text: str, most: int = MAX_ECHO_CHARS) -> str:
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def _echo(value: object) -> object:
@@ -48,7 +55,7 @@ def _echo(value: object) -> object:
         text.encode("utf-8")
     except (TypeError, ValueError, UnicodeEncodeError):
         return ascii(value)[:MAX_ECHO_CHARS]
-    return value if len(text) <= MAX_ECHO_CHARS else text[:MAX_ECHO_CHARS] + "..."
+    return value if len(text) <= MAX_ECHO_CHARS else _cut(text)
 
 
 def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -65,10 +72,10 @@ def invalid_request(request: Request, exc: RequestValidationError) -> JSONRespon
         if list(error.get("loc", ())) == ["body"] and not json_sent:
             error["msg"] = f"the body must be a JSON object sent with Content-Type: application/json (got {content_type!r})"
         if "ctx" in error:
-            error["ctx"] = {k: str(v) if isinstance(v, Exception) else _echo(v) for k, v in error["ctx"].items()}
+            error["ctx"] = {k: _echo(str(v) if isinstance(v, Exception) else v) for k, v in error["ctx"].items()}
         if "input" in error:
             error["input"] = _echo(error["input"])
-        error["msg"] = str(error.get("msg", ""))[:1000].encode("utf-8", "backslashreplace").decode("utf-8")
+        error["msg"] = _cut(str(error.get("msg", "")), MAX_MESSAGE_CHARS).encode("utf-8", "backslashreplace").decode("utf-8")
         error["loc"] = [p if isinstance(p, int) else str(p) for p in error.get("loc", ())]
         detail.append(error)
     return JSONResponse({"detail": detail}, status_code=422)
@@ -121,7 +128,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="LLM-grounded diffusion: a prompt becomes a layout, the layout becomes an image.",
         version="0.1.0",
         lifespan=lifespan,
-        max_body_size=MAX_BODY_BYTES,
         swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     app.state.settings = settings
@@ -155,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (generate, jobs, sessions, health, metrics, studio):
         app.include_router(module.router)
     app.openapi = lambda: complete_openapi(app, settings)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES, stall_timeout_s=settings.api_body_timeout_s)
     if settings.cors_origins:
         # Off by default: only the operator's listed origins may call the API from a browser page.
         app.add_middleware(
@@ -165,5 +172,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["Retry-After"],
             max_age=600,
         )
+    app.add_middleware(SecurityHeaders)  # outermost: every answer carries them, a 413 or a CORS preflight too
     app.mount("/static", StaticFiles(directory=studio.STATIC_DIR), name="static")
     return app

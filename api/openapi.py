@@ -8,6 +8,8 @@ FastAPI derives the request and response models; this adds what it cannot know:
 - the rule "a prompt is required unless a layout is given", the text rule (no control
   characters but tab and newline, not blank) and the id formats;
 - each operation's error answers (401, 404, 409, 413, 429, 503, 507, ...) with ``ErrorBody``;
+- what this deployment allows that a type cannot say (``refine: true`` only with a refiner),
+  and how to send the API key (``securitySchemes``, on the operations that need one);
 - links from a created job to its status, image, overlay, events, cancel and session.
 """
 
@@ -19,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from api.errors import ErrorBody
+from layout_planner.layout import ID_PATTERN as OBJECT_ID_PATTERN
 from lmd.settings import Settings
 
 # JSON Schema patterns (ECMA 262 and Python's re read them alike; \uXXXX escapes, which generators understand).
@@ -34,6 +37,7 @@ _ERRORS = {
     400: "the body is not JSON",
     401: "missing or wrong API key (only when LMD_API_KEYS is set)",
     404: "unknown, expired, or another key's",
+    408: "the body stalled longer than LMD_API_BODY_TIMEOUT_S between two reads",
     409: "conflict with the record's state (see the detail)",
     413: "the body is larger than 256 KiB",
     429: "a limit was reached (active jobs, request rate, open streams); retry after Retry-After",
@@ -44,13 +48,13 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying"
 
 # Which errors each operation can answer, by operationId (422 is FastAPI's own where bodies or parameters are read).
 _OPERATION_ERRORS: dict[str, tuple[int, ...]] = {
-    "generate": (400, 401, 404, 409, 413, 429, 503, 507),
-    "plan": (400, 401, 404, 409, 413, 429, 503, 507),
+    "generate": (400, 401, 404, 408, 409, 413, 429, 503, 507),
+    "plan": (400, 401, 404, 408, 409, 413, 429, 503, 507),
     "get_mask": (401, 404, 409, 503),
     "get_report": (401, 404, 409, 503),
     "get_preview": (401, 404, 503),
     "limits": (),
-    "instruct": (400, 401, 404, 409, 413, 429, 503, 507),
+    "instruct": (400, 401, 404, 408, 409, 413, 429, 503, 507),
     "get_job": (401, 404, 503),
     "get_image": (401, 404, 409, 503),
     "get_overlay": (401, 404, 409, 503),
@@ -83,9 +87,16 @@ def complete_openapi(app: FastAPI, settings: Settings) -> dict:
     schemas = schema["components"]["schemas"]
     schemas["ErrorBody"] = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
     _limit_requests(schemas, settings)
+    schema["components"]["securitySchemes"] = security_schemes()
     for path, methods in schema["paths"].items():
         for operation in methods.values():
             _complete_operation(operation, path)
+            if (security := _security(operation.get("operationId", ""), settings)) is not None:
+                operation["security"] = security
+            if operation.get("operationId") in ("generate", "plan") and "422" in operation["responses"]:
+                operation["responses"]["422"]["description"] = (
+                    "a field breaks a rule or a limit (detail[].loc names it); also refine: true when this "
+                    "deployment has no SDXL refiner (LMD_REFINER unset)")
     app.openapi_schema = schema
     return schema
 
@@ -100,7 +111,7 @@ def _nullable(prop: dict) -> dict:
 
 def _limit_requests(schemas: dict, s: Settings) -> None:
     obj = schemas["LayoutObject"]["properties"]
-    obj["id"].update(pattern=r"^[A-Za-z0-9_.-]{1,32}$", minLength=1, maxLength=32)
+    obj["id"].update(pattern=OBJECT_ID_PATTERN.pattern, minLength=1, maxLength=32)
     obj["phrase"].update(pattern=NON_BLANK_TEXT_PATTERN)
     for item in obj["box"].get("prefixItems", []):
         item.update(minimum=0.0, maximum=1.0)
@@ -136,10 +147,47 @@ def _limit_requests(schemas: dict, s: Settings) -> None:
     ]
     schemas["GenerateRequest"]["description"] = "A prompt, or a layout (then the prompt may be left out), and render settings."
 
+    for name in ("GenerateRequest", "PlanRequest"):
+        _refine_as_deployed(schemas[name]["properties"]["refine"], s)
+
     ins = schemas["InstructRequest"]["properties"]
     ins["instruction"].update(minLength=1, maxLength=s.max_instruction_chars, pattern=NON_BLANK_TEXT_PATTERN)
     _nullable(ins["seed"]).update(minimum=0, maximum=s.max_seed)
 
+
+
+def _refine_as_deployed(prop: dict, s: Settings) -> None:
+    """``refine: true`` needs an SDXL refiner: without one (LMD_REFINER unset) the schema allows
+    only false or null, so a generated client or a fuzzer knows before it meets the 422."""
+    if s.refiner:
+        return
+    _nullable(prop).update(enum=[False])
+    prop["description"] = ("finish with the SDXL refiner: this deployment has none (LMD_REFINER is unset), so only "
+                           "false or null are accepted; true is a 422")
+
+
+def security_schemes() -> dict:
+    """The two ways to send an API key. Both headers sent: ``X-API-Key`` is the one read."""
+    return {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                   "description": "an LMD_API_KEYS key (LMD_OPS_KEYS for /metrics); when both this header and "
+                                  "Authorization are sent, this one is read and Authorization is ignored"},
+        "Bearer": {"type": "http", "scheme": "bearer",
+                   "description": "Authorization: Bearer <key>, read only when X-API-Key is absent"},
+    }
+
+
+# Operations any caller may use without a key (readyz: with one, an operator sees the workers too).
+_OPEN_OPERATIONS = {"healthz", "limits"}
+_OPTIONAL_KEY_OPERATIONS = {"readyz"}
+
+
+def _security(op_id: str, s: Settings) -> list[dict] | None:
+    """The operation's security requirement in this deployment; None where keys are off."""
+    if not (s.api_keys or s.ops_keys) or op_id in _OPEN_OPERATIONS:
+        return None
+    either = [{"ApiKey": []}, {"Bearer": []}]
+    return [{}, *either] if op_id in _OPTIONAL_KEY_OPERATIONS else either
 
 
 def _complete_operation(operation: dict, path: str) -> None:

@@ -128,7 +128,7 @@ class JobView(BaseModel):
             result = JobResult(image_url=f"{base}/image", overlay_url=f"{base}/overlay", report_url=f"{base}/report", masks=masks)
         preview_url = f"{base}/preview" if job.progress.preview is not None and not job.terminal else None
         return cls(result=result, preview_url=preview_url, notice=notice,
-                   **job.model_dump(exclude={"owner", "layout_given", "worker", "heartbeat_at"}))
+                   **job.model_dump(exclude={"owner", "layout_given", "worker", "heartbeat_at", "idempotency_claim"}))
 
 
 class TurnView(BaseModel):

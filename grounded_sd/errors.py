@@ -60,7 +60,16 @@ class NonFiniteLatents(GroundedSDError):
 class ConditioningUnavailable(GroundedSDError):
     """The requested text conditioning cannot be used: its checkpoint or encoder is not
     configured or cannot be read, the UNet is not the kind it was trained for, or (GlueNet)
-    the prompt's language has no checkpoint. The message names the setting or the language."""
+    the prompt's language has no checkpoint. The message names the setting or the language
+    (and may hold a path or a library's text: it is for the operator's log).
+
+    ``public``: a plain sentence a service may show to whoever sent the request, set where
+    the cause is the request itself (a language without a checkpoint); None when the cause
+    is the operator's configuration, whose details stay in the log."""
+
+    def __init__(self, message: str, *, public: str | None = None):
+        super().__init__(message)
+        self.public = public
 
 
 class LanguageUnavailable(ConditioningUnavailable):

@@ -14,7 +14,7 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import PngImagePlugin
 from pydantic import BaseModel, Field, ValidationError
 
 from grounded_sd.errors import NoImageParameters
@@ -75,21 +75,108 @@ class ImageParameters(BaseModel):
         return info
 
 
-def read_parameters(path: Path | str) -> ImageParameters:
-    """The parameters a PNG carries; :class:`NoImageParameters` when it has none or they do not parse."""
+# What a reader of the parameters takes from a file, whoever wrote it (``lmd info`` and the
+# studio's PNG drop share these rules, docs/studio.md): only uncompressed tEXt/iTXt chunks named
+# lmd:* (LMD writes no other kind, so no compressed text is ever inflated), each at most
+# MAX_TEXT_CHUNK_BYTES and all together MAX_TEXT_BYTES, in a file of at most MAX_CHUNKS chunks;
+# JSON fields nested at most MAX_JSON_DEPTH deep. Pixels are never decoded.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_TEXT_CHUNK_BYTES = 256 * 1024
+MAX_TEXT_BYTES = 1024 * 1024
+MAX_CHUNKS = 10_000
+MAX_JSON_DEPTH = 16
+
+
+def read_text_chunks(path: Path | str, prefix: str = CHUNK_PREFIX) -> dict[str, str]:
+    """The uncompressed tEXt/iTXt chunks of a PNG whose keyword starts with ``prefix``, within the
+    bounds above; the image data is skipped, not read. :class:`NoImageParameters` (one line) for
+    a file that is not a PNG, is cut short, or breaks a bound."""
+    fields: dict[str, str] = {}
+    total = 0
     try:
-        with Image.open(path) as image:
-            image.load()
-            chunks = dict(getattr(image, "text", {}) or {})
-    except (OSError, UnidentifiedImageError) as exc:
-        raise NoImageParameters(f"{path}: cannot read it as an image: {exc}") from exc
-    fields = {k.removeprefix(CHUNK_PREFIX): v for k, v in chunks.items() if k.startswith(CHUNK_PREFIX)}
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                raise NoImageParameters(f"{path}: cannot read it as an image: not a PNG file")
+            for _ in range(MAX_CHUNKS):
+                head = f.read(8)
+                if len(head) < 8:
+                    raise NoImageParameters(f"{path}: the PNG is cut short (no IEND chunk)")
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind == b"IEND":
+                    return fields
+                if kind not in (b"tEXt", b"iTXt"):
+                    f.seek(length + 4, 1)  # the data and its CRC, unread
+                    continue
+                keyword = f.read(min(length, 80)).split(b"\0", 1)[0]  # a PNG keyword is 1-79 bytes
+                if not keyword.decode("latin-1").startswith(prefix):
+                    f.seek(length - min(length, 80) + 4, 1)
+                    continue
+                if length > MAX_TEXT_CHUNK_BYTES or total + length > MAX_TEXT_BYTES:
+                    raise NoImageParameters(f"{path}: a text chunk is larger than the {MAX_TEXT_CHUNK_BYTES // 1024} KiB "
+                                            f"(or all of them than the {MAX_TEXT_BYTES // 1024} KiB) LMD ever writes")
+                total += length
+                f.seek(-min(length, 80), 1)
+                data = f.read(length)
+                if len(data) < length:
+                    raise NoImageParameters(f"{path}: the PNG is cut short (in a text chunk)")
+                f.seek(4, 1)
+                name, text = _text_chunk(kind, data)
+                if text is not None:
+                    fields[name] = text
+    except OSError as exc:
+        raise NoImageParameters(f"{path}: cannot read it: {exc.strerror or type(exc).__name__}") from None
+    raise NoImageParameters(f"{path}: the PNG has more than {MAX_CHUNKS} chunks; LMD writes a few dozen")
+
+
+def _text_chunk(kind: bytes, data: bytes) -> tuple[str, str | None]:
+    """(keyword, text) of a tEXt or iTXt chunk; text None for a compressed iTXt (never inflated)."""
+    keyword, _, rest = data.partition(b"\0")
+    name = keyword.decode("latin-1")
+    if kind == b"tEXt":
+        return name, rest.decode("latin-1")
+    if rest[:1] != b"\0":  # compression flag set
+        return name, None
+    _language, _, rest = rest[2:].partition(b"\0")
+    _translated, _, text = rest.partition(b"\0")
+    return name, text.decode("utf-8", "replace")
+
+
+def json_depth(text: str) -> int:
+    """How deeply ``[`` and ``{`` nest in a JSON text (strings skipped): checked before parsing."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def read_parameters(path: Path | str) -> ImageParameters:
+    """The parameters a PNG carries; :class:`NoImageParameters` (one line) when it has none, they
+    do not parse, or the file breaks a bound of :func:`read_text_chunks`."""
+    chunks = read_text_chunks(path)
+    fields = {k.removeprefix(CHUNK_PREFIX): v for k, v in chunks.items()}
     if not fields:
         raise NoImageParameters(f"{path} carries no lmd generation parameters (no 'lmd:*' text chunks)")
     try:
         for name in JSON_FIELDS:
             if name in fields:
+                if json_depth(fields[name]) > MAX_JSON_DEPTH:
+                    raise NoImageParameters(f"{path}: its lmd:{name} is nested deeper than {MAX_JSON_DEPTH} levels")
                 fields[name] = json.loads(fields[name])
         return ImageParameters.model_validate(fields)
     except (json.JSONDecodeError, ValidationError) as exc:
-        raise NoImageParameters(f"{path}: its lmd parameters do not parse: {str(exc).splitlines()[0]}") from exc
+        first = str(exc).splitlines()[0][:200]
+        raise NoImageParameters(f"{path}: its lmd parameters do not parse: {first}") from None

@@ -68,7 +68,8 @@ def check_conditioning(
         return None
     if name == "ella":
         if not config.ella_checkpoint:
-            raise ConditioningUnavailable(f"ella needs its connector checkpoint: set {names['ella_checkpoint']}")
+            message = f"ella needs its connector checkpoint: set {names['ella_checkpoint']}"
+            raise ConditioningUnavailable(message, public=message)  # a setting's name, no value
         check_file(config.ella_checkpoint, names["ella_checkpoint"])
         check_encoder_source(config.ella_t5, kind="t5", setting=names["ella_t5"])
         return None
@@ -82,7 +83,8 @@ def _check_gluenet(config: ConditioningConfig, source_prompt: str | None, langua
 
     names = config.settings_names
     if not config.gluenet_checkpoints:
-        raise ConditioningUnavailable(f"gluenet needs at least one per-language checkpoint: set {names['gluenet_checkpoints']}")
+        message = f"gluenet needs at least one per-language checkpoint: set {names['gluenet_checkpoints']}"
+        raise ConditioningUnavailable(message, public=message)  # a setting's name, no value
     if not source_prompt:
         raise SourcePromptMissing(
             "gluenet denoises with the user's prompt in its own language; this generation has none "

@@ -12,7 +12,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from grounded_sd.counters import UNetCalls
-from layout_planner.layout import Layout
+from layout_planner.layout import Layout, mask_file_name
 
 if TYPE_CHECKING:
     from grounded_sd.image_parameters import ImageParameters
@@ -162,7 +162,7 @@ class GenerationResult:
         self.image.save(out / "image.png", pnginfo=info)
         self.overlay.save(out / "overlay.png", pnginfo=info)
         for object_id, mask in self.masks.items():
-            mask.save(out / "masks" / f"{object_id}.png", pnginfo=info)
+            mask.save(out / "masks" / mask_file_name(object_id), pnginfo=info)
         (out / "layout.json").write_text(self.layout.model_dump_json(indent=2))
         (out / "report.json").write_text(json.dumps(self.report.model_dump(mode="json"), indent=2))
         return out

@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+from layout_planner.layout import mask_file_name
+
 log = logging.getLogger(__name__)
 
 
@@ -29,8 +31,9 @@ def result_file(data_dir: Path, job_id: str, name: str) -> Path:
 
 
 def mask_file(data_dir: Path, job_id: str, object_id: str) -> Path:
-    """One object's mask (object ids are letters, digits, '_', '.', '-': safe as file names)."""
-    return job_dir(data_dir, job_id) / "masks" / f"{object_id}.png"
+    """One object's mask: ``masks/<id>.png`` (``layout_planner.layout.mask_file_name``: the id alphabet
+    keeps it a plain file name; ValueError for an id outside it)."""
+    return job_dir(data_dir, job_id) / "masks" / mask_file_name(object_id)
 
 
 def report_file(data_dir: Path, job_id: str) -> Path:

@@ -95,6 +95,8 @@ class JobRecord(BaseModel):
     deliveries: int = Field(0, description="how many times a worker started the current stage")
     worker: str | None = Field(None, description="'hostname:pid' of the process running the current stage")
     heartbeat_at: float | None = None
+    idempotency_claim: str | None = Field(None, description="the Redis key of the Idempotency-Key claim that created "
+                                                              "the job: it expires with the job")
     created_at: datetime
     updated_at: datetime
 

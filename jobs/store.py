@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
 import time
 from typing import Callable
 
 import redis
+from limits import RateLimitItemPerMinute
+from limits.storage import RedisStorage
+from limits.strategies import MovingWindowRateLimiter
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -131,6 +135,9 @@ class Store:
         self.ended_retention_s = min(ended_retention_s or retention_s, retention_s)
         self.prefix = prefix
         self._create = client.register_script(_CREATE)
+        # The rate limiter's lists live under <prefix>:rate:<owner> on this same connection pool.
+        self._rate = MovingWindowRateLimiter(RedisStorage("redis://", connection_pool=client.connection_pool,
+                                                          key_prefix=f"{prefix}:rate"))
         self._open_stream = client.register_script(_OPEN_STREAM)
 
     @classmethod
@@ -161,9 +168,6 @@ class Store:
     def owner_active_key(self, owner: str | None) -> str:
         """A set of one API key's unfinished jobs (``-``: no keys configured)."""
         return f"{self.prefix}:active:{owner or '-'}"
-
-    def rate_key(self, owner: str | None, window: int) -> str:
-        return f"{self.prefix}:rate:{owner or '-'}:{window}"
 
     def owner_sessions_key(self, owner: str | None) -> str:
         """A sorted set of one API key's session ids, scored by the time of their latest turn."""
@@ -246,7 +250,7 @@ class Store:
                     pipe.watch(*job_keys)  # a turn finishing (or starting) meanwhile retries the check
                 guard(current, self.get_jobs_via(pipe, [t.job_id for t in current.turns]))
             turn = len(current.turns) + 1
-            created = job.model_copy(update={"turn": turn})
+            created = job.model_copy(update={"turn": turn, "idempotency_claim": idempotency[0] if idempotency else None})
             updated = current.model_copy(
                 update={
                     "turns": [*current.turns, SessionTurn(turn=turn, kind=job.kind, text=job.prompt, job_id=job.job_id)],
@@ -287,15 +291,19 @@ class Store:
         return {j: JobRecord.model_validate_json(r) for j, r in zip(job_ids, raws) if r}
 
     def hit_rate(self, owner: str | None, per_minute: int) -> int | None:
-        """Count one request of ``owner`` in this minute; the seconds to wait when past ``per_minute``."""
-        now = time.time()
-        window = int(now // 60)
-        key = self.rate_key(owner, window)
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            count, _ = pipe.execute()
-        return None if count <= per_minute else max(1, int((window + 1) * 60 - now) + 1)
+        """Count one request of ``owner``; the seconds to wait when it already made ``per_minute``
+        in the last 60 s.
+
+        A moving window (the ``limits`` library's, one Lua script in Redis, shared by every API
+        process): no two full bursts around a clock minute's edge, as a fixed window allows.
+        A refused request is not counted.
+        """
+        item = RateLimitItemPerMinute(per_minute)
+        who = owner or "-"
+        if self._rate.hit(item, who):
+            return None
+        reset_at, _remaining = self._rate.get_window_stats(item, who)
+        return max(1, math.ceil(reset_at - time.time()))
 
     # --- event streams ---------------------------------------------------------------------------
     def open_stream(self, owner: str | None, stream_id: str, max_streams: int, lease_s: float) -> bool:
@@ -353,8 +361,13 @@ class Store:
                 return job
             new = new.model_copy(update={"updated_at": utcnow()})
             ttl = self.ended_retention_s if new.state in ("failed", "canceled") else self.retention_s
+            session_ttl = self._session_ttl(pipe, new, ttl) if ttl < self.retention_s else None
             pipe.multi()
             pipe.set(key, new.model_dump_json(), ex=ttl)
+            if session_ttl is not None:  # the session and the claim go when their last job goes
+                pipe.expire(self.session_key(new.session_id), session_ttl)
+            if new.idempotency_claim and ttl < self.retention_s:
+                pipe.expire(new.idempotency_claim, ttl)
             if new.terminal:
                 pipe.srem(self.active_key, job_id)
                 pipe.srem(self.owner_active_key(new.owner), job_id)
@@ -364,6 +377,19 @@ class Store:
             return new
 
         return self._transaction(attempt, key)
+
+    def _session_ttl(self, pipe: redis.client.Pipeline, job: JobRecord, ttl: int) -> int | None:
+        """The seconds the session of ``job`` (which is now kept ``ttl``) should live: as long as the
+        longest-kept of its jobs. Read under WATCH of the session, so a turn added meanwhile
+        (which refreshes every job of the session) retries the change. None: leave it as is."""
+        skey = self.session_key(job.session_id)
+        pipe.watch(skey)
+        raw = pipe.get(skey)
+        if raw is None:
+            return None
+        others = [t.job_id for t in SessionRecord.model_validate_json(raw).turns if t.job_id != job.job_id]
+        remaining = [pipe.ttl(self.job_key(j)) for j in others]
+        return max([ttl, *(r for r in remaining if r is not None and r > 0)])
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Cancel now if no worker holds the job; otherwise raise the flag its worker checks every step."""

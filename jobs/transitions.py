@@ -16,7 +16,10 @@ The rules, in one place:
 - a cancel ends a job nobody holds at once, and only raises a flag on a held one; a held job
   that then fails ends ``canceled`` all the same (the cancel came first);
 - the reaper releases a job whose worker stopped beating (or sends a message again for a job
-  nobody holds that has not moved for the broker's redelivery period).
+  nobody holds that has not moved for the broker's redelivery period);
+- a requested cancel wins at every transition: a claim, a hand-over to the render stage, a
+  failure, and the reaper (a lost job whose cancel was requested ends ``canceled``, it is not
+  sent again).
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ def held_update(job: JobRecord, worker: str, update: dict) -> JobRecord | None:
 def planned(job: JobRecord, worker: str, layout: Layout) -> JobRecord | None:
     """Stage 1 is done: store the layout and leave the job, unheld, waiting for a render worker;
     a ``plan`` job (POST /plan) ends ``succeeded`` here, its layout being its result."""
+    if job.cancel_requested and not job.terminal and job.worker == worker:
+        return ended(job, "canceled", "canceled", "canceled after planning, before rendering")
     if job.kind == "plan":
         return held_update(job, worker, {"state": "succeeded", "layout": layout, "worker": None,
                                          "progress": Progress(stage="planned", step=1, total=1)})
@@ -183,6 +188,9 @@ def reap(job: JobRecord, now: float, lost_after_s: float, max_deliveries: int, u
     """
     if job.terminal:
         return Reaped(None, None)
+    if job.cancel_requested and (job.worker is None or is_stale(job, now, lost_after_s, worker_dead)):
+        # Nobody will check the flag any more: the cancel wins here too, no message is sent again.
+        return Reaped(ended(job, "canceled", "canceled", "canceled (its worker was lost before it stopped)"), None)
     if job.worker is None:
         if unheld_after_s is None or now - job.updated_at.timestamp() <= unheld_after_s:
             return Reaped(None, None)

@@ -30,7 +30,7 @@ def normalize_language(code: str) -> str:
     """``"FR"``, ``"fr-FR"``, ``"zh-CN"`` -> ``"fr"``, ``"zh"``; anything else is a ValueError."""
     base = code.strip().lower().replace("_", "-").split("-")[0]
     if not LANGUAGE_CODE.match(base):
-        raise ValueError(f"language must be an ISO 639-1 code such as 'fr' or 'zh', got {code!r}")
+        raise ValueError(f"language must be an ISO 639-1 code such as 'fr' or 'zh', got {code[:40]!r}")
     return base
 
 

@@ -76,7 +76,19 @@ def bounded_warnings(warnings: list[LayoutWarning]) -> list[LayoutWarning]:
     return kept + [LayoutWarning(tag="capped", text=f"... and {len(cut) - len(kept)} more warnings")]
 
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+# The object id alphabet, decided here once (the API's schema and the mask file names use it):
+# 1-32 letters, digits, '_', '.', '-', the first a letter, digit or '_'. So no id is '.', '..',
+# a hidden file name or an option-like '-x', and ``<id>.png`` is a safe file name on its own.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
+ID_RULE = "1-32 characters of letters, digits, '_', '.', '-', the first a letter, digit or '_'"
+
+
+def mask_file_name(object_id: str) -> str:
+    """The file name of an object's mask, ``<id>.png``; a ValueError for an id outside the alphabet
+    (a layout never holds one: this guards the file system against a record built another way)."""
+    if not ID_PATTERN.match(object_id):
+        raise ValueError(f"object id {object_id!r} is not a valid id ({ID_RULE})")
+    return f"{object_id}.png"
 
 
 def xywh_to_xyxy(box: tuple[float, float, float, float] | list[float], grid: int = GRID) -> tuple[float, float, float, float]:
@@ -123,7 +135,7 @@ class LayoutObject(BaseModel):
     @classmethod
     def _check_id(cls, value: str) -> str:
         if not ID_PATTERN.match(value):
-            raise ValueError(f"object id {value!r} must be 1-32 characters of letters, digits, '_', '.', '-'")
+            raise ValueError(f"object id {value[:40]!r} must be {ID_RULE}")
         return value
 
     @field_validator("phrase")

@@ -104,6 +104,16 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(
         default_factory=list, description='JSON list of origins whose pages may call the API (CORS), e.g. ["https://app.example"]; empty: CORS off'
     )
+    api_header_timeout_s: float = Field(
+        10.0, gt=0, description="`lmd serve` closes a connection whose request headers take longer (slow clients)"
+    )
+    api_body_timeout_s: float = Field(
+        30.0, gt=0, description="a request whose body stalls longer between two reads is answered 408"
+    )
+    api_keep_alive_s: int = Field(5, ge=1, description="`lmd serve` closes an idle keep-alive connection after this")
+    api_max_connections: int = Field(
+        1000, ge=1, description="`lmd serve`: open connections and running requests per process; more are answered 503"
+    )
     ops_keys: list[str] = Field(
         default_factory=list, description="JSON list of keys for /metrics and /readyz's worker details; empty: any LMD_API_KEYS key"
     )

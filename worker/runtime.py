@@ -170,7 +170,9 @@ class WorkerRuntime:
             if self._cancel_requested(job_id):
                 return self._end(job_id, "canceled", "canceled", "canceled after planning, before rendering")
             handed = self.store.hand_to_render(job_id, self.worker, layout)
-        return "planned" if handed else "lost"
+        if handed is None:
+            return "lost"
+        return "canceled" if handed.state == "canceled" else "planned"
 
     def _plan(self, job: JobRecord, should_cancel):
         """The job's layout; ``should_cancel`` is checked between asks and, for a local model, between tokens."""
@@ -337,8 +339,10 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
             return "invalid_layout", str(exc)
         if isinstance(exc, VariantUnavailable):
             return "variant_unavailable", str(exc)
-        if isinstance(exc, ConditioningUnavailable):  # the message names the setting (or the language) to fix
-            return "model_unavailable", f"the render worker cannot use the requested conditioning: {exc}"
+        if isinstance(exc, ConditioningUnavailable):  # its own text may hold a path or a hub client's message
+            return "model_unavailable", exc.public or ("the render worker cannot load the requested conditioning "
+                                                       "(its files or settings); the operator must fix them "
+                                                       "(details are in the service's log)")
         if isinstance(exc, ModelLoadError):
             return "model_unavailable", "the render worker cannot load its model; the operator must fix its settings"
         import torch

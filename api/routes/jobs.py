@@ -48,12 +48,19 @@ def get_job(job: JobDep, store: StoreDep) -> JobView:
     return JobView.of(job, notice_of(job, store))
 
 
-def _stored_file(job, path: Path, name: str, media_type: str = "image/png", *, render: bool = False) -> FileResponse:
-    """A file the job wrote: 409 before it has succeeded (before its render has, for
-    ``render``), 404 once retention has removed it."""
-    if job.state != "succeeded" or (render and job.kind == "plan"):
-        after = "its render has" if render else "it has"
-        raise HTTPException(409, f"job {job.job_id} is {job.state}; its {name} exists once {after} succeeded")
+def _rendered(job, name: str) -> None:
+    """409 unless the job's render has succeeded: a plan-only job (POST /plan) never renders."""
+    if job.kind == "plan":
+        raise HTTPException(409, f"job {job.job_id} is a plan-only job (POST /plan): it has a layout and no {name}; "
+                                 "render the layout with POST /generate")
+    if job.state != "succeeded":
+        raise HTTPException(409, f"job {job.job_id} is {job.state}; its {name} exists once its render has succeeded")
+
+
+def _stored_file(job, path: Path, name: str, media_type: str = "image/png") -> FileResponse:
+    """A file the job's render wrote: 409 before that render has succeeded (never, for a plan-only
+    job), 404 once retention has removed it."""
+    _rendered(job, name)
     if not path.is_file():
         raise HTTPException(404, f"the {name} of job {job.job_id} is gone (retention LMD_RETENTION_S passed)")
     return FileResponse(path, media_type=media_type)
@@ -74,8 +81,7 @@ def get_overlay(job: JobDep, settings: SettingsDep) -> FileResponse:
 @router.get("/{job_id}/masks/{object_id}", operation_id="get_mask", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
 def get_mask(job: JobDep, object_id: str, settings: SettingsDep) -> FileResponse:
     """One object's mask (white = the object) as the render used it; the report says its source."""
-    if job.state != "succeeded" or job.kind == "plan":
-        raise HTTPException(409, f"job {job.job_id} is {job.state}; its masks exist once its render has succeeded")
+    _rendered(job, "masks")
     if job.layout is None or object_id not in {o.id for o in job.layout.objects}:
         raise HTTPException(404, f"job {job.job_id} has no object {object_id[:64]!r}")
     path = mask_file(settings.data_dir, job.job_id, object_id)
@@ -88,7 +94,7 @@ def get_mask(job: JobDep, object_id: str, settings: SettingsDep) -> FileResponse
 def get_report(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The render's report (grounded_sd.report.GenerationReport): per object its mask source, area,
     mask/box IoU and energies; per stage its wall time and UNet calls."""
-    return _stored_file(job, report_file(settings.data_dir, job.job_id), "report", "application/json", render=True)
+    return _stored_file(job, report_file(settings.data_dir, job.job_id), "report", "application/json")
 
 
 @router.get("/{job_id}/preview", operation_id="get_preview", response_class=Response, responses={200: {"content": {"image/png": {}}}})

@@ -173,7 +173,8 @@ class GlueNetConditioning(Conditioning):
         encoder_setting: str = "LMD_GLUENET_XLMR",
     ) -> "GlueNetConditioning":
         if not checkpoints:
-            raise ConditioningUnavailable(f"gluenet needs at least one per-language checkpoint: set {checkpoints_setting}")
+            message = f"gluenet needs at least one per-language checkpoint: set {checkpoints_setting}"
+            raise ConditioningUnavailable(message, public=message)  # a setting's name, no value
         device = torch.device(device)
         encoder_model = load_text_encoder(encoder, kind="xlmr", device=device, dtype=dtype, setting=encoder_setting)
         return cls(encoder_model, checkpoints, device=device, dtype=dtype, config=config, setting=checkpoints_setting)
@@ -191,7 +192,8 @@ class GlueNetConditioning(Conditioning):
         if language not in self.checkpoints:
             configured = ", ".join(self.languages) or "none"
             raise ConditioningUnavailable(
-                f"gluenet has no checkpoint for language {language!r} (configured: {configured}; set {self.setting})"
+                f"gluenet has no checkpoint for language {language!r} (configured: {configured}; set {self.setting})",
+                public=f"gluenet has no checkpoint for the prompt's language {language!r} (this service has: {configured})",
             )
         if language not in self.loaded:
             module = GlueNet.from_file(self.checkpoints[language], config=self.config, setting=f"{self.setting}[{language}]")
@@ -207,14 +209,14 @@ class GlueNetConditioning(Conditioning):
 
         self.check_mode(mode)
         if not texts.source_prompt:
-            raise ConditioningUnavailable(
-                "gluenet denoises with the user's prompt in its own language; this generation has none "
-                "(a layout was given without the prompt it came from)"
-            )
+            message = ("gluenet denoises with the user's prompt in its own language; this generation has none "
+                       "(a layout was given without the prompt it came from)")
+            raise ConditioningUnavailable(message, public=message)
         try:
             language = normalize_language(texts.language) if texts.language else detect_language(texts.source_prompt)
         except ValueError as exc:
-            raise ConditioningUnavailable(f"gluenet: {exc}") from exc
+            raise ConditioningUnavailable(f"gluenet: {exc}", public="gluenet could not tell the prompt's language; "
+                                          "name it with language") from exc
         translator = self.translator(language)
         if translator.config.out_dim != clip.scene.shape[-1]:
             raise ConditioningUnavailable(

@@ -43,6 +43,10 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port or settings.api_port,
         workers=args.workers,
         log_level=args.log_level,
+        # slow and numerous clients (docs/service.md "Slow clients"): header deadline, keep-alive, connections
+        http="lmd.serving:HeaderTimeoutH11Protocol",
+        timeout_keep_alive=settings.api_keep_alive_s,
+        limit_concurrency=settings.api_max_connections,
     )
     return 0
 

@@ -129,3 +129,34 @@ def detect_for_eval(image: Image.Image, queries: list[str]):
     from lmd.evaluation.detection import Detection
 
     return [Detection(name=d.name, box=d.box, score=d.score) for d in detect(image)]
+
+
+def measure(scenes: int = 1000, seed: int = 123) -> dict[str, float]:
+    """Precision and recall on generated scenes (a detection is right when colour and shape
+    match a ground-truth object and their boxes overlap with IoU >= 0.5)."""
+    import random
+
+    rng = random.Random(seed)
+    tp = fp = fn = 0
+    for _ in range(scenes):
+        scene = world.random_scene(rng)
+        truth = [(t.colour, t.shape, t.normalised()) for t in scene.things]
+        used: set[int] = set()
+        for d in detect(world.render(scene)):
+            match = next((j for j, (c, s, box) in enumerate(truth)
+                          if j not in used and c == d.colour and s == d.shape and world.box_iou(box, d.box) >= 0.5), None)  # fmt: skip
+            if match is None:
+                fp += 1
+            else:
+                used.add(match)
+                tp += 1
+        fn += len(truth) - len(used)
+    return {"objects": tp + fn, "true_positives": tp, "false_positives": fp, "missed": fn,
+            "precision": round(tp / max(1, tp + fp), 4), "recall": round(tp / max(1, tp + fn), 4)}  # fmt: skip
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from PIL import Image
 
 from grounded_sd import read_parameters
@@ -67,3 +68,64 @@ def test_info_on_a_png_without_parameters_is_one_line(clean_env, capsys):
     (clean_env / "text.png").write_text("not an image")
     assert main(["info", str(clean_env / "text.png")]) == 2
     assert "cannot read it as an image" in capsys.readouterr().err
+
+
+# --- hostile PNGs (issue 19, defect 7): one line each, nothing inflated, no pixel decoded ----------------
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _itxt(keyword: str, text: bytes, compressed: bool = False) -> bytes:
+    import zlib
+
+    body = zlib.compress(text, 9) if compressed else text
+    return _chunk(b"iTXt", keyword.encode() + b"\0" + (b"\1\0" if compressed else b"\0\0") + b"\0\0" + body)
+
+
+def _png(*chunks: bytes, width: int = 8, height: int = 8, end: bool = True) -> bytes:
+    import struct
+    import zlib
+
+    ihdr = _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    idat = _chunk(b"IDAT", zlib.compress(b"\0" * (width + 1) * min(height, 8)))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + b"".join(chunks) + idat + (_chunk(b"IEND", b"") if end else b"")
+
+
+def _parameters_chunks(**overrides: bytes) -> list[bytes]:
+    """The lmd:* chunks of a valid image, some replaced by ``overrides`` (field -> raw text)."""
+    fields = {"prompt": b"a cat", "layout": json.dumps(LAYOUT).encode(), "seed": b"1", "steps": b"2",
+              "guidance_scale": b"7.5", "width": b"8", "height": b"8", "variant": b"lmd", "preset": b"fast",
+              "model": b"m", "scheduler": b"DDIMScheduler",
+              "conditioning": b'{"prompt": "a cat", "negative_prompt": ""}', **overrides}
+    return [_itxt(f"lmd:{k}", v) for k, v in fields.items()]
+
+
+HOSTILE = {
+    "deeply nested JSON": (_png(*_parameters_chunks(layout=b"[" * 100_000 + b"]" * 100_000)), "nested deeper"),
+    "a compressed-text bomb": (_png(_itxt("lmd:prompt", b"\0" * 50_000_000, compressed=True)), "carries no lmd"),
+    "an oversized text chunk": (_png(*_parameters_chunks(prompt=b"x" * 2_000_000)), "larger than the 256 KiB"),
+    "a cut file": (_png(*_parameters_chunks(), end=False)[:-20], "cut short"),
+    "endless empty chunks": (_png(*[_chunk(b"tIME", b"")] * 20_000), "more than 10000 chunks"),
+    "not a PNG": (b"GIF89a" + b"\0" * 100, "cannot read it as an image"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_info_answers_a_hostile_png_with_one_line(clean_env, capsys, name):
+    content, words = HOSTILE[name]
+    path = clean_env / "hostile.png"
+    path.write_bytes(content)
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err and "Traceback" not in err, err
+    assert len(err) < 500
+
+
+def test_info_reads_the_text_of_a_pixel_bomb_without_decoding_a_pixel(clean_env, capsys):
+    """40,000 x 40,000 pixels declared (PIL refuses it as a decompression bomb): the text is all we need."""
+    path = clean_env / "bomb.png"
+    path.write_bytes(_png(*_parameters_chunks(), width=40_000, height=40_000))
+    assert main(["info", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "a cat"

@@ -173,3 +173,21 @@ def test_a_requested_cancel_wins_over_a_later_failure():
     assert (killed.state, killed.error.code) == ("canceled", "canceled")
     plain = transitions.finish(held, "h:1", "failed", "llm_unavailable", "the LLM could not be reached")
     assert (plain.state, plain.error.code) == ("failed", "llm_unavailable")
+
+
+# --- a requested cancel wins everywhere (issue 19, defect 9) ----------------------------------------
+def test_the_reaper_ends_a_lost_job_whose_cancel_was_requested_instead_of_requeuing_it():
+    flagged = t.request_cancel(_held(beat_age_s=LOST_AFTER_S + 1))
+    reaped = _reap(flagged)
+    assert reaped.requeue is None
+    assert (reaped.stored.state, reaped.stored.error.code, reaped.stored.worker) == ("canceled", "canceled", None)
+    assert _reap(t.request_cancel(_held(beat_age_s=1.0)), dead={"host-a:1"}).stored.state == "canceled"
+    assert _reap(t.request_cancel(_held(beat_age_s=1.0))) == t.Reaped(None, None)  # its live worker stops it
+
+
+def test_an_unheld_job_whose_cancel_was_requested_is_canceled_not_sent_again():
+    flagged = t.planned(t.request_cancel(_held(state="planning")), "host-a:1", LAYOUT)
+    assert (flagged.state, flagged.error.code) == ("canceled", "canceled")  # the hand-over checks the flag too
+    unheld = _job(state="rendering", layout=LAYOUT, cancel_requested=True)
+    reaped = _reap(unheld, unheld_after_s=None)
+    assert reaped.requeue is None and reaped.stored.state == "canceled"

@@ -32,3 +32,23 @@ def test_json_schema_and_reference_text():
     assert set(schema["properties"]) == {"objects", "background", "negative", "warnings"}
     assert layout.to_reference_text() == "[('a cat', [0, 256, 256, 256])]\nBackground prompt: a sofa\nNegative prompt: dogs"
     assert next_object_id(layout, "a black cat") == "cat_2"
+
+
+@pytest.mark.parametrize("bad", [".", "..", "...", ".hidden", "-x", "a/b", "a\\b", "", "x" * 33, "cat dog"])
+def test_the_id_alphabet_refuses_ids_that_are_not_plain_file_names(bad):
+    from layout_planner.layout import mask_file_name
+
+    with pytest.raises(ValidationError, match="object id"):
+        LayoutObject(id=bad, phrase="a cat", box=(0.1, 0.1, 0.5, 0.5))
+    with pytest.raises(ValueError):
+        mask_file_name(bad)
+
+
+@pytest.mark.parametrize("good", ["cat", "cat_2", "_x", "0", "a.b-c", "A" * 32, "x..."])
+def test_the_id_alphabet_keeps_the_ids_planners_and_users_write(good, tmp_path):
+    from layout_planner.layout import mask_file_name
+
+    assert LayoutObject(id=good, phrase="a cat", box=(0.1, 0.1, 0.5, 0.5)).id == good
+    path = tmp_path / mask_file_name(good)
+    path.write_bytes(b"png")  # a plain file in that directory, whatever the id
+    assert path.parent == tmp_path and path.is_file()

@@ -61,22 +61,9 @@ def test_spatial_and_negation_captions_say_what_the_pixels_show():
 
 def test_detector_precision_and_recall_on_clean_scenes():
     """Ground truth from the generator: a detection is right when colour and shape match and IoU >= 0.5."""
-    tp = fp = fn = 0
-    for scene in _scenes(300, 11):
-        found = detector.detect(world.render(scene))
-        truth = [(t.colour, t.shape, t.normalised()) for t in scene.things]
-        used: set[int] = set()
-        for d in found:
-            match = next((j for j, (c, s, box) in enumerate(truth)
-                          if j not in used and c == d.colour and s == d.shape and world.box_iou(box, d.box) >= 0.5), None)  # fmt: skip
-            if match is None:
-                fp += 1
-            else:
-                used.add(match)
-                tp += 1
-        fn += len(truth) - len(used)
-    precision, recall = tp / (tp + fp), tp / (tp + fn)
-    assert precision >= 0.98 and recall >= 0.98, (precision, recall)
+    scores = detector.measure(300, seed=11)
+    assert scores["objects"] > 600
+    assert scores["precision"] >= 0.98 and scores["recall"] >= 0.98, scores
 
 
 @pytest.mark.parametrize("shape", world.SHAPES)
