@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from grounded_sd.errors import ConditioningUnavailable, LanguageUnavailable, ModelLoadError, SourcePromptMissing, VariantUnavailable
 from grounded_sd.names import CONDITIONINGS
-from layout_planner.local import is_hub_id  # no torch at import time
+from layout_planner.hub_ids import is_hub_id  # no torch, no openai at import time
 
 DEFAULT_ELLA_CHECKPOINT = "QQGYLab/ELLA/ella-sd1.5-tsc-t5xl.safetensors"
 DEFAULT_T5 = "google/flan-t5-xl"

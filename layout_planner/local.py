@@ -16,7 +16,6 @@ with the model, so the HTTP path never pays for them.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from layout_planner.client import CallRecord, Completion
 from layout_planner.errors import LocalModelUnavailable, PlanCanceled
+from layout_planner.hub_ids import is_hub_id  # noqa: F401  (re-exported)
 from layout_planner.layout import MAX_OBJECTS
 from layout_planner.template import completion_prompt, constrained_layout_schema
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 DEFAULT_LOCAL_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 # What a download fetches: config, tokenizer, chat template, safetensors weights (never .bin, .gguf, .onnx).
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # JSON as the template's examples write it (json.dumps' separators), no free whitespace, no escapes.
 GRAMMAR_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "json_allowed_escapes": ""}
 
@@ -56,11 +55,6 @@ class LocalLLMConfig(BaseModel):
     max_reasks: int = Field(3, ge=1, le=10)
     max_prompt_chars: int = Field(2000, ge=1)
     mode: Literal["local"] = "local"
-
-
-def is_hub_id(model: str) -> bool:
-    """``owner/name`` that is not an existing directory; anything else is read as a path."""
-    return bool(_HUB_ID.match(model)) and not Path(model).exists()
 
 
 def resolve_model_dir(model: str, revision: str | None = None, say: Callable[[str], None] | None = None) -> Path:
