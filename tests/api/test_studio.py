@@ -484,9 +484,9 @@ def test_progress_follows_the_job_render_after_plan_and_a_failed_job(page, stack
     texts = page.evaluate("window.progressTexts")
     assert texts[0].startswith("Sending the request") and "Layout planned." not in texts[1:], texts
 
-    # A job that fails in its worker (the LLM answers 400 to its planning call), opened by its
+    # A job that fails in its worker (the LLM refuses its key), opened by its
     # address. (lmd_plus on a UNet without GLIGEN, used before, is now refused at acceptance.)
-    stack.llm.enqueue_status(400, "the model refuses this request")
+    stack.llm.enqueue_status(401, "invalid api key")  # not retried (a 400 is: the planner drops response_format once)
     failing = stack.client.post("/generate", json={"prompt": "a cat that the LLM refuses", **SMALL}).json()
     page.goto(f"{stack.api.base_url}/?session={failing['session_id']}&turn=1")
     wait_text(page, "#progress-text", "Failed (")
