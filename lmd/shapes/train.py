@@ -215,7 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     log = Log(args.work / "log.jsonl")
-    tokenizer = load_tokenizer(args)
+    from grounded_sd.clip_vocab import ClipVocabularyMissing
+
+    try:
+        tokenizer = load_tokenizer(args)
+    except (ClipVocabularyMissing, OSError) as exc:
+        raise SystemExit(f"python -m lmd.shapes.train: error: no CLIP tokenizer: {exc}; give --tokenizer DIR") from None
     scenes, pixels = make_scenes(args.scenes, args.seed)
     print(f"{len(scenes)} scenes drawn", flush=True)
     vae = train_vae(args, pixels, log)

@@ -41,3 +41,23 @@ def test_shapes_eval_scores_tasks_and_placement_on_the_shipped_model(tmp_path: P
     placed = [p for row in results["prompts"] for p in row["placement"]]
     assert len(placed) == results["placement"]["overall"]["objects"] > 0  # every stored object is looked for
     assert "Objects drawn in their layout boxes" in (out / "results.md").read_text()
+
+
+@pytest.mark.skipif(not (SHAPES_MODEL / "unet").is_dir(), reason="the shapes model is not in this checkout")
+def test_images_default_to_the_models_own_size():
+    from grounded_sd import LMDOptions, LMDPipeline
+    from layout_planner.layout import Layout
+
+    pipe = LMDPipeline.from_pretrained(SHAPES_MODEL, device="cpu", dtype="float32")
+    assert pipe.native_size == 64
+    result = pipe(Layout(objects=[], background="a grey floor"), seed=0, variant="sd",
+                  options=LMDOptions.preset("fast").model_copy(update={"steps": 1}))
+    assert result.image.size == (64, 64) and (result.report.width, result.report.height) == (64, 64)
+
+
+def test_training_without_a_tokenizer_is_one_line(tmp_path: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lmd.shapes.train", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+                           "--tokenizer", str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "no CLIP tokenizer" in done.stderr and "--tokenizer" in done.stderr
