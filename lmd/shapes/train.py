@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from grounded_sd.attention import cross_attention_names, recording_attention
+from lmd.shapes import grounding, world
 from lmd.shapes import model as shapes_model
-from lmd.shapes import world
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path,
+                        help="start from a trained diffusers directory (its autoencoder kept as is, its UNet and text "
+                             "encoder trained further) instead of from scratch")
+    parser.add_argument("--grounding-weight", type=float, default=0.0,
+                        help="weight of the token-level attention loss (lmd.shapes.grounding); 0: plain denoising")
     parser.add_argument("--export-only", action="store_true",
                         help="write --out from the latest checkpoints (EMA weights) without training further")
     return parser.parse_args(argv)
@@ -78,6 +84,10 @@ def _save(path: Path, **state) -> None:
 
 
 def train_vae(args, pixels: np.ndarray, log: Log):
+    if args.init is not None:
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(args.init, subfolder="vae").eval()
     vae = shapes_model.build_vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     checkpoint = args.work / "vae.pt"
@@ -122,14 +132,23 @@ def encode_all(args, vae, pixels: np.ndarray) -> tuple[torch.Tensor, float]:
         return state["latents"], state["scale"]
     chunks = [vae.encode(to_tensor(pixels[i : i + 256])).latent_dist.mean for i in range(0, len(pixels), 256)]
     latents = torch.cat(chunks)
-    scale = float(1.0 / latents.std())
+    scale = float(vae.config.scaling_factor) if args.init is not None else float(1.0 / latents.std())
     torch.save({"latents": latents, "scale": scale}, cache)
     return latents, scale
 
 
 def train_unet(args, scenes, latents: torch.Tensor, scale: float, tokenizer, log: Log):
-    unet = shapes_model.build_unet()
-    text_encoder = shapes_model.build_text_encoder(tokenizer.get_vocab())
+    if args.init is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder")
+    else:
+        unet = shapes_model.build_unet()
+        text_encoder = shapes_model.build_text_encoder(tokenizer.get_vocab())
+    unet.train()
+    text_encoder.train()
     scheduler = shapes_model.build_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -149,6 +168,18 @@ def train_unet(args, scenes, latents: torch.Tensor, scale: float, tokenizer, log
         step = state["step"]
     alphas = scheduler.alphas_cumprod
     started, first = time.time(), step
+    layers = cross_attention_names(unet) if args.grounding_weight > 0 else []
+    with recording_attention(unet, layers) as recorder:
+        step = _unet_loop(args, step, first, started, scenes, latents, scale, tokenizer, log, unet, text_encoder,
+                          params, optimizer, ema, generator, captions_rng, alphas, scheduler, recorder, layers, checkpoint)
+    with torch.no_grad():
+        for shadow, p in zip(ema, params):
+            p.copy_(shadow)
+    return unet.eval(), text_encoder.eval(), scheduler
+
+
+def _unet_loop(args, step, first, started, scenes, latents, scale, tokenizer, log, unet, text_encoder, params, optimizer,
+               ema, generator, captions_rng, alphas, scheduler, recorder, layers, checkpoint) -> int:
     while step < args.unet_steps and not args.export_only:
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, args.unet_steps, args.lr)
@@ -160,8 +191,21 @@ def train_unet(args, scenes, latents: torch.Tensor, scale: float, tokenizer, log
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        prediction = unet(zt, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise)
+        recorder.clear()
+        with recorder.capture(layers):
+            prediction = unet(zt, t, text_encoder(ids)[0]).sample
+            maps = recorder.maps()
+        mse = F.mse_loss(prediction, noise)
+        extra = {}
+        if layers:
+            targets = [grounding.token_targets(text, scenes[i], tokenizer) for text, i in zip(texts, index.tolist())]
+            attention = grounding.attention_loss(maps, targets)
+            loss = mse + args.grounding_weight * attention
+            inside, outside = grounding.attention_inside(maps, targets)
+            extra = {"mse": round(mse.item(), 6), "attention": round(attention.item(), 4),
+                     "inside": round(inside, 4), "outside": round(outside, 4)}
+        else:
+            loss = mse
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -171,19 +215,17 @@ def train_unet(args, scenes, latents: torch.Tensor, scale: float, tokenizer, log
         with torch.no_grad():
             for shadow, p in zip(ema, params):
                 shadow.lerp_(p.detach(), 1 - decay)
-        log.write(phase="unet", step=step, loss=round(loss.item(), 6))
+        log.write(phase="unet", step=step, loss=round(loss.item(), 6), **extra)
         if step % 20 == 0:
             rate = (time.time() - started) / max(1, step - first)
-            print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f} ({rate:.2f} s/step, {rate * (args.unet_steps - step) / 60:.0f} min left)", flush=True)
+            shown = " ".join(f"{k} {v}" for k, v in extra.items())
+            print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f} {shown} ({rate:.2f} s/step, {rate * (args.unet_steps - step) / 60:.0f} min left)", flush=True)
         if step % args.save_every == 0 or step == args.unet_steps:
             _save(
                 checkpoint, unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), optimizer=optimizer.state_dict(),
                 ema=ema, generator=generator.get_state(), captions_rng=captions_rng.getstate(), step=step,
             )
-    with torch.no_grad():
-        for shadow, p in zip(ema, params):
-            p.copy_(shadow)
-    return unet.eval(), text_encoder.eval(), scheduler
+    return step
 
 
 def export(args, vae, unet, text_encoder, tokenizer, scheduler, scale: float) -> None:
