@@ -6,6 +6,10 @@ Fixed seed, resumable (a checkpoint every ``--save-every`` steps in ``--work``; 
 command again to continue), a JSONL log of the losses, and at the end a diffusers directory in
 ``--out`` with the EMA weights (docs/shapes.md). The scenes are drawn once from the seed; the
 captions are drawn anew at every step from each scene's objects (lmd.shapes.world.caption).
+
+The shipped model is this run followed by a fine-tuning run from its output with the token-level
+attention loss of lmd.shapes.grounding (``--init DIR --grounding-weight W``; docs/shapes.md gives
+both commands).
 """
 
 from __future__ import annotations
@@ -170,62 +174,55 @@ def train_unet(args, scenes, latents: torch.Tensor, scale: float, tokenizer, log
     started, first = time.time(), step
     layers = cross_attention_names(unet) if args.grounding_weight > 0 else []
     with recording_attention(unet, layers) as recorder:
-        step = _unet_loop(args, step, first, started, scenes, latents, scale, tokenizer, log, unet, text_encoder,
-                          params, optimizer, ema, generator, captions_rng, alphas, scheduler, recorder, layers, checkpoint)
+        while step < args.unet_steps and not args.export_only:
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, args.unet_steps, args.lr)
+            index = torch.randint(0, len(latents), (args.unet_batch,), generator=generator)
+            texts = [world.caption(scenes[i], captions_rng) for i in index.tolist()]
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            z0 = latents[index] * scale
+            noise = torch.randn(z0.shape, generator=generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            recorder.clear()
+            with recorder.capture(layers):
+                prediction = unet(zt, t, text_encoder(ids)[0]).sample
+                maps = recorder.maps()
+            mse = F.mse_loss(prediction, noise)
+            extra = {}
+            if layers:
+                targets = [grounding.token_targets(text, scenes[i], tokenizer) for text, i in zip(texts, index.tolist())]
+                attention = grounding.attention_loss(maps, targets)
+                loss = mse + args.grounding_weight * attention
+                inside, outside = grounding.attention_inside(maps, targets)
+                extra = {"mse": round(mse.item(), 6), "attention": round(attention.item(), 4),
+                         "inside": round(inside, 4), "outside": round(outside, 4)}
+            else:
+                loss = mse
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            decay = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for shadow, p in zip(ema, params):
+                    shadow.lerp_(p.detach(), 1 - decay)
+            log.write(phase="unet", step=step, loss=round(loss.item(), 6), **extra)
+            if step % 20 == 0:
+                rate = (time.time() - started) / max(1, step - first)
+                shown = " ".join(f"{k} {v}" for k, v in extra.items())
+                print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f} {shown} ({rate:.2f} s/step, {rate * (args.unet_steps - step) / 60:.0f} min left)", flush=True)
+            if step % args.save_every == 0 or step == args.unet_steps:
+                _save(
+                    checkpoint, unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), optimizer=optimizer.state_dict(),
+                    ema=ema, generator=generator.get_state(), captions_rng=captions_rng.getstate(), step=step,
+                )
     with torch.no_grad():
         for shadow, p in zip(ema, params):
             p.copy_(shadow)
     return unet.eval(), text_encoder.eval(), scheduler
-
-
-def _unet_loop(args, step, first, started, scenes, latents, scale, tokenizer, log, unet, text_encoder, params, optimizer,
-               ema, generator, captions_rng, alphas, scheduler, recorder, layers, checkpoint) -> int:
-    while step < args.unet_steps and not args.export_only:
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, args.unet_steps, args.lr)
-        index = torch.randint(0, len(latents), (args.unet_batch,), generator=generator)
-        texts = [world.caption(scenes[i], captions_rng) for i in index.tolist()]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        z0 = latents[index] * scale
-        noise = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        recorder.clear()
-        with recorder.capture(layers):
-            prediction = unet(zt, t, text_encoder(ids)[0]).sample
-            maps = recorder.maps()
-        mse = F.mse_loss(prediction, noise)
-        extra = {}
-        if layers:
-            targets = [grounding.token_targets(text, scenes[i], tokenizer) for text, i in zip(texts, index.tolist())]
-            attention = grounding.attention_loss(maps, targets)
-            loss = mse + args.grounding_weight * attention
-            inside, outside = grounding.attention_inside(maps, targets)
-            extra = {"mse": round(mse.item(), 6), "attention": round(attention.item(), 4),
-                     "inside": round(inside, 4), "outside": round(outside, 4)}
-        else:
-            loss = mse
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        step += 1
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for shadow, p in zip(ema, params):
-                shadow.lerp_(p.detach(), 1 - decay)
-        log.write(phase="unet", step=step, loss=round(loss.item(), 6), **extra)
-        if step % 20 == 0:
-            rate = (time.time() - started) / max(1, step - first)
-            shown = " ".join(f"{k} {v}" for k, v in extra.items())
-            print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f} {shown} ({rate:.2f} s/step, {rate * (args.unet_steps - step) / 60:.0f} min left)", flush=True)
-        if step % args.save_every == 0 or step == args.unet_steps:
-            _save(
-                checkpoint, unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), optimizer=optimizer.state_dict(),
-                ema=ema, generator=generator.get_state(), captions_rng=captions_rng.getstate(), step=step,
-            )
-    return step
 
 
 def export(args, vae, unet, text_encoder, tokenizer, scheduler, scale: float) -> None:
