@@ -56,6 +56,27 @@ def loss_curve(log: Path, out: Path) -> None:
     _save(image, out, {"what": "loss curve", "log": log.name})
 
 
+def attention_curve(log: Path, out: Path, bucket: int = 50) -> None:
+    """The fine-tuning's attention diagnostics (lmd.shapes.grounding.attention_inside): the mean
+    attention a caption group's tokens get on its objects' pixels and elsewhere, 50-step means."""
+    rows = {r["step"]: r for r in map(json.loads, log.read_text(encoding="utf-8").splitlines()) if "inside" in r}
+    points = [rows[s] for s in sorted(rows)]
+    width, height, pad = 720, 300, 40
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = pad, width - pad, pad, height - pad
+    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    last = points[-1]["step"]
+    for key, colour in (("inside", (40, 110, 200)), ("outside", (200, 40, 40))):
+        means = [(points[i]["step"], sum(r[key] for r in points[i : i + bucket]) / len(points[i : i + bucket]))
+                 for i in range(0, len(points), bucket)]  # fmt: skip
+        draw.line([(left + (right - left) * s / last, bottom - (bottom - top) * v) for s, v in means], fill=colour, width=2)
+        draw.text((right - 230, top + (6 if key == "inside" else 20)), f"{key}: {means[0][1]:.3f} -> {means[-1][1]:.3f}", fill=colour)
+    draw.text((left, 8), f"attention of a group's tokens on its objects (blue) and elsewhere (red), {bucket}-step means, 0..1", fill=(0, 0, 0))
+    draw.text((left, bottom + 6), f"0 .. {last} fine-tuning steps", fill=(0, 0, 0))
+    _save(image, out, {"what": "attention localisation during fine-tuning", "log": log.name})
+
+
 def _pipeline(model: Path):
     from grounded_sd import LMDPipeline
 
@@ -139,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/shapes"))
     parser.add_argument("--model", type=Path, default=SHAPES_MODEL)
     parser.add_argument("--log", type=Path, help="the training log (runs/shapes-train/log.jsonl) for the loss curve")
+    parser.add_argument("--grounding-log", type=Path, help="the fine-tuning log (--grounding-weight) for its loss and attention curves")
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args(argv)
     import torch
@@ -146,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     if args.log:
         loss_curve(args.log, args.out / "loss.png")
+    if args.grounding_log:
+        loss_curve(args.grounding_log, args.out / "grounding_loss.png")
+        attention_curve(args.grounding_log, args.out / "grounding_attention.png")
     samples = samples_sheet(args.model, args.out / "samples.png", steps=args.steps)
     print(json.dumps(samples, indent=1))
     indices = [0, 40, 105, 130, 160, 190, 210, 250, 280, 310, 345, 380]
