@@ -406,7 +406,8 @@ def write_results(out: Path, results: EvalResults) -> None:
     )
     if results.placement and results.placement["overall"].objects:
         note += (
-            "\nObjects drawn in their layout boxes (a detection naming the object with IoU >= 0.5), in %, mean IoU in brackets:\n\n"
+            "\nObjects drawn in their layout boxes (a detection naming the object with IoU >= 0.5), in %, mean IoU in brackets; "
+            "centred: a detection naming the object has its centre in the box:\n\n"
             + placement_table({results.settings.method: results.placement})
         )
     if results.incomplete:

@@ -109,9 +109,25 @@ def test_perfect_layouts_drawn_exactly_are_detected_in_their_boxes():
             things.append(world.Thing(colour, words[-1], tuple(round(v * 64) for v in obj.box)))
         found = [d.as_rule_input() for d in detector.detect(world.render(world.Scene(layout.background, tuple(things))))]
         placements = place(layout, found)
-        assert all(p.hit for p in placements), (row["prompt"], placements)
+        assert all(p.hit and p.centred for p in placements), (row["prompt"], placements)
         shifted = layout.model_copy(update={"objects": [o.model_copy(update={"box": (0.0, 0.0, 0.1, 0.1)}) for o in layout.objects]})
-        assert not any(p.hit for p in place(shifted, found))
+        assert not any(p.hit or p.centred for p in place(shifted, found))
+
+
+def test_centred_counts_an_object_smaller_than_its_box_once():
+    """IoU >= 0.5 misses a small object in the middle of its box; the centre criterion does not,
+    and one detection serves one object (the nearer box's)."""
+    from lmd.evaluation.placement import place
+
+    layout = Layout.model_validate({"background": "a grey floor", "objects": [
+        {"id": "a", "phrase": "a red circle", "box": [0.0, 0.0, 0.5, 0.5]},
+        {"id": "b", "phrase": "a red circle", "box": [0.2, 0.2, 0.7, 0.7]},
+        {"id": "c", "phrase": "a blue square", "box": [0.5, 0.5, 1.0, 1.0]},
+    ]})  # fmt: skip
+    found = [("red circle", (0.35, 0.35, 0.5, 0.5)), ("red square", (0.7, 0.7, 0.8, 0.8))]
+    placed = {p.id: p for p in place(layout, found)}
+    assert [placed[k].centred for k in "abc"] == [False, True, False]  # b's centre is nearer; the square is not a circle
+    assert not any(p.hit for p in placed.values())
 
 
 def test_colour_labels_reject_pixels_between_colours():
