@@ -235,6 +235,10 @@ def export(args, vae, unet, text_encoder, tokenizer, scheduler, scale: float) ->
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(args.out, safe_serialization=True)
+    for config in args.out.glob("*/config.json"):  # a model loaded with --init names its local path: not shipped
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def load_tokenizer(args):
