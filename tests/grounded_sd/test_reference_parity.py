@@ -19,7 +19,7 @@ LAYOUT = {
 
 
 def test_lmd_generates_objects_centred_then_moves_them_to_their_boxes(tiny_pipeline):
-    options = LMDOptions.reference(steps=4, energy_checks=False)
+    options = LMDOptions.reference(steps=4, energy_checks=False, rescale_boxes=False)  # the boxes as given
     assert options.per_box_placement == "centred" and LMDOptions.fast().per_box_placement == "centred"
     result = tiny_pipeline(LAYOUT, seed=2, width=64, height=64, options=options)
     moved = {**LAYOUT, "objects": [LAYOUT["objects"][0], {**LAYOUT["objects"][1], "box": [0.05, 0.45, 0.45, 0.95]}]}
@@ -53,7 +53,8 @@ def test_lmd_plus_generates_in_place_as_the_reference(tiny_gligen_sd_path):
 
     pipe = LMDPipeline.from_pretrained(tiny_gligen_sd_path, device="cpu")
     result = pipe(LAYOUT, seed=2, variant="lmd_plus", width=64, height=64, options=LMDOptions.reference(steps=3))
-    assert [o.per_box_box for o in result.report.objects] == [tuple(o["box"]) for o in LAYOUT["objects"]]
+    assert result.report.box_rescale.scale == pytest.approx(1 / 0.9)  # LMD+ stretches the boxes too
+    assert [o.per_box_box for o in result.report.objects] == [o.box for o in result.layout.objects]
 
 
 @pytest.mark.parametrize(("overrides", "ratio", "cells"), [({}, 0.01, "corner_size"), ({"box_noise_ratio": 0.1, "box_cells": "edges"}, 0.1, "edges")])
@@ -63,7 +64,7 @@ def test_per_box_noise_mixes_in_the_reference_cells_at_the_reference_ratio(tiny_
     from grounded_sd.attention import box_mask
     from grounded_sd.compose import object_seed, seeded_noise
 
-    options = LMDOptions.reference(steps=2, energy_checks=False, **overrides)
+    options = LMDOptions.reference(steps=2, energy_checks=False, rescale_boxes=False, **overrides)
     result = tiny_pipeline(LAYOUT, seed=5, width=64, height=64, options=options)
     initial = result.intermediates.per_box_latents[0]  # (objects, C, 32, 32) on the tiny VAE; DDIM: initial noise sigma 1
     shape = (1, *initial.shape[1:])
