@@ -53,11 +53,9 @@ def rescale_boxes(layout: Layout, *, max_scale: float = MAX_SCALE, grid: int = G
     top = min(o.box[1] for o in kept) * grid
     bottom = max(o.box[3] for o in kept) * grid
     scale = min(grid / (right - left), grid / (bottom - top), max_scale)
-    dy = 0.0  # the reference's bbox_y_offset: into the canvas from above, then from below
-    if top * scale + dy < 0:
-        dy -= top * scale
-    if bottom * scale + dy >= grid:
-        dy -= bottom * scale - grid
+    # the reference's bbox_y_offset: up by what passes the bottom (its push down from above needs a box
+    # above the canvas, which a Layout never holds)
+    dy = min(0.0, grid - bottom * scale)
     objects = [LayoutObject(id=o.id, phrase=o.phrase, box=_moved(o.box, scale, left, dy, grid)) for o in kept]
     done = BoxRescale(scale=scale, offset=(-left * scale / grid, dy / grid), dropped=dropped)
     if any(new.box != old.box for new, old in zip(objects, kept)):
@@ -76,8 +74,7 @@ def _moved(box: tuple[float, float, float, float], scale: float, left: float, dy
     """One normalised box through the rule, rounded on the grid as the reference rounds it."""
     x, y = (box[0] * grid - left) * scale, box[1] * grid * scale + dy
     w, h = (box[2] - box[0]) * grid * scale, (box[3] - box[1]) * grid * scale
-    if y < 0:  # only by float rounding: the shifts keep the boxes on the canvas (the reference's h - y would lengthen it)
-        y, h = 0.0, h + y
+    # y >= 0 but for float noise, which rounds away: top * scale + dy = grid - span_h * scale >= 0
     px, py = min(grid - 1, round(x)), min(grid - 1, round(y))  # a sliver at the far edge keeps a pixel
     pw, ph = max(1, round(w)), max(1, round(h))
     return (px / grid, py / grid, min(grid, px + pw) / grid, min(grid, py + ph) / grid)
