@@ -39,6 +39,16 @@ class LMDOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # --- the layout's boxes -------------------------------------------------------------------
+    rescale_boxes: bool = Field(
+        True,
+        description=(
+            "before generating, move and scale the layout's boxes to span the canvas, at most 3x (the reference's "
+            "default, utils/parse.py:126-226 via generate.py:206, 292; layout_planner.rescale); the layout's warnings "
+            "and the report's box_rescale say by how much. False (fast preset): the boxes as planned"
+        ),
+    )
+
     # --- denoising (§2) ------------------------------------------------------------------
     steps: int = Field(50, ge=1, le=1000, description="denoising steps of every pass")
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
@@ -255,7 +265,8 @@ class LMDOptions(BaseModel):
         stops there (later per-box latents are never composed), so masks come from the decoded
         x0-prediction of that step; guidance (and with it attention transfer) takes one iteration
         per step on the first 10 of 50 steps, where the layout is decided (ref: 30 steps, 65
-        iterations); the report's extra energy measurements are skipped.
+        iterations); the report's extra energy measurements are skipped; the boxes stay as planned
+        (not stretched to span the canvas).
         """
         values = dict(
             frozen_ratio=0.4,
@@ -264,6 +275,7 @@ class LMDOptions(BaseModel):
             per_box_full_pass=False,
             energy_checks=False,
             guidance_stop="step",
+            rescale_boxes=False,
         )
         values.update(overrides)
         return cls(**values)

@@ -38,6 +38,7 @@ from grounded_sd.report import GenerationReport, GenerationResult, Intermediates
 from grounded_sd.segment import segment_objects
 from layout_planner.draw import draw_layout
 from layout_planner.layout import Layout
+from layout_planner.rescale import rescale_boxes
 
 GLIGEN_MAX_OBJECTS = 30  # grounding tokens of GLIGEN's position net
 REFERENCE_HEADS = 8  # SD 1.5's heads per cross-attention: the scale of the reference's loss threshold
@@ -196,7 +197,9 @@ class LMDPipeline:
         ``preview(stage, step, total, image)``, when given, every few steps with a cheap
         latent-to-RGB picture (``grounded_sd.previews``); nothing is computed for it otherwise.
         ``per_box_images``: also decode each object's per-box image into
-        ``result.intermediates.per_box_images`` (otherwise only SAM's masks decode them)."""
+        ``result.intermediates.per_box_images`` (otherwise only SAM's masks decode them).
+        Under ``options.rescale_boxes`` the boxes are first stretched to span the canvas
+        (layout_planner.rescale); ``result.layout`` is the layout as generated."""
         started = time.perf_counter()
         options = options or LMDOptions.reference()
         conditioning = conditioning or ClipConditioning()
@@ -205,6 +208,9 @@ class LMDPipeline:
 
         # 1. Check inputs
         layout = self.check_inputs(layout, options=options, variant=variant, width=width, height=height)
+        rescale = None
+        if options.rescale_boxes and variant != "sd":  # the reference's stretch of the boxes over the canvas
+            layout, rescale = rescale_boxes(layout)
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         check_one_call_per_step(self.scheduler, options.steps)
         try:
@@ -238,7 +244,7 @@ class LMDPipeline:
             options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=mode,
             conditioning_negative=conditioning_negative,
             source_prompt=source_prompt, language=conditioned.language,
-            objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects],
+            objects=[ObjectReport(id=o.id, phrase=o.phrase, box=o.box) for o in layout.objects], box_rescale=rescale,
         )
         if conditioning.name != "clip":
             report.notes.append(f"conditioned on {conditioning.name}, {mode} mode: {MODE_MEANINGS[mode]}")

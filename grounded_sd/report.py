@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from grounded_sd.counters import UNetCalls
 from layout_planner.layout import Layout, mask_file_name
+from layout_planner.rescale import BoxRescale
 
 if TYPE_CHECKING:
     from grounded_sd.image_parameters import ImageParameters
@@ -90,6 +91,9 @@ class GenerationReport(BaseModel):
     language: str | None = Field(None, description="the language GlueNet read the source prompt in")
     attention_layers: list[str] = Field(default_factory=list)
     objects: list[ObjectReport] = Field(default_factory=list)
+    box_rescale: BoxRescale | None = Field(
+        None, description="how the layout's boxes were stretched to span the canvas (options.rescale_boxes); None: they were not"
+    )
     stages: list[StageReport] = Field(default_factory=list)
     unet_total: UNetCalls = Field(default_factory=UNetCalls)
     wall_s: float = 0.0

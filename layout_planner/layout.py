@@ -36,6 +36,8 @@ WarningTag = Literal[
     "truncated", "ambiguous", "background", "box", "scale",
     # a revision answer that left objects out; what a revision removed or renamed
     "kept", "removed", "renamed",
+    # stage 2 stretched the boxes to span the canvas (layout_planner.rescale)
+    "rescaled",
 ]
 WARNING_TAGS: tuple[str, ...] = get_args(WarningTag)
 

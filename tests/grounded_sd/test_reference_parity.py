@@ -19,7 +19,7 @@ LAYOUT = {
 
 
 def test_lmd_generates_objects_centred_then_moves_them_to_their_boxes(tiny_pipeline):
-    options = LMDOptions.reference(steps=4, energy_checks=False)
+    options = LMDOptions.reference(steps=4, energy_checks=False, rescale_boxes=False)  # the boxes as given
     assert options.per_box_placement == "centred" and LMDOptions.fast().per_box_placement == "centred"
     result = tiny_pipeline(LAYOUT, seed=2, width=64, height=64, options=options)
     moved = {**LAYOUT, "objects": [LAYOUT["objects"][0], {**LAYOUT["objects"][1], "box": [0.05, 0.45, 0.45, 0.95]}]}
@@ -53,7 +53,8 @@ def test_lmd_plus_generates_in_place_as_the_reference(tiny_gligen_sd_path):
 
     pipe = LMDPipeline.from_pretrained(tiny_gligen_sd_path, device="cpu")
     result = pipe(LAYOUT, seed=2, variant="lmd_plus", width=64, height=64, options=LMDOptions.reference(steps=3))
-    assert [o.per_box_box for o in result.report.objects] == [tuple(o["box"]) for o in LAYOUT["objects"]]
+    assert result.report.box_rescale.scale == pytest.approx(1 / 0.9)  # LMD+ stretches the boxes too
+    assert [o.per_box_box for o in result.report.objects] == [o.box for o in result.layout.objects]
 
 
 @pytest.mark.parametrize(("overrides", "ratio", "cells"), [({}, 0.01, "corner_size"), ({"box_noise_ratio": 0.1, "box_cells": "edges"}, 0.1, "edges")])
@@ -63,7 +64,7 @@ def test_per_box_noise_mixes_in_the_reference_cells_at_the_reference_ratio(tiny_
     from grounded_sd.attention import box_mask
     from grounded_sd.compose import object_seed, seeded_noise
 
-    options = LMDOptions.reference(steps=2, energy_checks=False, **overrides)
+    options = LMDOptions.reference(steps=2, energy_checks=False, rescale_boxes=False, **overrides)
     result = tiny_pipeline(LAYOUT, seed=5, width=64, height=64, options=options)
     initial = result.intermediates.per_box_latents[0]  # (objects, C, 32, 32) on the tiny VAE; DDIM: initial noise sigma 1
     shape = (1, *initial.shape[1:])
@@ -76,3 +77,31 @@ def test_per_box_noise_mixes_in_the_reference_cells_at_the_reference_ratio(tiny_
     foreground = seeded_noise(shape, object_seed(5, "cat"), "cpu", torch.float32)[0]
     expected = torch.where(inside, (1 - ratio) ** 0.5 * background + ratio**0.5 * foreground, background)
     assert torch.allclose(initial[0], expected, atol=1e-6)
+
+
+HALF = {  # spans x and y 0.25..0.75: the reference stretches it 2x, then moves it up by what passes the bottom
+    "objects": [
+        {"id": "cat", "phrase": "a cat", "box": [0.25, 0.25, 0.5, 0.5]},
+        {"id": "dog", "phrase": "a dog", "box": [0.5, 0.5, 0.75, 0.75]},
+    ],
+    "background": "a park",
+}
+
+
+def test_reference_stretches_the_boxes_over_the_canvas_and_fast_keeps_them(tiny_pipeline):
+    """The reference's scale_boxes default (generate.py:206, 292; utils/parse.py:126-226) under ``reference``:
+    the boxes every pass reads, the result's layout, its warning and the report's box_rescale."""
+    stretched = tiny_pipeline(HALF, seed=1, width=64, height=64, options=LMDOptions.reference(steps=2, energy_checks=False))
+    boxes = [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]
+    assert [o.box for o in stretched.layout.objects] == boxes
+    assert [o.box for o in stretched.report.objects] == boxes
+    assert [o.per_box_box for o in stretched.report.objects] == [centred_box(b) for b in boxes]
+    assert stretched.report.box_rescale.scale == 2.0 and stretched.report.box_rescale.offset == (-0.5, -0.5)
+    assert [w.tag for w in stretched.layout.warnings] == ["rescaled"]
+    assert stretched.report.options["rescale_boxes"] is True
+
+    kept = tiny_pipeline(HALF, seed=1, width=64, height=64, options=LMDOptions.fast(steps=2))
+    assert [o.box for o in kept.report.objects] == [tuple(o["box"]) for o in HALF["objects"]]
+    assert kept.report.box_rescale is None and kept.layout.warnings == []
+    plain = tiny_pipeline(HALF, seed=1, width=64, height=64, variant="sd", options=LMDOptions.reference(steps=1))
+    assert plain.report.box_rescale is None  # plain SD reads no boxes

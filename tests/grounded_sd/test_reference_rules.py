@@ -286,6 +286,7 @@ def test_the_reference_preset_names_each_rule_and_fast_keeps_the_free_ones():
         assert (options.box_cells, options.placement_rule, options.ratio_steps) == ("corner_size", "reference", "floor")
         assert (options.guidance_grounding, options.gligen_phrases, options.per_box_negative_order) == ("null", "group", "layout_first")
         assert options.step_size == "noise_sigma"
+    assert (reference.rescale_boxes, fast.rescale_boxes) == (True, False)  # generate.py:206: scale_boxes on by default
 
 
 def test_sam_defaults_to_the_reference_vit_b():
