@@ -1,5 +1,6 @@
-"""The studio under its Content-Security-Policy, and its PNG drop under the bounds of ``lmd info``,
-in a real browser (Debian's Chromium, Playwright) against a real ``lmd serve`` (no workers needed).
+"""The studio under its Content-Security-Policy, its PNG drop under the bounds of ``lmd info``, and
+where it keeps the API key, in a real browser (Debian's Chromium, Playwright) against a real
+``lmd serve`` (no workers needed).
 """
 
 from __future__ import annotations
@@ -34,6 +35,21 @@ DROP = """([data, name]) => {
 def api(private_redis, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("studio-policy")
     process = APIProcess(settings_env(service_settings(private_redis.url, tmp / "data")), tmp / "api.log").wait_ready()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+KEY = "policy-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_api(private_redis, tmp_path_factory):
+    """A second ``lmd serve`` on the same Redis, with an API key: the page must ask for it."""
+    tmp = tmp_path_factory.mktemp("studio-key")
+    settings = service_settings(private_redis.url, tmp / "data", api_keys=[KEY])
+    process = APIProcess(settings_env(settings), tmp / "api.log").wait_ready()
     try:
         yield process
     finally:
@@ -107,3 +123,75 @@ def test_a_hostile_png_dropped_on_the_studio_is_one_plain_alert(page, name):
     page.locator("#alert").filter(has_text="hostile.png").wait_for()
     text = page.inner_text("#alert")
     assert "could not be read" in text and len(text) < 300, text
+
+
+# ------------------------------------------------------------------------- where the key is kept ------
+STORED = "() => [sessionStorage.getItem('lmd.apiKey'), localStorage.getItem('lmd.apiKey')]"
+
+
+def _open(context, api) -> tuple:
+    """A new tab on the studio, once its start is done: (the page, whether it asked for the key)."""
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.add_init_script(WATCH_CSP)
+    page.goto(f"{api.base_url}/")
+    return page, _asked(page)
+
+
+def _asked(page) -> bool:
+    """Whether the page, its start done, asks for the key (it does when none is stored)."""
+    page.locator("body[data-ready=true]").wait_for(state="attached")
+    return page.locator("#key-dialog").evaluate("d => d.open")
+
+
+def _save_key(page, remember: bool) -> None:
+    """Type the key into the open dialog and save it; the gallery's GET /sessions then succeeds."""
+    page.fill("#key-input", KEY)
+    page.set_checked("#key-remember", remember)
+    with page.expect_response(lambda r: "/sessions" in r.url) as answer:
+        page.click("#key-save")
+    assert answer.value.status == 200
+    assert page.evaluate("window.__violations") == []
+
+
+def test_the_key_stays_in_its_tab_unless_remembered(keyed_api, browser):
+    context = browser.new_context()
+    page, asked = _open(context, keyed_api)
+    assert asked and not page.is_checked("#key-remember")  # not remembered unless the user says so
+    _save_key(page, remember=False)
+    assert page.evaluate(STORED) == [KEY, None]
+    with page.expect_response(lambda r: "/sessions" in r.url) as answer:
+        page.reload()  # the same tab keeps it
+    assert answer.value.status == 200 and not _asked(page)
+    other_tab, asked = _open(context, keyed_api)
+    assert asked and other_tab.evaluate(STORED) == [None, None]  # another tab of the same browser has no key
+    page.evaluate("() => sessionStorage.clear()")
+    page.reload()
+    assert _asked(page)  # the tab's storage cleared: asked again
+    context.close()
+    fresh = browser.new_context()
+    assert _open(fresh, keyed_api)[1]
+    fresh.close()
+
+
+def test_a_remembered_key_outlives_the_tab_and_the_browser_until_unticked(keyed_api, browser, tmp_path):
+    context = browser.new_context()
+    page, _ = _open(context, keyed_api)
+    _save_key(page, remember=True)
+    assert page.evaluate(STORED) == [None, KEY]
+    page.close()
+    with context.expect_event("response", lambda r: "/sessions" in r.url) as answer:
+        page, asked = _open(context, keyed_api)  # a new tab: no key asked, the gallery read with it
+    assert not asked and answer.value.status == 200
+    saved = tmp_path / "state.json"
+    context.storage_state(path=str(saved))
+    context.close()
+    restarted = browser.new_context(storage_state=str(saved))  # the browser closed and opened again
+    page, asked = _open(restarted, keyed_api)
+    assert not asked
+    page.click("#key-button")
+    assert page.is_checked("#key-remember")  # the dialog says the device remembers it
+    _save_key(page, remember=False)  # unticked: the device forgets it, this tab keeps it
+    assert page.evaluate(STORED) == [KEY, None]
+    assert _open(restarted, keyed_api)[1]
+    restarted.close()

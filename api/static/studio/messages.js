@@ -34,8 +34,9 @@ export function showError(err) {
 }
 
 export function askKey(reason) {
-  $("key-reason").textContent = reason || "This service needs an API key. It is kept in this browser only.";
+  $("key-reason").textContent = reason || "This service needs an API key. This tab keeps it until it is closed.";
   $("key-input").value = state.key;
+  $("key-remember").checked = !!localStorage.getItem(KEY_STORAGE);
   $("key-button").hidden = false;
   if (!$("key-dialog").open) $("key-dialog").showModal();
 }
@@ -46,10 +47,18 @@ export function setupKeyDialog(onSaved) {
   $("key-dialog").addEventListener("close", () => {
     if ($("key-dialog").returnValue !== "save") return;
     state.key = $("key-input").value.trim();
-    if (state.key) localStorage.setItem(KEY_STORAGE, state.key);
-    else localStorage.removeItem(KEY_STORAGE);
+    const remember = $("key-remember").checked;
+    keepKey(state.key, remember);
     state.blobs.clear();
-    showAlert("API key saved in this browser.", "info");
+    showAlert(remember ? "API key saved; this device remembers it." : "API key saved for this tab only.", "info");
     onSaved();
   });
+}
+
+// One place holds the key: localStorage when asked to remember it on this device, else this
+// tab's sessionStorage. Unticking the box forgets a remembered key; an empty key clears both.
+function keepKey(key, remember) {
+  sessionStorage.removeItem(KEY_STORAGE);
+  localStorage.removeItem(KEY_STORAGE);
+  if (key) (remember ? localStorage : sessionStorage).setItem(KEY_STORAGE, key);
 }

@@ -3,6 +3,9 @@
 export const $ = (id) => document.getElementById(id);
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 export const KEY_STORAGE = "lmd.apiKey";
+// The API key lives in this tab's sessionStorage (gone when the tab closes); in localStorage
+// only when the user ticked "Remember this key on this device" (messages.js keepKey).
+const storedKey = () => sessionStorage.getItem(KEY_STORAGE) || localStorage.getItem(KEY_STORAGE) || "";
 export const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
 // What each progress.stage means, in words (docs/service.md "Job lifecycle").
@@ -17,7 +20,7 @@ export const STAGES = {
 
 export const state = {
   limits: null,
-  key: localStorage.getItem(KEY_STORAGE) || "",
+  key: storedKey(),
   transport: new URLSearchParams(location.search).get("transport") === "poll" ? "poll" : "sse",
   layout: null, undo: [], redo: [], selected: null,
   sessionId: null, turns: [], shownJobId: null, shownView: null,
