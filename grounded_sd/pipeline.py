@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbeddings, denoise
 from grounded_sd.errors import InvalidLayoutError, InvalidOptions, InvalidSize, ModelLoadError, UnknownVariant, VariantUnavailable
 from grounded_sd.final_pass import run_final_pass
+from grounded_sd.lora import LoraAdapters, LoraChoice, LoraUse
 from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
@@ -116,6 +117,16 @@ class LMDPipeline:
         self.sam_predictor = sam_predictor
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.model_name = ""  # the hub id or directory it was loaded from (``from_pretrained`` sets it)
+        self._adapters: LoraAdapters | None = None  # LoRA adapters, created on the first call that names one
+
+    def use_loras(self, loras: Sequence[LoraChoice]) -> list[LoraUse]:
+        """Make exactly ``loras`` active on the UNet and text encoder (each file loaded once per
+        pipeline, then switched per call); an empty list turns every loaded adapter off."""
+        if self._adapters is None:
+            if not loras:
+                return []
+            self._adapters = LoraAdapters(self.unet, self.text_encoder)
+        return self._adapters.use(loras)
 
     @property
     def device(self) -> torch.device:
@@ -188,6 +199,7 @@ class LMDPipeline:
         language: str | None = None,
         preview: PreviewFn | None = None,
         per_box_images: bool = False,
+        loras: Sequence[LoraChoice] = (),
     ) -> GenerationResult:
         """``conditioning`` (default: CLIP) decides what the denoising forwards see; guidance
         reads CLIP attention either way (docs/conditioning.md). ``source_prompt`` is the user's
@@ -196,7 +208,8 @@ class LMDPipeline:
         ``preview(stage, step, total, image)``, when given, every few steps with a cheap
         latent-to-RGB picture (``grounded_sd.previews``); nothing is computed for it otherwise.
         ``per_box_images``: also decode each object's per-box image into
-        ``result.intermediates.per_box_images`` (otherwise only SAM's masks decode them)."""
+        ``result.intermediates.per_box_images`` (otherwise only SAM's masks decode them).
+        ``loras``: the LoRA adapters of this call (:meth:`use_loras`); none: the plain model."""
         started = time.perf_counter()
         options = options or LMDOptions.reference()
         conditioning = conditioning or ClipConditioning()
@@ -217,6 +230,7 @@ class LMDPipeline:
         conditioning_negative = options.conditioning_negative or conditioning.negatives[0]
         conditioning.check_negative(conditioning_negative)
         conditioning.check_unet(self.unet)
+        active_loras = self.use_loras(loras)  # before any encoding: text-encoder adapters change the prompts' embeddings
 
         # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
         groups = group_phrases(layout)
@@ -234,7 +248,7 @@ class LMDPipeline:
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            model=self.model_name, scheduler=type(self.scheduler).__name__,
+            model=self.model_name, scheduler=type(self.scheduler).__name__, loras=active_loras,
             options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=mode,
             conditioning_negative=conditioning_negative,
             source_prompt=source_prompt, language=conditioned.language,
