@@ -28,6 +28,8 @@ from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbedding
 from grounded_sd.errors import InvalidLayoutError, InvalidOptions, InvalidSize, ModelLoadError, UnknownVariant, VariantUnavailable
 from grounded_sd.final_pass import run_final_pass
 from grounded_sd.lora import LoraAdapters, LoraChoice, LoraUse
+from grounded_sd.single_file import SUFFIXES as SINGLE_FILE_SUFFIXES
+from grounded_sd.single_file import load_single_file
 from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
@@ -150,9 +152,12 @@ class LMDPipeline:
         scheduler: str = "DDIMScheduler",
         sam_checkpoint: str | Path | None = None,
         sam_model_type: str = "vit_b",
+        single_file_config: str | None = None,
     ) -> "LMDPipeline":
-        """Load UNet, VAE, CLIP text encoder and tokenizer, and the scheduler from a hub id or a
-        local diffusers directory; optionally a SAM checkpoint for mask refinement (§2.4)."""
+        """Load UNet, VAE, CLIP text encoder and tokenizer, and the scheduler from a hub id, a
+        local diffusers directory or a single SD 1.x/2.x checkpoint file (``single_file_config``:
+        where its configs and tokenizer are, see grounded_sd.single_file); optionally a SAM
+        checkpoint for mask refinement (§2.4)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -161,6 +166,19 @@ class LMDPipeline:
         scheduler_cls = _scheduler_class(scheduler)
         source = str(model)
         local = Path(source).expanduser()
+        if local.is_file():  # a single .safetensors/.ckpt checkpoint (grounded_sd.single_file)
+            if local.suffix not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(f"{local.name} is neither a diffusers directory nor a .safetensors/.ckpt checkpoint")
+            unet, vae, text_encoder, tokenizer, loaded_scheduler = load_single_file(
+                local, torch_dtype=torch_dtype, config=single_file_config
+            )
+            try:
+                noise_scheduler = scheduler_cls.from_config(loaded_scheduler.config)
+                check_one_call_per_step(noise_scheduler)
+            except ValueError as exc:
+                raise ModelLoadError(f"cannot make scheduler {scheduler}: {exc}".splitlines()[0]) from exc
+            return cls._assemble(model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler,
+                                 sam_checkpoint, sam_model_type)
         if local.exists():
             missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (local / part).is_dir()]
             if missing:
@@ -176,6 +194,11 @@ class LMDPipeline:
             check_one_call_per_step(noise_scheduler)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the diffusion model {source!r}: {exc}".splitlines()[0]) from exc
+        return cls._assemble(model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler, sam_checkpoint, sam_model_type)
+
+    @classmethod
+    def _assemble(cls, model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler, sam_checkpoint,
+                  sam_model_type) -> "LMDPipeline":
         predictor = load_sam_predictor(sam_checkpoint, sam_model_type, str(torch_device)) if sam_checkpoint else None
         pipeline = cls(unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, noise_scheduler, predictor)
         pipeline.model_name = str(model)

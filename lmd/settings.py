@@ -68,6 +68,11 @@ class Settings(BaseSettings):
                     '{"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "/models/sd21"}: the models a request may '
                     'name (the first is the default; each has its render queue render.<name>); empty: LMD_SD_MODEL alone',
     )
+    single_file_config: str | None = Field(
+        None, description="where a single-file model's configs and tokenizer are: a local diffusers directory of the same "
+                          "kind (SD 1.x or 2.x) or a hub id; unset: diffusers' default repository for the kind found in the "
+                          "file (from the hub cache when offline)",
+    )
     worker_model: str | None = Field(
         None, description="the LMD_MODELS name a render worker loads (lmd worker --model sets it); unset: the first"
     )

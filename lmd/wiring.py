@@ -211,6 +211,7 @@ def pipeline_arguments(settings: Settings, *, use_sam: bool = True, **overrides:
         "scheduler": settings.scheduler,
         "sam_checkpoint": settings.sam_checkpoint,
         "sam_model_type": settings.sam_model_type,
+        "single_file_config": settings.single_file_config,
     }
     unknown = set(overrides) - set(arguments)
     if unknown:
