@@ -1,8 +1,9 @@
-"""The API's error answers: one JSON shape, ``{"code": ..., "detail": ...}``, for every status but 422.
+"""The API's error answers: one JSON shape, ``{"code": ..., "detail": ...}``, for every status but most 422s.
 
 A client branches on ``code`` (stable words, listed in docs/service.md) and shows ``detail``
 (one plain sentence). Internals (hosts, URLs, tracebacks) never go into either; they go to the
-log. 422 keeps FastAPI's validation shape (``detail[]`` naming each field).
+log. 422 keeps FastAPI's validation shape (``detail[]`` naming each field), except for a name
+the operator did not list (``unknown_model``, ``unknown_lora``: ``{code, detail}``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pydantic import BaseModel, Field
 
 ErrorCode = Literal[
     "bad_request",
+    "unknown_model",
+    "unknown_lora",
     "unauthorized",
     "not_found",
     "conflict",

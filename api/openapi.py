@@ -96,7 +96,8 @@ def complete_openapi(app: FastAPI, settings: Settings) -> dict:
             if operation.get("operationId") in ("generate", "plan") and "422" in operation["responses"]:
                 operation["responses"]["422"]["description"] = (
                     "a field breaks a rule or a limit (detail[].loc names it); also refine: true when this "
-                    "deployment has no SDXL refiner (LMD_REFINER unset)")
+                    "deployment has no SDXL refiner (LMD_REFINER unset). A model or LoRA name this deployment "
+                    "does not list is {code: unknown_model | unknown_lora, detail} (the schema's enums list them)")
     app.openapi_schema = schema
     return schema
 
@@ -149,6 +150,8 @@ def _limit_requests(schemas: dict, s: Settings) -> None:
 
     for name in ("GenerateRequest", "PlanRequest"):
         _refine_as_deployed(schemas[name]["properties"]["refine"], s)
+        _model_as_deployed(schemas[name]["properties"]["model"], s)
+    _loras_as_deployed(schemas, s)
 
     ins = schemas["InstructRequest"]["properties"]
     ins["instruction"].update(minLength=1, maxLength=s.max_instruction_chars, pattern=NON_BLANK_TEXT_PATTERN)
@@ -164,6 +167,25 @@ def _refine_as_deployed(prop: dict, s: Settings) -> None:
     _nullable(prop).update(enum=[False])
     prop["description"] = ("finish with the SDXL refiner: this deployment has none (LMD_REFINER is unset), so only "
                            "false or null are accepted; true is a 422")
+
+
+def _model_as_deployed(prop: dict, s: Settings) -> None:
+    """``model``: a name of LMD_MODELS, or null; without the list, null only (another name is a 422 ``unknown_model``)."""
+    if s.models:
+        _nullable(prop).update(enum=list(s.models))
+    else:
+        prop.pop("anyOf", None)
+        prop.update(type="null", description="this deployment renders one model (LMD_MODELS is unset): leave model out")
+
+
+def _loras_as_deployed(schemas: dict, s: Settings) -> None:
+    """A LoRA's ``name``: one of LMD_LORAS (another is a 422 ``unknown_lora``); without any, no adapters at all."""
+    if s.loras:
+        schemas["LoraRequest"]["properties"]["name"].update(enum=list(s.loras))
+        return
+    for name in ("GenerateRequest", "PlanRequest"):
+        schemas[name]["properties"]["loras"]["maxItems"] = 0
+    _nullable(schemas["InstructRequest"]["properties"]["loras"])["maxItems"] = 0
 
 
 def security_schemes() -> dict:

@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from grounded_sd.lora import LoraUse
 from grounded_sd.names import ConditioningName, Preset, Variant
 from jobs.records import JobError, JobKind, JobRecord, JobState, Progress, SessionRecord
 from layout_planner.errors import InvalidPrompt
@@ -20,6 +21,27 @@ from layout_planner.text import bad_character, validate_text
 from lmd.capabilities import RenderCapabilities
 from lmd.settings import Settings
 
+
+
+class LoraRequest(BaseModel):
+    """One LoRA adapter for a render: a name the operator listed (LMD_LORAS) and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64, description="a name of GET /limits' loras")
+    weight: float = Field(1.0, ge=-10.0, le=10.0, description="1: as trained; 0: off; negative: inverted")
+
+
+MAX_LORAS = 8
+
+
+def once_each(loras: list[LoraRequest] | None) -> list[LoraRequest] | None:
+    """A request names each adapter at most once (two weights for one adapter mean nothing)."""
+    names = [lora.name for lora in loras or []]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"LoRA {twice[0]!r} is named twice; name each adapter once")
+    return loras
 
 
 class _RenderSettings(BaseModel):
@@ -43,6 +65,14 @@ class _RenderSettings(BaseModel):
     refine: bool | None = Field(
         None, description="finish with the SDXL refiner (LMD_REFINER): true needs one configured (422 otherwise), false skips it; unset: refine when configured"
     )
+    model: str | None = Field(None, max_length=64, description="a name of GET /limits' models (LMD_MODELS); unset: the first")
+    loras: list[LoraRequest] = Field(default_factory=list, max_length=MAX_LORAS,
+                                     description="LoRA adapters by name (GET /limits' loras), each with a weight")
+
+    @field_validator("loras")
+    @classmethod
+    def _each_lora_once(cls, value: list[LoraRequest]) -> list[LoraRequest]:
+        return once_each(value)
 
     @field_validator("language")
     @classmethod
@@ -69,6 +99,13 @@ class InstructRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     instruction: str = Field(description="what to change in the session's latest layout")
+    loras: list[LoraRequest] | None = Field(None, max_length=MAX_LORAS,
+                                            description="LoRA adapters of this turn; unset: those of the turn it edits")
+
+    @field_validator("loras")
+    @classmethod
+    def _each_lora_once(cls, value: list[LoraRequest] | None) -> list[LoraRequest] | None:
+        return once_each(value)
     seed: int | None = Field(None, description="unset: the session's seed, so unchanged objects stay put")
     previews: bool = Field(False, description="write a live preview every few steps (GET /jobs/{id}/preview)")
 
@@ -110,6 +147,8 @@ class JobView(BaseModel):
     language: str | None
     previews: bool
     refine: bool | None
+    model: str | None
+    loras: list[LoraUse]
     error: JobError | None
     cancel_requested: bool
     deliveries: int
@@ -259,11 +298,19 @@ class Limits(BaseModel):
         description="what every live render worker can run (a job may go to any): the model, the scheduler, the "
                     "variants, conditionings and refiner; null when no render worker runs, so no render can start"
     )
+    models: list[str] = Field(default_factory=list, description="the model names a request may give (LMD_MODELS); empty: one model, name none")
+    model: str | None = Field(None, description="the model of a request that names none (the first of LMD_MODELS)")
+    loras: list[str] = Field(default_factory=list, description="the LoRA adapter names a request may give (LMD_LORAS)")
+    render_by_model: dict[str, RenderCapabilities] = Field(
+        default_factory=dict, description="per LMD_MODELS name, what its live render workers can run; a name missing here has none"
+    )
 
     @classmethod
-    def of(cls, settings: Settings, render: RenderCapabilities | None = None, render_workers: int | None = None) -> "Limits":
+    def of(cls, settings: Settings, render: RenderCapabilities | None = None, render_workers: int | None = None,
+           render_by_model: dict[str, RenderCapabilities] | None = None) -> "Limits":
         return cls(
-            render=render, render_workers=render_workers,
+            render=render, render_workers=render_workers, render_by_model=render_by_model or {},
+            models=list(settings.models), model=next(iter(settings.models), None), loras=list(settings.loras),
             conditionings=list(get_args(ConditioningName)), conditioning=settings.conditioning,
             max_prompt_chars=settings.max_prompt_chars, max_instruction_chars=settings.max_instruction_chars,
             max_objects=settings.max_objects, max_steps=settings.max_steps, min_size=settings.min_size,

@@ -20,10 +20,12 @@ from fastapi.exceptions import RequestValidationError
 from kombu.exceptions import OperationalError
 
 from api.errors import ApiError
-from api.schemas import Accepted
+from api.schemas import Accepted, LoraRequest
 from jobs.queue import enqueue
 from jobs.records import IdempotencyRecord, JobRecord, SessionRecord, body_hash
 from jobs.store import Refused, Store
+from grounded_sd.lora import LoraUse
+from lmd import wiring
 from lmd.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def submit(
                         status_url=f"/jobs/{earlier.job_id}")
 
     try:
-        enqueue(celery, created.job_id, "render" if created.layout_given else "plan")
+        enqueue(celery, created.job_id, "render" if created.layout_given else "plan", model=created.model)
     except OperationalError as exc:
         log.warning("could not enqueue job %s: %s", created.job_id, exc)
         try:
@@ -143,3 +145,19 @@ def submit(
         raise HTTPException(503, "the job queue is unreachable; retry shortly", retry) from exc
     return Accepted(job_id=created.job_id, session_id=created.session_id, turn=created.turn,
                     status_url=f"/jobs/{created.job_id}")
+
+
+def chosen_model(settings, name: str | None) -> str | None:
+    """The LMD_MODELS name the job renders with; an unknown name is a 422 ``unknown_model``."""
+    try:
+        return wiring.request_model(settings, name)
+    except wiring.UnknownName as exc:
+        raise ApiError(422, "unknown_model", str(exc)) from None
+
+
+def chosen_loras(settings, loras: list[LoraRequest]) -> list[LoraUse]:
+    """The request's adapters, each a name of LMD_LORAS; an unknown (or repeated) name is a 422 ``unknown_lora``."""
+    try:
+        return [c.use() for c in wiring.lora_choices(settings, [(lora.name, lora.weight) for lora in loras])]
+    except wiring.UnknownName as exc:
+        raise ApiError(422, "unknown_lora", str(exc)) from None

@@ -18,10 +18,11 @@ from PIL import PngImagePlugin
 from pydantic import BaseModel, Field, ValidationError
 
 from grounded_sd.errors import NoImageParameters
+from grounded_sd.lora import LoraUse
 from layout_planner.layout import Layout
 
 CHUNK_PREFIX = "lmd:"
-JSON_FIELDS = ("layout", "conditioning")
+JSON_FIELDS = ("layout", "conditioning", "loras")
 
 
 def project_version() -> str:
@@ -62,6 +63,7 @@ class ImageParameters(BaseModel):
     conditioning: Conditioning
     refiner: str | None = Field(None, description="the SDXL refiner that finished the image (grounded_sd.refiner); None: none")
     refiner_strength: float | None = Field(None, description="the refiner pass's strength")
+    loras: list[LoraUse] = Field(default_factory=list, description="the LoRA adapters (name and weight) the UNet ran with")
     version: str = Field(default_factory=project_version, description="lmd-service version that wrote it")
 
     def png_info(self) -> PngImagePlugin.PngInfo:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbeddings, denoise
 from grounded_sd.errors import InvalidLayoutError, InvalidOptions, InvalidSize, ModelLoadError, UnknownVariant, VariantUnavailable
 from grounded_sd.final_pass import run_final_pass
+from grounded_sd.lora import LoraAdapters, LoraChoice, LoraUse
+from grounded_sd.single_file import SUFFIXES as SINGLE_FILE_SUFFIXES
+from grounded_sd.single_file import load_single_file
 from grounded_sd.masks import load_sam_predictor
 from grounded_sd.names import DTYPES, VARIANTS, Variant
 from grounded_sd.options import LMDOptions
@@ -117,6 +120,16 @@ class LMDPipeline:
         self.sam_predictor = sam_predictor
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.model_name = ""  # the hub id or directory it was loaded from (``from_pretrained`` sets it)
+        self._adapters: LoraAdapters | None = None  # LoRA adapters, created on the first call that names one
+
+    def use_loras(self, loras: Sequence[LoraChoice]) -> list[LoraUse]:
+        """Make exactly ``loras`` active on the UNet and text encoder (each file loaded once per
+        pipeline, then switched per call); an empty list turns every loaded adapter off."""
+        if self._adapters is None:
+            if not loras:
+                return []
+            self._adapters = LoraAdapters(self.unet, self.text_encoder)
+        return self._adapters.use(loras)
 
     @property
     def device(self) -> torch.device:
@@ -140,9 +153,12 @@ class LMDPipeline:
         scheduler: str = "DDIMScheduler",
         sam_checkpoint: str | Path | None = None,
         sam_model_type: str = "vit_b",
+        single_file_config: str | None = None,
     ) -> "LMDPipeline":
-        """Load UNet, VAE, CLIP text encoder and tokenizer, and the scheduler from a hub id or a
-        local diffusers directory; optionally a SAM checkpoint for mask refinement (§2.4)."""
+        """Load UNet, VAE, CLIP text encoder and tokenizer, and the scheduler from a hub id, a
+        local diffusers directory or a single SD 1.x/2.x checkpoint file (``single_file_config``:
+        where its configs and tokenizer are, see grounded_sd.single_file); optionally a SAM
+        checkpoint for mask refinement (§2.4)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -151,6 +167,19 @@ class LMDPipeline:
         scheduler_cls = _scheduler_class(scheduler)
         source = str(model)
         local = Path(source).expanduser()
+        if local.is_file():  # a single .safetensors/.ckpt checkpoint (grounded_sd.single_file)
+            if local.suffix not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(f"{local.name} is neither a diffusers directory nor a .safetensors/.ckpt checkpoint")
+            unet, vae, text_encoder, tokenizer, loaded_scheduler = load_single_file(
+                local, torch_dtype=torch_dtype, config=single_file_config
+            )
+            try:
+                noise_scheduler = scheduler_cls.from_config(loaded_scheduler.config)
+                check_one_call_per_step(noise_scheduler)
+            except ValueError as exc:
+                raise ModelLoadError(f"cannot make scheduler {scheduler}: {exc}".splitlines()[0]) from exc
+            return cls._assemble(model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler,
+                                 sam_checkpoint, sam_model_type)
         if local.exists():
             missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (local / part).is_dir()]
             if missing:
@@ -166,6 +195,11 @@ class LMDPipeline:
             check_one_call_per_step(noise_scheduler)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the diffusion model {source!r}: {exc}".splitlines()[0]) from exc
+        return cls._assemble(model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler, sam_checkpoint, sam_model_type)
+
+    @classmethod
+    def _assemble(cls, model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler, sam_checkpoint,
+                  sam_model_type) -> "LMDPipeline":
         predictor = load_sam_predictor(sam_checkpoint, sam_model_type, str(torch_device)) if sam_checkpoint else None
         pipeline = cls(unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, noise_scheduler, predictor)
         pipeline.model_name = str(model)
@@ -189,6 +223,7 @@ class LMDPipeline:
         language: str | None = None,
         preview: PreviewFn | None = None,
         per_box_images: bool = False,
+        loras: Sequence[LoraChoice] = (),
     ) -> GenerationResult:
         """``conditioning`` (default: CLIP) decides what the denoising forwards see; guidance
         reads CLIP attention either way (docs/conditioning.md). ``source_prompt`` is the user's
@@ -199,7 +234,8 @@ class LMDPipeline:
         ``per_box_images``: also decode each object's per-box image into
         ``result.intermediates.per_box_images`` (otherwise only SAM's masks decode them).
         Under ``options.rescale_boxes`` the boxes are first stretched to span the canvas
-        (layout_planner.rescale); ``result.layout`` is the layout as generated."""
+        (layout_planner.rescale); ``result.layout`` is the layout as generated.
+        ``loras``: the LoRA adapters of this call (:meth:`use_loras`); none: the plain model."""
         started = time.perf_counter()
         options = options or LMDOptions.reference()
         conditioning = conditioning or ClipConditioning()
@@ -223,6 +259,7 @@ class LMDPipeline:
         conditioning_negative = options.conditioning_negative or conditioning.negatives[0]
         conditioning.check_negative(conditioning_negative)
         conditioning.check_unet(self.unet)
+        active_loras = self.use_loras(loras)  # before any encoding: text-encoder adapters change the prompts' embeddings
 
         # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
         groups = group_phrases(layout)
@@ -240,7 +277,7 @@ class LMDPipeline:
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
-            model=self.model_name, scheduler=type(self.scheduler).__name__,
+            model=self.model_name, scheduler=type(self.scheduler).__name__, loras=active_loras,
             options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=mode,
             conditioning_negative=conditioning_negative,
             source_prompt=source_prompt, language=conditioned.language,

@@ -141,6 +141,9 @@ def check_variant(model: str | Path, variant: str, *, download: bool = True) -> 
     if variant != "lmd_plus":
         return
     local = Path(str(model)).expanduser()
+    if local.is_file():
+        raise VariantUnavailable(f"variant lmd_plus needs a GLIGEN UNet; {local.name} is a single-file SD checkpoint, "
+                                 "which loads without GLIGEN: use variant lmd")
     try:
         if local.exists():
             path = local / "unet" / "config.json"

@@ -4,6 +4,10 @@ No weights can be downloaded on a test or benchmark machine, so the tests and ``
 build models from configs and load them through the real ``LMDPipeline.from_pretrained``:
 
 - ``tiny``: the smallest UNet that still has cross-attention at two resolutions (tests).
+- ``tiny_sd2``: ``tiny`` with SD 2.x's topology where it differs from SD 1.x: a head count per
+  block (``attention_head_dim`` a tuple, as SD 2's config spells it: 2 heads at the first level,
+  4 at the second), linear projections in the transformers (``use_linear_projection``), an
+  OpenCLIP-like text encoder (CLIP with ``gelu``) and a v-prediction scheduler.
 - ``sd``: SD 1.x's *shape* (four UNet levels, two layers per level, cross-attention on the
   first three, the mid block and the first up block with attention at 1/32 and 1/16 of the
   image, a VAE that downsamples by 8) at a fraction of its width: the benchmark's default,
@@ -34,8 +38,8 @@ WORDS = (
     "occlusion occluded side border collate"
 ).split()
 
-Shape = Literal["tiny", "sd", "sd15"]
-SHAPES: tuple[Shape, ...] = ("tiny", "sd", "sd15")
+Shape = Literal["tiny", "tiny_sd2", "sd", "sd15"]
+SHAPES: tuple[Shape, ...] = ("tiny", "tiny_sd2", "sd", "sd15")
 
 ATTENTION_SHARPNESS = 4.0
 """Random init gives near-uniform cross-attention (every token ~1/77); the query and key
@@ -95,6 +99,19 @@ def unet_and_vae(shape: Shape, gligen: bool):
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         )
         return unet, vae, 32
+    if shape == "tiny_sd2":  # SD 2.x's differences at tiny size: heads per block, linear projections
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=32,
+            attention_type=attention_type,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        )
+        return unet, vae, 32
     if shape == "sd15":  # SD 1.5's unet/config.json and vae/config.json, field by field
         unet = UNet2DConditionModel(
             sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -134,8 +151,8 @@ def text_encoder_config(shape: Shape, vocab: dict[str, int], hidden: int):
         )
     return CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden + 5,
-        num_hidden_layers=2 if shape == "tiny" else 4, num_attention_heads=4, max_position_embeddings=77,
-        projection_dim=hidden, **ids,
+        num_hidden_layers=4 if shape == "sd" else 2, num_attention_heads=4, max_position_embeddings=77,
+        projection_dim=hidden, hidden_act="gelu" if shape == "tiny_sd2" else "quick_gelu", **ids,
     )
 
 
@@ -167,7 +184,8 @@ def build_random_sd(
         tokenizer = write_clip_tokenizer(path / "tokenizer")
     text_encoder = CLIPTextModel(text_encoder_config(shape, tokenizer.get_vocab(), hidden))
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        prediction_type="v_prediction" if shape == "tiny_sd2" else "epsilon",  # SD 2.x's 768 px models predict v
     )
     unet.save_pretrained(path / "unet")
     vae.save_pretrained(path / "vae")

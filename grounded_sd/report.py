@@ -12,6 +12,7 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from grounded_sd.counters import UNetCalls
+from grounded_sd.lora import LoraUse
 from layout_planner.layout import Layout, mask_file_name
 from layout_planner.rescale import BoxRescale
 
@@ -100,6 +101,7 @@ class GenerationReport(BaseModel):
     device: str = ""
     dtype: str = ""
     model: str = Field("", description="the hub id or directory the model was loaded from")
+    loras: list[LoraUse] = Field(default_factory=list, description="the LoRA adapters active in every UNet call, with their weights")
     scheduler: str = Field("", description="the diffusers scheduler class")
     notes: list[str] = Field(default_factory=list)
     options: dict = Field(default_factory=dict)
@@ -155,6 +157,7 @@ class GenerationResult:
                                       per_box_prompts=report.per_box_prompts),
             refiner=report.refiner.model if report.refiner else None,
             refiner_strength=report.refiner.strength if report.refiner else None,
+            loras=[lora.model_copy() for lora in report.loras],
         )
 
     def save(self, out_dir: Path | str, parameters: "ImageParameters | None" = None) -> Path:

@@ -1,7 +1,9 @@
 """The queues, the task names, the Celery app and enqueueing (docs/service.md "Processes").
 
 Two queues: ``plan`` (stage 1, LLM calls, CPU) and ``render`` (stage 2, one process per
-GPU). A generate is the chain plan -> render (render alone when a layout is given). The API
+GPU). With several models (``LMD_MODELS``) each has its own render queue, ``render.<name>``,
+served by workers that loaded that model, so no worker swaps a model per job (docs/models.md).
+A generate is the chain plan -> render (render alone when a layout is given). The API
 builds the app only to send tasks by name; the worker package registers the tasks
 (``worker.tasks``, named here as a string, so this module never imports it or torch).
 """
@@ -19,6 +21,20 @@ QUEUES = (PLAN_QUEUE, RENDER_QUEUE)
 PLAN_TASK = "lmd.plan"
 RENDER_TASK = "lmd.render"
 TASKS_MODULE = "worker.tasks"
+
+
+def render_queue(model: str | None) -> str:
+    """The render queue of a job for the ``LMD_MODELS`` name ``model`` (None: the one model, ``render``)."""
+    return RENDER_QUEUE if model is None else f"{RENDER_QUEUE}.{model}"
+
+
+def queue_names(settings: Settings) -> list[str]:
+    """Every queue a worker of these settings may serve: plan, then render or one per model."""
+    return [PLAN_QUEUE, *(render_queue(name) for name in settings.models or [None])]
+
+
+def is_render_queue(queue: str) -> bool:
+    return queue == RENDER_QUEUE or queue.startswith(RENDER_QUEUE + ".")
 
 
 def redelivery_after_s(settings: Settings) -> int:
@@ -58,9 +74,10 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, job_id: str, start: Stage) -> None:
-    """Send a job's work: plan then render, or render only (a given layout, a revised one re-queued)."""
-    render = app.signature(RENDER_TASK, args=(job_id,), queue=RENDER_QUEUE, immutable=True)
+def enqueue(app: Celery, job_id: str, start: Stage, model: str | None = None) -> None:
+    """Send a job's work: plan then render, or render only (a given layout, a revised one re-queued);
+    the render goes to the queue of the job's ``model`` (:func:`render_queue`)."""
+    render = app.signature(RENDER_TASK, args=(job_id,), queue=render_queue(model), immutable=True)
     if start == "render":
         render.apply_async()
         return

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from grounded_sd.lora import LoraUse
 from grounded_sd.names import Preset
 from layout_planner.layout import Layout
 
@@ -88,6 +89,8 @@ class JobRecord(BaseModel):
     language: str | None = Field(None, description="ISO 639-1 code of source_prompt named by the request; None: detected")
     source_prompt: str | None = Field(None, description="the user's own prompt (an instruct keeps its session's)")
     previews: bool = Field(False, description="write a live preview every few steps of the render")
+    model: str | None = Field(None, description="the LMD_MODELS name it renders with (its render queue); None: the one model")
+    loras: list[LoraUse] = Field(default_factory=list, description="LoRA adapters (LMD_LORAS names) and their weights")
     state: JobState = "queued"
     progress: Progress = Field(default_factory=Progress)
     error: JobError | None = None

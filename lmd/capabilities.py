@@ -27,6 +27,8 @@ class RenderCapabilities(BaseModel):
     conditionings: list[str] = Field(description="clip always; ella and gluenet when their files are here")
     gluenet_languages: list[str] = Field(description="the languages with a GlueNet checkpoint here")
     refiner: bool = Field(description="an SDXL refiner is configured (LMD_REFINER) and its files are here")
+    model_name: str | None = Field(None, description="the LMD_MODELS name it serves (its queue render.<name>); null without LMD_MODELS")
+    loras: list[str] = Field(default_factory=list, description="the LMD_LORAS names whose files are here")
 
 
 def _local_or_cached(source: str, filename: str) -> Path | None:
@@ -72,15 +74,20 @@ def model_name(model: str) -> str:
 
 def render_capabilities(settings: Settings) -> RenderCapabilities:
     """What a render worker with ``settings`` can run."""
-    variants = ["lmd", "sd"] + (["lmd_plus"] if _has_gligen(settings.sd_model) else [])
+    from lmd.wiring import default_model
+
+    model = default_model(settings)
+    variants = ["lmd", "sd"] + (["lmd_plus"] if _has_gligen(model) else [])
     languages = sorted(lang for lang, path in settings.gluenet_checkpoints.items() if _file_here(path))
     xlmr = languages and _local_or_cached(settings.gluenet_xlmr, "config.json") is not None
     ella = _file_here(settings.ella_checkpoint) and _local_or_cached(settings.ella_t5, "config.json") is not None
     conditionings = [c for c in CONDITIONINGS if c == "clip" or (c == "ella" and ella) or (c == "gluenet" and xlmr)]
     refiner = settings.refiner is not None and _local_or_cached(settings.refiner, "model_index.json") is not None
-    return RenderCapabilities(model=model_name(settings.sd_model), scheduler=settings.scheduler, variants=variants,
+    served = (settings.worker_model or next(iter(settings.models))) if settings.models else None
+    loras = [name for name, path in settings.loras.items() if _file_here(path)]
+    return RenderCapabilities(model=model_name(model), scheduler=settings.scheduler, variants=variants,
                               conditionings=conditionings, gluenet_languages=languages if xlmr else [],
-                              refiner=refiner)
+                              refiner=refiner, model_name=served, loras=loras)
 
 
 def common(capabilities: list[RenderCapabilities]) -> RenderCapabilities | None:
@@ -94,9 +101,17 @@ def common(capabilities: list[RenderCapabilities]) -> RenderCapabilities | None:
 
     models = {c.model for c in capabilities}
     schedulers = {c.scheduler for c in capabilities}
+    names = {c.model_name for c in capabilities}
     return RenderCapabilities(
         model=first.model if len(models) == 1 else " / ".join(sorted(models)),
         scheduler=first.scheduler if len(schedulers) == 1 else " / ".join(sorted(schedulers)),
         variants=shared("variants"), conditionings=shared("conditionings"),
         gluenet_languages=shared("gluenet_languages"), refiner=all(c.refiner for c in capabilities),
+        model_name=first.model_name if len(names) == 1 else None, loras=shared("loras"),
     )
+
+
+def by_model(capabilities: list[RenderCapabilities]) -> dict[str, RenderCapabilities]:
+    """What the live workers of each LMD_MODELS name can run (a job of that model may go to any of them)."""
+    names = sorted({c.model_name for c in capabilities if c.model_name is not None})
+    return {name: common([c for c in capabilities if c.model_name == name]) for name in names}

@@ -10,6 +10,7 @@ without environment variables.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from grounded_sd.names import Dtype, Preset, SamModelType, Variant
 from layout_planner.layout import MAX_OBJECTS
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""An LMD_MODELS or LMD_LORAS name: safe in a Celery queue name, a URL and a log line."""
 
 
 class Settings(BaseSettings):
@@ -58,6 +62,25 @@ class Settings(BaseSettings):
 
     # --- stage 2: the grounded diffusion controller ----------------------------------------
     sd_model: str = Field("stable-diffusion-v1-5/stable-diffusion-v1-5", description="hub id or local diffusers directory")
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON object, name -> hub id, diffusers directory or single .safetensors/.ckpt file, e.g. '
+                    '{"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "/models/sd21"}: the models a request may '
+                    'name (the first is the default; each has its render queue render.<name>); empty: LMD_SD_MODEL alone',
+    )
+    single_file_config: str | None = Field(
+        None, description="where a single-file model's configs and tokenizer are: a local diffusers directory of the same "
+                          "kind (SD 1.x or 2.x) or a hub id; unset: diffusers' default repository for the kind found in the "
+                          "file (from the hub cache when offline)",
+    )
+    worker_model: str | None = Field(
+        None, description="the LMD_MODELS name a render worker loads (lmd worker --model sets it); unset: the first"
+    )
+    loras: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON object, name -> LoRA .safetensors file (diffusers, PEFT or kohya/A1111 keys), e.g. '
+                    '{"ink": "/loras/ink.safetensors"}: the adapters a request may name',
+    )
     scheduler: str = Field("DDIMScheduler", description="any diffusers scheduler class name")
     sam_checkpoint: Path | None = Field(None, description="segment-anything checkpoint; unset: attention masks")
     sam_model_type: SamModelType = Field("vit_b", description="architecture of the SAM checkpoint (vit_b: the reference's)")
@@ -155,6 +178,13 @@ class Settings(BaseSettings):
             raise ValueError("LMD_TASK_TIME_LIMIT_S must be above LMD_TASK_SOFT_TIME_LIMIT_S")
         if self.min_size > self.max_size:
             raise ValueError("LMD_MIN_SIZE must not exceed LMD_MAX_SIZE")
+        for setting, names in (("LMD_MODELS", self.models), ("LMD_LORAS", self.loras)):
+            bad = [name for name in names if not NAME_PATTERN.fullmatch(name)]
+            if bad:
+                raise ValueError(f"{setting}: name {bad[0]!r} must be 1-64 letters, digits, '_', '-' or '.' (it names a queue)")
+        if self.worker_model is not None and self.worker_model not in self.models:
+            known = ", ".join(self.models) or "none: LMD_MODELS is empty"
+            raise ValueError(f"LMD_WORKER_MODEL {self.worker_model!r} is not a name of LMD_MODELS ({known})")
         if self.dtype == "float16" and self.device.strip().lower().startswith("cpu"):
             raise ValueError("LMD_DTYPE=float16 with LMD_DEVICE=cpu is refused (20-70x slower guidance); "
                              "use float32 or bfloat16")

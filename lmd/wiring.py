@@ -15,14 +15,17 @@ same thing everywhere:
 - :func:`check_render`: what a render cannot do with these settings, refused before any work;
 - :func:`render_options`: the options of a preset by name with a request's overrides and
   ``LMD_MAX_BATCH``;
-- :func:`load_refiner` and :func:`refiner_options`: the optional SDXL refiner pass.
+- :func:`load_refiner` and :func:`refiner_options`: the optional SDXL refiner pass;
+- :func:`request_model`, :func:`model_source` and :func:`lora_choices`: the names an operator
+  lists (``LMD_MODELS``, ``LMD_LORAS``) turned into files, or :class:`UnknownName`
+  (docs/models.md).
 
 torch, diffusers and the LLM client are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +36,7 @@ from lmd.settings import Settings, get_settings
 if TYPE_CHECKING:
     from grounded_sd import LMDOptions, LMDPipeline, Refiner, RefinerOptions
     from grounded_sd.conditioning import ConditioningCache, ConditioningConfig
+    from grounded_sd.lora import LoraChoice
     from layout_planner import LLMConfig, Planner
     from layout_planner.local import LocalLLMConfig
 
@@ -197,21 +201,23 @@ def use_torch_threads(threads: int | None, cpu_default: int | None = None) -> No
 def pipeline_arguments(settings: Settings, *, use_sam: bool = True, **overrides: Any) -> dict[str, Any]:
     """``LMDPipeline.from_pretrained``'s arguments from the settings; an override that is not None wins.
 
-    Overrides: ``model``, ``device``, ``dtype``, ``scheduler``, ``sam_checkpoint``,
+    Overrides: ``model`` (an ``LMD_MODELS`` name, a hub id, a directory or a file), ``device``, ``dtype``, ``scheduler``, ``sam_checkpoint``,
     ``sam_model_type``. ``use_sam=False`` loads no SAM checkpoint (plain SD needs none).
     """
     arguments: dict[str, Any] = {
-        "model": settings.sd_model,
+        "model": default_model(settings),
         "device": settings.device,
         "dtype": settings.dtype,
         "scheduler": settings.scheduler,
         "sam_checkpoint": settings.sam_checkpoint,
         "sam_model_type": settings.sam_model_type,
+        "single_file_config": settings.single_file_config,
     }
     unknown = set(overrides) - set(arguments)
     if unknown:
         raise TypeError(f"unknown pipeline arguments: {sorted(unknown)}")
     arguments.update({k: v for k, v in overrides.items() if v is not None})
+    arguments["model"] = model_source(settings, arguments["model"])
     checkpoint = arguments["sam_checkpoint"]
     arguments["sam_checkpoint"] = str(checkpoint) if checkpoint and use_sam else None
     return arguments
@@ -267,7 +273,7 @@ def check_render(settings: Settings, *, variant: str, conditioning: str, prompt:
     from grounded_sd.preflight import check_conditioning, check_variant
 
     language = check_conditioning(conditioning, conditioning_config(settings), source_prompt=prompt, language=language)
-    check_variant(model or settings.sd_model, variant, download=download)
+    check_variant(model_source(settings, model) if model else default_model(settings), variant, download=download)
     return language
 
 
@@ -299,3 +305,56 @@ def refiner_options(settings: Settings, strength: float | None = None) -> "Refin
     return RefinerOptions(
         strength=strength if strength is not None else settings.refiner_strength, resolution=settings.refiner_resolution
     )
+
+
+# --- the models and adapters an operator lists (docs/models.md) -----------------------------------
+class UnknownName(ValueError):
+    """A request names a model or LoRA adapter the operator did not list; ``field`` is the request's
+    field (``model``, ``loras``) and the message names the choices."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def default_model(settings: Settings) -> str:
+    """What this process renders with when nothing names a model: ``LMD_WORKER_MODEL``'s (else the
+    first) entry of ``LMD_MODELS``, or ``LMD_SD_MODEL`` when the list is empty."""
+    if settings.models:
+        return settings.models[settings.worker_model or next(iter(settings.models))]
+    return settings.sd_model
+
+
+def model_source(settings: Settings, model: str) -> str:
+    """``model`` as a loader takes it: an ``LMD_MODELS`` name becomes its hub id, directory or file;
+    anything else (a hub id, a path) is returned as it is."""
+    return settings.models.get(model, model)
+
+
+def request_model(settings: Settings, name: str | None) -> str | None:
+    """The ``LMD_MODELS`` name a request's job renders with (None: the service has no list, so
+    ``LMD_SD_MODEL``), or :class:`UnknownName`. A request that names none gets the first."""
+    if not settings.models:
+        if name is None:
+            return None
+        raise UnknownName("model", f"unknown model {name!r}: this service renders one model (LMD_MODELS is unset); omit model")
+    if name is None:
+        return next(iter(settings.models))
+    if name not in settings.models:
+        raise UnknownName("model", f"unknown model {name!r}; choose one of: {', '.join(settings.models)}")
+    return name
+
+
+def lora_choices(settings: Settings, requested: Sequence[tuple[str, float]]) -> "list[LoraChoice]":
+    """The adapters a request names (name, weight) with their ``LMD_LORAS`` files, or :class:`UnknownName`."""
+    from grounded_sd.lora import LoraChoice
+
+    names = [name for name, _ in requested]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UnknownName("loras", f"LoRA {twice[0]!r} is named twice; name each adapter once")
+    for name in names:
+        if name not in settings.loras:
+            known = ", ".join(settings.loras) or "none (LMD_LORAS is empty)"
+            raise UnknownName("loras", f"unknown LoRA {name!r}; this service has: {known}")
+    return [LoraChoice(name=name, path=settings.loras[name], weight=float(weight)) for name, weight in requested]

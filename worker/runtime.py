@@ -23,7 +23,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from jobs.files import drop_old_job_dirs, job_dir, result_file
-from jobs.queue import redelivery_after_s
+from jobs.queue import is_render_queue, redelivery_after_s
 from jobs.records import ErrorCode, JobRecord, PreviewInfo, Progress
 from jobs.store import Store, this_worker
 from jobs.transitions import delivery_limit
@@ -101,6 +101,13 @@ class WorkerRuntime:
         self._conditionings = None
 
     @property
+    def model_name(self) -> str | None:
+        """The LMD_MODELS name this worker serves (None without LMD_MODELS)."""
+        if not self.settings.models:
+            return None
+        return self.settings.worker_model or next(iter(self.settings.models))
+
+    @property
     def max_deliveries(self) -> int:
         return delivery_limit(self.settings.max_redeliveries)
 
@@ -129,7 +136,7 @@ class WorkerRuntime:
     def _load_pipeline(self):
         if self._pipeline is None:
             s = self.settings
-            log.info("loading %s on device=%s dtype=%s (pid %d)", s.sd_model, s.device, s.dtype, os.getpid())
+            log.info("loading %s on device=%s dtype=%s (pid %d)", wiring.default_model(s), s.device, s.dtype, os.getpid())
             started = time.monotonic()
             pipeline = wiring.load_pipeline(s, cpu_threads=1)  # one thread per render process on a CPU host
             self._refiner = wiring.load_refiner(s)  # None without LMD_REFINER; loaded once, like the pipeline
@@ -251,6 +258,11 @@ class WorkerRuntime:
         def should_cancel() -> bool:
             return heartbeat.lost or self._cancel_requested(job.job_id)
 
+        loras = wiring.lora_choices(self.settings, [(lora.name, lora.weight) for lora in job.loras])
+        if job.model is not None and job.model != self.model_name:
+            from grounded_sd import ModelLoadError
+
+            raise ModelLoadError(f"the job asks for model {job.model!r}; this worker serves {self.model_name!r}")
         if job.refine and self._refiner is None:
             from grounded_sd import ModelLoadError
 
@@ -269,6 +281,7 @@ class WorkerRuntime:
             source_prompt=job.source_prompt,
             language=job.language,
             preview=preview if job.previews else None,
+            loras=loras,
         )
         if self._refiner is not None and job.refine is not False:  # the refiner pass, after the final pass
             result = self._refiner.refine(
@@ -332,6 +345,7 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
     if stage == "render":
         from grounded_sd import GenerationCanceled, InvalidRequest, ModelLoadError, VariantUnavailable
         from grounded_sd.errors import ConditioningUnavailable
+        from grounded_sd.lora import LoraLoadError
 
         if isinstance(exc, GenerationCanceled):
             return "canceled", "canceled while rendering"
@@ -343,8 +357,13 @@ def describe_failure(exc: Exception, stage: str) -> tuple[ErrorCode, str]:
             return "model_unavailable", exc.public or ("the render worker cannot load the requested conditioning "
                                                        "(its files or settings); the operator must fix them "
                                                        "(details are in the service's log)")
+        if isinstance(exc, LoraLoadError):  # its text names the file
+            return "model_unavailable", (f"the render worker cannot load the LoRA adapter {exc.name!r} (its file, or its fit "
+                                         "to this model); the operator must fix LMD_LORAS (details are in the service's log)")
         if isinstance(exc, ModelLoadError):
             return "model_unavailable", "the render worker cannot load its model; the operator must fix its settings"
+        if isinstance(exc, wiring.UnknownName):  # the API accepted a name this worker's settings lack
+            return "model_unavailable", f"{exc}; the render worker's settings differ from the API's"
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):  # the CUDA caching allocator's (torch.cuda.OutOfMemoryError)
@@ -380,7 +399,7 @@ class Maintenance:
         self.settings, self.name, self.queues, self.requeue = settings, name, queues, requeue
         self.store = Store.from_settings(settings)
         # Told from files once at start (no weights loaded): what GET /limits offers to clients.
-        self.capabilities = render_capabilities(settings).model_dump() if "render" in queues else None
+        self.capabilities = render_capabilities(settings).model_dump() if any(map(is_render_queue, queues)) else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lmd-maintenance", daemon=True)
 
@@ -395,6 +414,11 @@ class Maintenance:
             self.store.unregister_worker(self.name)
         except redis.RedisError as exc:
             log.warning("could not unregister worker %s: %s", self.name, exc)
+
+    def model_of(self, job_id: str) -> str | None:
+        """The LMD_MODELS name of a job (its render queue); None for a job gone or without one."""
+        job = self.store.get_job(job_id)
+        return job.model if job is not None else None
 
     def sweep(self) -> list[tuple[str, str]]:
         """One pass of the reaper; returns the jobs it re-enqueued."""

@@ -51,9 +51,11 @@ def _start_maintenance(sender, **_: object) -> None:
     """In the worker's main process, after the pool has forked: register, reap lost jobs, drop old images."""
     app = sender.app
     queues = sorted(app.amqp.queues.consume_from or app.amqp.queues)
-    maintenance = runtime.Maintenance(
-        wiring.load_settings(cached=True), sender.hostname, queues, requeue=lambda job_id, stage: enqueue(app, job_id, stage)
-    )
+
+    def requeue(job_id: str, stage: str) -> None:  # to the render queue of the job's model
+        enqueue(app, job_id, stage, model=maintenance.model_of(job_id))
+
+    maintenance = runtime.Maintenance(wiring.load_settings(cached=True), sender.hostname, queues, requeue=requeue)
     maintenance.start()
     _maintenance[sender.hostname] = maintenance
 

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.deps import SubmissionDep, owned_session
 from api.schemas import Accepted, GenerateRequest, PlanRequest, limit_errors
-from api.submit import Submission
+from api.submit import Submission, chosen_loras, chosen_model
 from grounded_sd.errors import ConditioningUnavailable, LanguageUnavailable, ModelLoadError, SourcePromptMissing, VariantUnavailable
 from lmd.wiring import check_render
 from jobs.records import JobKind, JobRecord, SessionRecord, new_id, utcnow
@@ -42,7 +42,9 @@ def plan(body: PlanRequest, submission: SubmissionDep) -> Accepted:
 
 def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, submission: Submission) -> Accepted:
     settings, store, owner = submission.settings, submission.store, submission.owner
-    errors = limit_errors(body, settings) or render_errors(body, settings)  # a plan's settings render later
+    model = chosen_model(settings, body.model)
+    loras = chosen_loras(settings, body.loras)
+    errors = limit_errors(body, settings) or render_errors(body, settings, model)  # a plan's settings render later
     if errors:
         raise RequestValidationError(errors)
     payload = body.model_dump(mode="json")
@@ -81,13 +83,15 @@ def _queue(kind: JobKind, body: GenerateRequest | PlanRequest, submission: Submi
         language=body.language,
         source_prompt=(body.prompt or "").strip() or None,
         previews=getattr(body, "previews", False),
+        model=model,
+        loras=loras,
         created_at=now,
         updated_at=now,
     )
     return submission.submit(job, session, kind, payload)
 
 
-def render_errors(body: GenerateRequest | PlanRequest, settings) -> list[dict]:
+def render_errors(body: GenerateRequest | PlanRequest, settings, model: str | None = None) -> list[dict]:
     """A render this server cannot run, refused when the job is accepted (before planning spends an
     LLM call): the conditioning's files, GlueNet's checkpoint for the prompt's language, lmd_plus
     without a GLIGEN UNet (read from its config only when at hand: a directory or the hub cache).
@@ -97,7 +101,7 @@ def render_errors(body: GenerateRequest | PlanRequest, settings) -> list[dict]:
     checked = "clip" if conditioning.startswith("connector:") else conditioning  # an export is read with torch: the worker checks it
     try:
         check_render(settings, variant=variant, conditioning=checked, prompt=(body.prompt or "").strip() or None,
-                     language=body.language, download=False)
+                     language=body.language, model=model, download=False)
     except LanguageUnavailable as exc:
         return [_refusal("conditioning", conditioning,
                          f"conditioning gluenet has no checkpoint on this server for the prompt's language {exc.language!r} "

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from api.deps import OperatorDep, SettingsDep, StoreDep
 from api.schemas import PlannerView, Readiness, WorkerView
-from jobs.queue import QUEUES
+from jobs.queue import queue_names
 from lmd.wiring import choose_planner
 
 router = APIRouter(tags=["health"])
@@ -25,11 +25,12 @@ def readyz(store: StoreDep, settings: SettingsDep, operator: OperatorDep) -> Rea
     settings select (its model and endpoint), only to an operator (``api.deps.is_operator``)."""
     store.ping()
     workers = [WorkerView(**w) for w in store.workers()]
-    counts = {q: sum(q in w.queues for w in workers) for q in QUEUES}
+    queues = queue_names(settings)  # plan, and render or render.<name> per LMD_MODELS entry
+    counts = {q: sum(q in w.queues for w in workers) for q in queues}
     planner = None
     if operator:
         choice = choose_planner(settings)
         planner = PlannerView(kind=choice.kind, model=choice.model, endpoint=choice.endpoint, reason=choice.reason)
     return Readiness(redis="ok", persistence=store.persistence(), worker_counts=counts,
                      workers=workers if operator else None,
-                     queues_without_workers=[q for q in QUEUES if not counts[q]], planner=planner)
+                     queues_without_workers=[q for q in queues if not counts[q]], planner=planner)

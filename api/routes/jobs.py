@@ -17,6 +17,7 @@ from api.deps import JobDep, OwnerDep, SettingsDep, StoreDep
 from api.errors import ApiError
 from api.schemas import JobView
 from jobs.files import mask_file, report_file, result_file
+from jobs.queue import PLAN_QUEUE, render_queue
 from jobs.records import JobRecord, new_id
 from jobs.store import Store
 
@@ -26,9 +27,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def waiting_queue(job: JobRecord) -> str | None:
     """The queue a job waits in for a worker to take it; None while a worker holds it or once it ended."""
     if job.state == "queued":
-        return "render" if job.layout_given else "plan"
+        return render_queue(job.model) if job.layout_given else PLAN_QUEUE
     if job.state == "rendering" and job.worker is None:  # planned (waiting) or requeued
-        return "render"
+        return render_queue(job.model)
     return None
 
 

@@ -15,8 +15,8 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from api.deps import StoreDep, require_operator
-from jobs.queue import QUEUES
+from api.deps import SettingsDep, StoreDep, require_operator
+from jobs.queue import queue_names
 from jobs.store import RENDER_BUCKETS_S, Store
 
 router = APIRouter(tags=["health"])
@@ -28,7 +28,8 @@ FINISHED = ("succeeded", "failed", "canceled")
 class RecordsCollector:
     """One scrape's view of the service, from a snapshot of Redis taken before collecting."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, queues: list[str]):
+        self.queues = queues
         self.active = store.active_states()
         self.stats = store.stats()
         self.workers = store.workers()
@@ -56,17 +57,17 @@ class RecordsCollector:
                                     buckets=buckets, sum_value=self.stats.get("render:sum", 0.0))
 
         workers = GaugeMetricFamily("lmd_workers", "Workers that registered recently, by queue", labels=["queue"])
-        for queue in QUEUES:
+        for queue in self.queues:
             workers.add_metric([queue], sum(queue in w["queues"] for w in self.workers))
         yield workers
 
 
 @router.get("/metrics", operation_id="metrics", dependencies=[Depends(require_operator)], response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(store: StoreDep) -> Response:
+async def metrics(store: StoreDep, settings: SettingsDep) -> Response:
     """Prometheus metrics: jobs by state, finished jobs, failures by code, render durations, workers.
 
     With keys on, an operator key is needed (``api.deps.require_operator``): the counts are every tenant's.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(await run_in_threadpool(RecordsCollector, store))
+    registry.register(await run_in_threadpool(RecordsCollector, store, queue_names(settings)))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from api.deps import OwnerDep, SessionDep, StoreDep, SubmissionDep
 from api.errors import ApiError
 from api.schemas import Accepted, InstructRequest, SessionList, SessionSummary, SessionView, limit_errors
+from api.submit import chosen_loras
 from jobs.records import JobRecord, SessionRecord, new_id, utcnow
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -61,6 +62,7 @@ def instruct(
     The latest turn must have finished (409 otherwise), and at least one turn must have
     succeeded: the revision starts from the conversation of succeeded turns.
     """
+    loras = chosen_loras(submission.settings, body.loras) if body.loras is not None else None
     errors = limit_errors(body, submission.settings)
     if errors:
         raise RequestValidationError(errors)
@@ -70,6 +72,9 @@ def instruct(
     jobs = submission.store.get_jobs([t.job_id for t in session.turns])
     revisable(session, jobs)  # answers the common case early; checked again atomically when the turn is added
     now = utcnow()
+    rendered = _render_settings_of_latest(session, jobs)
+    if loras is not None:
+        rendered["loras"] = loras
     job = JobRecord(
         job_id=new_id(),
         session_id=session.session_id,
@@ -78,7 +83,7 @@ def instruct(
         prompt=body.instruction.strip(),
         seed=body.seed if body.seed is not None else session.seed,
         previews=body.previews,
-        **_render_settings_of_latest(session, jobs),
+        **rendered,
         created_at=now,
         updated_at=now,
     )
@@ -103,10 +108,11 @@ def revisable(session: SessionRecord, jobs: dict[str, JobRecord]) -> None:
 
 def _render_settings_of_latest(session, jobs: dict[str, JobRecord]) -> dict:
     """An edit renders like the turn it edits: same size, steps, guidance, variant, preset, negative prompt,
-    conditioning (and the prompt and language GlueNet reads: the session's first words)."""
+    conditioning (and the prompt and language GlueNet reads: the session's first words), model and LoRAs."""
     for t in reversed(session.turns):
         job = jobs.get(t.job_id)
         if job is not None and job.state == "succeeded":
             return {k: getattr(job, k) for k in ("steps", "guidance_scale", "width", "height", "negative_prompt",
-                                                   "variant", "preset", "conditioning", "language", "source_prompt", "refine")}
+                                                   "variant", "preset", "conditioning", "language", "source_prompt", "refine",
+                                                   "model", "loras")}
     return {}

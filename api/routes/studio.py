@@ -14,7 +14,8 @@ from fastapi.responses import FileResponse
 
 from api.deps import SettingsDep, StoreDep
 from api.schemas import Limits
-from lmd.capabilities import RenderCapabilities, common
+from jobs.queue import is_render_queue
+from lmd.capabilities import RenderCapabilities, by_model, common
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
@@ -34,8 +35,8 @@ def limits(settings: SettingsDep, store: StoreDep) -> Limits:
     conditionings, refiner), so that a client offers only what will run. Answers while Redis is
     down too (``render_workers`` null then)."""
     try:
-        workers = [w for w in store.workers() if "render" in w["queues"]]
+        workers = [w for w in store.workers() if any(map(is_render_queue, w["queues"]))]
     except redis.RedisError:
         return Limits.of(settings)
     found = [RenderCapabilities.model_validate(w["capabilities"]) for w in workers if w.get("capabilities")]
-    return Limits.of(settings, common(found), len(workers))
+    return Limits.of(settings, common(found), len(workers), by_model(found))

@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Without --model, a random-weight model of SD 1.x's shape is built in-process (timings only)."
         ),
     )
-    parser.add_argument("--model", help="hub id or local diffusers directory (default: random SD-shaped model)")
+    parser.add_argument("--model", help="a name of LMD_MODELS, a hub id, a local diffusers directory or a single-file "
+                        "checkpoint (default: random SD-shaped model)")
     parser.add_argument(
         "--real-size", action="store_true",
         help="without --model: a random model of SD 1.5's exact architecture and CLIP tokenizer (minutes per run on a CPU)",
@@ -53,11 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
+    from lmd import wiring
     from lmd.bench import BenchConfig, format_table, run_bench
 
+    model = wiring.model_source(wiring.load_settings(), args.model) if args.model else None  # an LMD_MODELS name, or as given
     try:
         config = BenchConfig(
-            model=args.model, shape="sd15" if args.real_size else "sd", clip_vocab=args.clip_vocab, steps=args.steps, width=args.width, height=args.height, seed=args.seed, objects=args.objects,
+            model=model, shape="sd15" if args.real_size else "sd", clip_vocab=args.clip_vocab, steps=args.steps, width=args.width, height=args.height, seed=args.seed, objects=args.objects,
             variants=args.variants, presets=args.presets, device=args.device, dtype=args.dtype, threads=args.threads,
             conditioning=args.conditioning,
         )
@@ -68,7 +71,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from grounded_sd import GroundedSDError
-    from lmd import hub, wiring
+    from lmd import hub
 
     if config.model is not None:  # the hub answers, or the cache holds the model and files (else one line)
         hub.prepare([hub.model_source("the diffusion model", config.model, "--model"),

@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="N prompts spread evenly over the four tasks (default: all 400)")
     parser.add_argument("--seed", type=int, default=0, help="prompt NNN is generated with seed + NNN (default 0)")
     parser.add_argument("--size", type=int, help="image width and height in pixels (default 512; 64 with --world shapes)")
-    parser.add_argument("--model", help="Stable Diffusion hub id or directory (default LMD_SD_MODEL)")
+    parser.add_argument("--model", help="a name of LMD_MODELS, a Stable Diffusion hub id, directory or single-file "
+                        "checkpoint (default: the first of LMD_MODELS, else LMD_SD_MODEL)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE)")
     parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for masks (default LMD_SAM_CHECKPOINT; unset: attention masks)")
@@ -128,7 +129,7 @@ def _check_before_work(config, settings, *, plans: bool) -> None:
     from grounded_sd.preflight import check_variant
     from lmd import hub, wiring
 
-    model = str(config.model or settings.sd_model)
+    model = wiring.model_source(settings, str(config.model)) if config.model else wiring.default_model(settings)
     planner = wiring.choose_planner(settings) if plans else None
     hub.prepare([
         hub.model_source("the diffusion model", model, "--model" if config.model else "LMD_SD_MODEL"),
@@ -156,6 +157,7 @@ def _device_and_dtype(config, settings):
 
 def _run_settings(config, settings, options, layouts_label: str, method: str):
     """What fixes the run's images (run.json): a resumed run must match it."""
+    from lmd import wiring
     from lmd.evaluation.runner import RunSettings
 
     _, torch_dtype = _device_and_dtype(config, settings)
@@ -168,7 +170,7 @@ def _run_settings(config, settings, options, layouts_label: str, method: str):
         preset=config.preset,
         conditioning=config.conditioning,
         steps=options.steps,
-        model=str(config.model or settings.sd_model),
+        model=wiring.model_source(settings, str(config.model)) if config.model else wiring.default_model(settings),
         scheduler=settings.scheduler,
         dtype=str(torch_dtype).removeprefix("torch."),
         layouts=layouts_label,

@@ -46,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--variant", choices=VARIANTS, help="lmd, sd (baseline), lmd_plus (GLIGEN UNets); default LMD_VARIANT, lmd")
     parser.add_argument("--preset", choices=PRESETS, help="option preset (default LMD_PRESET, reference)")
     parser.add_argument("--negative", metavar="TEXT", help="extra negative prompt, added to the layout's")
-    parser.add_argument("--model", help="hub id or local diffusers directory (default LMD_SD_MODEL)")
+    parser.add_argument("--model", help="a name of LMD_MODELS, a hub id, a local diffusers directory or a single "
+                        ".safetensors/.ckpt file (default: the first of LMD_MODELS, else LMD_SD_MODEL)")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", type=lora_argument,
+                        help="apply the LoRA adapter NAME of LMD_LORAS with WEIGHT (default 1); repeatable (docs/models.md)")
     parser.add_argument("--scheduler", help="diffusers scheduler class (default LMD_SCHEDULER, DDIMScheduler)")
     parser.add_argument("--sam-checkpoint", type=Path, help="segment-anything checkpoint (default LMD_SAM_CHECKPOINT; unset: attention masks)")
     parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_b)")
@@ -62,6 +65,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--language", metavar="CODE", help="ISO 639-1 language of PROMPT for gluenet (default: detected)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run_generate)
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME:WEIGHT`` (argparse type of ``--lora``)."""
+    name, _, weight = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME or NAME:WEIGHT, got {text!r}")
+    try:
+        value = float(weight) if weight else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the weight of {name!r} must be a number, got {weight!r}") from None
+    if not -10.0 <= value <= 10.0:
+        raise argparse.ArgumentTypeError(f"the weight of {name!r} must be in -10..10, got {value:g}")
+    return name, value
 
 
 def add_conditioning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,12 +162,15 @@ class _StageBars:
 def run_generate(args: argparse.Namespace) -> int:
     _check_arguments(args)
     settings = wiring.load_settings()
-    model = args.model or settings.sd_model
+    model = wiring.model_source(settings, args.model) if args.model else wiring.default_model(settings)
+    try:
+        args.loras = wiring.lora_choices(settings, args.lora)
+    except wiring.UnknownName as exc:
+        raise CLIError(f"--lora: {exc}") from None
     sam_checkpoint = args.sam_checkpoint or settings.sam_checkpoint
     if sam_checkpoint is not None and not Path(sam_checkpoint).is_file():
         raise CLIError(f"SAM checkpoint not found: {sam_checkpoint}")
-    if (model.startswith((".", "/", "~")) or Path(model).expanduser().exists()) and not Path(model).expanduser().is_dir():
-        raise CLIError(f"model directory not found: {model}")
+    check_model_argument(settings, args.model)
     wiring.check_precision(settings, device=args.device, dtype=args.dtype)  # float16 on a CPU: before anything else
     _check_before_work(args, settings, model)
 
@@ -165,6 +185,17 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot write to {out}: {exc}") from None
     _print_summary(result, out, seed)
     return 0
+
+
+def check_model_argument(settings, model: str | None) -> None:
+    """``--model``: a name of LMD_MODELS, an existing path, or a hub id (owner/name); else one line."""
+    from lmd import hub
+
+    if model is None or model in settings.models or Path(model).expanduser().exists() or hub.is_hub_id(model):
+        return
+    names = f"LMD_MODELS has: {', '.join(settings.models)}; " if settings.models else ""
+    raise CLIError(f"model not found: {model} ({names}give a name of LMD_MODELS, a hub id, a diffusers directory "
+                   "or a .safetensors/.ckpt file)")
 
 
 def default_out_dir(root: Path = Path("outputs")) -> Path:
@@ -185,6 +216,9 @@ def _check_before_work(args: argparse.Namespace, settings, model: str) -> None:
     from grounded_sd.preflight import check_conditioning, check_variant
     from lmd import hub
 
+    for choice in args.loras:
+        if not Path(choice.path).expanduser().is_file() or not choice.path.endswith(".safetensors"):
+            raise CLIError(f"--lora {choice.name}: LMD_LORAS names {choice.path}, which is not a .safetensors file")
     conditioning = args.conditioning or settings.conditioning
     config = wiring.conditioning_config(settings)
     try:  # the files first (a missing one needs no hub), then the hub, then the variant (may read the hub)
@@ -253,6 +287,7 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
         result = pipe(
             layout, seed=seed, options=options, variant=args.variant or settings.variant, width=args.width, height=args.height,
             negative_prompt=args.negative, progress=bars, conditioning=conditioning, source_prompt=args.prompt, language=args.language,
+            loras=args.loras,
         )
         if refiner is not None:
             result = refiner.refine(result, options=refiner_options, progress=bars)
@@ -281,6 +316,8 @@ def _print_summary(result, out: Path, seed: int) -> None:
         elif energy.start is not None:  # the fast preset skips the measurement after the updates
             line += f", per-box energy {energy.start:.2f} at the first guided step"
         print(line)
+    if report.loras:
+        print("  LoRA: " + ", ".join(f"{lora.name} x{lora.weight:g}" for lora in report.loras))
     if report.refiner is not None:
         refined = report.refiner
         print(f"  refined with {refined.model}: strength {refined.strength:g}, {refined.steps} steps, {refined.width}x{refined.height}")

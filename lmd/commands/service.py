@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from lmd.settings import get_settings
 from lmd.wiring import check_precision, choose_planner, load_settings
 
 DEFAULT_CONCURRENCY = {"plan": 2, "render": 1}
@@ -27,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--concurrency", type=int,
                         help="processes of the pool; default 2 for plan (1 with the local planner: one model copy "
                              "per process), 1 for render (1 is the only choice for render)")
+    worker.add_argument("--model", metavar="NAME",
+                        help="the LMD_MODELS name this render worker loads and serves (queue render.NAME); "
+                             "default LMD_WORKER_MODEL, else the first (docs/models.md)")
     worker.add_argument("--name", help="Celery node name; default <queues>-<pid>@<host>")
     worker.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     worker.set_defaults(handler=_worker)
@@ -52,27 +56,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from jobs.queue import QUEUES, create_celery
+    from jobs.queue import create_celery, is_render_queue
     from lmd.cli import CLIError
 
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = [q for q in queues if q not in QUEUES]
-    if not queues or unknown:
-        raise CLIError(f"--queues must name plan, render or both (comma-separated); got {args.queues!r}")
     settings = load_settings(cached=True)
-    if "render" in queues:
+    queues = worker_queues(settings, args.queues, args.model)
+    if any(is_render_queue(q) for q in queues):
         check_precision(settings)  # float16 on a CPU: exit 2 now, not a failed job later
     local_planner = "plan" in queues and choose_planner(settings).kind == "local"
-    concurrency = args.concurrency if args.concurrency is not None else min(DEFAULT_CONCURRENCY[q] for q in queues)
+    concurrency = args.concurrency if args.concurrency is not None else min(
+        DEFAULT_CONCURRENCY["render" if is_render_queue(q) else q] for q in queues)
     if args.concurrency is None and local_planner:
         concurrency = 1  # each pool process loads its own copy of the local planner's model
     if concurrency < 1:
         raise CLIError("--concurrency must be at least 1")
-    if "render" in queues and concurrency != 1:
+    if any(is_render_queue(q) for q in queues) and concurrency != 1:
         raise CLIError("a render worker runs one process per GPU: start one `lmd worker --queues render` "
                        "per GPU (LMD_DEVICE=cuda:N) instead of --concurrency > 1")
     app = create_celery(settings)
-    app.conf.lmd_preload_pipeline = "render" in queues  # worker.tasks loads it in each pool child
+    app.conf.lmd_preload_pipeline = any(is_render_queue(q) for q in queues)  # worker.tasks loads it in each pool child
     name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"
     app.worker_main([
         "worker",
@@ -85,3 +87,37 @@ def _worker(args: argparse.Namespace) -> int:
         "--without-mingle",
     ])
     return 0
+
+
+def worker_queues(settings, queues_argument: str, model: str | None) -> list[str]:
+    """The queues ``--queues`` names, with ``render`` meaning this worker's model's queue when
+    LMD_MODELS is set (``--model``, else LMD_WORKER_MODEL, else the first). The chosen model is
+    put in LMD_WORKER_MODEL for the pool children, which read the settings again after the fork."""
+    from jobs.queue import PLAN_QUEUE, RENDER_QUEUE, is_render_queue, render_queue
+    from lmd.cli import CLIError
+
+    queues = [q.strip() for q in queues_argument.split(",") if q.strip()]
+    named = [q.removeprefix(RENDER_QUEUE + ".") for q in queues if q.startswith(RENDER_QUEUE + ".")]
+    unknown = [q for q in queues if q not in (PLAN_QUEUE, RENDER_QUEUE) and not q.startswith(RENDER_QUEUE + ".")]
+    if not queues or unknown:
+        raise CLIError(f"--queues must name plan, render (or render.NAME) or both, comma-separated; got {queues_argument!r}")
+    render = [q for q in queues if is_render_queue(q)]
+    if len(render) > 1:
+        raise CLIError("a render worker serves one model: give one render queue")
+    if model is not None and named and named[0] != model:
+        raise CLIError(f"--model {model} and --queues {render[0]} name different models")
+    model = model or (named[0] if named else None)
+    if not render:
+        if model is not None:
+            raise CLIError("--model is for render workers: add render to --queues")
+        return queues
+    if not settings.models:
+        if model is not None:
+            raise CLIError(f"--model {model}: LMD_MODELS is unset, so this worker renders LMD_SD_MODEL on queue render")
+        return queues
+    model = model or settings.worker_model or next(iter(settings.models))
+    if model not in settings.models:
+        raise CLIError(f"unknown model {model!r}; LMD_MODELS has: {', '.join(settings.models)}")
+    os.environ["LMD_WORKER_MODEL"] = model
+    get_settings.cache_clear()  # the pool children fork after this and read LMD_WORKER_MODEL
+    return [render_queue(model) if is_render_queue(q) else q for q in queues]

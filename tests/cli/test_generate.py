@@ -61,7 +61,7 @@ def test_generate_from_a_prompt_plans_then_renders(clean_env, tiny_sd_path, fake
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "/nonexistent/sd-model"], "model directory not found: /nonexistent/sd-model"),
+        (["--model", "/nonexistent/sd-model"], "model not found: /nonexistent/sd-model"),
         (["--width", "60"], "--width must be a positive multiple of 8"),
         (["--sam-checkpoint", "/nonexistent/sam.pth"], "SAM checkpoint not found"),
         (["--variant", "lmd_plus"], "lmd_plus needs a GLIGEN UNet"),

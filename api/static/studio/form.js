@@ -35,12 +35,17 @@ export async function loadLimits() {
 }
 
 // Offer only what the live render workers can run; name the model and the scheduler.
+// With several models (LMD_MODELS) the model select chooses, and the rest follows that model's workers.
 function offerCapabilities(L) {
-  const R = L.render;
   const options = (id, values, chosen) => {
     const pick = values.includes(chosen) ? chosen : values[0];
     $(id).replaceChildren(...values.map((v) => new Option(v, v, v === pick, v === pick)));
   };
+  const models = L.models || [];
+  $("model-wrap").hidden = models.length < 2;
+  if (models.length > 1 && !models.includes($("model").value)) options("model", models, L.model);
+  const chosen = models.length > 1 ? $("model").value : null;
+  const R = chosen ? (L.render_by_model || {})[chosen] || null : L.render;
   options("preset", L.presets, L.preset);
   options("variant", R ? R.variants : L.variants, L.variant);
   const conditionings = R ? [...R.conditionings] : [];
@@ -53,6 +58,8 @@ function offerCapabilities(L) {
     info.textContent = `Renders with ${R.model} (scheduler ${R.scheduler}, set by the service).`;
     $("hint-variant").textContent = R.variants.includes("lmd_plus") ? "lmd; sd = plain SD baseline; lmd_plus = with GLIGEN"
       : "lmd; sd = plain SD baseline (lmd_plus needs a GLIGEN model, which this service has not)";
+  } else if (chosen && L.render_workers) {
+    info.textContent = `No render worker serves model ${chosen}: its renders wait until one starts (lmd worker --queues render.${chosen}).`;
   } else if (L.render_workers === 0) {
     info.textContent = "No render worker is running: renders wait in the queue until one starts (lmd worker --queues render).";
   } else if (L.render_workers === null) {
@@ -82,6 +89,7 @@ export function renderSettings() {
   const conditioning = $("conditioning").value;
   if (conditioning && state.limits && conditioning !== state.limits.conditioning) body.conditioning = conditioning;
   if (!$("refine-wrap").hidden) body.refine = $("refine").checked;
+  if (!$("model-wrap").hidden && $("model").value) body.model = $("model").value;
   return body;
 }
 
@@ -89,7 +97,7 @@ export function renderSettings() {
 export function showSettings(view) {
   for (const [id, value] of [["width", view.width], ["height", view.height], ["seed", view.seed], ["steps", view.steps],
     ["guidance", view.guidance_scale], ["negative-prompt", view.negative_prompt]]) $(id).value = value ?? "";
-  for (const [id, value] of [["preset", view.preset], ["variant", view.variant], ["conditioning", view.conditioning]]) {
+  for (const [id, value] of [["model", view.model], ["preset", view.preset], ["variant", view.variant], ["conditioning", view.conditioning]]) {
     if ([...$(id).options].some((o) => o.value === value)) $(id).value = value;
   }
   matchAspect();
@@ -122,6 +130,7 @@ export function matchAspect() {
 }
 
 export function setupForm() {
+  $("model").addEventListener("change", () => state.limits && offerCapabilities(state.limits));
   $("aspect").replaceChildren(...Object.keys(ASPECTS).map((k) => new Option(k, k)), new Option("custom", "custom"));
   $("aspect").addEventListener("change", applyAspect);
   for (const id of ["width", "height"]) $(id).addEventListener("input", matchAspect);
