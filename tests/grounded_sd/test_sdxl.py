@@ -70,6 +70,19 @@ def test_sdxl_loads_with_both_encoders_and_defaults_to_its_own_size(tiny_sdxl_pi
     assert result.report.time_ids == [64, 64, 0, 0, 64, 64]
 
 
+def test_prompts_are_encoded_as_diffusers_sdxl_pipeline_encodes_them(tiny_sdxl_pipeline, tiny_sdxl_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    reference = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    prompt, negative = "a realistic park with a red cat", "blurry, two, many"
+    embeds, negative_embeds, pooled, negative_pooled = reference.encode_prompt(
+        prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=negative
+    )
+    ours = tiny_sdxl_pipeline._encode_texts([prompt, negative])
+    assert torch.allclose(ours[0], torch.cat([embeds, negative_embeds]), atol=1e-6)
+    assert torch.allclose(ours[1], torch.cat([pooled, negative_pooled]), atol=1e-6)
+
+
 def test_every_unet_call_gets_its_rows_pooled_embeddings_and_time_ids(tiny_sdxl_pipeline, observed):
     pipe = tiny_sdxl_pipeline
     result, calls = observed
