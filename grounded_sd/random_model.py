@@ -45,6 +45,15 @@ weights of every cross-attention are scaled by this so that attention maps, and 
 gradient, look more like a trained model's."""
 
 
+def sharpen_cross_attention(unet) -> None:
+    """Scale every cross-attention's query and key weights by :data:`ATTENTION_SHARPNESS`."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(ATTENTION_SHARPNESS)
+                module.to_k.weight.mul_(ATTENTION_SHARPNESS)
+
+
 def tiny_vocab_and_merges(words: list[str] | tuple[str, ...] = tuple(WORDS)) -> tuple[dict[str, int], list[str]]:
     """A CLIP BPE vocabulary and merges that know ``words`` whole and everything else by character."""
     symbols = byte_symbols()
@@ -154,11 +163,7 @@ def build_random_sd(
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     unet, vae, hidden = unet_and_vae(shape, gligen)
-    with torch.no_grad():
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):
-                module.to_q.weight.mul_(ATTENTION_SHARPNESS)
-                module.to_k.weight.mul_(ATTENTION_SHARPNESS)
+    sharpen_cross_attention(unet)
     if shape == "sd15":
         from transformers import CLIPTokenizer
 
@@ -220,11 +225,7 @@ def build_random_sdxl(path: Path | str, *, seed: int = 0) -> Path:
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=pooled + 6 * time_dim,
     )
-    with torch.no_grad():
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):
-                module.to_q.weight.mul_(ATTENTION_SHARPNESS)
-                module.to_k.weight.mul_(ATTENTION_SHARPNESS)
+    sharpen_cross_attention(unet)
     vae = AutoencoderKL(
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
