@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from grounded_sd import sdxl
 from grounded_sd.attention import recording_attention, resolve_attention_layers
 from grounded_sd.compose import compose_latents, seeded_noise
-from grounded_sd import sdxl
 from grounded_sd.conditioning.base import ClipConditioning, ClipEmbeddings, Conditioned, Conditioning, TextInputs
 from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbeddings, denoise
