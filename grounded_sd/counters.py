@@ -48,7 +48,11 @@ class UNetCounter:
     def _calls(self) -> UNetCalls:
         return self.by_stage.setdefault(self.stage, UNetCalls())
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, cross_attention_kwargs: dict | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One UNet call; ``added_cond_kwargs``: SDXL's ``text_embeds`` and ``time_ids``, one row per sample."""
         calls = self._calls()
         batch = sample.shape[0]
         calls.forward += 1
@@ -57,7 +61,8 @@ class UNetCounter:
         started = self._clock(sample)
         try:
             return self.unet(
-                sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs, return_dict=False
+                sample, timestep, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
+                added_cond_kwargs=added_cond_kwargs, return_dict=False,
             )[0]
         finally:
             calls.forward_s += self._clock(sample) - started

@@ -57,6 +57,16 @@ class Run:
     init_sigma: float = 1.0  # the scheduler's initial noise scale at ``options.steps`` steps
     preview: PreviewFn | None = None  # live previews, only when the caller asked for them
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # where per-box previews show each object
+    time_ids: torch.Tensor | None = None
+    """SDXL's (1, 6) size and crop conditioning (original h, w; crop top, left; target h, w), the
+    same for every row of every UNet call of the generation; None for SD 1.x/2.x."""
+
+    def added_conditions(self, text_embeds: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """SDXL's ``added_cond_kwargs`` for rows whose pooled embeddings are ``text_embeds``; None
+        for SD 1.x/2.x (``text_embeds`` None)."""
+        if text_embeds is None:
+            return None
+        return {"text_embeds": text_embeds, "time_ids": self.time_ids.expand(text_embeds.shape[0], -1)}
 
     def check_cancel(self) -> None:
         if self.should_cancel():
@@ -78,6 +88,10 @@ class TextEmbeddings:
     def denoising(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond): one row, or one per latent row (cond); computed once per step."""
         return self.conditioned.denoising(self.which, t)
+
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """SDXL's (cond, uncond) pooled embeddings of the pass (CLIP's, as the pass's prompts), or None."""
+        return self.conditioned.clip.pooled_pair(self.which)
 
     def maps_from_denoising(self, t) -> bool:
         """Whether the CFG forward attends to the guidance embeddings (phrase maps can be read from it)."""
@@ -152,21 +166,21 @@ def denoise(
 
         # a. backward guidance toward the boxes
         if guidance is not None and options.iterations_at(i):
-            latents = _guide_step(run, scheduler, i, t, latents, text.guidance(t), step_gligen, guidance, final=stage == "final")
+            latents = _guide_step(run, scheduler, i, t, latents, text, step_gligen, guidance, final=stage == "final")
 
         # b. classifier-free guided noise prediction, capturing the conditional rows' maps where asked
         cond, uncond = text.denoising(t)
         layers = capture.layers_at(i) if capture else []
         from_denoising = not layers or text.maps_from_denoising(t)
         with run.recorder.capture(layers if from_denoising else []):
-            noise = predict_noise(run, scheduler, latents, t, cond, uncond, step_gligen)
+            noise = predict_noise(run, scheduler, latents, t, cond, uncond, step_gligen, text.pooled())
             if capture is not None and layers and from_denoising:
                 capture.collect(i, {layer: probs[latents.shape[0] :] for layer, probs in run.recorder.maps().items()})
         run.recorder.clear()
         if capture is not None and not from_denoising:
             # the CFG forward attended to the conditioning's tokens, which have no phrase positions: masks and
             # attention transfer read a CLIP-conditioned forward instead (stopped after the last guided layer)
-            capture.collect(i, _guidance_maps(run, scheduler, t, latents, text.guidance(t), step_gligen))
+            capture.collect(i, _guidance_maps(run, scheduler, t, latents, text, step_gligen))
 
         # c. scheduler step, then the frozen foreground of the composition
         step = scheduler.step(noise, t, latents, **step_kwargs)
@@ -188,7 +202,7 @@ def denoise(
     return PassOutput(trajectory, pred_x0)
 
 
-def _guide_step(run: Run, scheduler, i: int, t, latents, cond, gligen, guidance: Guidance, *, final: bool) -> torch.Tensor:
+def _guide_step(run: Run, scheduler, i: int, t, latents, text: TextEmbeddings, gligen, guidance: Guidance, *, final: bool) -> torch.Tensor:
     """This step's guidance iterations; with ``energy_checks``, the energy after the first and
     the last guided step's updates is measured again for the report."""
     options = run.options
@@ -198,7 +212,7 @@ def _guide_step(run: Run, scheduler, i: int, t, latents, cond, gligen, guidance:
         # the reference's guidance forward reads the unconditional half's zeroed presence masks
         # (models/pipelines.py:317 and 381-384): GLIGEN's null tokens, not the layout's
         gligen = {**gligen, "masks": torch.zeros_like(gligen["masks"])}
-    forward = attention_forward(run, t, scheduler, cond, gligen)
+    forward = guidance_forward(run, t, scheduler, text, gligen)
     latents = guide_latents(
         latents, iterations=options.iterations_at(i), step_size=guidance_step_size(scheduler, t, i, options.step_size), scale=options.loss_scale,
         threshold=guidance.threshold, forward=forward, loss_fn=loss_fn, counter=run.counter,
@@ -214,13 +228,20 @@ def _guide_step(run: Run, scheduler, i: int, t, latents, cond, gligen, guidance:
     return latents
 
 
-def _guidance_maps(run: Run, scheduler, t, latents: torch.Tensor, cond: torch.Tensor, gligen) -> LayerMaps:
+def _guidance_maps(run: Run, scheduler, t, latents: torch.Tensor, text: TextEmbeddings, gligen) -> LayerMaps:
     """The guided layers' maps of every row under the guidance embeddings, chunked by ``max_batch``."""
-    forward = attention_forward(run, t, scheduler, cond, gligen)
+    forward = guidance_forward(run, t, scheduler, text, gligen)
     rows = latents.shape[0]
     chunk = run.options.max_batch or rows
     parts = [forward(latents[s : s + chunk], list(range(s, min(s + chunk, rows)))) for s in range(0, rows, chunk)]
     return {layer: torch.cat([part[layer] for part in parts]) for layer in parts[0]}
+
+
+def guidance_forward(run: Run, t, scheduler, text: TextEmbeddings, gligen) -> AttentionForward:
+    """:func:`attention_forward` on the pass's guidance embeddings at ``t`` (and, on SDXL, the
+    pooled embeddings of the same prompts)."""
+    pooled = text.pooled()
+    return attention_forward(run, t, scheduler, text.guidance(t), gligen, pooled[0] if pooled else None)
 
 
 def _measure_energy(latents: torch.Tensor, forward: AttentionForward, loss_fn: LossFn, max_batch: int | None) -> dict[str, float]:
@@ -233,11 +254,13 @@ def _measure_energy(latents: torch.Tensor, forward: AttentionForward, loss_fn: L
     return measured
 
 
-def predict_noise(run: Run, scheduler, latents, t, cond, uncond, gligen) -> torch.Tensor:
-    """One classifier-free-guided noise prediction over all rows, chunked by ``max_batch``."""
+def predict_noise(run: Run, scheduler, latents, t, cond, uncond, gligen, pooled=None) -> torch.Tensor:
+    """One classifier-free-guided noise prediction over all rows, chunked by ``max_batch``;
+    ``pooled``: SDXL's (cond, uncond) pooled embeddings, laid out in rows as the embeddings."""
     rows = latents.shape[0]
     model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
     embeddings = torch.cat([uncond.expand(rows, -1, -1), cond.expand(rows, -1, -1)])
+    added = run.added_conditions(torch.cat([pooled[1].expand(rows, -1), pooled[0].expand(rows, -1)]) if pooled else None)
     if gligen is not None:
         gligen = {key: torch.cat([value, value]) for key, value in gligen.items()}
         gligen["masks"][:rows] = 0  # the unconditional half sees no grounding (as diffusers' GLIGEN)
@@ -246,21 +269,27 @@ def predict_noise(run: Run, scheduler, latents, t, cond, uncond, gligen) -> torc
     for start in range(0, 2 * rows, chunk):
         part = slice(start, start + chunk)
         kwargs = {"gligen": {k: v[part] for k, v in gligen.items()}} if gligen is not None else None
-        parts.append(run.counter.forward(model_input[part], t, embeddings[part], kwargs))
+        parts.append(run.counter.forward(model_input[part], t, embeddings[part], kwargs, added and {k: v[part] for k, v in added.items()}))
     noise_uncond, noise_cond = torch.cat(parts).chunk(2)
     return noise_uncond + run.options.guidance_scale * (noise_cond - noise_uncond)
 
 
-def attention_forward(run: Run, t, scheduler, cond, gligen) -> AttentionForward:
-    """The conditional forward of guidance: explicit softmax on the guided layers only, and
-    the UNet stops after the last of them (what follows cannot change the energy)."""
+def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``rows`` of a per-row tensor, or its one row repeated."""
+    return tensor[rows] if tensor.shape[0] > 1 else tensor.expand(len(rows), *tensor.shape[1:])
+
+
+def attention_forward(run: Run, t, scheduler, cond, gligen, pooled: torch.Tensor | None = None) -> AttentionForward:
+    """The conditional forward of guidance (``pooled``: SDXL's pooled embeddings of ``cond``'s
+    prompts, passed with the time ids): explicit softmax on the guided layers only, and the UNet
+    stops after the last of them (what follows cannot change the energy)."""
 
     def forward(latents: torch.Tensor, rows: list[int]) -> dict[str, torch.Tensor]:
         kwargs = {"gligen": {k: v[rows] for k, v in gligen.items()}} if gligen is not None else None
-        embeddings = cond[rows] if cond.shape[0] > 1 else cond.expand(len(rows), -1, -1)
+        added = run.added_conditions(_rows(pooled, rows) if pooled is not None else None)
         with run.recorder.capture(run.layers, stop_when_captured=True):
             try:
-                run.counter.forward(scheduler.scale_model_input(latents, t), t, embeddings, kwargs)
+                run.counter.forward(scheduler.scale_model_input(latents, t), t, _rows(cond, rows), kwargs, added)
             except ForwardStopped:
                 pass
             maps = run.recorder.maps()

@@ -61,7 +61,8 @@ def run_final_pass(
     groups = group_phrases(layout)
     spans = scene_phrase_spans(layout.background, groups)  # where each phrase is, for per-token connectors
     group_of = {oid: g.phrase for g in groups for oid in g.object_ids}
-    targets = guidance_targets(text.conditioned, "final", scene_targets(pipe.tokenizer, layout, by_group=options.phrase_groups == "group"), [0] * len(objects), [spans[group_of[o.id]] for o in objects])
+    targets = pipe.token_positions(lambda tokenizer: scene_targets(tokenizer, layout, by_group=options.phrase_groups == "group"))
+    targets = guidance_targets(text.conditioned, "final", targets, [0] * len(objects), [spans[group_of[o.id]] for o in objects])
     trace = GuidanceTrace()
     guidance = Guidance(targets, trace, pipe.energy_threshold(options, run.layers), per_box.reference_maps if transfer else None)
     gligen = pipe._gligen_inputs([[o.box for o in objects]], [gligen_phrases(layout, options.gligen_phrases)]) if plus else None

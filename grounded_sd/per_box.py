@@ -123,7 +123,8 @@ def run_per_box_pass(
     report.per_box_prompts = {o.id: p for o, p in zip(objects, box_prompts(layout))}
     centred = options.per_box_placement == "centred" and not plus  # the reference centres for LMD, not for LMD+
     boxes = [centred_box(o.box, options.placement_rule) if centred else o.box for o in objects]
-    targets = [EnergyTarget(o.id, object_token_indices(pipe.tokenizer, layout.background, o.phrase), b, (b,)) for o, b in zip(objects, boxes)]
+    indices = [pipe.token_positions(lambda tokenizer, o=o: object_token_indices(tokenizer, layout.background, o.phrase)) for o in objects]
+    targets = [EnergyTarget(o.id, i, b, (b,)) for o, i, b in zip(objects, indices, boxes)]
     spans = [object_phrase_span(layout.background, o.phrase) for o in objects]  # where each phrase is, for per-token connectors
     targets = guidance_targets(text.conditioned, "per_box", targets, list(range(n)), spans)
     foreground = torch.cat([seeded_noise((1, *background.shape[1:]), object_seed(run.seed, o.id), pipe.device, pipe.dtype) for o in objects])

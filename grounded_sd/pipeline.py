@@ -20,12 +20,15 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from grounded_sd import sdxl
 from grounded_sd.attention import recording_attention, resolve_attention_layers
 from grounded_sd.compose import compose_latents, seeded_noise
 from grounded_sd.conditioning.base import ClipConditioning, ClipEmbeddings, Conditioned, Conditioning, TextInputs
 from grounded_sd.counters import UNetCalls, UNetCounter
 from grounded_sd.denoise import FrozenForeground, ProgressFn, Run, TextEmbeddings, denoise
-from grounded_sd.errors import InvalidLayoutError, InvalidOptions, InvalidSize, ModelLoadError, UnknownVariant, VariantUnavailable
+from grounded_sd.errors import (
+    ConditioningUnavailable, InvalidLayoutError, InvalidOptions, InvalidSize, ModelLoadError, UnknownVariant, VariantUnavailable,
+)
 from grounded_sd.final_pass import run_final_pass
 from grounded_sd.lora import LoraAdapters, LoraChoice, LoraUse
 from grounded_sd.single_file import SUFFIXES as SINGLE_FILE_SUFFIXES
@@ -109,13 +112,22 @@ def check_one_call_per_step(scheduler, steps: int = 10) -> None:
 
 
 class LMDPipeline:
-    """LLM-grounded diffusion's stage 2 on a frozen SD 1.x/2.x; load once, call many times."""
+    """LLM-grounded diffusion's stage 2 on a frozen SD 1.x/2.x or SDXL base; load once, call many times.
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, sam_predictor=None) -> None:
+    An SDXL base (a ``text_time`` UNet) comes with its second text encoder and tokenizer
+    (``text_encoder_2``, ``tokenizer_2``; :mod:`grounded_sd.sdxl`)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, sam_predictor=None, *, text_encoder_2=None, tokenizer_2=None) -> None:
         self.unet = unet.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False) if text_encoder_2 is not None else None
+        self.tokenizer_2 = tokenizer_2
+        if self.is_sdxl:
+            sdxl.check_components(unet, text_encoder, text_encoder_2)
+            if tokenizer_2 is None:
+                raise ModelLoadError("an SDXL base needs its tokenizer_2 beside text_encoder_2")
         self.scheduler = scheduler
         self.sam_predictor = sam_predictor
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -140,6 +152,16 @@ class LMDPipeline:
         return self.unet.dtype
 
     @property
+    def is_sdxl(self) -> bool:
+        """An SDXL base: pooled text embeddings and size/crop time ids go with every UNet call."""
+        return sdxl.is_sdxl_unet(self.unet.config)
+
+    def token_positions(self, positions: Callable[[Any], Any]) -> Any:
+        """``positions(tokenizer)``, e.g. a phrase's token indices; on SDXL computed with both
+        tokenizers and checked to agree (:func:`grounded_sd.sdxl.shared_positions`)."""
+        return sdxl.shared_positions([self.tokenizer, self.tokenizer_2] if self.is_sdxl else [self.tokenizer], positions)
+
+    @property
     def supports_gligen(self) -> bool:
         return getattr(self.unet.config, "attention_type", "default") == GLIGEN_ATTENTION and hasattr(self.unet, "position_net")
 
@@ -158,9 +180,12 @@ class LMDPipeline:
         """Load UNet, VAE, CLIP text encoder and tokenizer, and the scheduler from a hub id, a
         local diffusers directory or a single SD 1.x/2.x checkpoint file (``single_file_config``:
         where its configs and tokenizer are, see grounded_sd.single_file); optionally a SAM
-        checkpoint for mask refinement (§2.4)."""
+        checkpoint for mask refinement (§2.4). An SDXL base directory (its ``model_index.json``
+        or its UNet's ``addition_embed_type`` says so) also loads ``text_encoder_2`` and
+        ``tokenizer_2``, and in float16 keeps its VAE in float32 where the VAE's config asks
+        (``force_upcast``, as diffusers' SDXL pipeline: SDXL 1.0's VAE overflows in fp16)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
@@ -181,27 +206,39 @@ class LMDPipeline:
             return cls._assemble(model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler,
                                  sam_checkpoint, sam_model_type)
         if local.exists():
-            missing = [part for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (local / part).is_dir()]
+            xl = sdxl.declares_sdxl(local)
+            parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (sdxl.PARTS if xl else ())
+            missing = [part for part in parts if not (local / part).is_dir()]
             if missing:
                 listed = ", ".join(f"{part}/" for part in missing)
-                raise ModelLoadError(f"{local} is not a diffusers Stable Diffusion directory: missing {listed}")
+                kind = "SDXL" if xl else "Stable Diffusion"
+                raise ModelLoadError(f"{local} is not a diffusers {kind} directory: missing {listed}")
             source = str(local)
+        extra: dict[str, Any] = {}
         try:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype)
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype)
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch_dtype)
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+            if sdxl.is_sdxl_unet(unet.config):
+                encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=torch_dtype)
+                extra = {"text_encoder_2": encoder_2.to(torch_device), "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")}
+                if torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+                    vae = vae.to(torch.float32)
             noise_scheduler = scheduler_cls.from_pretrained(source, subfolder="scheduler")
             check_one_call_per_step(noise_scheduler)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load the diffusion model {source!r}: {exc}".splitlines()[0]) from exc
-        return cls._assemble(model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler, sam_checkpoint, sam_model_type)
+        return cls._assemble(model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler, sam_checkpoint,
+                             sam_model_type, **extra)
 
     @classmethod
     def _assemble(cls, model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler, sam_checkpoint,
-                  sam_model_type) -> "LMDPipeline":
+                  sam_model_type, **extra) -> "LMDPipeline":
         predictor = load_sam_predictor(sam_checkpoint, sam_model_type, str(torch_device)) if sam_checkpoint else None
-        pipeline = cls(unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, noise_scheduler, predictor)
+        pipeline = cls(
+            unet.to(torch_device), vae.to(torch_device), text_encoder.to(torch_device), tokenizer, noise_scheduler, predictor, **extra
+        )
         pipeline.model_name = str(model)
         return pipeline
 
@@ -259,6 +296,11 @@ class LMDPipeline:
         conditioning_negative = options.conditioning_negative or conditioning.negatives[0]
         conditioning.check_negative(conditioning_negative)
         conditioning.check_unet(self.unet)
+        if self.is_sdxl and conditioning.name != "clip":
+            raise ConditioningUnavailable(
+                f"conditioning {conditioning.name} is not wired for an SDXL base (its pooled embedding and tokens would "
+                "disagree); use clip (docs/models.md)"
+            )
         active_loras = self.use_loras(loras)  # before any encoding: text-encoder adapters change the prompts' embeddings
 
         # 2. Encode prompts (§2.3, §2.6): CLIP for guidance, the conditioning for denoising
@@ -266,10 +308,7 @@ class LMDPipeline:
         prompt = scene_prompt(layout.background, groups)
         negative = join_negative(layout.negative, negative_prompt, options.default_negative)
         prompts = box_prompts(layout) if variant != "sd" else ()
-        clip = ClipEmbeddings(
-            self._encode([prompt]), self._encode([negative]),
-            self._encode(list(prompts)) if prompts else self._encode([prompt])[:0], self._encode([box_negative(layout, options)]),
-        )
+        clip = self._clip_embeddings([prompt], [negative], list(prompts), [box_negative(layout, options)])
         texts = TextInputs(prompt, prompts, negative, box_negative(layout, options), source_prompt=source_prompt, language=language)
         if conditioning_negative == "empty":  # ELLA's official pipeline: the conditioning encodes "" as the negative
             texts = dataclasses.replace(texts, negative_prompt="", box_negative_prompt="")
@@ -277,6 +316,8 @@ class LMDPipeline:
         report = GenerationReport(
             variant=variant, seed=seed, width=width, height=height, steps=options.steps, prompt=prompt,
             negative_prompt=negative, attention_layers=layers, device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+            model_type="sdxl" if self.is_sdxl else "sd", energy_threshold=self.energy_threshold(options, layers),
+            time_ids=[height, width, 0, 0, height, width] if self.is_sdxl else None,
             model=self.model_name, scheduler=type(self.scheduler).__name__, loras=active_loras,
             options=options.model_dump(mode="json"), conditioning=conditioning.name, conditioning_mode=mode,
             conditioning_negative=conditioning_negative,
@@ -304,6 +345,7 @@ class LMDPipeline:
                 progress=progress or (lambda stage, step, total: None), should_cancel=should_cancel or (lambda: False),
                 seed=seed, init_sigma=float(self._scheduler(options.steps).init_noise_sigma),
                 preview=preview, boxes=[o.box for o in layout.objects],
+                time_ids=sdxl.time_ids(height, width, self.device, self.dtype) if self.is_sdxl else None,
             )
             intermediates = Intermediates(object_ids=[o.id for o in layout.objects])
             if variant == "sd" or not layout.objects:
@@ -374,7 +416,7 @@ class LMDPipeline:
     @property
     def native_size(self) -> int:
         """The image size the model was trained at, as diffusers' pipelines default to it
-        (UNet sample size x VAE factor): 512 for SD 1.5, 64 for the shapes model."""
+        (UNet sample size x VAE factor): 512 for SD 1.5, 1024 for SDXL, 64 for the shapes model."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     # ------------------------------------------------------------------------------------------
@@ -418,10 +460,25 @@ class LMDPipeline:
         return scheduler
 
     def _encode(self, texts: list[str]) -> torch.Tensor:
+        """The token embeddings the UNet attends to (SDXL: both encoders' concatenated)."""
+        return self._encode_texts(texts)[0]
+
+    def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token embeddings, SDXL's pooled embeddings or None) of ``texts``; zero rows for none."""
+        if not texts:
+            return tuple(part[:0] if part is not None else None for part in self._encode_texts([""]))  # type: ignore[return-value]
+        if self.is_sdxl:
+            return sdxl.encode(texts, [self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2], self.device, self.dtype)
         ids = self.tokenizer(
             texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        return self.text_encoder(ids)[0].to(self.dtype), None
+
+    def _clip_embeddings(self, *text_sets: list[str]) -> ClipEmbeddings:
+        """The scene, negative, per-box and per-box negative texts encoded (with SDXL's pooled embeddings)."""
+        encoded = [self._encode_texts(texts) for texts in text_sets]
+        pooled = ClipEmbeddings(*(part[1] for part in encoded)) if self.is_sdxl else None
+        return ClipEmbeddings(*(part[0] for part in encoded), pooled=pooled)
 
     def _gligen_inputs(self, boxes: list[list[tuple]], phrases: list[list[str]]) -> dict[str, torch.Tensor]:
         """GLIGEN's grounding tokens (§2.8): per row up to 30 boxes, phrase embeddings, presence masks."""

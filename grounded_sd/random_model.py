@@ -15,6 +15,8 @@ build models from configs and load them through the real ``LMDPipeline.from_pret
 - ``sd15``: SD 1.5's exact architecture (859.5M UNet, 123.1M CLIP ViT-L/14 text encoder,
   83.7M VAE; a 1,068.6M UNet with GLIGEN's gated attention and position net) with CLIP's real
   tokenizer (grounded_sd.clip_vocab): the real model's time and memory, with noise for images.
+- ``build_random_sdxl``: a tiny SDXL base (two text encoders, ``text_time`` UNet) for tests;
+  ``SDXL_UNET_CONFIG`` is SDXL 1.0's UNet for the memory benchmark (benchmarks/sdxl_memory.py).
 
 The small shapes' tokenizer is written here: whole words from ``WORDS`` plus every byte-level
 character, so any text tokenizes (into characters when the word is unknown).
@@ -45,6 +47,15 @@ ATTENTION_SHARPNESS = 4.0
 """Random init gives near-uniform cross-attention (every token ~1/77); the query and key
 weights of every cross-attention are scaled by this so that attention maps, and the energy's
 gradient, look more like a trained model's."""
+
+
+def sharpen_cross_attention(unet) -> None:
+    """Scale every cross-attention's query and key weights by :data:`ATTENTION_SHARPNESS`."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(ATTENTION_SHARPNESS)
+                module.to_k.weight.mul_(ATTENTION_SHARPNESS)
 
 
 def tiny_vocab_and_merges(words: list[str] | tuple[str, ...] = tuple(WORDS)) -> tuple[dict[str, int], list[str]]:
@@ -169,11 +180,7 @@ def build_random_sd(
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     unet, vae, hidden = unet_and_vae(shape, gligen)
-    with torch.no_grad():
-        for name, module in unet.named_modules():
-            if name.endswith("attn2"):
-                module.to_q.weight.mul_(ATTENTION_SHARPNESS)
-                module.to_k.weight.mul_(ATTENTION_SHARPNESS)
+    sharpen_cross_attention(unet)
     if shape == "sd15":
         from transformers import CLIPTokenizer
 
@@ -201,6 +208,61 @@ def build_random_sd(
     }
     pipeline_class = "StableDiffusionGLIGENPipeline" if gligen else "StableDiffusionPipeline"
     (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class, **components}, indent=2))
+    return path
+
+
+SDXL_UNET_CONFIG = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "act_fn": "silu",
+}
+"""SDXL 1.0 base's ``unet/config.json``, the fields that differ from diffusers' defaults (2,567M
+parameters; diffusers names the heads per level ``attention_head_dim``: 5, 10, 20 heads of 64)."""
+
+
+def build_random_sdxl(path: Path | str, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight SDXL *base* to ``path``, saved by ``StableDiffusionXLPipeline`` (its
+    ``model_index.json``): two text encoders (``CLIPTextModel`` 32 wide, ``CLIPTextModelWithProjection``
+    48 wide with a 40-d projection, so a swapped or dropped encoder fails loudly), their tokenizers
+    (the second pads with ``!`` as SDXL 1.0's does), and a UNet with ``text_time`` added conditions
+    (80-d context = 32 + 48; 40 pooled + 6 time ids x 8) whose lowest level has 2 transformer layers
+    of 4 heads, so the default guided layers are 6 cross-attentions of 4 heads. Its images are noise."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    widths, pooled, time_dim = (32, 48), 40, 8
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), cross_attention_dim=sum(widths), norm_num_groups=32,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled + 6 * time_dim,
+    )
+    sharpen_cross_attention(unet)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    tokenizer = write_clip_tokenizer(path / "tokenizer")
+    write_clip_tokenizer(path / "tokenizer_2")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(path / "tokenizer_2", pad_token="!")
+    config = text_encoder_config("tiny", tokenizer.get_vocab(), widths[0])
+    text_encoder = CLIPTextModel(config)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        config.__class__(**{**config.to_dict(), "hidden_size": widths[1], "intermediate_size": 2 * widths[1] + 5, "projection_dim": pooled})
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=scheduler,
+    ).save_pretrained(path)
     return path
 
 

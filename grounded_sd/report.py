@@ -91,6 +91,13 @@ class GenerationReport(BaseModel):
     source_prompt: str | None = Field(None, description="the user's own prompt (GlueNet denoises the final pass with it)")
     language: str | None = Field(None, description="the language GlueNet read the source prompt in")
     attention_layers: list[str] = Field(default_factory=list)
+    model_type: str = Field("sd", description="sd (SD 1.x/2.x) or sdxl (two text encoders, pooled embeddings and time ids in every UNet call)")
+    energy_threshold: float | None = Field(
+        None, description="the guidance stop threshold used: loss_threshold x (mean heads of the guided layers) / 8"
+    )
+    time_ids: list[int] | None = Field(
+        None, description="SDXL: the size/crop conditioning of every UNet call (original h, w; crop top, left; target h, w)"
+    )
     objects: list[ObjectReport] = Field(default_factory=list)
     box_rescale: BoxRescale | None = Field(
         None, description="how the layout's boxes were stretched to span the canvas (options.rescale_boxes); None: they were not"

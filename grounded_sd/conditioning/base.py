@@ -64,9 +64,16 @@ class ClipEmbeddings:
     negative: torch.Tensor  # (1, 77, D)
     boxes: torch.Tensor  # (N, 77, D), N may be 0
     box_negative: torch.Tensor  # (1, 77, D)
+    pooled: "ClipEmbeddings | None" = None
+    """SDXL: the same four texts' pooled embeddings (the second text encoder's ``text_embeds``,
+    2-D), which every UNet call adds to its time embedding; None for SD 1.x/2.x."""
 
     def pair(self, which: Pass) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.boxes, self.box_negative) if which == "per_box" else (self.scene, self.negative)
+
+    def pooled_pair(self, which: Pass) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cond, uncond) pooled embeddings of ``which`` (SDXL), or None."""
+        return self.pooled.pair(which) if self.pooled is not None else None
 
 
 class Conditioned(ABC):

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grounded_sd.random_model import WORDS, build_random_sd, build_random_sdxl_refiner, tiny_vocab_and_merges  # noqa: F401  (re-exported)
+from grounded_sd.random_model import (  # noqa: F401  (re-exported)
+    WORDS, build_random_sd, build_random_sdxl, build_random_sdxl_refiner, tiny_vocab_and_merges,
+)
 
 
 def build_tiny_sd(path: Path | str, gligen: bool = False, seed: int = 0) -> Path:
@@ -44,3 +46,18 @@ def tiny_pipeline(tiny_sd_path: Path):
 def tiny_refiner_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random model shaped like the SDXL refiner (``StableDiffusionXLImg2ImgPipeline``)."""
     return build_random_sdxl_refiner(tmp_path_factory.mktemp("tiny_refiner"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL base (``StableDiffusionXLPipeline``'s files: two text encoders, a ``text_time`` UNet)."""
+    return build_random_sdxl(tmp_path_factory.mktemp("tiny_sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tiny_sdxl_path: Path):
+    """The tiny SDXL base loaded once through ``LMDPipeline.from_pretrained`` (CPU, fp32)."""
+    from grounded_sd import LMDPipeline
+
+    torch.set_num_threads(1)
+    return LMDPipeline.from_pretrained(tiny_sdxl_path, device="cpu")
