@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from layout_planner import Layout
+from layout_planner.rescale import rescale_boxes
 from lmd.cli import main
 from tests.support.builders import box_object, layout_data
 
@@ -30,7 +31,8 @@ def test_generate_from_a_layout_writes_every_output(clean_env, tiny_sd_path, cap
         assert (out / name).is_file(), name
     assert Image.open(out / "image.png").size == (64, 64)
     assert Image.open(out / "masks" / "cat.png").mode == "L"
-    assert Layout.model_validate_json((out / "layout.json").read_text()) == Layout.model_validate(LAYOUT)
+    saved = Layout.model_validate_json((out / "layout.json").read_text())  # the boxes as generated (reference rescales)
+    assert saved == rescale_boxes(Layout.model_validate(LAYOUT))[0] and "rescaled" in [w.tag for w in saved.warnings]
     report = json.loads((out / "report.json").read_text())
     assert report["seed"] == 3 and report["steps"] == 4 and report["variant"] == "lmd"
     assert [s["name"] for s in report["stages"]] == ["per_box", "masks", "final"]

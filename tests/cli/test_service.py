@@ -14,8 +14,8 @@ from lmd.cli import main
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["worker", "--queues", "gpu"], "--queues must name plan, render or both"),
-        (["worker", "--queues", ","], "--queues must name plan, render or both"),
+        (["worker", "--queues", "gpu"], "--queues must name plan, render (or render.NAME) or both"),
+        (["worker", "--queues", ","], "--queues must name plan, render (or render.NAME) or both"),
         (["worker", "--queues", "render", "--concurrency", "2"], "one process per GPU"),
         (["worker", "--queues", "plan", "--concurrency", "0"], "at least 1"),
     ],

@@ -29,7 +29,7 @@ def test_pipeline_arguments_take_the_settings_unless_overridden(tmp_path: Path):
     settings = _settings(sd_model="base", device="cpu", sam_checkpoint=sam, sam_model_type="vit_b")
     assert wiring.pipeline_arguments(settings) == {
         "model": "base", "device": "cpu", "dtype": "auto", "scheduler": "DDIMScheduler",
-        "sam_checkpoint": str(sam), "sam_model_type": "vit_b",
+        "sam_checkpoint": str(sam), "sam_model_type": "vit_b", "single_file_config": None,
     }
     chosen = wiring.pipeline_arguments(settings, model="other", device=None, sam_model_type="vit_l", use_sam=False)
     assert (chosen["model"], chosen["device"], chosen["sam_checkpoint"], chosen["sam_model_type"]) == ("other", "cpu", None, "vit_l")

@@ -17,6 +17,7 @@ from grounded_sd import (
     VariantUnavailable,
 )
 from layout_planner.layout import Layout
+from layout_planner.rescale import rescale_boxes
 from tests.support.builders import box_object, layout_data, park_layout_data, same_phrase_objects
 
 SIZE = 64
@@ -236,7 +237,8 @@ def test_layout_object_and_save_write_every_output(tiny_pipeline, tmp_path):
     out = result.save(tmp_path / "out")
     for name in ("image.png", "overlay.png", "layout.json", "report.json", "masks/cat.png", "masks/dog.png", "masks/ball.png"):
         assert (out / name).is_file(), name
-    assert Layout.model_validate_json((out / "layout.json").read_text()) == layout
+    assert Layout.model_validate_json((out / "layout.json").read_text()) == result.layout  # the boxes as generated
+    assert rescale_boxes(layout)[0] == result.layout and result.layout.phrases() == layout.phrases()
     report = result.report
     assert {s.name for s in report.stages} == {"per_box", "masks", "final"}
     assert report.unet_total.forward == sum(s.unet.forward for s in report.stages)
