@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -176,11 +177,16 @@ def idle_cost(api: psutil.Process, raw: redis.Redis, seconds: float) -> dict:
     processes = [api, *api.children(recursive=True)]
     cpu_before = sum(sum(p.cpu_times()[:2]) for p in processes)
     commands_before = int(raw.info("stats")["total_commands_processed"])
+    calls_before = {name: stat["calls"] for name, stat in raw.info("commandstats").items()}
     time.sleep(seconds)
     cpu = sum(sum(p.cpu_times()[:2]) for p in processes) - cpu_before
     commands = int(raw.info("stats")["total_commands_processed"]) - commands_before
+    calls = {name.removeprefix("cmdstat_"): round((stat["calls"] - calls_before.get(name, 0)) / seconds)
+             for name, stat in raw.info("commandstats").items()}
+    busiest = dict(sorted(((n, c) for n, c in calls.items() if c), key=lambda item: -item[1])[:4])
     return {"seconds": seconds, "api_cpu_percent": round(100 * cpu / seconds, 1),
-            "redis_commands_per_s": round(commands / seconds)}
+            "redis_commands_per_s": round(commands / seconds), "busiest_commands_per_s": busiest,
+            "redis_keys": raw.dbsize()}
 
 
 def main() -> None:
@@ -229,15 +235,21 @@ def main() -> None:
             before = int(raw.info("memory")["used_memory"])
             jobs_before = raw.scard("lmd:active")
 
-            def one(i: int) -> tuple[float, int, str | None, bool, float | None]:
+            def one(i: int) -> tuple[float, int | str, str | None, bool, float | None]:
                 headers = headers_for(keys, i, args.cors)
                 preflight_ms = None
                 if args.cors and i % args.preflight_every == 0:
                     started = time.perf_counter()
-                    answer = client.options("/generate", headers={"Origin": ORIGIN, **PREFLIGHT})
-                    preflight_ms = (time.perf_counter() - started) * 1000 if answer.status_code == 200 else -1.0
+                    try:
+                        answer = client.options("/generate", headers={"Origin": ORIGIN, **PREFLIGHT})
+                        preflight_ms = (time.perf_counter() - started) * 1000 if answer.status_code == 200 else -1.0
+                    except httpx.TransportError:
+                        preflight_ms = -1.0  # counted with the refused ones
                 started = time.perf_counter()
-                response = client.post("/generate", json=BODY, headers={**headers, "Idempotency-Key": uuid.uuid4().hex})
+                try:
+                    response = client.post("/generate", json=BODY, headers={**headers, "Idempotency-Key": uuid.uuid4().hex})
+                except httpx.TransportError as exc:  # counted (as its time until then), and the run goes on
+                    return time.perf_counter() - started, type(exc).__name__, None, False, preflight_ms
                 allowed = response.headers.get("access-control-allow-origin") == ORIGIN
                 return (time.perf_counter() - started, response.status_code, response.json().get("job_id"), allowed,
                         preflight_ms)
@@ -273,6 +285,7 @@ def main() -> None:
         }
         report = {
             "requests": args.requests, "concurrency": args.concurrency, "keys": args.keys, "accepted": len(ok),
+            "not_accepted": dict(Counter(str(r[1]) for r in results if r[1] != 202)),
             **spread(latencies), "throughput_per_s": round(args.requests / elapsed, 1),
             "record_bytes": record_bytes, "used_memory_per_job_bytes": round((after - before) / max(1, jobs)),
             "api_rss_mb": rss, "idle": idle,
@@ -293,7 +306,7 @@ def main() -> None:
             preflights = [r[4] for r in results if r[4] is not None]
             report["cors"] = {
                 "origins_configured": len(ORIGINS), "posts_allowed": sum(r[3] for r in results),
-                "preflights": len(preflights), "preflights_refused": sum(p < 0 for p in preflights),
+                "preflights": len(preflights), "preflights_refused_or_failed": sum(p < 0 for p in preflights),
                 "preflight": spread([p for p in preflights if p >= 0] or [0.0]),
             }
         print(json.dumps(report, indent=1))
