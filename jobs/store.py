@@ -180,6 +180,12 @@ class Store:
         return f"{self.prefix}:worker:{name}"
 
     @property
+    def workers_key(self) -> str:
+        """A set of the names of registered workers: ``workers()`` reads it instead of scanning
+        the keyspace, whose cost grew with every job stored (each event stream asks each second)."""
+        return f"{self.prefix}:workers"
+
+    @property
     def stats_key(self) -> str:
         """A hash of counters for GET /metrics: finished jobs by state and error code, render durations."""
         return f"{self.prefix}:stats"
@@ -500,15 +506,25 @@ class Store:
         what it can run (``lmd.capabilities``)."""
         payload = json.dumps({"name": name, "queues": queues, "pid": os.getpid(), "seen_at": time.time(),
                               "capabilities": capabilities})
-        self.redis.set(self.worker_key(name), payload, px=max(1000, int(ttl_s * 1000)))
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.worker_key(name), payload, px=max(1000, int(ttl_s * 1000)))
+            pipe.sadd(self.workers_key, name)
+            pipe.execute()
 
     def unregister_worker(self, name: str) -> None:
-        self.redis.delete(self.worker_key(name))
+        with self.redis.pipeline() as pipe:
+            pipe.delete(self.worker_key(name))
+            pipe.srem(self.workers_key, name)
+            pipe.execute()
 
     def workers(self) -> list[dict]:
-        keys = list(self.redis.scan_iter(match=self.worker_key("*"), count=100))
-        raws = self.redis.mget(keys) if keys else []
-        return sorted((json.loads(r) for r in raws if r), key=lambda w: w["name"])
+        """Live workers, by name; names whose heartbeat key expired leave the set here."""
+        names = sorted(self.redis.smembers(self.workers_key))
+        raws = self.redis.mget([self.worker_key(n) for n in names]) if names else []
+        gone = [n for n, raw in zip(names, raws) if raw is None]
+        if gone:
+            self.redis.srem(self.workers_key, *gone)
+        return [json.loads(r) for r in raws if r]
 
     def reap_lost(self, lost_after_s: float, max_deliveries: int,
                   unheld_after_s: float | None = None) -> list[tuple[str, Stage]]:
