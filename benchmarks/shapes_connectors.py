@@ -1,0 +1,201 @@
+"""Connectors trained on the shapes world, scored with its benchmark (issue 21; BENCHMARKS.md).
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.shapes_connectors --work runs/shapes-connectors \\
+        --model models/shapes [--scenes 3000 --train-steps 800 --batch 16 --limit 40 --eval-steps 20]
+
+In ``--work`` it writes (once; delete a part to redo it):
+
+- ``data/``: ``--scenes`` rendered scenes of ``lmd.shapes.world`` with one caption each, drawn as
+  the world's model was trained (``world.caption``: full, object-only, spatial and negation
+  captions and the null texts), an empty draw replaced by the full caption (the trainer makes its
+  own empty captions, ``caption_dropout``);
+- ``llm/``: a tiny random Qwen2-style LLM whose BPE makes every word of the world (and of the
+  default instruction) one token; ``t5/``: a tiny random T5 encoder with a word-level vocabulary
+  of the same words (no real weights are available offline);
+- ``lidit.yaml``, ``ella.yaml``: the two runs' configs.
+
+Then, unless ``--prepare-only``, for each kind it trains the connector (``<kind>/``) and exports
+the untrained control (``<kind>-control/``, ``--steps 0``), runs ``lmd eval --world shapes``
+(LMD ``--preset fast`` on the stored perfect layouts, and ``--baseline sd``: plain SD on the
+prompt) with the model's own CLIP and with each connector, and prints one table. Every
+``lmd`` command is printed before it runs; trainings and evals resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+from pathlib import Path
+
+KINDS = ("lidit", "ella")
+LLM_WIDTH = 64  # the tiny LLM's and T5's hidden size (the world's UNet is 64 wide)
+MAX_TOKENS = 32  # the world's longest caption is about 20 words
+EVAL_MODES = {"fast": ["--preset", "fast"], "sd": ["--baseline", "sd"]}
+
+
+def world_words() -> list[str]:
+    """Every word and punctuation mark the world's captions and the default instruction use."""
+    from grounded_sd.conditioning.llm import DEFAULT_INSTRUCTION
+    from lmd.shapes import world
+
+    text = " ".join(
+        [*world.BACKGROUNDS, *world.COLOURS, *world.SHAPES, *map(world.plural, world.SHAPES), *world.NULL_WORDS,
+         "a two three four five with without and on the to of left right top bottom above below", DEFAULT_INSTRUCTION]
+    )
+    words: list[str] = []
+    for word in text.replace(",", " , ").replace(":", " : ").split():
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def write_scenes(path: Path, count: int, seed: int = 0) -> None:
+    """``NNNNN.png`` + ``NNNNN.txt``; written to a temporary name and renamed when complete."""
+    from lmd.shapes import world
+
+    partial = path.with_name(path.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for index in range(count):
+        scene = world.random_scene(rng)
+        text = world.caption(scene, rng) or world.full_caption(scene, rng)
+        world.render(scene).save(partial / f"{index:05d}.png")
+        (partial / f"{index:05d}.txt").write_text(text + "\n", encoding="utf-8")
+    partial.rename(path)
+
+
+def prepare(work: Path, scenes: int) -> None:
+    from grounded_sd.conditioning.random_encoders import build_random_t5
+    from tests.support.tiny_lm import build_tiny_llm
+
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "data").exists():
+        write_scenes(work / "data", scenes)
+    words = world_words()
+    if not (work / "llm").exists():
+        build_tiny_llm(work / "llm", hidden=LLM_WIDTH, words=words)
+    if not (work / "t5").exists():
+        build_random_t5(work / "t5", d_model=LLM_WIDTH, words=[w.lower() for w in words])
+
+
+def config(work: Path, model: Path, kind: str, steps: int, batch: int) -> dict:
+    """One run's config: the features and latents cached, 5% of the captions held out."""
+    encoder = work / ("llm" if kind == "lidit" else "t5")
+    return {
+        "base_model": str(model.resolve()),
+        "output_dir": str((work / kind).resolve()),
+        "connector": {
+            "kind": kind,
+            "encoders": [{"model": str(encoder.resolve()), "max_tokens": MAX_TOKENS}],
+            "refiner": {"blocks": 2, "cond_dim": 64},
+            "ella": {"layers": 6, "heads": 8, "latents": 64},  # the released sizes, at the UNet's width
+        },
+        "data": {"path": str((work / "data").resolve()), "caption_dropout": 0.1, "cache_features": True, "cache_latents": True,
+                 "holdout": 0.05, "num_workers": 0},
+        "optimizer": {"lr": 3.0e-4, "warmup_steps": 50, "schedule": "constant"},
+        "training": {"steps": steps, "batch_size": batch, "seed": 0, "checkpoint_every": 100, "log_every": 10,
+                     "tracker": "none"},
+        "validation": {"every": max(steps // 4, 1), "steps": 20, "seeds": [0],
+                       "prompts": ["a grey floor with a red circle on the left and a blue square on the right",
+                                   "a blue sky with two yellow triangles"]},
+    }
+
+
+def run_lmd(args: list[str]) -> None:
+    from lmd.cli import main as lmd
+
+    print("$ lmd " + shlex.join(args), flush=True)
+    status = lmd(args)
+    if status != 0:
+        raise SystemExit(f"lmd {args[0]} failed (exit {status})")
+
+
+def train(work: Path, kind: str) -> None:
+    """The trained connector (resumed when a checkpoint exists) and the untrained control."""
+    out = work / kind
+    if not (out / "summary.json").exists() or not (out / "connector").exists():
+        resume = ["--resume", "latest"] if (out / "checkpoints").exists() else []
+        run_lmd(["train-connector", "--config", str(work / f"{kind}.yaml"), "--quiet", *resume])
+    control = work / f"{kind}-control"
+    if not (control / "connector").exists():
+        run_lmd(["train-connector", "--config", str(work / f"{kind}.yaml"), "--steps", "0", "--output", str(control), "--quiet"])
+
+
+def evaluate(work: Path, model: Path, row: str, conditioning: str, mode: str, limit: int, steps: int) -> Path:
+    out = work / "eval" / f"{row}-{mode}"
+    run_lmd(["eval", "--world", "shapes", "--model", str(model), *EVAL_MODES[mode], "--steps", str(steps), "--limit", str(limit),
+             "--conditioning", conditioning, "--method", f"{row} ({mode})", "--out", str(out)])
+    return out
+
+
+def table(work: Path, rows: list[tuple[str, Path]]) -> str:
+    tasks = ("negation", "numeracy", "attribution", "spatial", "overall")
+    lines = ["| row | " + " | ".join(tasks) + " | in box | train steps | s/step | train wall |", "|" + "---|" * (len(tasks) + 5)]
+    for name, out in rows:
+        results = json.loads((out / "results.json").read_text())
+        cells = []
+        for task in tasks:
+            score = results["scores"].get(task)
+            cells.append("-" if not score or score["accuracy"] is None else f"{100 * score['accuracy']:.1f}")
+        placed = results.get("placement", {})
+        hits, objects = sum(p["hits"] for p in placed.values() if p), sum(p["objects"] for p in placed.values() if p)
+        if "overall" in placed or "all" in placed:
+            total = placed.get("overall") or placed.get("all")
+            hits, objects = total["hits"], total["objects"]
+        kind = name.split(" ")[0]
+        summary_file = work / kind / "summary.json"
+        cost = ["-", "-", "-"]
+        if kind in KINDS and summary_file.exists() and "control" not in name:
+            summary = json.loads(summary_file.read_text())
+            wall, done = summary["train_wall_s"], summary.get("steps_this_run") or summary.get("steps")
+            cost = [str(summary.get("steps")), f"{wall / done:.2f}" if done else "-", f"{wall / 60:.1f} min"]
+        elif "control" in name:
+            cost = ["0", "-", "-"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {hits}/{objects} | " + " | ".join(cost) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=Path("models/shapes"), help="the shapes model (diffusers directory)")
+    parser.add_argument("--scenes", type=int, default=3000)
+    parser.add_argument("--train-steps", type=int, default=800)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=40, help="benchmark prompts (spread over the four tasks)")
+    parser.add_argument("--eval-steps", type=int, default=20)
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--modes", nargs="+", choices=list(EVAL_MODES), default=list(EVAL_MODES))
+    parser.add_argument("--prepare-only", action="store_true", help="write the data, the tiny models and the configs, then stop")
+    parser.add_argument("--train-only", action="store_true", help="stop after training (no evals)")
+    args = parser.parse_args()
+
+    prepare(args.work, args.scenes)
+    for kind in args.kinds:
+        path = args.work / f"{kind}.yaml"
+        path.write_text(json.dumps(config(args.work, args.model, kind, args.train_steps, args.batch), indent=2))  # YAML reads JSON
+        print(f"wrote {path}")
+    if args.prepare_only:
+        return
+    for kind in args.kinds:
+        train(args.work, kind)
+    if args.train_only:
+        return
+    rows: list[tuple[str, Path]] = []
+    for mode in args.modes:
+        plan = [("clip", "clip")]
+        for kind in args.kinds:
+            plan += [(kind, f"connector:{args.work / kind / 'connector'}"),
+                     (f"{kind} control", f"connector:{args.work / f'{kind}-control' / 'connector'}")]
+        for row, conditioning in plan:
+            out = evaluate(args.work, args.model, row.replace(" ", "-"), conditioning, mode, args.limit, args.eval_steps)
+            rows.append((f"{row} ({mode})", out))
+    print(table(args.work, rows))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
