@@ -132,9 +132,49 @@ def evaluate(work: Path, model: Path, row: str, conditioning: str, mode: str, li
     return out
 
 
+def reference_losses(work: Path, model: Path, k: int = 4, seed: int = 0) -> dict[str, float]:
+    """The trainer's validation loss (its protocol: the held-out images' posterior means, ``k``
+    evenly spread timesteps, image ``i``'s noise from seed ``seed * 1_000_003 + i``), with the
+    model's own CLIP encoding each held-out caption, and with CLIP's empty prompt: where a
+    connector's held-out loss stands between no text and the text encoder the UNet learned with."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from lmd.training.config import list_examples, split_holdout
+
+    spec = json.loads((work / "lidit.yaml").read_text())
+    _, held_out = split_holdout(list_examples(Path(spec["data"]["path"])), spec["data"]["holdout"])
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").eval()
+    timesteps = ((torch.arange(k) + 0.5) * scheduler.config.num_train_timesteps / k).long()
+    totals = {"clip": 0.0, "empty": 0.0}
+    with torch.no_grad():
+        def encode(texts: list[str]) -> torch.Tensor:
+            ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            return text_encoder(ids.input_ids)[0]
+
+        empty = encode([""])
+        for i, example in enumerate(held_out):
+            pixels = torch.from_numpy(np.asarray(Image.open(example.image).convert("RGB"), dtype=np.float32) / 127.5 - 1)
+            mean = vae.encode(pixels.permute(2, 0, 1)[None]).latent_dist.mean
+            latents = ((mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).repeat(k, 1, 1, 1)
+            noise = torch.randn((k, *latents.shape[1:]), generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            for name, states in (("clip", encode([example.caption])), ("empty", empty)):
+                pred = unet(noisy, timesteps, encoder_hidden_states=states.repeat(k, 1, 1)).sample
+                totals[name] += float(((pred - noise) ** 2).mean(dim=(1, 2, 3)).sum())
+    return {name: total / (len(held_out) * k) for name, total in totals.items()}
+
+
 def table(work: Path, rows: list[tuple[str, Path]]) -> str:
     tasks = ("negation", "numeracy", "attribution", "spatial", "overall")
-    lines = ["| row | " + " | ".join(tasks) + " | in box | train steps | s/step | train wall |", "|" + "---|" * (len(tasks) + 5)]
+    lines = ["| row | " + " | ".join(tasks) + " | in box | found/image | train steps | s/step | train wall |", "|" + "---|" * (len(tasks) + 6)]
     for name, out in rows:
         results = json.loads((out / "results.json").read_text())
         cells = []
@@ -142,7 +182,8 @@ def table(work: Path, rows: list[tuple[str, Path]]) -> str:
             score = results["scores"].get(task)
             cells.append("-" if not score or score["accuracy"] is None else f"{100 * score['accuracy']:.1f}")
         placed = results["placement"]["overall"]
-        cells.append(f"{placed['hits']}/{placed['objects']}")
+        found = sum(len(p["detections"]) for p in results["prompts"]) / max(1, len(results["prompts"]))
+        cells += [f"{placed['hits']}/{placed['objects']}", f"{found:.2f}"]
         kind = name.split(" ")[0]
         summary_file = work / kind / "summary.json"
         cost = ["-", "-", "-"]
@@ -169,10 +210,15 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(EVAL_MODES), default=list(EVAL_MODES))
     parser.add_argument("--no-clip", action="store_true", help="leave out the rows of the model's own text encoder")
     parser.add_argument("--prepare-only", action="store_true", help="write the data, the tiny models and the configs, then stop")
+    parser.add_argument("--reference-losses", action="store_true",
+                        help="only print the held-out validation loss of the model's own CLIP and of the empty prompt")
     parser.add_argument("--train-only", action="store_true", help="stop after training (no evals)")
     args = parser.parse_args()
 
     prepare(args.work, args.scenes)
+    if args.reference_losses:
+        print(json.dumps(reference_losses(args.work, args.model)))
+        return
     for kind in args.kinds:
         path = args.work / f"{kind}.yaml"
         path.write_text(json.dumps(config(args.work, args.model, kind, args.train_steps, args.batch), indent=2))  # YAML reads JSON
