@@ -23,15 +23,17 @@ MULTILINGUAL_WORDS = (
 ).split()
 
 
-def _word_tokenizer(directory: Path, *, bos: str | None, eos: str, pad: str, unk: str, max_length: int):
-    """A lower-casing word-level tokenizer (CJK characters split one per token) over
-    :data:`WORDS` and :data:`MULTILINGUAL_WORDS`, saved as a fast tokenizer in ``directory``."""
+def _word_tokenizer(
+    directory: Path, *, bos: str | None, eos: str, pad: str, unk: str, max_length: int, words: list[str] | None = None
+):
+    """A lower-casing word-level tokenizer (CJK characters split one per token) over ``words``
+    (default :data:`WORDS` and :data:`MULTILINGUAL_WORDS`), saved as a fast tokenizer in ``directory``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = [pad, eos, unk] + ([bos] if bos else [])
     vocab: dict[str, int] = {}
-    for token in specials + list(WORDS) + list(MULTILINGUAL_WORDS):
+    for token in specials + (list(words) if words else list(WORDS) + list(MULTILINGUAL_WORDS)):
         vocab.setdefault(token, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True)
@@ -48,13 +50,14 @@ def _word_tokenizer(directory: Path, *, bos: str | None, eos: str, pad: str, unk
     return fast, vocab
 
 
-def build_random_t5(path: Path | str, *, d_model: int = 32, seed: int = 0) -> Path:
-    """A tiny ``T5EncoderModel`` and its tokenizer in ``path`` (loads like google/flan-t5-xl)."""
+def build_random_t5(path: Path | str, *, d_model: int = 32, seed: int = 0, words: list[str] | None = None) -> Path:
+    """A tiny ``T5EncoderModel`` and its tokenizer in ``path`` (loads like google/flan-t5-xl);
+    ``words``: the tokenizer's vocabulary (default the tests' words), unknown words map to ``<unk>``."""
     from transformers import T5Config, T5EncoderModel
 
     path = Path(path)
     torch.manual_seed(seed)
-    _, vocab = _word_tokenizer(path, bos=None, eos="</s>", pad="<pad>", unk="<unk>", max_length=512)
+    _, vocab = _word_tokenizer(path, bos=None, eos="</s>", pad="<pad>", unk="<unk>", max_length=512, words=words)
     config = T5Config(
         vocab_size=len(vocab), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
         pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], decoder_start_token_id=vocab["<pad>"],

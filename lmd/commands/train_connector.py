@@ -32,6 +32,7 @@ _FLAGS = {
     "optimizer": "optimizer.name",
     "snr_gamma": "training.snr_gamma",
     "noise_offset": "training.noise_offset",
+    "latents": "training.latents",
     "tracker": "training.tracker",
     "num_workers": "data.num_workers",
     "lr": "optimizer.lr",
@@ -93,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory")
     parser.add_argument("--ema-decay", type=float, help="keep and export an EMA of the connector (e.g. 0.999)")
     parser.add_argument("--snr-gamma", type=float, metavar="G", help="min-SNR loss weighting (e.g. 5); default off")
+    parser.add_argument("--latents", choices=["sample", "mean"],
+                        help="VAE posterior per step: sample (default, as diffusers' scripts) or mean (a UNet trained on means)")
     parser.add_argument("--noise-offset", type=float, help="offset noise strength (e.g. 0.05); default 0")
     parser.add_argument("--tracker", choices=("auto", "tensorboard", "wandb", "none"), help="auto: TensorBoard when installed (default); log.jsonl always")
     parser.add_argument("--seed", type=int, help="default 0")

@@ -96,6 +96,9 @@ class TrainingSection(_Section):
     snr_gamma: float | None = Field(
         None, gt=0, description="min-SNR loss weighting with this gamma (Hang et al. 2023 use 5); null: every timestep weighs 1"
     )
+    latents: Literal["sample", "mean"] = Field(
+        "sample", description="what the VAE's posterior gives each step: a sample (diffusers' scripts) or its mean (for a UNet trained on means)"
+    )
     noise_offset: float = Field(0.0, ge=0, le=1, description="add offset x N(0, 1) per image and channel to the noise (offset noise); 0: off")
     tracker: Literal["auto", "tensorboard", "wandb", "none"] = Field(
         "auto", description="auto: TensorBoard when installed, else none; log.jsonl is written either way"

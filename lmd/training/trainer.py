@@ -289,7 +289,8 @@ def train(setup: Setup, *, resume: str | None = None, progress: bool = True, log
         with torch.no_grad():
             mean, std = posterior(batch)
             eps = torch.randn(mean.shape, generator=generator).to(device, mean.dtype)
-            latents = ((mean + std * eps) - vae_shift) * vae_scale
+            drawn = mean + std * eps if train_cfg.latents == "sample" else mean  # eps drawn either way: the same later draws
+            latents = (drawn - vae_shift) * vae_scale
             noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
             if train_cfg.noise_offset:  # offset noise: a per-image, per-channel shift the UNet must also predict
                 offset = torch.randn((rows, latents.shape[1], 1, 1), generator=generator).to(device, latents.dtype)

@@ -77,16 +77,19 @@ def build_tiny_lm(path: Path | str, seed: int = 0, hidden: int = 32, layers: int
     return path
 
 
-def _encoder_tokenizer(specials: dict[str, str], template: str | None):
+def _encoder_tokenizer(specials: dict[str, str], template: str | None, words: list[str] | None = None):
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     from grounded_sd.random_model import WORDS
 
-    corpus = list(WORDS) + (
+    corpus = list(words) if words else list(WORDS) + (
         "square circle triangle shape shapes background describe image color size texture quantity spatial objects".split()
     )
-    tok = train_bpe([" ".join(corpus)] * 3 + [f" {w}" for w in corpus], 400, list(specials.values()))
+    # 400 merges and bytes cover the default words; a given vocabulary gets room for every word to become one token
+    vocab_size = 400 if not words else 300 + sum(len(w) for w in corpus)
+    lines = [" ".join(corpus)] * 3 + [f" {w}" for w in corpus] + (list(corpus) if words else [])  # given words: also text-initial
+    tok = train_bpe(lines, vocab_size, list(specials.values()))
     if template:
         tok.post_processor = processors.TemplateProcessing(
             single=template, special_tokens=[(s, tok.token_to_id(s)) for s in specials.values() if s in template]
@@ -96,17 +99,20 @@ def _encoder_tokenizer(specials: dict[str, str], template: str | None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
 
 
-def build_tiny_llm(path: Path | str, arch: str = "qwen2", hidden: int = 32, layers: int = 4, seed: int = 0) -> Path:
-    """A decoder-only text encoder: ``qwen2`` (no BOS, like Qwen) or ``llama`` (a BOS before each text)."""
+def build_tiny_llm(
+    path: Path | str, arch: str = "qwen2", hidden: int = 32, layers: int = 4, seed: int = 0, words: list[str] | None = None
+) -> Path:
+    """A decoder-only text encoder: ``qwen2`` (no BOS, like Qwen) or ``llama`` (a BOS before each text);
+    ``words``: what its BPE is trained on (default a few test words; each given word ends up one token)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     path = Path(path)
     torch.manual_seed(seed)
     if arch == "qwen2":
-        tokenizer = _encoder_tokenizer({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}, None)
+        tokenizer = _encoder_tokenizer({"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}, None, words)
         config_cls = Qwen2Config
     else:
-        tokenizer = _encoder_tokenizer({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, "<s> $A")
+        tokenizer = _encoder_tokenizer({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, "<s> $A", words)
         config_cls = LlamaConfig
     config = causal_lm_config(config_cls, tokenizer, hidden=hidden, layers=layers, heads=4, kv_heads=2, max_positions=512)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)

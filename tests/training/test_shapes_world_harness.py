@@ -68,3 +68,25 @@ def test_both_connector_kinds_train_on_the_shapes_world(tmp_path, shapes_model_d
     unet = UNet2DConditionModel.from_pretrained(shapes_model_dir, subfolder="unet")
     conditioning.check_unet(unet)  # 64-wide tokens for the world's UNet
     assert conditioning.output_dim == shapes_model.TEXT_HIDDEN
+
+
+def test_tiny_encoders_built_over_the_worlds_words_read_every_caption_word_by_word(tmp_path):
+    """benchmarks/shapes_connectors.py builds its random LLM and T5 over the world's words, so a
+    connector sees each word as one token (the tests' default vocabulary lacks "circle", "floor")."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.shapes_connectors import world_words
+    from grounded_sd.conditioning.random_encoders import build_random_t5
+    from tests.support.tiny_lm import build_tiny_llm
+
+    words = world_words()
+    llm = AutoTokenizer.from_pretrained(build_tiny_llm(tmp_path / "llm", hidden=16, layers=1, words=words))
+    t5 = AutoTokenizer.from_pretrained(build_random_t5(tmp_path / "t5", d_model=16, words=[w.lower() for w in words]))
+    rng = random.Random(1)
+    captions = [world.caption(world.random_scene(rng), rng) for _ in range(200)]
+    assert any(" without " in c for c in captions) and any(" to the left of " in c for c in captions)
+    for text in filter(None, captions):
+        pieces = text.replace(",", " ,").split()
+        assert len(llm(text, add_special_tokens=False).input_ids) == len(pieces), text
+        ids = t5(text, add_special_tokens=False).input_ids
+        assert len(ids) == len(pieces) and t5.unk_token_id not in ids, text

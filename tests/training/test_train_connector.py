@@ -293,3 +293,26 @@ def test_latent_cache_encodes_each_image_once_and_trains_as_without(tmp_path, ti
     assert len(list((tmp_path / "cached" / "latent_cache").rglob("*.safetensors"))) == 16  # one per image
     # the posterior's mean and std are cached, not a sample: each micro-step still draws its own
     assert cached == pytest.approx(run("encoded"), rel=1e-4)
+
+
+def test_latents_mean_trains_on_the_posterior_mean_whatever_its_spread(tmp_path, tiny_sd_path, tiny_llm_path, shapes):
+    """``--latents mean`` (for a UNet trained on the VAE's means, like the shapes world's) ignores
+    the posterior's std; ``sample`` (the default) draws from it. Checked by inflating the cached std."""
+    from safetensors.torch import save_file
+
+    cache = tmp_path / "shared" / "feature_cache"
+
+    def run(name: str, *flags: str) -> list[float]:
+        config = write_config(
+            tmp_path / f"{name}.yaml", model=tiny_sd_path, encoder=tiny_llm_path, images=shapes, out=tmp_path / name,
+            data={"cache_latents": True, "cache_dir": str(cache)}, training={"steps": 2, "batch_size": 2, "tracker": "none"},
+        )
+        assert main(["train-connector", "--config", str(config), *flags, "--quiet"]) == 0
+        return losses(tmp_path / name)
+
+    mean, sample = run("mean", "--latents", "mean"), run("sample")
+    for path in (tmp_path / "shared" / "latent_cache").rglob("*.safetensors"):
+        stored = load_file(path)
+        save_file({**stored, "std": stored["std"] * 50}, str(path))
+    assert run("mean-wide", "--latents", "mean") == pytest.approx(mean, rel=1e-6)
+    assert run("sample-wide")[0] != pytest.approx(sample[0], rel=1e-2)
