@@ -83,8 +83,8 @@ def test_tiny_encoders_built_over_the_worlds_words_read_every_caption_word_by_wo
     llm = AutoTokenizer.from_pretrained(build_tiny_llm(tmp_path / "llm", hidden=16, layers=1, words=words))
     t5 = AutoTokenizer.from_pretrained(build_random_t5(tmp_path / "t5", d_model=16, words=[w.lower() for w in words]))
     rng = random.Random(1)
-    captions = [world.caption(world.random_scene(rng), rng) for _ in range(200)]
-    assert any(" without " in c for c in captions) and any(" to the left of " in c for c in captions)
+    captions = [world.caption(world.random_scene(rng), rng) for _ in range(500)]
+    assert any(" without " in c for c in captions) and any(" on the " in c for c in captions)
     for text in filter(None, captions):
         pieces = text.replace(",", " ,").split()
         assert len(llm(text, add_special_tokens=False).input_ids) == len(pieces), text
