@@ -100,14 +100,22 @@ def test_ctrl_c_in_batch_mode_keeps_whole_lines_and_resumes(fake_llm, clean_env,
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"index": i, "prompt": f"cat number {i}"}) + "\n" for i in range(6)))
     out = tmp_path / "layouts.jsonl"
-    for delay_s in (0.4, 0.4, 3.0, 3.0, 3.0, 3.0):
-        fake_llm.enqueue_timeout(delay_s)  # slow but successful answers (the client waits 10 s)
+    for delay_s in (0.4, 0.4, 8.0, 8.0, 8.0, 8.0):
+        fake_llm.enqueue_timeout(delay_s)  # slow but successful answers (the client waits 10 s): the
+        # SIGINT lands while the third waits, even on a machine busy enough to stall this loop for seconds
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMD_")}
     env.update(fake_llm.env(), LMD_LLM_TIMEOUT_S="10", PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lmd", "plan", "--prompts-file", str(prompts), "--out", str(out)],
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # A terminal's Ctrl-C reaches a process whose SIGINT is not ignored; a child inherits an
+    # ignored SIGINT from its parent (and Python then installs no KeyboardInterrupt handler), so the
+    # child is started while this process handles SIGINT, whatever an earlier test left.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lmd", "plan", "--prompts-file", str(prompts), "--out", str(out)],
+            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.monotonic() + 60
         while not (out.exists() and out.read_text().count("\n") >= 2) and time.monotonic() < deadline:
