@@ -37,13 +37,7 @@ def visible_index(scene: world.Scene) -> np.ndarray:
     image = Image.new("L", (world.SIZE, world.SIZE), 0)
     draw = ImageDraw.Draw(image)
     for index, thing in enumerate(scene.things, start=1):
-        x0, y0, x1, y1 = thing.box
-        if thing.shape == "square":
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=index)
-        elif thing.shape == "circle":
-            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=index)
-        else:
-            draw.polygon(((x0 + x1 - 1) / 2, y0, x1 - 1, y1 - 1, x0, y1 - 1), fill=index)
+        world.draw_thing(draw, thing, index)
     return np.asarray(image)
 
 

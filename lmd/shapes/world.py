@@ -125,15 +125,19 @@ def render(scene: Scene) -> Image.Image:
     image = Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     for thing in scene.things:
-        x0, y0, x1, y1 = thing.box
-        fill = COLOURS[thing.colour]
-        if thing.shape == "square":
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif thing.shape == "circle":
-            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        else:
-            draw.polygon(((x0 + x1 - 1) / 2, y0, x1 - 1, y1 - 1, x0, y1 - 1), fill=fill)
+        draw_thing(draw, thing, COLOURS[thing.colour])
     return image
+
+
+def draw_thing(draw: ImageDraw.ImageDraw, thing: Thing, fill) -> None:
+    """One object's shape in its box, filled with ``fill`` (a colour, or an index for masks)."""
+    x0, y0, x1, y1 = thing.box
+    if thing.shape == "square":
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif thing.shape == "circle":
+        draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        draw.polygon(((x0 + x1 - 1) / 2, y0, x1 - 1, y1 - 1, x0, y1 - 1), fill=fill)
 
 
 # ---------------------------------------------------------------------------------------------
