@@ -178,6 +178,7 @@ def _run_settings(config, settings, options, layouts_label: str, method: str):
         seed=config.seed,
         width=config.size,
         height=config.size,
+        boxes_stretched=options.rescale_boxes and variant != "sd",
     )
 
 

@@ -29,6 +29,7 @@ from grounded_sd.names import Preset, Variant
 from layout_planner.benchmark import BenchmarkSpec, evaluate, parse_benchmark_prompt
 from layout_planner.errors import LLMBadOutput
 from layout_planner.layout import Layout
+from layout_planner.rescale import rescale_boxes
 from lmd.evaluation.detection import Detection, DetectorConfig
 from lmd.evaluation.placement import ObjectPlacement, PlacementSummary, placement_table, place, summarise_placement
 from lmd.evaluation.prompts import BenchmarkPrompt
@@ -67,6 +68,13 @@ class RunSettings(BaseModel):
     seed: int = Field(description="prompt NNN uses seed + NNN")
     width: int
     height: int
+    boxes_stretched: bool = Field(
+        False,
+        description=(
+            "the method stretched the layout's boxes over the canvas before drawing (LMDOptions.rescale_boxes, on under "
+            "the reference preset): placement is measured against the stretched boxes, the ones the image was drawn for"
+        ),
+    )
 
 
 class PromptOutcome(BaseModel):
@@ -357,6 +365,8 @@ class _BenchmarkRun:
         found = [d.as_rule_input() for d in detections]
         rule = evaluate(spec, found)
         reference = prompt.layout if prompt.layout is not None else layout  # the SD baseline's own layout has no boxes
+        if self.settings.boxes_stretched:
+            reference = rescale_boxes(reference)[0]  # the same deterministic stretch the pipeline applied
         self.outcomes.append(
             PromptOutcome(
                 index=prompt.index, task=prompt.task, prompt=prompt.prompt, seed=seed,

@@ -61,3 +61,47 @@ def test_training_without_a_tokenizer_is_one_line(tmp_path: Path):
                            "--tokenizer", str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "no CLIP tokenizer" in done.stderr and "--tokenizer" in done.stderr
+
+
+def _draw_layout(layout, seed):
+    """An image drawn exactly at ``layout``'s boxes by the world's own renderer (what a perfect
+    controller would draw): the layout's phrases are the world's "a <colour> <shape>"."""
+    from lmd.shapes.world import SIZE, Scene, Thing, render
+
+    things = []
+    for obj in layout.objects:
+        _, colour, shape = obj.phrase.split()
+        things.append(Thing(colour, shape, tuple(round(v * SIZE) for v in obj.box)))
+    return render(Scene(layout.background, tuple(things)))
+
+
+@pytest.mark.parametrize("stretched", [True, False])
+def test_placement_is_measured_against_the_boxes_the_image_was_drawn_for(tmp_path: Path, stretched: bool):
+    """Under the reference preset the pipeline stretches the boxes over the canvas before drawing
+    (layout_planner.rescale); placement must then look for each object in its stretched box, or a
+    perfect drawing of the stretched layout scores as misplaced."""
+    from layout_planner.layout import Layout
+    from layout_planner.rescale import rescale_boxes
+    from lmd.evaluation.detection import DetectorConfig
+    from lmd.evaluation.prompts import BenchmarkPrompt
+    from lmd.evaluation.runner import RunSettings, run_benchmark
+    from lmd.shapes.detector import detect_for_eval
+
+    small = Layout.model_validate({"background": "a grey floor", "objects": [  # both in the top-left quarter
+        {"id": "a", "phrase": "a red square", "box": [0.05, 0.05, 0.2, 0.2]},
+        {"id": "b", "phrase": "a blue square", "box": [0.3, 0.05, 0.45, 0.2]},
+    ]})  # fmt: skip
+    stretched_layout, rescale = rescale_boxes(small)
+    assert rescale is not None and rescale.scale == 2.5  # the boxes move far: a real difference to measure
+    prompt = BenchmarkPrompt(index=0, task="attribution", prompt="a grey floor with a red square and a blue square", layout=small)
+    settings = RunSettings(method="perfect", variant="lmd", preset="reference", steps=1, model="world", scheduler="-",
+                           dtype="float32", layouts="stored", seed=0, width=64, height=64, boxes_stretched=stretched)  # fmt: skip
+    results = run_benchmark(
+        [prompt], out=tmp_path, settings=settings, layout_source=lambda p: p.layout,
+        make_generator=lambda: lambda layout, seed: _draw_layout(stretched_layout, seed),
+        detector=detect_for_eval, detector_config=DetectorConfig(model=SHAPES_DETECTOR),
+    )  # fmt: skip
+    placed = results.prompts[0].placement
+    assert len(placed) == 2
+    assert all(p.hit and p.centred for p in placed) is stretched
+    assert not any(p.centred for p in placed) or stretched
