@@ -178,6 +178,14 @@ class LMDOptions(BaseModel):
 
     # --- composition and the final pass (§2.5, §2.6) ----------------------------------------
     frozen_ratio: float = Field(0.5, ge=0.0, le=1.0, description="fraction of steps whose foreground is the composed latent (ref 0.5)")
+    plus_frozen_ratio: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description=(
+            "lmd_plus: frozen_ratio for that variant; None: frozen_ratio (the reference uses one frozen_step_ratio for "
+            "both, generation/lmd_plus.py:198). The fast preset sets 0.3 (ours): the per-box pass, all of it GLIGEN-"
+            "grounded, runs to the frozen point, and in LMD+ GLIGEN keeps placing the objects in the final pass"
+        ),
+    )
     ratio_steps: Literal["floor", "nearest"] = Field(
         "floor",
         description=(
@@ -266,10 +274,14 @@ class LMDOptions(BaseModel):
         x0-prediction of that step; guidance (and with it attention transfer) takes one iteration
         per step on the first 10 of 50 steps, where the layout is decided (ref: 30 steps, 65
         iterations); the report's extra energy measurements are skipped; the boxes stay as planned
-        (not stretched to span the canvas).
+        (not stretched to span the canvas). Under lmd_plus the foreground is frozen for 30% of
+        the steps: its per-box pass runs GLIGEN's gated attention on every row, which makes a
+        forward 1.5x (SD 1.5's size) to 1.75x (the bench's small model) plain SD's, and GLIGEN
+        keeps placing the objects during the first 40% of the final pass (BENCHMARKS.md, "LMD+ fast").
         """
         values = dict(
             frozen_ratio=0.4,
+            plus_frozen_ratio=0.3,
             guidance_steps=10,
             iteration_schedule=[(10, 1)],
             per_box_full_pass=False,
@@ -308,7 +320,10 @@ class LMDOptions(BaseModel):
         steps = int(ratio * self.steps) if self.ratio_steps == "floor" else round(ratio * self.steps)
         return min(self.steps, steps)
 
-    def frozen_steps(self) -> int:
+    def frozen_steps(self, plus: bool = False) -> int:
+        """Steps whose foreground is the composed latent; ``plus``: for lmd_plus (``plus_frozen_ratio``)."""
+        if plus and self.plus_frozen_ratio is not None:
+            return self._ratio_steps(self.plus_frozen_ratio)
         return self._ratio_steps(self.frozen_ratio)
 
     def gligen_steps(self) -> int:

@@ -41,12 +41,12 @@ def box_negative(layout: Layout, options: LMDOptions) -> str:
     return join_negative(layout.negative, options.default_negative, options.single_object_negative)
 
 
-def per_box_steps(options: LMDOptions) -> int:
+def per_box_steps(options: LMDOptions, plus: bool = False) -> int:
     """Steps the per-box pass runs: all of them (reference), or only what composition (the
-    frozen steps), attention transfer (the guided steps) and mask aggregation use."""
+    frozen steps; ``plus``: lmd_plus's), attention transfer (the guided steps) and mask aggregation use."""
     if options.per_box_full_pass:
         return options.steps
-    needed = max(options.frozen_steps(), options.guided_steps() if options.transfer_weight > 0 else 0, options.mask_first_step() + 1)
+    needed = max(options.frozen_steps(plus), options.guided_steps() if options.transfer_weight > 0 else 0, options.mask_first_step() + 1)
     return max(1, min(options.steps, needed))
 
 
@@ -117,7 +117,7 @@ def run_per_box_pass(
     ``text``: the per-box prompts' conditioning (:func:`box_prompts` and :func:`box_negative`)."""
     options, objects = run.options, layout.objects
     n, (h, w) = len(objects), run.latent_hw
-    steps = per_box_steps(options)
+    steps = per_box_steps(options, plus)
     report.per_box_steps = steps
 
     report.per_box_prompts = {o.id: p for o, p in zip(objects, box_prompts(layout))}

@@ -391,7 +391,7 @@ class LMDPipeline:
             per_box = align_to_layout(per_box, shifts)
 
         # 6. Composition: largest mask first, so small objects end on top (§2.5)
-        frozen_steps = run.options.frozen_steps()
+        frozen_steps = run.options.frozen_steps(plus)
         composed, owner = compose_latents(
             per_box.latents[: frozen_steps + 1], latent_masks, background * run.init_sigma, step0=run.options.compose_step0
         )
