@@ -98,6 +98,10 @@ class BenchRun(BaseModel):
     objects: int
     wall_s: float
     ratio_to_sd: float | None
+    cpu_s: float = Field(0.0, description="this process's CPU seconds over the run (time.process_time: all its threads)")
+    cpu_ratio_to_sd: float | None = Field(
+        None, description="cpu_s over plain SD's: on a CPU that other work shares, steadier than the wall-time ratio"
+    )
     peak_memory_mib: float
     stage_peak_memory_mib: dict[str, float] = Field(
         default_factory=dict, description="peak memory while each stage ran (its steps; 'decode': after the last stage)"
@@ -234,10 +238,10 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
     options = LMDOptions.preset(preset or "reference", steps=config.steps)
     source = scene_prompt(layout.background, group_phrases(layout))  # what GlueNet reads (in "en" on the random model)
     with PeakMemory(device) as memory:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = pipe(layout, seed=config.seed, options=options, variant=variant, width=config.width, height=config.height,
                       conditioning=conditioning, source_prompt=source, progress=lambda stage, step, total: memory.mark(stage))
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     stages = {
         s.name: StageCost(
             wall_s=s.wall_s, forward=s.unet.forward, forward_samples=s.unet.forward_samples, backward=s.unet.backward,
@@ -248,7 +252,7 @@ def _measure(pipe, layout: Layout, *, variant: str, preset: Preset | None, confi
     total = result.report.unet_total
     unet_s = total.forward_s + total.backward_s
     return BenchRun(
-        variant=variant, preset=preset, conditioning=result.report.conditioning, objects=len(layout.objects), wall_s=wall, ratio_to_sd=None,
+        variant=variant, preset=preset, conditioning=result.report.conditioning, objects=len(layout.objects), wall_s=wall, ratio_to_sd=None, cpu_s=cpu,
         peak_memory_mib=memory.peak_bytes / 2**20, stage_peak_memory_mib={k: v / 2**20 for k, v in memory.stage_peaks.items()}, stages=stages, forward_samples=total.forward_samples,
         backward_samples=total.backward_samples, outside_unet_fraction=max(0.0, 1.0 - unet_s / wall),
     )
@@ -306,19 +310,19 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             progress(label)
             baseline = _measure(pipe, bench_layout(3), variant="sd", preset=None, config=config, device=device)
             baseline.variant = label
-            baseline.ratio_to_sd = 1.0
+            baseline.ratio_to_sd = baseline.cpu_ratio_to_sd = 1.0
             runs.append(baseline)
             for preset in config.presets:
                 for n_objects in config.objects:
                     progress(f"{variant} {preset} {n_objects} object(s)")
                     run = _measure(pipe, bench_layout(n_objects), variant=variant, preset=preset, config=config, device=device)
-                    run.ratio_to_sd = run.wall_s / baseline.wall_s
+                    run.ratio_to_sd, run.cpu_ratio_to_sd = run.wall_s / baseline.wall_s, run.cpu_s / baseline.cpu_s
                     runs.append(run)
                     if conditioning is not None:
                         progress(f"{variant} {preset} {n_objects} object(s) {config.conditioning}")
                         run = _measure(pipe, bench_layout(n_objects), variant=variant, preset=preset, config=config, device=device,
                                        conditioning=conditioning)
-                        run.ratio_to_sd = run.wall_s / baseline.wall_s
+                        run.ratio_to_sd, run.cpu_ratio_to_sd = run.wall_s / baseline.wall_s, run.cpu_s / baseline.cpu_s
                         runs.append(run)
             del pipe
 
@@ -363,8 +367,8 @@ def format_table(result: BenchResult) -> str:
         f"machine: CPU {m.cpu}; GPU {m.gpu or 'none'}; torch {m.torch}; {m.threads} thread(s); Python {m.python}",
         f"steps {result.config.steps}, {result.config.width}x{result.config.height}, seed {result.config.seed}",
         "",
-        f"| run | objects | wall s | x SD | {memory} | UNet fwd samples (per_box/final) | UNet bwd samples (per_box/final) | outside UNet |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| run | objects | wall s | x SD | CPU s | x SD (CPU) | {memory} | UNet fwd samples (per_box/final) | UNet bwd samples (per_box/final) | outside UNet |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result.runs:
         name = run.variant if run.preset is None else f"{run.variant} {run.preset}"
@@ -374,7 +378,8 @@ def format_table(result: BenchResult) -> str:
         fwd = f"{run.forward_samples}" + (f" ({per_box.forward_samples}/{final.forward_samples})" if per_box and final else "")
         bwd = f"{run.backward_samples}" + (f" ({per_box.backward_samples}/{final.backward_samples})" if per_box and final else "")
         lines.append(
-            f"| {name} | {run.objects if run.preset else '-'} | {run.wall_s:.2f} | {run.ratio_to_sd:.2f} | "
+            f"| {name} | {run.objects if run.preset else '-'} | {run.wall_s:.2f} | {run.ratio_to_sd:.2f} | {run.cpu_s:.2f} | "
+            f"{'-' if run.cpu_ratio_to_sd is None else f'{run.cpu_ratio_to_sd:.2f}'} | "
             f"{run.peak_memory_mib:.0f} | {fwd} | {bwd} | {run.outside_unet_fraction:.1%} |"
         )
     lines += [f"note: {note}" for note in result.notes]

@@ -27,6 +27,9 @@ def test_bench_counts_unet_work_per_run(tiny_sd_path, tmp_path, capsys):
     # the per-box pass batches all objects x CFG: twice the objects, twice its forward samples
     assert two["stages"]["per_box"]["forward_samples"] == 2 * one["stages"]["per_box"]["forward_samples"]
     assert one["backward_samples"] > 0 and one["ratio_to_sd"] > 0
+    # CPU seconds beside wall seconds (steadier on a shared machine): LMD does more work than plain SD
+    assert baseline["cpu_ratio_to_sd"] == 1.0 and two["cpu_s"] > baseline["cpu_s"] > 0
+    assert two["cpu_ratio_to_sd"] == pytest.approx(two["cpu_s"] / baseline["cpu_s"])
     assert result["machine"]["torch"] and result["memory_kind"] == "rss"
     assert 0.0 <= one["outside_unet_fraction"] < 1.0
     # peak memory per stage, from the kernel's peak RSS reset at every step (no sampling)
