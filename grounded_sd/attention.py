@@ -11,10 +11,12 @@ when the caller runs under ``torch.enable_grad``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 
@@ -34,6 +36,7 @@ class AttentionRecorder:
         self._layers: frozenset[str] = frozenset()
         self._captured: dict[str, list[torch.Tensor]] = {}
         self._stop_when_captured = False
+        self._replaying = False
 
     @contextlib.contextmanager
     def capture(self, layers: Iterable[str], *, stop_when_captured: bool = False) -> Iterator["AttentionRecorder"]:
@@ -52,9 +55,27 @@ class AttentionRecorder:
         return layer in self._layers
 
     def store(self, layer: str, probs: torch.Tensor) -> None:
+        if self._replaying:  # a checkpointed block recomputed in the backward: its maps are held already, keep no copy
+            return
         self._captured.setdefault(layer, []).append(probs)
         if self._stop_when_captured and self._layers.issubset(self._captured):
             raise ForwardStopped(layer)
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """``context_fn`` of ``torch.utils.checkpoint``: nothing around a checkpointed block's
+        forward; around its recomputation in the backward, the capture as it was in that forward
+        (the capture itself has ended by then), so the guided layers take the same explicit-softmax
+        path and save the same tensors, without storing or stopping again."""
+        return contextlib.nullcontext(), self._replay(self._layers)
+
+    @contextlib.contextmanager
+    def _replay(self, layers: frozenset[str]) -> Iterator[None]:
+        saved = self._layers, self._replaying
+        self._layers, self._replaying = layers, True
+        try:
+            yield
+        finally:
+            self._layers, self._replaying = saved
 
     def maps(self) -> dict[str, torch.Tensor]:
         """Layer name -> softmax probabilities ``(batch, heads, h*w, tokens)``."""
@@ -174,18 +195,32 @@ def resolve_attention_layers(unet: torch.nn.Module, requested: list[str] | None)
 
 
 @contextlib.contextmanager
-def recording_attention(unet: torch.nn.Module, layers: list[str]) -> Iterator[AttentionRecorder]:
-    """Swap recording processors onto ``layers`` for the block, then restore the originals."""
+def recording_attention(unet: torch.nn.Module, layers: list[str], *, checkpointing: bool = False) -> Iterator[AttentionRecorder]:
+    """Swap recording processors onto ``layers`` for the block, then restore the originals.
+
+    ``checkpointing``: gradient checkpointing of the UNet's blocks for the block's duration
+    (diffusers' own, non-reentrant ``torch.utils.checkpoint``), which only forwards run with
+    gradients use, i.e. guidance's: each block keeps its inputs and is recomputed in the
+    backward, so a guided row holds far fewer activations for one more partial forward."""
     recorder = AttentionRecorder()
     modules = dict(unet.named_modules())
     originals = {name: modules[name].processor for name in layers}
+    checkpointed = checkpointing and not unet.is_gradient_checkpointing
     try:
         for name in layers:
             modules[name].set_processor(RecordingAttnProcessor(name, recorder))
+        if checkpointed:
+            unet.enable_gradient_checkpointing(functools.partial(_checkpoint, recorder))
         yield recorder
     finally:
+        if checkpointed:
+            unet.disable_gradient_checkpointing()
         for name, processor in originals.items():
             modules[name].set_processor(processor)
+
+
+def _checkpoint(recorder: AttentionRecorder, module: torch.nn.Module, *args):
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=recorder.checkpoint_contexts)
 
 
 def token_maps(probs: torch.Tensor, token_indices: list[int]) -> torch.Tensor:

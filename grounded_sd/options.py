@@ -153,6 +153,14 @@ class LMDOptions(BaseModel):
         ),
     )
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call; None: all objects x CFG in one call")
+    guidance_checkpointing: bool = Field(
+        False,
+        description=(
+            "gradient checkpointing of guidance's forwards (ours, for memory): each UNet block keeps only its inputs and "
+            "is recomputed during the backward, so a guided row holds a fraction of its activations for about one more "
+            "partial forward per guidance iteration; the same latents either way (docs/models.md, 'Memory')"
+        ),
+    )
     conditioning_mode: Literal["replace", "concat", "tokens"] | None = Field(
         None,
         description=(

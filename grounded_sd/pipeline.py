@@ -339,7 +339,7 @@ class LMDPipeline:
         channels = self.unet.config.in_channels
         background = seeded_noise((1, channels, *latent_hw), seed, self.device, self.dtype)
 
-        with recording_attention(self.unet, layers) as recorder, torch.no_grad():
+        with recording_attention(self.unet, layers, checkpointing=options.guidance_checkpointing) as recorder, torch.no_grad():
             run = Run(
                 options=options, latent_hw=latent_hw, layers=layers, recorder=recorder, counter=UNetCounter(self.unet),
                 progress=progress or (lambda stage, step, total: None), should_cancel=should_cancel or (lambda: False),

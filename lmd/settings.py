@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     dtype: Dtype = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
     max_batch: int | None = Field(None, ge=1, description="most samples per UNet call in stage 2; unset: all objects x CFG in one call")
+    guidance_checkpointing: bool = Field(
+        False, description="recompute guidance's UNet blocks in its backward instead of keeping their activations (less memory per object, a few % more time)"
+    )
     refiner: str | None = Field(
         None, description="SDXL refiner (hub id or local diffusers directory) that finishes every image; unset: none"
     )

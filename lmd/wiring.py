@@ -278,10 +278,14 @@ def check_render(settings: Settings, *, variant: str, conditioning: str, prompt:
 
 
 def render_options(settings: Settings, preset: str, **overrides: Any) -> "LMDOptions":
-    """The options of ``preset`` with the overrides that are not None; ``max_batch`` defaults to LMD_MAX_BATCH."""
+    """The options of ``preset`` with the overrides that are not None; ``max_batch`` and
+    ``guidance_checkpointing`` default to LMD_MAX_BATCH and LMD_GUIDANCE_CHECKPOINTING."""
     from grounded_sd import LMDOptions
 
-    chosen = {"max_batch": settings.max_batch, **{k: v for k, v in overrides.items() if v is not None}}
+    chosen = {
+        "max_batch": settings.max_batch, "guidance_checkpointing": settings.guidance_checkpointing or None,
+        **{k: v for k, v in overrides.items() if v is not None},
+    }
     return LMDOptions.preset(preset, **{k: v for k, v in chosen.items() if v is not None})
 
 

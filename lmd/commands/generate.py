@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's own, 512 for SD 1.5, 64 for models/shapes)")
     parser.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's own, as --width)")
     parser.add_argument("--max-batch", type=int, help="most samples per UNet call (default LMD_MAX_BATCH; unset: all objects x CFG at once)")
+    parser.add_argument("--guidance-checkpointing", action="store_true", default=None,
+                        help="recompute guidance's UNet blocks in its backward: less memory per object, a few %% more time (default LMD_GUIDANCE_CHECKPOINTING)")
     parser.add_argument("--refiner", metavar="MODEL", help="finish the image with this SDXL refiner (hub id or local directory; default LMD_REFINER, unset: none)")
     parser.add_argument("--refiner-strength", type=float, help="fraction of the refiner's schedule redone (default LMD_REFINER_STRENGTH, 0.3)")
     parser.add_argument("--no-refiner", action="store_true", help="no refiner pass even when LMD_REFINER is set")
@@ -263,6 +265,7 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
     try:
         options = wiring.render_options(settings, args.preset or settings.preset, steps=args.steps,
                                         guidance_scale=args.guidance_scale, max_batch=args.max_batch,
+                                        guidance_checkpointing=args.guidance_checkpointing,
                                         conditioning_mode=args.conditioning_mode,
                                         conditioning_negative=args.conditioning_negative)
     except ValidationError as exc:
