@@ -167,3 +167,66 @@ def test_env_example_names_only_real_settings_and_loads():
     assert mentioned and mentioned <= names, mentioned - names
     settings = Settings(_env_file=REPO / ".env.example")
     assert settings.api_keys == [] and settings.retention_s == 604800 and settings.max_redeliveries == 2
+
+
+def _merged(*names: str) -> dict:
+    """The services of these compose files stacked as compose stacks them for the keys used here:
+    mappings merge key by key, a later file's command, list or scalar replaces the earlier one."""
+
+    def merge(base, over):
+        if isinstance(base, dict) and isinstance(over, dict):
+            return {**base, **{key: merge(base.get(key), value) for key, value in over.items()}}
+        return over
+
+    services: dict = {}
+    for name in names:
+        services = merge(services, _load(name)["services"])
+    return services
+
+
+def _render_workers(services: dict) -> dict[str, dict]:
+    return {name: s for name, s in services.items() if s.get("command", [])[2:4] == ["--queues", "render"]}
+
+
+def test_the_models_file_runs_one_render_worker_per_model_on_its_own_queue(monkeypatch):
+    """docker-compose.models.yml (issue 22): each LMD_MODELS name has exactly one render worker,
+    whose command the real worker code turns into that model's queue; everyone knows the list."""
+    from lmd.commands.service import worker_queues
+    from lmd.settings import get_settings
+
+    services = _merged("docker-compose.yml", "docker-compose.models.yml")
+    workers = _render_workers(services)
+    models_json = workers["worker-render"]["environment"]["LMD_MODELS"]
+    monkeypatch.setenv("LMD_MODELS", models_json)  # as the containers get it: the environment
+    settings = Settings(_env_file=None)
+    models = settings.models
+    assert len(models) >= 2
+    for name in ("api", "worker-plan", *workers):
+        assert services[name]["environment"]["LMD_MODELS"] == models_json, name
+    monkeypatch.setenv("LMD_WORKER_MODEL", "")  # recorded as absent: what worker_queues sets is undone after
+    monkeypatch.delenv("LMD_WORKER_MODEL")
+    served = {}
+    for name, worker in workers.items():
+        command = worker["command"]
+        model = command[command.index("--model") + 1]
+        assert worker_queues(settings, "render", model) == [f"render.{model}"]
+        served[model] = name
+    get_settings.cache_clear()
+    assert sorted(served) == sorted(models) and len(served) == len(workers)  # one worker per model, no model without
+    assert served[next(iter(models))] == "worker-render"  # the base file's worker serves the default model
+
+
+def test_the_models_files_extra_workers_are_the_base_render_worker_with_their_model_and_gpu():
+    services = _merged("docker-compose.yml", "docker-compose.models.yml")
+    workers = _render_workers(services)
+    base = {key: value for key, value in workers["worker-render"].items() if key not in ("command", "deploy")}
+    gpus = []
+    for name, worker in workers.items():
+        assert {key: value for key, value in worker.items() if key not in ("command", "deploy")} == base, name
+        assert worker["environment"]["LMD_DEVICE"] == "cuda"
+        (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "count" not in device  # GPUs by id: a count could pick a taken one
+        gpus += device["device_ids"]
+    assert len(gpus) == len(set(gpus))  # the example gives each model its own GPU
+    # Used instead of the default override (whose count: 1 it cannot remove), so it publishes the port.
+    assert services["api"]["ports"] == _load("docker-compose.override.yml")["services"]["api"]["ports"]
