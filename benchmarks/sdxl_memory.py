@@ -80,7 +80,7 @@ def build_unet(dtype: torch.dtype):
     return UNet2DConditionModel(**SDXL_UNET_CONFIG).to(dtype).eval().requires_grad_(False)
 
 
-def guided_step(unet, layers: list[str], size: int, rows: int, dtype: torch.dtype) -> dict:
+def guided_step(unet, layers: list[str], size: int, rows: int, dtype: torch.dtype, checkpointing: bool = False) -> dict:
     """One guidance iteration of ``rows`` per-box rows at ``size`` px; its memory and time."""
     latent = size // 8
     generator = torch.Generator().manual_seed(0)
@@ -105,7 +105,7 @@ def guided_step(unet, layers: list[str], size: int, rows: int, dtype: torch.dtyp
     release()
     before = rss()
     started = time.perf_counter()
-    with recording_attention(unet, layers) as recorder, PeakSampler() as sampler:
+    with recording_attention(unet, layers, checkpointing=checkpointing) as recorder, PeakSampler() as sampler:
         run = Run(options, (latent, latent), layers, recorder, UNetCounter(unet), lambda *a: None, lambda: False,
                   time_ids=sdxl.time_ids(size, size, "cpu", dtype))
         forward = attention_forward(run, scheduler.timesteps[0], scheduler, cond, None, pooled)
@@ -116,7 +116,7 @@ def guided_step(unet, layers: list[str], size: int, rows: int, dtype: torch.dtyp
             )
     wall = time.perf_counter() - started
     assert not torch.equal(moved, latents) and run.counter.total().backward == 1
-    return {"size": size, "rows": rows, "peak_above_weights_gib": (sampler.peak - before) / 2**30,
+    return {"size": size, "rows": rows, "checkpointing": checkpointing, "peak_above_weights_gib": (sampler.peak - before) / 2**30,
             "saved_activations_gib": sum(saved.values()) / 2**30, "process_peak_gib": sampler.peak / 2**30, "wall_s": wall}
 
 
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpointing", action="store_true", help="guidance_checkpointing: recompute the blocks in the backward")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -145,7 +146,7 @@ def main() -> None:
     results = []
     for size in args.sizes:
         for rows in args.rows:
-            results.append(guided_step(unet, layers, size, rows, dtype))
+            results.append(guided_step(unet, layers, size, rows, dtype, args.checkpointing))
             print(json.dumps(results[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as out:
