@@ -22,6 +22,10 @@ SUFFIXES = (".safetensors", ".ckpt")
 KINDS = {"v1": "SD 1.x", "v2": "SD 2.x"}
 """The model types (diffusers' names, found from the keys) that load as LMD's pipeline."""
 UNET_PREFIX = "model.diffusion_model."
+OPEN_CLIP_KEY = "cond_stage_model.model.token_embedding.weight"
+"""SD 2.x's OpenCLIP text encoder, as diffusers recognises it (``is_open_clip_model``)."""
+SDXL_PREFIX = "conditioner.embedders."
+"""Where SDXL's files keep their text encoders (SD 1.x and 2.x: ``cond_stage_model.``)."""
 
 
 def is_single_file(source: str | Path) -> bool:
@@ -55,12 +59,23 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def model_kind(checkpoint: dict, name: str) -> str:
-    """``v1`` or ``v2`` from the checkpoint's keys (diffusers' own rule); other kinds are refused."""
+    """``v1`` or ``v2`` from the checkpoint's keys; other kinds are refused.
+
+    diffusers' rule (``infer_diffusers_model_type``), plus: a file whose text encoder is OpenCLIP's
+    (``cond_stage_model.model.*``, SD 2.x's encoder) is ``v2`` whatever its width, and one with
+    SDXL's text encoders (``conditioner.embedders.*``) is SDXL, so refused. diffusers
+    tells SD 2 by its cross-attention width (1024), which a model of SD 2's topology at another
+    width (a distilled fine-tune, the tests' tiny model) lacks; the encoder's layout is what
+    decides how its weights are read, and the default configs follow the kind."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     if not any(key.startswith(UNET_PREFIX) for key in checkpoint):
         raise ModelLoadError(f"{name} is not a Stable Diffusion checkpoint in the original layout (no {UNET_PREFIX}* keys)")
     kind = infer_diffusers_model_type(checkpoint)
+    if kind == "v1" and OPEN_CLIP_KEY in checkpoint:
+        kind = "v2"
+    if kind == "v1" and any(key.startswith(SDXL_PREFIX) for key in checkpoint):
+        kind = "xl_base"  # diffusers reads SDXL from its 10th OpenCLIP layer; a smaller SDXL is still not SD 1.x
     if kind not in KINDS:
         raise ModelLoadError(f"{name} is a {kind!r} checkpoint; single files load as SD 1.x or SD 2.x only")
     return kind

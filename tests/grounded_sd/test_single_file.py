@@ -1,7 +1,6 @@
 """Single-file checkpoints: the kind read from the keys, pickles that hold more than tensors
 refused before they run, and one-line errors naming what is missing (the configs of the kind,
-offline). A positive load needs a checkpoint in the original layout and its configs; see
-docs/models.md for what was not run."""
+offline). Files of tiny real models that load are in test_single_file_load.py."""
 
 from __future__ import annotations
 
@@ -32,6 +31,11 @@ def original_layout(path, cross_attention_width: int):
 def test_the_kind_is_read_from_the_keys(tmp_path):
     assert model_kind(read_checkpoint(original_layout(tmp_path / "a.safetensors", 768)), "a") == "v1"
     assert model_kind(read_checkpoint(original_layout(tmp_path / "b.safetensors", 1024)), "b") == "v2"
+    for name, encoder_key in (("xl", "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"),
+                              ("small-xl", "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias")):
+        save_file({V1_KEY: torch.zeros(4, 8, 1, 1), encoder_key: torch.zeros(8)}, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ModelLoadError, match=f"^{name} is a 'xl_base' checkpoint; single files load as SD 1.x or SD 2.x only$"):
+            model_kind(read_checkpoint(tmp_path / f"{name}.safetensors"), name)
     save_file({"unet.conv_in.weight": torch.zeros(1)}, str(tmp_path / "c.safetensors"))
     with pytest.raises(ModelLoadError, match="c is not a Stable Diffusion checkpoint in the original layout"):
         model_kind(read_checkpoint(tmp_path / "c.safetensors"), "c")
