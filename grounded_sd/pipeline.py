@@ -96,6 +96,14 @@ def _scheduler_class(name: str):
     return cls
 
 
+def _sdxl_vae(vae, torch_dtype: torch.dtype):
+    """An SDXL base's VAE in float32 when the model is float16 and the VAE's config asks
+    (``force_upcast``, as diffusers' SDXL pipeline: SDXL 1.0's VAE overflows in fp16)."""
+    if torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        return vae.to(torch.float32)
+    return vae
+
+
 def check_one_call_per_step(scheduler, steps: int = 10) -> None:
     """LMD's bookkeeping (per-step latents for composition, frozen steps, guidance per step)
     needs one UNet call per denoising step. Second-order schedulers (Heun, KDPM2) and PNDM run
@@ -178,7 +186,7 @@ class LMDPipeline:
         single_file_config: str | None = None,
     ) -> "LMDPipeline":
         """Load UNet, VAE, CLIP text encoder and tokenizer, and the scheduler from a hub id, a
-        local diffusers directory or a single SD 1.x/2.x checkpoint file (``single_file_config``:
+        local diffusers directory or a single SD 1.x/2.x/SDXL checkpoint file (``single_file_config``:
         where its configs and tokenizer are, see grounded_sd.single_file); optionally a SAM
         checkpoint for mask refinement (§2.4). An SDXL base directory (its ``model_index.json``
         or its UNet's ``addition_embed_type`` says so) also loads ``text_encoder_2`` and
@@ -195,16 +203,19 @@ class LMDPipeline:
         if local.is_file():  # a single .safetensors/.ckpt checkpoint (grounded_sd.single_file)
             if local.suffix not in SINGLE_FILE_SUFFIXES:
                 raise ModelLoadError(f"{local.name} is neither a diffusers directory nor a .safetensors/.ckpt checkpoint")
-            unet, vae, text_encoder, tokenizer, loaded_scheduler = load_single_file(
+            unet, vae, text_encoder, tokenizer, loaded_scheduler, xl_parts = load_single_file(
                 local, torch_dtype=torch_dtype, config=single_file_config
             )
+            if xl_parts:  # SDXL: its second encoder and tokenizer, and the VAE kept as the directory path keeps it
+                xl_parts["text_encoder_2"] = xl_parts["text_encoder_2"].to(torch_device)
+                vae = _sdxl_vae(vae, torch_dtype)
             try:
                 noise_scheduler = scheduler_cls.from_config(loaded_scheduler.config)
                 check_one_call_per_step(noise_scheduler)
             except ValueError as exc:
                 raise ModelLoadError(f"cannot make scheduler {scheduler}: {exc}".splitlines()[0]) from exc
             return cls._assemble(model, torch_device, unet, vae, text_encoder, tokenizer, noise_scheduler,
-                                 sam_checkpoint, sam_model_type)
+                                 sam_checkpoint, sam_model_type, **xl_parts)
         if local.exists():
             xl = sdxl.declares_sdxl(local)
             parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (sdxl.PARTS if xl else ())
@@ -223,8 +234,7 @@ class LMDPipeline:
             if sdxl.is_sdxl_unet(unet.config):
                 encoder_2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=torch_dtype)
                 extra = {"text_encoder_2": encoder_2.to(torch_device), "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")}
-                if torch_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-                    vae = vae.to(torch.float32)
+                vae = _sdxl_vae(vae, torch_dtype)
             noise_scheduler = scheduler_cls.from_pretrained(source, subfolder="scheduler")
             check_one_call_per_step(noise_scheduler)
         except (OSError, ValueError) as exc:

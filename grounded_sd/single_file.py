@@ -19,13 +19,17 @@ from pathlib import Path
 from grounded_sd.errors import ModelLoadError
 
 SUFFIXES = (".safetensors", ".ckpt")
-KINDS = {"v1": "SD 1.x", "v2": "SD 2.x"}
+KINDS = {"v1": "SD 1.x", "v2": "SD 2.x", "xl_base": "SDXL"}
 """The model types (diffusers' names, found from the keys) that load as LMD's pipeline."""
 UNET_PREFIX = "model.diffusion_model."
 OPEN_CLIP_KEY = "cond_stage_model.model.token_embedding.weight"
 """SD 2.x's OpenCLIP text encoder, as diffusers recognises it (``is_open_clip_model``)."""
 SDXL_PREFIX = "conditioner.embedders."
 """Where SDXL's files keep their text encoders (SD 1.x and 2.x: ``cond_stage_model.``)."""
+SDXL_BASE_KEYS = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+"""An SDXL *base* file's two encoders: CLIP ViT-L (Hugging Face's names), OpenCLIP ViT-bigG. The
+refiner has only OpenCLIP's, as ``embedders.0.model.``."""
+SDXL_REFINER_KEY = "conditioner.embedders.0.model."
 
 
 def is_single_file(source: str | Path) -> bool:
@@ -59,14 +63,16 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def model_kind(checkpoint: dict, name: str) -> str:
-    """``v1`` or ``v2`` from the checkpoint's keys; other kinds are refused.
+    """``v1``, ``v2`` or ``xl_base`` (an SDXL base) from the checkpoint's keys; other kinds are refused.
 
     diffusers' rule (``infer_diffusers_model_type``), plus: a file whose text encoder is OpenCLIP's
     (``cond_stage_model.model.*``, SD 2.x's encoder) is ``v2`` whatever its width, and one with
-    SDXL's text encoders (``conditioner.embedders.*``) is SDXL, so refused. diffusers
-    tells SD 2 by its cross-attention width (1024), which a model of SD 2's topology at another
-    width (a distilled fine-tune, the tests' tiny model) lacks; the encoder's layout is what
-    decides how its weights are read, and the default configs follow the kind."""
+    both of SDXL base's text encoders (``conditioner.embedders.0.transformer.*`` and
+    ``conditioner.embedders.1.model.*``) is ``xl_base`` whatever its depth. diffusers tells SD 2 by
+    its cross-attention width (1024) and SDXL by its OpenCLIP encoder's 10th layer, which a model of
+    the same topology at another size (a distilled fine-tune, the tests' tiny models) lacks; the
+    encoders' layout is what decides how their weights are read, and the default configs follow
+    the kind. Any other ``conditioner.embedders.*`` file (the refiner's one encoder) is refused."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     if not any(key.startswith(UNET_PREFIX) for key in checkpoint):
@@ -75,9 +81,12 @@ def model_kind(checkpoint: dict, name: str) -> str:
     if kind == "v1" and OPEN_CLIP_KEY in checkpoint:
         kind = "v2"
     if kind == "v1" and any(key.startswith(SDXL_PREFIX) for key in checkpoint):
-        kind = "xl_base"  # diffusers reads SDXL from its 10th OpenCLIP layer; a smaller SDXL is still not SD 1.x
+        if all(any(key.startswith(prefix) for key in checkpoint) for prefix in SDXL_BASE_KEYS):
+            kind = "xl_base"
+        else:  # not SD 1.x, whatever diffusers' rule says of a small one
+            kind = "xl_refiner" if any(key.startswith(SDXL_REFINER_KEY) for key in checkpoint) else "xl_incomplete"
     if kind not in KINDS:
-        raise ModelLoadError(f"{name} is a {kind!r} checkpoint; single files load as SD 1.x or SD 2.x only")
+        raise ModelLoadError(f"{name} is a {kind!r} checkpoint; single files load as SD 1.x, SD 2.x or an SDXL base only")
     return kind
 
 
@@ -91,10 +100,19 @@ def check_config_at_hand(config: str, kind: str, name: str, setting: str) -> boo
     """True when ``config`` is a local directory; for a hub id offline, its configs must be cached."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if Path(config).expanduser().is_dir():
-        missing = [p for p in ("model_index.json", "unet/config.json", "tokenizer") if not (Path(config).expanduser() / p).exists()]
-        if missing:
-            raise ModelLoadError(f"{setting} {config} is not a diffusers model directory: missing {', '.join(missing)}")
+    from grounded_sd import sdxl
+
+    directory = Path(config).expanduser()
+    if directory.is_dir():
+        for needed, what in ((("model_index.json", "unet/config.json", "tokenizer"), "a diffusers"),
+                             (sdxl.PARTS if kind == "xl_base" else (), "an SDXL")):
+            missing = [p for p in needed if not (directory / p).exists()]
+            if missing:
+                raise ModelLoadError(f"{setting} {config} is not {what} model directory: missing {', '.join(missing)}")
+            if what == "a diffusers" and (kind == "xl_base") != sdxl.declares_sdxl(directory):
+                declared = "SDXL" if sdxl.declares_sdxl(directory) else "SD 1.x/2.x"
+                raise ModelLoadError(f"{name} is a {KINDS[kind]} checkpoint but {setting} {config} holds an {declared} "
+                                     f"model's configs: set it to a local diffusers directory of a {KINDS[kind]} model")
         return True
     if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(config, "model_index.json"), str):
         raise ModelLoadError(
@@ -107,19 +125,28 @@ def check_config_at_hand(config: str, kind: str, name: str, setting: str) -> boo
 
 def load_single_file(path: str | Path, *, torch_dtype, config: str | None = None,
                      setting: str = "LMD_SINGLE_FILE_CONFIG"):
-    """The UNet, VAE, text encoder, tokenizer and scheduler of the checkpoint file ``path``."""
-    from diffusers import StableDiffusionPipeline
+    """(UNet, VAE, text encoder, tokenizer, scheduler, extra) of the checkpoint file ``path``;
+    ``extra`` is SDXL's ``text_encoder_2`` and ``tokenizer_2`` (empty for SD 1.x/2.x), as
+    ``LMDPipeline`` takes them from an SDXL directory.
+
+    SDXL loads through ``StableDiffusionXLPipeline.from_single_file``, which reads both encoders:
+    CLIP ViT-L from ``conditioner.embedders.0`` and OpenCLIP ViT-bigG (fused ``in_proj``,
+    transposed ``text_projection``) from ``conditioner.embedders.1``; it picks each by its width
+    (the position embedding's), so the two must differ, as in every SDXL (768 and 1280)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(str(path)).expanduser()
     kind = model_kind(read_checkpoint(path), path.name)
     config = str(config) if config else default_config(kind)
     local = check_config_at_hand(config, kind, path.name, setting)
+    xl = kind == "xl_base"
+    options = {"add_watermarker": False} if xl else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=config, torch_dtype=torch_dtype, local_files_only=local, safety_checker=None,
-            requires_safety_checker=False,
+        pipe = (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).from_single_file(
+            str(path), config=config, torch_dtype=torch_dtype, local_files_only=local, **options
         )
     except Exception as exc:  # noqa: BLE001 - diffusers' converter fails on a partial or foreign file in many ways
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(f"cannot load {path.name} as {KINDS[kind]} with the configs of {config}: {first}") from exc
-    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+    extra = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2} if xl else {}
+    return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, extra

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     )
     single_file_config: str | None = Field(
         None, description="where a single-file model's configs and tokenizer are: a local diffusers directory of the same "
-                          "kind (SD 1.x or 2.x) or a hub id; unset: diffusers' default repository for the kind found in the "
+                          "kind (SD 1.x, 2.x or an SDXL base) or a hub id; unset: diffusers' default repository for the kind found in the "
                           "file (from the hub cache when offline)",
     )
     worker_model: str | None = Field(

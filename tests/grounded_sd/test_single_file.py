@@ -31,10 +31,18 @@ def original_layout(path, cross_attention_width: int):
 def test_the_kind_is_read_from_the_keys(tmp_path):
     assert model_kind(read_checkpoint(original_layout(tmp_path / "a.safetensors", 768)), "a") == "v1"
     assert model_kind(read_checkpoint(original_layout(tmp_path / "b.safetensors", 1024)), "b") == "v2"
-    for name, encoder_key in (("xl", "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"),
-                              ("small-xl", "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias")):
-        save_file({V1_KEY: torch.zeros(4, 8, 1, 1), encoder_key: torch.zeros(8)}, str(tmp_path / f"{name}.safetensors"))
-        with pytest.raises(ModelLoadError, match=f"^{name} is a 'xl_base' checkpoint; single files load as SD 1.x or SD 2.x only$"):
+    xl_clip, xl_open_clip = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
+    for name, encoder_keys, kind in (
+        ("xl", [xl_open_clip + "transformer.resblocks.9.mlp.c_proj.bias"], "xl_base"),  # diffusers' own rule
+        ("small-xl", [xl_clip + "final_layer_norm.bias", xl_open_clip + "ln_final.bias"], "xl_base"),  # both base encoders
+        ("small-refiner", ["conditioner.embedders.0.model.ln_final.bias"], "xl_refiner"),
+        ("half-xl", [xl_clip + "final_layer_norm.bias"], "xl_incomplete"),
+    ):
+        save_file({V1_KEY: torch.zeros(4, 8, 1, 1), **{key: torch.zeros(8) for key in encoder_keys}}, str(tmp_path / f"{name}.safetensors"))
+        if kind == "xl_base":
+            assert model_kind(read_checkpoint(tmp_path / f"{name}.safetensors"), name) == kind
+            continue
+        with pytest.raises(ModelLoadError, match=f"^{name} is a '{kind}' checkpoint; single files load as SD 1.x, SD 2.x or an SDXL base only$"):
             model_kind(read_checkpoint(tmp_path / f"{name}.safetensors"), name)
     save_file({"unet.conv_in.weight": torch.zeros(1)}, str(tmp_path / "c.safetensors"))
     with pytest.raises(ModelLoadError, match="c is not a Stable Diffusion checkpoint in the original layout"):

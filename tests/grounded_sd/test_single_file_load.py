@@ -1,6 +1,6 @@
-"""Single-file checkpoints that load: the tiny random SD 1.x and SD 2.x models written as one file
-in the original layout (tests.support.original_layout: CLIP's keys for SD 1.x, OpenCLIP's for
-SD 2.x), loaded through ``LMDPipeline.from_pretrained(file)`` offline with configs from a
+"""Single-file checkpoints that load: the tiny random SD 1.x, SD 2.x and SDXL base models written as
+one file in the original layout (tests.support.original_layout: CLIP's keys for SD 1.x, OpenCLIP's for
+SD 2.x, both under ``conditioner.embedders.`` for SDXL), loaded through ``LMDPipeline.from_pretrained(file)`` offline with configs from a
 directory that holds no weights. The weights must be the directory model's, tensor by tensor,
 and so must a short LMD run's image; the kind is read from the file."""
 
@@ -44,7 +44,7 @@ def sd2_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_sd_path, sd2_path):
+def models(tmp_path_factory, tiny_sd_path, sd2_path, tiny_sdxl_path):
     """name -> (directory, single file, weightless configs, the kind the file should read as)."""
     root = tmp_path_factory.mktemp("single_files")
     return {
@@ -54,6 +54,8 @@ def models(tmp_path_factory, tiny_sd_path, sd2_path):
                      configs_only(tiny_sd_path, root / "sd1-configs-ckpt"), "v1"),
         "sd2": (sd2_path, write_single_file(sd2_path, root / "tiny-sd2.safetensors", text_layout="open_clip"),
                 configs_only(sd2_path, root / "sd2-configs"), "v2"),
+        "sdxl": (tiny_sdxl_path, write_single_file(tiny_sdxl_path, root / "tiny-sdxl.safetensors", text_layout="sdxl"),
+                 configs_only(tiny_sdxl_path, root / "sdxl-configs"), "xl_base"),
     }
 
 
@@ -73,16 +75,19 @@ def public(config) -> dict:
     return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd1-ckpt", "sd2"])
+@pytest.mark.parametrize("name", ["sd1", "sd1-ckpt", "sd2", "sdxl"])
 def test_the_kind_is_read_from_the_written_file(models, name):
     _, file, _, kind = models[name]
     assert model_kind(read_checkpoint(file), file.name) == kind
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd1-ckpt", "sd2"])
+@pytest.mark.parametrize("name", ["sd1", "sd1-ckpt", "sd2", "sdxl"])
 def test_a_single_file_loads_the_weights_of_the_directory_it_was_written_from(loaded, name):
+    """SDXL: both text encoders, the second's projection included (stored transposed in the file),
+    and the UNet's added-condition embedding (``label_emb``)."""
     directory, single = loaded[name]
-    for part in ("unet", "vae", "text_encoder"):
+    assert single.is_sdxl == directory.is_sdxl == (name == "sdxl")
+    for part in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if name == "sdxl" else ()):
         ours, theirs = getattr(single, part).state_dict(), getattr(directory, part).state_dict()
         assert sorted(ours) == sorted(theirs), part
         differ = [key for key in ours if not torch.equal(ours[key], theirs[key])]
@@ -92,9 +97,13 @@ def test_a_single_file_loads_the_weights_of_the_directory_it_was_written_from(lo
     assert single.text_encoder.config.hidden_act == directory.text_encoder.config.hidden_act
     assert single.scheduler.config.prediction_type == directory.scheduler.config.prediction_type
     assert single.tokenizer.get_vocab() == directory.tokenizer.get_vocab()
+    if name == "sdxl":
+        assert type(single.text_encoder_2) is type(directory.text_encoder_2)
+        assert single.tokenizer_2.pad_token == directory.tokenizer_2.pad_token == "!"
+        assert "text_projection.weight" in single.text_encoder_2.state_dict()
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2"])
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
 def test_an_lmd_run_on_the_single_file_draws_the_directorys_image(loaded, name):
     images = []
     for pipe in loaded[name]:
@@ -120,7 +129,8 @@ def test_lmd_generate_takes_a_single_file_with_its_configs_from_the_setting(mode
 
 
 @pytest.mark.parametrize(("name", "kind", "repo"), [("sd1", "SD 1.x", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-                                                    ("sd2", "SD 2.x", "stabilityai/stable-diffusion-2-1")])
+                                                    ("sd2", "SD 2.x", "stabilityai/stable-diffusion-2-1"),
+                                                    ("sdxl", "SDXL", "stabilityai/stable-diffusion-xl-base-1.0")])
 def test_offline_without_configs_the_written_file_is_one_line_naming_its_kind(models, tmp_path, monkeypatch, name, kind, repo):
     from huggingface_hub import constants
 
@@ -143,4 +153,17 @@ def test_configs_of_another_topology_are_one_line(models):
     assert len(message.splitlines()) == 1, message
     assert message.startswith(f"cannot load {file.name} as SD 1.x with the configs of {sd2_configs}")
     assert "proj_in.weight expected shape" in message  # diffusers' own reason: SD 2's linear projections
+
+
+
+@pytest.mark.parametrize(("name", "configs_of"), [("sdxl", "sd1"), ("sd1", "sdxl")])
+def test_configs_of_the_other_family_are_named_in_one_line(models, name, configs_of):
+    """An SDXL file with SD 1.x configs, or the reverse: refused before diffusers reads a weight."""
+    file, configs = models[name][1], models[configs_of][2]
+    with pytest.raises(ModelLoadError) as error:
+        LMDPipeline.from_pretrained(file, device="cpu", single_file_config=str(configs))
+    message = str(error.value)
+    assert len(message.splitlines()) == 1, message
+    kind, declared = ("SDXL", "SD 1.x/2.x") if name == "sdxl" else ("SD 1.x", "SDXL")
+    assert message.startswith(f"{file.name} is a {kind} checkpoint but LMD_SINGLE_FILE_CONFIG {configs} holds an {declared} model's configs")
 

@@ -6,6 +6,11 @@ Shared fine-tunes come as one ``.safetensors`` in the layout of the CompVis/Stab
 ``decoder.up`` counted from the lowest resolution) and the text encoder under
 ``cond_stage_model.``: Hugging Face CLIP's own names under ``transformer.`` for SD 1.x, OpenCLIP's
 names under ``model.`` for SD 2.x (one fused ``in_proj`` per attention, ``resblocks``, ``ln_1``...).
+SDXL's files (Stability's ``sgm`` code) keep their two text encoders under ``conditioner.embedders.``:
+CLIP ViT-L under ``0.transformer.`` (Hugging Face's names) and OpenCLIP ViT-bigG under ``1.model.``
+(OpenCLIP's names, with its ``text_projection`` a matrix the pooled output is multiplied by on the
+right, so the transpose of the ``nn.Linear`` weight of diffusers' ``CLIPTextModelWithProjection``);
+the UNet's added-condition embedding is ``label_emb.0.0``/``label_emb.0.2``.
 diffusers converts that layout to its own (``diffusers.loaders.single_file_utils``) but has no
 converter back, and no such file can be downloaded here, so the single-file tests make one from
 the tiny random models with this module.
@@ -25,12 +30,14 @@ from typing import Literal
 
 import torch
 
-TextLayout = Literal["clip", "open_clip"]
+TextLayout = Literal["clip", "open_clip", "sdxl"]
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."
 OPEN_CLIP = "cond_stage_model.model."
+SDXL_CLIP = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
 
 UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
                ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
@@ -163,8 +170,24 @@ def open_clip_state(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def original_state_dict(unet, vae, text_encoder, text_layout: TextLayout = "clip") -> dict[str, torch.Tensor]:
-    """The three modules' weights under the original names (contiguous copies, ready to save)."""
+def sdxl_text_state(text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    """SDXL's two text encoders under ``conditioner.embedders.``: the first (``CLIPTextModel``) with
+    Hugging Face's names, the second (``CLIPTextModelWithProjection``) with OpenCLIP's, its
+    projection stored as OpenCLIP multiplies by it, ``pooled @ text_projection`` (width x
+    projection): the transpose of diffusers' ``text_projection.weight``."""
+    state = {SDXL_CLIP + "text_model." + k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    second = text_encoder_2.state_dict()
+    projection = second.pop("text_projection.weight")
+    state.update({SDXL_OPEN_CLIP + k: v for k, v in open_clip_state({k.removeprefix("text_model."): v for k, v in second.items()}).items()})
+    state[SDXL_OPEN_CLIP + "text_projection"] = projection.T
+    return state
+
+
+def original_state_dict(unet, vae, text_encoder, text_layout: TextLayout = "clip", text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The modules' weights under the original names (contiguous copies, ready to save);
+    ``text_encoder_2``: SDXL's second encoder, with ``text_layout="sdxl"`` only."""
+    if (text_layout == "sdxl") != (text_encoder_2 is not None):
+        raise ValueError("text_encoder_2 goes with text_layout='sdxl', and only with it")
     state: dict[str, torch.Tensor] = {}
     for key, tensor in unet.state_dict().items():
         state[UNET + unet_key(key, unet.config)] = tensor
@@ -177,25 +200,29 @@ def original_state_dict(unet, vae, text_encoder, text_layout: TextLayout = "clip
         state.update({CLIP + "text_model." + k: v for k, v in text.items()})
     elif text_layout == "open_clip":
         state.update({OPEN_CLIP + k: v for k, v in open_clip_state(text).items()})
+    elif text_layout == "sdxl":
+        state.update(sdxl_text_state(text_encoder, text_encoder_2))
     else:
         raise ValueError(f"unknown text layout {text_layout!r}")
     return {key: tensor.detach().contiguous().clone() for key, tensor in state.items()}
 
 
 def write_single_file(model_dir: Path | str, out: Path | str, *, text_layout: TextLayout = "clip") -> Path:
-    """Write the diffusers SD directory ``model_dir`` (unet/, vae/, text_encoder/) as the single
-    checkpoint ``out``: a ``.safetensors``, or a ``.ckpt`` (a pickle of ``{"state_dict": ...}``,
-    tensors only, as training checkpoints are saved)."""
+    """Write the diffusers SD directory ``model_dir`` (unet/, vae/, text_encoder/, and for
+    ``text_layout="sdxl"`` text_encoder_2/) as the single checkpoint ``out``: a ``.safetensors``,
+    or a ``.ckpt`` (a pickle of ``{"state_dict": ...}``, tensors only, as training checkpoints are saved)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     model_dir, out = Path(model_dir), Path(out)
+    second = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2") if text_layout == "sdxl" else None
     state = original_state_dict(
         UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet"),
         AutoencoderKL.from_pretrained(model_dir, subfolder="vae"),
         CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder"),
         text_layout,
+        second,
     )
     if out.suffix == ".safetensors":
         save_file(state, str(out))
