@@ -1,7 +1,8 @@
 """The studio page in a real browser (Debian's Chromium driven by Playwright) against the real service.
 
 One stack for the module: a private Redis, ``lmd serve`` with an API key, a plan and a render
-worker (the tiny local model, the fake LLM). One browser for the module, a fresh page per test.
+worker (the shapes model shipped in models/shapes, so the pictures show the layout's
+objects; the fake LLM). One browser for the module, a fresh page per test.
 Each browser test saves a screenshot under ``test-output/screenshots/`` (ignored by git); with
 ``LMD_TEST_UPDATE_SCREENSHOT=1`` the journey also rewrites ``docs/screenshots/studio.png``, the
 README's picture (a tracked file, so an ordinary test run leaves the checkout clean).
@@ -26,29 +27,46 @@ from PIL import Image
 
 from grounded_sd.image_parameters import Conditioning, ImageParameters, read_parameters
 from layout_planner.layout import Layout
+from lmd.shapes import SHAPES_MODEL, detector
 from tests.support.fake_llm import FakeLLM
 from tests.support.service import REPO, APIProcess, RedisServer, WorkerProcess, service_settings, settings_env, wait_for_job
-from tests.support.tiny_sd import tiny_sd_path  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
 
 KEY = "studio-key"
 SCREENSHOTS = REPO / "test-output" / "screenshots"
 README_SCREENSHOT = REPO / "docs" / "screenshots" / "studio.png"
-PLANNED = {  # the fake LLM's layout: xywh on the 512 grid
+PLANNED = {  # the fake LLM's layout (xywh on the 512 grid): a scene of the shapes world, which the model draws
     "objects": [
-        {"id": "cat", "phrase": "a grey cat", "box": [32, 192, 192, 256]},
-        {"id": "dog", "phrase": "a brown dog", "box": [288, 160, 192, 288]},
+        {"id": "circle", "phrase": "a red circle", "box": [16, 224, 160, 160]},
+        {"id": "square", "phrase": "a blue square", "box": [288, 160, 160, 160]},
     ],
-    "background": "a realistic living room",
-    "negative": "birds",
+    "background": "a grey floor",
+    "negative": "triangles",
 }
-REVISED = {**PLANNED, "objects": [PLANNED["objects"][0], {**PLANNED["objects"][1], "box": [288, 32, 192, 256]}]}
+REVISED = {**PLANNED, "objects": [PLANNED["objects"][0], {**PLANNED["objects"][1], "box": [288, 32, 160, 160]}]}
+# The shapes model's own size (docs/shapes.md). 4 steps draw coloured shapes, not always in their
+# boxes, at the cost of the tiny random model's 4 steps; SHOWN's 12 put them in their boxes (7 of 8
+# seeds for this layout; 8 steps 5 of 8, 20 no better than 12; docs/studio.md), for the two tests
+# whose pictures are checked, one of them the README's screenshot.
 SMALL = {"width": 64, "height": 64, "steps": 4, "preset": "fast"}
+SHOWN = {**SMALL, "steps": 12}
 PLANNED_NORMALISED = Layout.model_validate(  # the same layout as a request sends it
     {**PLANNED, "objects": [{**o, "box": [o["box"][0] / 512, o["box"][1] / 512, (o["box"][0] + o["box"][2]) / 512,
                                           (o["box"][1] + o["box"][3]) / 512]} for o in PLANNED["objects"]]}
 ).model_dump(mode="json", exclude={"warnings"})
+
+
+def colour_in_box(image: Image.Image, colour: str, box) -> bool:
+    """Whether the largest object of ``colour`` the shapes world's exact detector finds in
+    ``image`` has its centre in ``box`` (normalised xyxy): the object was drawn where the layout
+    put it. Colour only: the 4 M-parameter model often draws a circle for a square
+    (docs/shapes.md), and the studio's tests are not the method's benchmark."""
+    found = [d for d in detector.detect(image) if d.colour == colour]
+    if not found:
+        return False
+    x0, y0, x1, y1 = found[0].box
+    return box[0] <= (x0 + x1) / 2 <= box[2] and box[1] <= (y0 + y1) / 2 <= box[3]
 
 
 class Stack:
@@ -62,11 +80,12 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(private_redis, tiny_sd_path, tmp_path_factory):  # noqa: F811
+def stack(private_redis, tmp_path_factory):
+    assert (SHAPES_MODEL / "unet").is_dir(), f"the shapes model (tracked in git) is missing from {SHAPES_MODEL}"
     tmp = tmp_path_factory.mktemp("studio")
     llm = FakeLLM()
     llm.default_reply = json.dumps(PLANNED)
-    settings = service_settings(private_redis.url, tmp / "data", sd_model=str(tiny_sd_path), device="cpu",
+    settings = service_settings(private_redis.url, tmp / "data", sd_model=str(SHAPES_MODEL), device="cpu",
                                 dtype="float32", torch_threads=1, api_keys=[KEY], events_poll_s=0.05)
     env = {**settings_env(settings), **llm.env()}
     api = APIProcess(env, tmp / "api.log")
@@ -94,18 +113,18 @@ def test_the_api_the_page_uses_plan_previews_masks_report_parameters(stack):
     assert limits["auth"] is True and (limits["min_size"], limits["max_size"], limits["max_steps"]) == (32, 128, 400)
     assert limits["presets"] == ["reference", "fast"] and "lmd" in limits["variants"]
 
-    accepted = api.post("/plan", json={"prompt": "a cat and a dog", **SMALL}).json()
+    accepted = api.post("/plan", json={"prompt": "a red circle and a blue square", **SHOWN}).json()
     planned = wait_for_job(api, accepted["job_id"], {"succeeded", "failed"})
     assert planned["state"] == "succeeded", planned
     assert planned["kind"] == "plan" and planned["result"] is None
-    assert [o["id"] for o in planned["layout"]["objects"]] == ["cat", "dog"]
+    assert [o["id"] for o in planned["layout"]["objects"]] == ["circle", "square"]
     session = api.get(f"/sessions/{accepted['session_id']}").json()
     assert [(t["kind"], t["state"]) for t in session["turns"]] == [("plan", "succeeded")]
 
     layout = planned["layout"]
     layout["objects"][0]["box"] = [0.0, 0.5, 0.4, 0.9]  # edited by hand
     job_id = api.post("/generate", json={"layout": layout, "session_id": accepted["session_id"], "previews": True,
-                                         "prompt": "a cat and a dog", **SMALL}).json()["job_id"]
+                                         "prompt": "a red circle and a blue square", "seed": 2, **SHOWN}).json()["job_id"]
     previews, served = set(), 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -124,19 +143,22 @@ def test_the_api_the_page_uses_plan_previews_masks_report_parameters(stack):
     assert view["preview_url"] is None and api.get(f"/jobs/{job_id}/preview").status_code == 404
 
     result = view["result"]
-    assert set(result["masks"]) == {"cat", "dog"}
-    mask = Image.open(io.BytesIO(api.get(result["masks"]["cat"]).content))
+    assert set(result["masks"]) == {"circle", "square"}
+    mask = Image.open(io.BytesIO(api.get(result["masks"]["circle"]).content))
     assert mask.mode == "L" and mask.size == (64, 64)
-    assert api.get(f"/jobs/{job_id}/masks/horse").status_code == 404
+    assert api.get(f"/jobs/{job_id}/masks/triangle").status_code == 404
     report = api.get(result["report_url"]).json()
-    assert [o["id"] for o in report["objects"]] == ["cat", "dog"] and report["objects"][0]["mask_source"]
+    assert [o["id"] for o in report["objects"]] == ["circle", "square"] and report["objects"][0]["mask_source"]
     assert [s["name"] for s in report["stages"]] == ["per_box", "masks", "final"]
 
     image_path = stack.api.log_path.parent / "served.png"
     image_path.write_bytes(api.get(result["image_url"]).content)
     params = read_parameters(image_path)
     assert params.layout.objects[0].box == (0.0, 0.5, 0.4, 0.9) and params.seed == view["seed"]
-    assert (params.steps, params.preset, params.prompt, params.width) == (4, "fast", "a cat and a dog", 64)
+    assert (params.steps, params.preset, params.width) == (SHOWN["steps"], "fast", 64)
+    assert params.prompt == "a red circle and a blue square"
+    with Image.open(image_path) as image:  # the shapes model drew each object's colour in its box
+        assert [colour_in_box(image, o.phrase.split()[1], o.box) for o in params.layout.objects] == [True, True]
     assert api.get(f"/jobs/{accepted['job_id']}/report").status_code == 409  # a plan has no render
 
 
@@ -180,7 +202,7 @@ def open_studio(page, stack, key: str = KEY, query: str = "") -> None:
         page.select_option(f"#{field}", value) if field == "preset" else page.fill(f"#{field}", str(value))
 
 
-def plan(page, prompt: str = "a cat and a dog") -> None:
+def plan(page, prompt: str = "a red circle and a blue square") -> None:
     page.fill("#prompt", prompt)
     page.click("#plan-button")
     page.wait_for_selector("#editor .box >> nth=1")
@@ -206,29 +228,29 @@ def test_plan_drag_render_previews_result_refine_compare(page, stack):
     assert page.is_visible("#key-dialog")  # the gallery's request met a 401: the key is asked for again at once
     page.fill("#key-input", KEY)
     page.click("#key-save")
-    for field, value in SMALL.items():
+    for field, value in SHOWN.items():
         page.select_option(f"#{field}", value) if field == "preset" else page.fill(f"#{field}", str(value))
     page.fill("#seed", "7")
     plan(page)
     assert page.locator("#editor .box").count() == 2
-    assert page.input_value("#background") == "a realistic living room" and page.input_value("#negative") == "birds"
+    assert page.input_value("#background") == "a grey floor" and page.input_value("#negative") == "triangles"
 
     editor = page.locator("#editor").bounding_box()
     assert abs(editor["width"] - editor["height"]) < 2  # drawn at the image's aspect ratio (64x64)
-    cat = page.locator("#editor .box[data-id=cat]").bounding_box()
-    x, y = cat["x"] + cat["width"] / 2, cat["y"] + cat["height"] / 2
+    circle = page.locator("#editor .box[data-id=circle]").bounding_box()
+    x, y = circle["x"] + circle["width"] / 2, circle["y"] + circle["height"] / 2
     page.mouse.move(x, y)
     page.mouse.down()
-    page.mouse.move(x + editor["width"] * 0.2, y - editor["height"] * 0.1, steps=6)
+    page.mouse.move(x + editor["width"] * 0.12, y - editor["height"] * 0.1, steps=6)
     page.mouse.up()
 
     body = render_request(page)
     objects = {o["id"]: o for o in body["layout"]["objects"]}
-    assert list(objects) == ["cat", "dog"] and body["previews"] is True and body["session_id"]
-    assert objects["cat"]["box"][0] == pytest.approx(32 / 512 + 0.2, abs=0.01)
-    assert objects["cat"]["box"][1] == pytest.approx(192 / 512 - 0.1, abs=0.01)
-    assert objects["dog"]["box"] == pytest.approx([288 / 512, 160 / 512, 480 / 512, 448 / 512], abs=1e-3)
-    assert (body["width"], body["steps"], body["preset"], body["seed"]) == (64, 4, "fast", 7)
+    assert list(objects) == ["circle", "square"] and body["previews"] is True and body["session_id"]
+    assert objects["circle"]["box"][0] == pytest.approx(16 / 512 + 0.12, abs=0.01)
+    assert objects["circle"]["box"][1] == pytest.approx(224 / 512 - 0.1, abs=0.01)
+    assert objects["square"]["box"] == pytest.approx([288 / 512, 160 / 512, 448 / 512, 320 / 512], abs=1e-3)
+    assert (body["width"], body["steps"], body["preset"], body["seed"]) == (64, SHOWN["steps"], "fast", 7)
 
     page.wait_for_function("Number(document.getElementById('preview').dataset.count || 0) >= 1")
     page.wait_for_function("document.getElementById('report-stages').rows.length === 5")  # the last thing shown
@@ -240,17 +262,17 @@ def test_plan_drag_render_previews_result_refine_compare(page, stack):
     page.uncheck("#overlay-toggle")
     assert "hidden" in page.get_attribute("#result-overlay", "class")
     page.check("#overlay-toggle")
-    page.hover("#result-overlay .box[data-id=dog]")
+    page.hover("#result-overlay .box[data-id=square]")
     page.wait_for_selector("#mask-image:not([hidden])")
-    assert "dog" in page.inner_text("#mask-info") and "mask from" in page.inner_text("#mask-info")
+    assert "square" in page.inner_text("#mask-info") and "mask from" in page.inner_text("#mask-info")
 
     stack.llm.enqueue(REVISED)
-    page.fill("#instruction", "move the dog up")
+    page.fill("#instruction", "move the blue square up")
     page.click("#instruct-button")
     page.wait_for_selector("#timeline .turn >> nth=2")
     page.wait_for_function("document.querySelectorAll('#timeline .turn img').length === 2")
-    dog = page.locator("#editor .box[data-id=dog]")
-    assert dog.get_attribute("aria-label").startswith("dog: a brown dog; left 56%, top 6%")  # the revised layout
+    square = page.locator("#editor .box[data-id=square]")
+    assert square.get_attribute("aria-label").startswith("square: a blue square; left 56%, top 6%")  # the revised layout
 
     page.check("[aria-label='Compare turn 2']")
     page.check("[aria-label='Compare turn 3']")
@@ -265,7 +287,14 @@ def test_plan_drag_render_previews_result_refine_compare(page, stack):
 
     page.click("#timeline .turn >> nth=1 >> button")  # back to turn 2: its layout and image
     page.wait_for_function("document.querySelector('#timeline .turn.current') === document.querySelectorAll('#timeline .turn')[1]")
-    assert page.locator("#editor .box[data-id=dog]").get_attribute("aria-label").startswith("dog: a brown dog; left 56%, top 31%")
+    square = page.locator("#editor .box[data-id=square]")
+    assert square.get_attribute("aria-label").startswith("square: a blue square; left 56%, top 31%")
+    shown = page.evaluate("""async () => {
+        const bytes = new Uint8Array(await (await fetch(document.getElementById('result-image').src)).arrayBuffer());
+        return btoa(String.fromCharCode(...bytes));
+    }""")
+    with Image.open(io.BytesIO(base64.b64decode(shown))) as image:  # turn 2's picture: each colour in its dragged box
+        assert [colour_in_box(image, o["phrase"].split()[1], o["box"]) for o in body["layout"]["objects"]] == [True, True]
     if os.environ.get("LMD_TEST_UPDATE_SCREENSHOT") == "1":
         page.screenshot(path=str(README_SCREENSHOT), full_page=True)
 
@@ -273,7 +302,7 @@ def test_plan_drag_render_previews_result_refine_compare(page, stack):
 def test_keyboard_only_editing(page, stack):
     open_studio(page, stack)
     plan(page)
-    page.wait_for_function("document.activeElement.dataset.id === 'cat'")  # planning focuses the first box
+    page.wait_for_function("document.activeElement.dataset.id === 'circle'")  # planning focuses the first box
     layout = lambda: page.evaluate("window.studio.layout")  # noqa: E731
     start = layout()["objects"][0]["box"]
     for key in ("ArrowRight", "ArrowRight", "ArrowDown", "Shift+ArrowRight", "ArrowLeft"):
@@ -281,21 +310,21 @@ def test_keyboard_only_editing(page, stack):
     box = layout()["objects"][0]["box"]
     assert box == pytest.approx([start[0] + 0.01, start[1] + 0.01, start[2] + 0.02, start[3] + 0.01], abs=2e-3)
     page.keyboard.press("Tab")
-    assert page.evaluate("document.activeElement.dataset.id") == "dog"
+    assert page.evaluate("document.activeElement.dataset.id") == "square"
     page.keyboard.press("Delete")
-    assert [o["id"] for o in layout()["objects"]] == ["cat"]
+    assert [o["id"] for o in layout()["objects"]] == ["circle"]
     page.keyboard.press("Control+z")
-    assert [o["id"] for o in layout()["objects"]] == ["cat", "dog"]
+    assert [o["id"] for o in layout()["objects"]] == ["circle", "square"]
     page.keyboard.press("Control+Shift+z")
-    assert [o["id"] for o in layout()["objects"]] == ["cat"]
+    assert [o["id"] for o in layout()["objects"]] == ["circle"]
     page.keyboard.press("Control+z")
     page.keyboard.press("Enter")  # on the focused box: edit its phrase
     assert page.evaluate("document.activeElement.id").startswith("phrase-")
     focused = page.evaluate("document.activeElement.id").removeprefix("phrase-")
     page.keyboard.press("Control+a")
-    page.keyboard.type("a spotted dog")
+    page.keyboard.type("a green square")
     page.keyboard.press("Tab")
-    assert next(o for o in layout()["objects"] if o["id"] == focused)["phrase"] == "a spotted dog"
+    assert next(o for o in layout()["objects"] if o["id"] == focused)["phrase"] == "a green square"
     assert page.get_attribute("#undo", "disabled") is None
     assert page.inner_text("#status")  # the live region a screen reader reads out
     # every control the editor needs has a name a screen reader reads
@@ -304,7 +333,7 @@ def test_keyboard_only_editing(page, stack):
             assert element.evaluate("e => e.getAttribute('aria-label') || (e.labels && e.labels.length && e.labels[0].textContent) || e.textContent").strip(), selector
     page.click("#add-box")
     page.wait_for_function("document.activeElement.dataset.id === 'object3'")
-    assert [o["id"] for o in layout()["objects"]] == ["cat", "dog", "object3"]
+    assert [o["id"] for o in layout()["objects"]] == ["circle", "square", "object3"]
 
 
 def test_a_dropped_png_restores_its_prompt_settings_and_layout(page, stack):
@@ -339,14 +368,14 @@ def test_cancel_a_render_with_polling(page, stack):
     page.wait_for_function("/step \\d+ of/.test(document.getElementById('progress-text').textContent)")
     page.click("#cancel-button")
     page.wait_for_function("document.getElementById('alert').textContent.includes('Canceled')")
-    page.wait_for_selector("#timeline .turn >> nth=1")
-    assert "canceled" in page.inner_text("#timeline .turn >> nth=1")
+    # the timeline is refreshed after the alert (render.js: showEnd, then refreshSession)
+    page.wait_for_function("(document.querySelectorAll('#timeline .turn')[1]?.textContent || '').includes('canceled')")
 
 
 def test_a_422_and_a_503_in_plain_words(page, stack):
     open_studio(page, stack)
     page.fill("#width", "100")
-    page.fill("#prompt", "a cat")
+    page.fill("#prompt", "a red circle")
     page.click("#plan-button")
     page.wait_for_selector("#alert:not([hidden])")
     assert "multiple of 8" in page.inner_text("#err-width") and page.get_attribute("#width", "aria-invalid") == "true"
@@ -392,7 +421,7 @@ def test_the_address_keeps_session_and_turn_over_reload_back_forward_and_a_share
     open_studio(page, stack)
     page.fill("#steps", "400")
     page.select_option("#preset", "reference")
-    plan(page, "a cat and a dog at dusk")
+    plan(page, "a red circle and a blue square at dusk")
     assert "turn=1" in page.url and "session=" in page.url
     render_request(page)
     page.wait_for_function("/step \\d+ of 400/.test(document.getElementById('progress-text').textContent)")
@@ -403,7 +432,7 @@ def test_the_address_keeps_session_and_turn_over_reload_back_forward_and_a_share
     page.wait_for_function("/step \\d+ of 400/.test(document.getElementById('progress-text').textContent)")
     assert page.url == address and not page.is_disabled("#cancel-button")
     assert page.locator("#timeline .turn").count() == 2 and page.locator("#editor .box").count() == 2
-    assert page.input_value("#prompt") == "a cat and a dog at dusk" and page.input_value("#steps") == "400"
+    assert page.input_value("#prompt") == "a red circle and a blue square at dusk" and page.input_value("#steps") == "400"
     page.click("#cancel-button")
     wait_text(page, "#progress-text", "Canceled.")
 
@@ -422,20 +451,20 @@ def test_the_address_keeps_session_and_turn_over_reload_back_forward_and_a_share
         other.fill("#key-input", KEY)
         other.click("#key-save")
         other.wait_for_selector("#timeline .turn >> nth=1")
-        other.wait_for_selector("#editor .box[data-id=dog]")
+        other.wait_for_selector("#editor .box[data-id=square]")
         assert "canceled" in other.inner_text("#timeline .turn >> nth=1")
     finally:
         shared.close()
 
 
 def test_the_gallery_lists_sessions_made_with_curl_and_opens_them(page, stack):
-    accepted, rendered = rendered_session(stack, "a cat and a dog made with curl")
+    accepted, rendered = rendered_session(stack, "a red circle and a blue square made with curl")
     assert rendered["state"] == "succeeded", stack.logs()
     open_studio(page, stack)
     card = page.locator(f"#gallery li[data-session-id='{accepted['session_id']}']")
     card.wait_for()
     assert page.locator("#gallery li").first.get_attribute("data-session-id") == accepted["session_id"]  # latest first
-    assert "a cat and a dog made with curl" in card.inner_text() and "2 turns" in card.inner_text()
+    assert "a red circle and a blue square made with curl" in card.inner_text() and "2 turns" in card.inner_text()
     page.wait_for_function(f"document.querySelector(\"#gallery li[data-session-id='{accepted['session_id']}'] img\")?.src.startsWith('blob:')")
     card.locator("a").click()
     page.wait_for_selector("#result:not([hidden])")
@@ -445,21 +474,21 @@ def test_the_gallery_lists_sessions_made_with_curl_and_opens_them(page, stack):
 
 def test_generate_in_one_click_with_the_controls_the_service_can_run(page, stack):
     open_studio(page, stack)
-    assert "Renders with tiny" in page.inner_text("#model-info") and "DDIMScheduler" in page.inner_text("#model-info")
+    assert "Renders with shapes" in page.inner_text("#model-info") and "DDIMScheduler" in page.inner_text("#model-info")
     offered = lambda sel: page.eval_on_selector_all(f"{sel} option", "os => os.map(o => o.value)")  # noqa: E731
-    assert offered("#variant") == ["lmd", "sd"]  # no lmd_plus: the tiny model has no GLIGEN
+    assert offered("#variant") == ["lmd", "sd"]  # no lmd_plus: the shapes model has no GLIGEN
     assert offered("#conditioning") == ["clip"] and page.is_hidden("#refine-wrap")
     page.select_option("#aspect", "16:9")
     assert (page.input_value("#width"), page.input_value("#height"), page.input_value("#aspect")) == ("64", "40", "16:9")
     page.fill("#guidance", "5")
     page.fill("#negative-prompt", "blurry")
-    page.fill("#prompt", "a cat and a dog in one click")
+    page.fill("#prompt", "a red circle and a blue square in one click")
     record_progress(page)
     with page.expect_request(lambda r: r.url.endswith("/generate") and r.method == "POST") as request:
         page.focus("#prompt")
         page.keyboard.press("Control+Enter")
     body = request.value.post_data_json
-    assert "layout" not in body and body["prompt"] == "a cat and a dog in one click"
+    assert "layout" not in body and body["prompt"] == "a red circle and a blue square in one click"
     assert (body["guidance_scale"], body["negative_prompt"], body["width"], body["height"]) == (5, "blurry", 64, 40)
     page.wait_for_selector("#result:not([hidden])")
     wait_text(page, "#progress-text", "Done.")
@@ -476,7 +505,7 @@ def test_generate_in_one_click_with_the_controls_the_service_can_run(page, stack
 
 def test_progress_follows_the_job_render_after_plan_and_a_failed_job(page, stack):
     open_studio(page, stack)
-    plan(page, "a cat and a dog, then rendered")
+    plan(page, "a red circle and a blue square, then rendered")
     assert page.inner_text("#progress-text") == "Layout planned."
     record_progress(page)
     render_request(page)
@@ -487,7 +516,7 @@ def test_progress_follows_the_job_render_after_plan_and_a_failed_job(page, stack
     # A job that fails in its worker (the LLM refuses its key), opened by its
     # address. (lmd_plus on a UNet without GLIGEN, used before, is now refused at acceptance.)
     stack.llm.enqueue_status(401, "invalid api key")  # not retried (a 400 is: the planner drops response_format once)
-    failing = stack.client.post("/generate", json={"prompt": "a cat that the LLM refuses", **SMALL}).json()
+    failing = stack.client.post("/generate", json={"prompt": "a red circle that the LLM refuses", **SMALL}).json()
     page.goto(f"{stack.api.base_url}/?session={failing['session_id']}&turn=1")
     wait_text(page, "#progress-text", "Failed (")
     assert "loading" not in page.inner_text("#progress-text") and page.is_hidden("#preview-figure")
@@ -508,11 +537,11 @@ def test_colours_stay_distinct_within_a_layout(page, stack):
 
 def test_an_empty_layout_renders_its_background(page, stack):
     open_studio(page, stack)
-    stack.llm.enqueue({"objects": [], "background": "an empty street", "negative": "cars"})
-    page.fill("#prompt", "an empty street, no cars")
+    stack.llm.enqueue({"objects": [], "background": "a dark night", "negative": "circles"})
+    page.fill("#prompt", "a dark night without circles")
     page.click("#plan-button")
     wait_text(page, "#progress-text", "Layout planned.")
-    page.wait_for_function("document.getElementById('background').value === 'an empty street'")
+    page.wait_for_function("document.getElementById('background').value === 'a dark night'")
     assert page.locator("#editor .box").count() == 0 and page.is_visible("#objects-empty")
     body = render_request(page)
     assert body["layout"]["objects"] == []
@@ -522,32 +551,32 @@ def test_an_empty_layout_renders_its_background(page, stack):
 
 def test_refine_revises_the_layout_the_user_rendered_and_says_what_it_dropped(page, stack):
     open_studio(page, stack)
-    plan(page, "a cat and a dog to refine")
-    page.fill("#phrase-dog", "a spotted dog")
-    page.press("#phrase-dog", "Tab")
-    page.fill("#negative", "birds, rain")
+    plan(page, "a red circle and a blue square to refine")
+    page.fill("#phrase-square", "a green square")
+    page.press("#phrase-square", "Tab")
+    page.fill("#negative", "triangles, yellow")
     page.press("#negative", "Tab")
     render_request(page)
     wait_text(page, "#progress-text", "Done.")
-    stack.llm.enqueue({"objects": [{"id": "dog", "phrase": "a big spotted dog", "box": [200, 100, 300, 400]}],
-                       "background": "a realistic living room", "negative": "birds, rain"})
-    page.fill("#instruction", "remove the cat, make the dog big")
+    stack.llm.enqueue({"objects": [{"id": "square", "phrase": "a green triangle", "box": [160, 160, 208, 208]}],
+                       "background": "a grey floor", "negative": "triangles, yellow"})
+    page.fill("#instruction", "remove the circle, make the square a triangle")
     page.click("#instruct-button")
     page.wait_for_selector("#timeline .turn >> nth=2")
     wait_text(page, "#progress-text", "Done.")
     messages = stack.llm.requests[-1].messages
     sent = json.loads(messages[-2]["content"])  # the layout the LLM revises: the one rendered, with the hand edits
-    assert {o["id"]: o["phrase"] for o in sent["objects"]} == {"cat": "a grey cat", "dog": "a spotted dog"}
-    assert sent["negative"] == "birds, rain"
-    assert messages[-1]["content"] == "Instruction: remove the cat, make the dog big"
-    assert not any("Instruction: a cat and a dog" in m["content"] for m in messages)
+    assert {o["id"]: o["phrase"] for o in sent["objects"]} == {"circle": "a red circle", "square": "a green square"}
+    assert sent["negative"] == "triangles, yellow"
+    assert messages[-1]["content"] == "Instruction: remove the circle, make the square a triangle"
+    assert not any("Instruction: a red circle and a blue square" in m["content"] for m in messages)
     warnings = page.inner_text("#warnings")
-    assert "removed: 'a grey cat' (cat) is not in the revision" in warnings
-    assert "renamed: dog: 'a spotted dog' became 'a big spotted dog'" in warnings
+    assert "removed: 'a red circle' (circle) is not in the revision" in warnings
+    assert "renamed: square: 'a green square' became 'a green triangle'" in warnings
 
 
 def test_phone_width_and_the_seed_field_fit(browser, stack):
-    _, rendered = rendered_session(stack, "a cat and a dog on a phone")
+    _, rendered = rendered_session(stack, "a red circle and a blue square on a phone")
     context = browser.new_context(viewport={"width": 390, "height": 844}, bypass_csp=True)
     page = context.new_page()
     try:
@@ -572,9 +601,10 @@ def test_phone_width_and_the_seed_field_fit(browser, stack):
 
 
 def test_compare_slider_shows_one_view_with_a_divider_and_labels(page, stack):
-    accepted, _ = rendered_session(stack, "a cat and a dog to compare")
+    accepted, _ = rendered_session(stack, "a red circle and a blue square to compare")
     second = stack.client.post("/generate", json={"layout": PLANNED_NORMALISED, "session_id": accepted["session_id"],
-                                                  "prompt": "a cat and a dog to compare", "seed": 3, **SMALL}).json()
+                                                  "prompt": "a red circle and a blue square to compare", "seed": 3,
+                                                  **SMALL}).json()
     wait_for_job(stack.client, second["job_id"], {"succeeded"})
     open_studio(page, stack, query=f"?session={accepted['session_id']}&turn=3")
     page.wait_for_selector("#timeline .turn >> nth=2")
@@ -598,7 +628,7 @@ def test_no_render_worker_is_said_on_the_page_and_in_the_job(page, stack):
     redis.Redis(port=stack.redis_server.port).delete(f"lmd:worker:{render.name}")
     open_studio(page, stack)
     wait_text(page, "#model-info", "No render worker is running")
-    plan(page, "a cat and a dog, nobody renders")
+    plan(page, "a red circle and a blue square, nobody renders")
     render_request(page)
     wait_text(page, "#progress-text", "no render worker is running")
     assert "no render worker is running" in page.inner_text("#alert")
