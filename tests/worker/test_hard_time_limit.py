@@ -68,8 +68,10 @@ def test_a_render_past_the_hard_limit_is_killed_replaced_and_ends_failed(private
         assert job_id not in store.redis.smembers(store.active_key)
         assert "Hard time limit" in worker.log()
 
-        deadline = time.monotonic() + 120  # the new process loads the model first (not part of the next job's time)
-        while time.monotonic() < deadline and worker.log_path.read_text(errors="replace").count("loaded in") < 2:
+        # The new process loads the model first (not part of the next job's time). The stopped one may have
+        # been stopped mid-load, before its own "loaded in" line, so wait for a load by another pid.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not _loaded_by_another(worker.log_path.read_text(errors="replace"), child):
             time.sleep(0.2)
         again = _render_job(store, steps=2)  # served by the pool's new process
         enqueue(app, again, "render")
@@ -87,3 +89,8 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _loaded_by_another(log: str, pid: int) -> bool:
+    """A "pipeline loaded in ... (pid N)" line of a process other than ``pid``."""
+    return any("loaded in" in line and f"(pid {pid})" not in line for line in log.splitlines())
