@@ -283,7 +283,7 @@ def render_options(settings: Settings, preset: str, **overrides: Any) -> "LMDOpt
     from grounded_sd import LMDOptions
 
     chosen = {
-        "max_batch": settings.max_batch, "guidance_checkpointing": settings.guidance_checkpointing or None,
+        "max_batch": settings.max_batch, "guidance_checkpointing": settings.guidance_checkpointing,
         **{k: v for k, v in overrides.items() if v is not None},
     }
     return LMDOptions.preset(preset, **{k: v for k, v in chosen.items() if v is not None})
