@@ -298,7 +298,7 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
     except GenerationCanceled:
         raise CLIError("canceled") from None
     except torch.cuda.OutOfMemoryError:
-        raise CLIError("out of GPU memory: lower --max-batch (LMD_MAX_BATCH), --width/--height, or the number of objects") from None
+        raise CLIError("out of GPU memory: lower --max-batch (LMD_MAX_BATCH), add --guidance-checkpointing, or lower --width/--height or the number of objects") from None
     except GroundedSDError as exc:
         raise CLIError(str(exc)) from None
     finally:
