@@ -13,7 +13,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +23,9 @@ from layout_planner.layout import MAX_OBJECTS
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """An LMD_MODELS or LMD_LORAS name: safe in a Celery queue name, a URL and a log line."""
+
+Segmenter = Literal["sam", "shapes"]
+SEGMENTERS: tuple[str, ...] = get_args(Segmenter)
 
 
 class Settings(BaseSettings):
@@ -84,6 +87,10 @@ class Settings(BaseSettings):
     scheduler: str = Field("DDIMScheduler", description="any diffusers scheduler class name")
     sam_checkpoint: Path | None = Field(None, description="segment-anything checkpoint; unset: attention masks")
     sam_model_type: SamModelType = Field("vit_b", description="architecture of the SAM checkpoint (vit_b: the reference's)")
+    segmenter: Segmenter = Field(
+        "sam", description="what cuts each object's mask: sam (LMD_SAM_CHECKPOINT; unset: attention masks) or shapes "
+                           "(the shapes world's exact colour segmenter, for models/shapes: docs/shapes.md)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Dtype = Field("auto", description="auto: fp16 on CUDA, fp32 on CPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads for torch; unset: torch's default")
@@ -188,6 +195,8 @@ class Settings(BaseSettings):
         if self.worker_model is not None and self.worker_model not in self.models:
             known = ", ".join(self.models) or "none: LMD_MODELS is empty"
             raise ValueError(f"LMD_WORKER_MODEL {self.worker_model!r} is not a name of LMD_MODELS ({known})")
+        if self.segmenter == "shapes" and self.sam_checkpoint is not None:
+            raise ValueError("LMD_SEGMENTER=shapes and LMD_SAM_CHECKPOINT are both set: choose one segmenter")
         if self.dtype == "float16" and self.device.strip().lower().startswith("cpu"):
             raise ValueError("LMD_DTYPE=float16 with LMD_DEVICE=cpu is refused (20-70x slower guidance); "
                              "use float32 or bfloat16")

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
-from lmd.settings import Settings, get_settings
+from lmd.settings import Segmenter, Settings, get_settings
 
 if TYPE_CHECKING:
     from grounded_sd import LMDOptions, LMDPipeline, Refiner, RefinerOptions
@@ -236,14 +236,25 @@ def check_precision(settings: Settings, *, device: str | None = None, dtype: str
 
 
 def load_pipeline(settings: Settings, *, cpu_threads: int | None = None, use_sam: bool = True,
-                  **overrides: Any) -> "LMDPipeline":
-    """Stage 2's pipeline as the settings (and ``overrides``, see :func:`pipeline_arguments`) describe it."""
+                  segmenter: Segmenter | None = None, **overrides: Any) -> "LMDPipeline":
+    """Stage 2's pipeline as the settings (and ``overrides``, see :func:`pipeline_arguments`) describe it.
+
+    ``segmenter`` (default ``LMD_SEGMENTER``): ``shapes`` gives the pipeline the shapes world's
+    colour segmenter in SAM's place (lmd.shapes.segmenter); it excludes a SAM checkpoint."""
     from grounded_sd import LMDPipeline
 
+    segmenter = segmenter or settings.segmenter
+    if segmenter == "shapes" and overrides.get("sam_checkpoint") is not None:
+        raise SettingsError("the shapes segmenter and a SAM checkpoint were both given: choose one segmenter")
     use_torch_threads(settings.torch_threads, cpu_default=cpu_threads)
     quiet_library_progress_bars()
-    arguments = pipeline_arguments(settings, use_sam=use_sam, **overrides)
-    return LMDPipeline.from_pretrained(arguments.pop("model"), **arguments)
+    arguments = pipeline_arguments(settings, use_sam=use_sam and segmenter == "sam", **overrides)
+    pipe = LMDPipeline.from_pretrained(arguments.pop("model"), **arguments)
+    if segmenter == "shapes" and use_sam:
+        from lmd.shapes.segmenter import ShapesSegmenter
+
+        pipe.sam_predictor = ShapesSegmenter()
+    return pipe
 
 
 def conditioning_config(settings: Settings) -> "ConditioningConfig":

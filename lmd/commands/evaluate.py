@@ -13,6 +13,7 @@ from pathlib import Path
 
 from grounded_sd.names import DTYPES, PRESETS, SAM_MODEL_TYPES, VARIANTS
 from lmd.cli import CLIError
+from lmd.settings import SEGMENTERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE")
     parser.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for masks (default LMD_SAM_CHECKPOINT; unset: attention masks)")
     parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="default LMD_SAM_MODEL_TYPE")
+    parser.add_argument("--segmenter", choices=SEGMENTERS,
+                        help="what cuts the masks: sam (the SAM checkpoint, else attention masks) or shapes (the shapes "
+                             "world's exact colour segmenter); default LMD_SEGMENTER, shapes with --world shapes")
     parser.add_argument("--detector", help=f"OWL-ViT hub id or directory (default {DEFAULT_DETECTOR}; with --world shapes: "
                                            f"{SHAPES_DETECTOR}, the exact detector)")
     parser.add_argument("--score-threshold", type=float, default=0.15, help="detection score threshold (default 0.15, published)")
@@ -161,9 +165,8 @@ def _run_settings(config, settings, options, layouts_label: str, method: str):
     from lmd.evaluation.runner import RunSettings
 
     _, torch_dtype = _device_and_dtype(config, settings)
-    sam_checkpoint = config.sam_checkpoint or settings.sam_checkpoint
-    sam_model_type = config.sam_model_type or settings.sam_model_type
     variant = config.rendered_variant
+    sam = _sam_label(config, settings) if variant != "sd" else None
     return RunSettings(
         method=config.method or method,
         variant=variant,
@@ -174,12 +177,21 @@ def _run_settings(config, settings, options, layouts_label: str, method: str):
         scheduler=settings.scheduler,
         dtype=str(torch_dtype).removeprefix("torch."),
         layouts=layouts_label,
-        sam=f"{Path(sam_checkpoint).name} ({sam_model_type})" if sam_checkpoint and variant != "sd" else None,
+        sam=sam,
         seed=config.seed,
         width=config.size,
         height=config.size,
         boxes_stretched=options.rescale_boxes and variant != "sd",
     )
+
+
+def _sam_label(config, settings) -> str | None:
+    """run.json's ``sam``: the checkpoint and type, the shapes segmenter, or None (attention masks)."""
+    if (config.segmenter or settings.segmenter) == "shapes":
+        return "shapes segmenter (colour regions, lmd.shapes.segmenter)"
+    sam_checkpoint = config.sam_checkpoint or settings.sam_checkpoint
+    sam_model_type = config.sam_model_type or settings.sam_model_type
+    return f"{Path(sam_checkpoint).name} ({sam_model_type})" if sam_checkpoint else None
 
 
 def _detector(config, device: str):
@@ -241,6 +253,7 @@ def _generator_factory(config, settings, options, run_settings, progress: _EvalP
             pipe = wiring.load_pipeline(
                 settings, model=config.model, device=config.device, dtype=run_settings.dtype,
                 sam_checkpoint=config.sam_checkpoint, sam_model_type=config.sam_model_type, use_sam=variant != "sd",
+                segmenter=config.segmenter,
             )
             conditioning = wiring.conditionings(settings, pipe).get(config.conditioning)
         except (GroundedSDError, SamCheckpointError) as exc:

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from grounded_sd.names import DTYPES, PRESETS, SAM_MODEL_TYPES, VARIANTS
 from lmd import wiring
+from lmd.settings import SEGMENTERS
 from lmd.cli import CLIError
 
 
@@ -53,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scheduler", help="diffusers scheduler class (default LMD_SCHEDULER, DDIMScheduler)")
     parser.add_argument("--sam-checkpoint", type=Path, help="segment-anything checkpoint (default LMD_SAM_CHECKPOINT; unset: attention masks)")
     parser.add_argument("--sam-model-type", choices=SAM_MODEL_TYPES, help="SAM architecture (default LMD_SAM_MODEL_TYPE, vit_b)")
+    parser.add_argument("--segmenter", choices=SEGMENTERS,
+                        help="what cuts the masks: sam (the SAM checkpoint, else attention masks) or shapes (the shapes world's "
+                             "exact colour segmenter, for models/shapes); default LMD_SEGMENTER, sam")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (default LMD_DEVICE, auto)")
     parser.add_argument("--dtype", choices=DTYPES, help="default LMD_DTYPE, auto: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's own, 512 for SD 1.5, 64 for models/shapes)")
@@ -169,8 +173,10 @@ def run_generate(args: argparse.Namespace) -> int:
         args.loras = wiring.lora_choices(settings, args.lora)
     except wiring.UnknownName as exc:
         raise CLIError(f"--lora: {exc}") from None
+    if args.segmenter == "shapes" and args.sam_checkpoint is not None:
+        raise CLIError("--segmenter shapes cuts masks without SAM; it does not combine with --sam-checkpoint")
     sam_checkpoint = args.sam_checkpoint or settings.sam_checkpoint
-    if sam_checkpoint is not None and not Path(sam_checkpoint).is_file():
+    if (args.segmenter or settings.segmenter) == "sam" and sam_checkpoint is not None and not Path(sam_checkpoint).is_file():
         raise CLIError(f"SAM checkpoint not found: {sam_checkpoint}")
     check_model_argument(settings, args.model)
     wiring.check_precision(settings, device=args.device, dtype=args.dtype)  # float16 on a CPU: before anything else
@@ -278,7 +284,7 @@ def _render(args: argparse.Namespace, settings, layout, seed: int):
     try:
         pipe = wiring.load_pipeline(
             settings, model=args.model, device=args.device, dtype=args.dtype, scheduler=args.scheduler,
-            sam_checkpoint=args.sam_checkpoint, sam_model_type=args.sam_model_type,
+            sam_checkpoint=args.sam_checkpoint, sam_model_type=args.sam_model_type, segmenter=args.segmenter,
         )
         refiner = None if args.no_refiner else wiring.load_refiner(settings, model=args.refiner, device=args.device, dtype=args.dtype)
     except (GroundedSDError, RuntimeError) as exc:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from grounded_sd.names import Dtype, Preset, SamModelType, Variant
 from lmd.evaluation.detection import DEFAULT_DETECTOR
 from lmd.evaluation.prompts import DEFAULT_PROMPTS
+from lmd.settings import Segmenter
 from lmd.shapes import SHAPES_DETECTOR, SHAPES_MODEL, SHAPES_PROMPTS, SHAPES_SIZE
 
 
@@ -40,6 +41,7 @@ class EvalConfig(BaseModel):
     dtype: Dtype | None = None
     sam_checkpoint: Path | None = None
     sam_model_type: SamModelType | None = None
+    segmenter: Segmenter | None = None
     detector: str | None = None
     score_threshold: float = 0.15
     nms_iou: float = 0.15
@@ -60,6 +62,8 @@ class EvalConfig(BaseModel):
         values.setdefault("detector", SHAPES_DETECTOR if shapes else DEFAULT_DETECTOR)
         if shapes:
             values.setdefault("model", str(SHAPES_MODEL))
+            if "sam_checkpoint" not in values:  # SAM's part on flat shapes: their colour regions (docs/shapes.md)
+                values.setdefault("segmenter", "shapes")
             if "responses" not in values and "baseline" not in values:
                 values.setdefault("layouts", "stored")
         return values
@@ -91,6 +95,8 @@ class EvalConfig(BaseModel):
             raise ValueError("--baseline sd renders the prompt without a layout; it does not combine with --variant")
         if self.layouts and (self.baseline or self.responses):
             raise ValueError("--layouts chooses where layouts come from; it does not combine with --baseline or --responses")
+        if self.segmenter == "shapes" and self.sam_checkpoint is not None:
+            raise ValueError("--segmenter shapes cuts masks without SAM; it does not combine with --sam-checkpoint")
         return self
 
     @property

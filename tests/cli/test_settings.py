@@ -37,3 +37,11 @@ def test_every_setting_is_documented_in_the_readme_with_its_default():
         assert env in rows, f"{env} is not in the README's settings table"
         default = field.default_factory() if field.default_factory is not None else field.default
         assert rows[env] == str(default), f"{env}: README says {rows[env]!r}, the code {default!r}"
+
+
+def test_two_segmenters_at_once_are_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMD_SEGMENTER", "shapes")
+    assert Settings(_env_file=None).segmenter == "shapes"
+    monkeypatch.setenv("LMD_SAM_CHECKPOINT", str(tmp_path / "sam_vit_b.pth"))
+    with pytest.raises(ValidationError, match="LMD_SEGMENTER=shapes and LMD_SAM_CHECKPOINT"):
+        Settings(_env_file=None)

@@ -16,9 +16,13 @@ from lmd.shapes import SHAPES_DETECTOR, SHAPES_MODEL, SHAPES_PROMPTS
 
 def test_world_defaults_and_what_does_not_combine(tmp_path: Path):
     config = EvalConfig(out=tmp_path, world="shapes")
-    assert (config.size, config.prompts, config.detector, config.model, config.layouts) == (
-        64, SHAPES_PROMPTS, SHAPES_DETECTOR, str(SHAPES_MODEL), "stored"
+    assert (config.size, config.prompts, config.detector, config.model, config.layouts, config.segmenter) == (
+        64, SHAPES_PROMPTS, SHAPES_DETECTOR, str(SHAPES_MODEL), "stored", "shapes"
     )
+    assert EvalConfig(out=tmp_path, world="shapes", sam_checkpoint=tmp_path / "sam.pth").segmenter is None  # SAM asked for
+    assert EvalConfig(out=tmp_path).segmenter is None  # LMD_SEGMENTER decides
+    with pytest.raises(ValueError, match="--segmenter shapes .* --sam-checkpoint"):
+        EvalConfig(out=tmp_path, world="shapes", segmenter="shapes", sam_checkpoint=tmp_path / "sam.pth")
     baseline = EvalConfig(out=tmp_path, world="shapes", baseline="sd")
     assert baseline.layouts is None and baseline.rendered_variant == "sd"
     assert EvalConfig(out=tmp_path).size == 512 and EvalConfig(out=tmp_path).layouts is None
@@ -37,6 +41,7 @@ def test_shapes_eval_scores_tasks_and_placement_on_the_shipped_model(tmp_path: P
     results = json.loads((out / "results.json").read_text())
     assert results["detector"]["model"] == SHAPES_DETECTOR
     assert results["settings"]["width"] == 64 and results["settings"]["layouts"].startswith("stored shapes_prompts.jsonl")
+    assert results["settings"]["sam"].startswith("shapes segmenter")
     assert results["scores"]["overall"]["total"] == 4
     placed = [p for row in results["prompts"] for p in row["placement"]]
     assert len(placed) == results["placement"]["overall"]["objects"] > 0  # every stored object is looked for
