@@ -78,9 +78,13 @@ def attention_curve(log: Path, out: Path, bucket: int = 50) -> None:
 
 
 def _pipeline(model: Path):
+    """The model with the world's segmenter in SAM's place, as ``lmd eval --world shapes`` runs it."""
     from grounded_sd import LMDPipeline
+    from lmd.shapes.segmenter import ShapesSegmenter
 
-    return LMDPipeline.from_pretrained(model, device="cpu", dtype="float32")
+    pipe = LMDPipeline.from_pretrained(model, device="cpu", dtype="float32")
+    pipe.sam_predictor = ShapesSegmenter()
+    return pipe
 
 
 def samples_sheet(model: Path, out: Path, *, count: int = 24, seed: int = 0, steps: int = 25) -> list[dict]:
@@ -151,7 +155,8 @@ def comparison_sheet(model: Path, out: Path, indices: list[int], *, steps: int =
             tiles.append(tile)
             captions.append(f"{name} {'pass' if ok else 'FAIL'}: {row['prompt']}")
         rows.append({"index": index, "prompt": row["prompt"], "sd_passed": verdicts[0], "lmd_passed": verdicts[1]})
-    _save(_grid(tiles, captions, columns=4), out, {"what": "SD vs LMD", "model": str(model), "steps": steps, "preset": preset, "rows": rows})
+    _save(_grid(tiles, captions, columns=4), out, {"what": "SD vs LMD", "model": str(model), "steps": steps, "preset": preset,
+                                                   "masks": "shapes segmenter", "rows": rows})
     return rows
 
 

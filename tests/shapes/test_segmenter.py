@@ -103,3 +103,26 @@ def test_the_setting_puts_it_in_the_pipeline_in_sams_place():
     assert isinstance(wiring.load_pipeline(shapes).sam_predictor, ShapesSegmenter)
     with pytest.raises(wiring.SettingsError, match="choose one segmenter"):
         wiring.load_pipeline(shapes, sam_checkpoint="/srv/sam_vit_b.pth")
+
+
+@pytest.mark.skipif(not (SHAPES_MODEL / "unet").is_dir(), reason="the shapes model is not in this checkout")
+def test_the_readmes_offline_demo_runs_as_written_and_cuts_its_masks_with_the_segmenter(tmp_path):
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    line = next(l for l in (repo / "README.md").read_text().splitlines() if "examples/shapes-layout.json" in l and "generate" in l)
+    argv = shlex.split(line)
+    assert argv[0] == ".venv/bin/lmd" and "--segmenter" in argv
+    argv[argv.index("--out") + 1] = str(tmp_path / "out")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "lmd.cli", *argv[1:], "--quiet", "--steps", "12"], cwd=repo,
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    sources = [o["mask_source"] for o in report["objects"]]
+    assert "sam" in sources, report["objects"]  # the segmenter answered in SAM's place for at least one object
