@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "encoder trained further) instead of from scratch")
     parser.add_argument("--grounding-weight", type=float, default=0.0,
                         help="weight of the token-level attention loss (lmd.shapes.grounding); 0: plain denoising")
+    parser.add_argument("--stop-after", type=int, metavar="STEP",
+                        help="stop the UNet's training at this step of the --unet-steps schedule and export (the shipped "
+                             "model is step 900 of a 1,500-step schedule: docs/shapes.md)")
     parser.add_argument("--export-only", action="store_true",
                         help="write --out from the latest checkpoints (EMA weights) without training further")
     return parser.parse_args(argv)
@@ -174,7 +177,8 @@ def train_unet(args, scenes, latents: torch.Tensor, scale: float, tokenizer, log
     started, first = time.time(), step
     layers = cross_attention_names(unet) if args.grounding_weight > 0 else []
     with recording_attention(unet, layers) as recorder:
-        while step < args.unet_steps and not args.export_only:
+        last = min(args.unet_steps, args.stop_after or args.unet_steps)
+        while step < last and not args.export_only:
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, args.unet_steps, args.lr)
             index = torch.randint(0, len(latents), (args.unet_batch,), generator=generator)
@@ -214,7 +218,7 @@ def train_unet(args, scenes, latents: torch.Tensor, scale: float, tokenizer, log
                 rate = (time.time() - started) / max(1, step - first)
                 shown = " ".join(f"{k} {v}" for k, v in extra.items())
                 print(f"unet {step}/{args.unet_steps} loss {loss.item():.4f} {shown} ({rate:.2f} s/step, {rate * (args.unet_steps - step) / 60:.0f} min left)", flush=True)
-            if step % args.save_every == 0 or step == args.unet_steps:
+            if step % args.save_every == 0 or step == last:
                 _save(
                     checkpoint, unet=unet.state_dict(), text_encoder=text_encoder.state_dict(), optimizer=optimizer.state_dict(),
                     ema=ema, generator=generator.get_state(), captions_rng=captions_rng.getstate(), step=step,

@@ -85,10 +85,11 @@ def test_the_loss_prefers_attention_on_the_object():
 def test_fine_tuning_from_the_shipped_model_logs_the_attention_loss(tmp_path: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "lmd.shapes.train", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
-               "--tokenizer", str(TOKENIZER), "--init", str(SHAPES_MODEL), "--scenes", "64", "--unet-steps", "2",
-               "--unet-batch", "4", "--grounding-weight", "0.1"]  # fmt: skip
+               "--tokenizer", str(TOKENIZER), "--init", str(SHAPES_MODEL), "--scenes", "64", "--unet-steps", "5",
+               "--unet-batch", "4", "--grounding-weight", "0.1", "--stop-after", "2"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "(UNet step 2)" in done.stdout  # stopped at step 2 of the 5-step schedule, as the shipped model was
     rows = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["attention"] > 0 and "inside" in r for r in rows)
     assert not any(r["phase"] == "vae" for r in rows)  # --init keeps the shipped autoencoder

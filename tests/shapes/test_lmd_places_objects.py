@@ -47,8 +47,9 @@ def placements():
 
 
 def test_lmd_puts_objects_in_their_boxes_and_plain_sd_does_not(placements):
-    """Measured when written: LMD 10 of 34 objects centred in their boxes, plain SD 1 of 34."""
+    """Measured on the shipped model: LMD 13 of 34 objects centred in their boxes, plain SD 0 of 34
+    (docs/mutation.md: a composition that pastes nothing leaves 8, a flipped guidance sign 0)."""
     sd, lmd = (sum(placements[k]) / len(placements[k]) for k in ("sd", "lmd"))
     assert len(placements["lmd"]) == 34
-    assert lmd >= 0.2, f"LMD centred {lmd:.0%} of the objects in their boxes"
+    assert lmd >= 0.3, f"LMD centred {lmd:.0%} of the objects in their boxes"
     assert lmd >= sd + 0.15, f"LMD {lmd:.0%} vs plain SD {sd:.0%}"
