@@ -45,10 +45,11 @@ PLANNED = {  # the fake LLM's layout (xywh on the 512 grid): a scene of the shap
     "negative": "triangles",
 }
 REVISED = {**PLANNED, "objects": [PLANNED["objects"][0], {**PLANNED["objects"][1], "box": [288, 32, 160, 160]}]}
-# The shapes model's own size (docs/shapes.md). 4 steps draw coloured shapes, not always in their
-# boxes, at the cost of the tiny random model's 4 steps; SHOWN's 12 put them in their boxes (7 of 8
-# seeds for this layout; 8 steps 5 of 8, 20 no better than 12; docs/studio.md), for the two tests
-# whose pictures are checked, one of them the README's screenshot.
+# The shapes model's own size (docs/shapes.md), with its segmenter in SAM's place (LMD_SEGMENTER=shapes).
+# 4 steps draw coloured shapes, not always in their boxes, at the cost of the tiny random model's 4
+# steps; SHOWN's 12 put them in their boxes (11 of 12 seeds for the API test's layout, 9 of 12 for
+# the journey's; docs/studio.md), for the two tests whose pictures are checked, one of them the
+# README's screenshot.
 SMALL = {"width": 64, "height": 64, "steps": 4, "preset": "fast"}
 SHOWN = {**SMALL, "steps": 12}
 PLANNED_NORMALISED = Layout.model_validate(  # the same layout as a request sends it
@@ -85,8 +86,8 @@ def stack(private_redis, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("studio")
     llm = FakeLLM()
     llm.default_reply = json.dumps(PLANNED)
-    settings = service_settings(private_redis.url, tmp / "data", sd_model=str(SHAPES_MODEL), device="cpu",
-                                dtype="float32", torch_threads=1, api_keys=[KEY], events_poll_s=0.05)
+    settings = service_settings(private_redis.url, tmp / "data", sd_model=str(SHAPES_MODEL), segmenter="shapes",
+                                device="cpu", dtype="float32", torch_threads=1, api_keys=[KEY], events_poll_s=0.05)
     env = {**settings_env(settings), **llm.env()}
     api = APIProcess(env, tmp / "api.log")
     s = Stack(private_redis, api, llm)
