@@ -23,8 +23,8 @@ from pydantic import ValidationError
 
 from grounded_sd.names import DTYPES, PRESETS, SAM_MODEL_TYPES, VARIANTS
 from lmd import wiring
-from lmd.settings import SEGMENTERS
 from lmd.cli import CLIError
+from lmd.settings import SEGMENTERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

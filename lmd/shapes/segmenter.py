@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
 from lmd.shapes.detector import colour_labels, regions
 
 # How far (pixels at 64 px) from a click on the background the nearest object may lie: the
