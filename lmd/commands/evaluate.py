@@ -116,7 +116,7 @@ def run_eval(args: argparse.Namespace) -> int:
     except EvalConflict as exc:
         raise CLIError(str(exc)) from None
 
-    _check_before_work(config, settings, plans=not (config.baseline or responses is not None))
+    _check_before_work(config, settings, plans=not (config.baseline or responses is not None or config.layouts == "stored"))
     results = _run(config, settings, prompts, options, layout_source, run_settings)
     print((config.out / "results.md").read_text(encoding="utf-8"), end="")
     print(

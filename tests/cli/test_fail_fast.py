@@ -109,6 +109,16 @@ def test_the_readme_command_without_network_is_one_line(tmp_path):
     assert "Qwen/Qwen2.5-1.5B-Instruct (LMD_LOCAL_LLM_MODEL)" in lines[0] and "not in the local cache" in lines[0]
 
 
+@pytest.mark.skipif(not (ROOT / "models" / "shapes" / "unet").is_dir(), reason="the shapes model is not in this checkout")
+def test_the_readmes_offline_eval_needs_no_planner_and_no_network(tmp_path):
+    """``lmd eval --world shapes`` reads the stored perfect layouts: the planner's model is not
+    asked for (it was, and the README's offline command failed on a machine without network)."""
+    result = _run_offline_network(["eval", "--world", "shapes", "--limit", "1", "--steps", "2", "--preset", "fast",
+                                   "--model", str(ROOT / "models" / "shapes"), "--out", str(tmp_path / "run")], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 generated" in result.stdout
+
+
 def test_plan_with_the_local_model_and_without_network_is_one_line(tmp_path):
     result = _run_offline_network(["plan", "a cat"], tmp_path)
     assert result.returncode == 2

@@ -126,3 +126,25 @@ def test_the_readmes_offline_demo_runs_as_written_and_cuts_its_masks_with_the_se
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     sources = [o["mask_source"] for o in report["objects"]]
     assert "sam" in sources, report["objects"]  # the segmenter answered in SAM's place for at least one object
+
+
+def test_nonsense_about_segmenters_is_one_line_before_any_work(clean_env, capsys, monkeypatch):
+    from lmd.cli import main
+
+    layout = clean_env / "layout.json"
+    layout.write_text('{"objects": [], "background": "a grey floor"}')
+    sam = clean_env / "sam_vit_b.pth"
+    sam.write_bytes(b"not read")
+    code = main(["generate", "--layout", str(layout), "--segmenter", "shapes", "--sam-checkpoint", str(sam),
+                 "--out", str(clean_env / "out"), "--quiet"])  # fmt: skip
+    assert code == 2 and not (clean_env / "out").exists()
+    assert capsys.readouterr().err.strip() == (
+        "lmd generate: error: --segmenter shapes cuts masks without SAM; it does not combine with --sam-checkpoint"
+    )
+    code = main(["eval", "--world", "shapes", "--segmenter", "shapes", "--sam-checkpoint", str(sam), "--out", str(clean_env / "run")])
+    assert code == 2 and not (clean_env / "run").exists()
+    assert "--segmenter shapes cuts masks without SAM" in capsys.readouterr().err
+    monkeypatch.setenv("LMD_SEGMENTER", "grabcut")
+    code = main(["generate", "--layout", str(layout), "--out", str(clean_env / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "LMD_SEGMENTER" in err, err
