@@ -131,8 +131,10 @@ def submit(
 
     try:
         enqueue(celery, created.job_id, "render" if created.layout_given else "plan", model=created.model)
-    except OperationalError as exc:
-        log.warning("could not enqueue job %s: %s", created.job_id, exc)
+    # kombu's Redis channel can fail its publish retry with an AttributeError after Redis refused
+    # the first attempt (seen once in the suite with maxmemory reached): the same failure.
+    except (OperationalError, AttributeError) as exc:
+        log.warning("could not enqueue job %s: %r", created.job_id, exc)
         try:
             store.mark_enqueue_failed(created.job_id)
             if claim is not None:
@@ -140,11 +142,21 @@ def submit(
         except redis.RedisError as again:
             log.warning("could not mark job %s enqueue_failed: %s", created.job_id, again)
         retry = {"Retry-After": str(settings.retry_after_s)}
-        if "maxmemory" in str(exc):
+        if _refused_for_memory(exc):
             raise ApiError(507, "store_full", "the service's store is full; retry later", retry) from exc
         raise HTTPException(503, "the job queue is unreachable; retry shortly", retry) from exc
     return Accepted(job_id=created.job_id, session_id=created.session_id, turn=created.turn,
                     status_url=f"/jobs/{created.job_id}")
+
+
+def _refused_for_memory(exc: BaseException | None) -> bool:
+    """Whether Redis's maxmemory refusal is ``exc`` or what it was raised from or during."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def chosen_model(settings, name: str | None) -> str | None:

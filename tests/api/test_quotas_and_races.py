@@ -194,3 +194,18 @@ def test_readiness_reports_persistence_and_the_app_warns_without_it(app_with, tm
     finally:
         aof.terminate()
         aof.wait(timeout=10)
+
+
+def test_a_publish_that_fails_while_redis_refuses_for_memory_is_read_as_a_full_store():
+    """kombu can fail its publish retry with an AttributeError raised while handling Redis's
+    maxmemory refusal: the refusal is found on the chain, a bare AttributeError is not one."""
+    from api.submit import _refused_for_memory
+
+    try:
+        try:
+            raise redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
+        except redis.exceptions.OutOfMemoryError:
+            raise AttributeError("'NoneType' object has no attribute 'client'")
+    except AttributeError as during:
+        assert _refused_for_memory(during)
+    assert not _refused_for_memory(AttributeError("'NoneType' object has no attribute 'client'"))
